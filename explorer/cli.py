@@ -1,0 +1,163 @@
+"""`explorer` command line: build the offline web, serve it, search it, run and replay experiments."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from explorer.corpus import default_corpus_dir
+
+DEFAULT_PORT = 8765
+
+
+def _corpus_build(args) -> int:
+    from explorer.captions import CaptionNoise
+    from explorer.corpus import CorpusSpec, build_corpus
+
+    spec = CorpusSpec(sources=tuple(args.sources.split(",")), limit_per_source=args.limit_per_source,
+                      seed=args.seed, noise=CaptionNoise(wrong=args.wrong_captions),
+                      web_dir=str(args.web) if args.web else None)
+    t0 = time.time()
+    corpus = build_corpus(args.out, spec)
+    print(f"built {len(corpus)} items ({corpus.meta['per_source']}), {corpus.meta['distinct_captions']} distinct "
+          f"captions in {time.time() - t0:.0f}s -> {args.out}")
+    return 0
+
+
+def _corpus_info(args) -> int:
+    import json
+
+    from explorer.corpus import WebCorpus
+
+    print(json.dumps(WebCorpus(args.corpus).meta, indent=2))
+    return 0
+
+
+def open_local_engine(corpus_dir: Path, port: int = 0):
+    """Load a corpus, index it and start the engine on 127.0.0.1 (a started `SearchServer`)."""
+    from explorer.corpus import WebCorpus
+    from explorer.engine import HybridIndex, SearchServer
+    from explorer.text_encoder import default_encoder
+
+    return SearchServer(HybridIndex(WebCorpus(corpus_dir), default_encoder()), port=port).start()
+
+
+def _serve(args) -> int:
+    server = open_local_engine(args.corpus, args.port)
+    print(f"serving {args.corpus} at {server.url}  (try {server.url}/search?q=sneaker&format=json); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+def _search(args) -> int:
+    from explorer.cache import ResponseCache
+    from explorer.search import SearchError, build_backend
+
+    server = None
+    url = args.url
+    if args.backend == "local" and not url:
+        server = open_local_engine(args.corpus)
+        url = server.url
+    if not url:
+        print(f"--url is required for the {args.backend} backend", file=sys.stderr)
+        return 2
+    cache = ResponseCache(args.cache) if args.cache else None
+    try:
+        results = build_backend(args.backend, cache=cache, url=url).search(args.query, args.n)
+    except SearchError as e:
+        print(f"search failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if server:
+            server.stop()
+    truth = _truth_lookup(args.corpus) if args.truth else None
+    for r in results:
+        extra = f"  [{truth(r.image_url)}]" if truth else ""
+        score = f"{r.score:.3f}" if r.score is not None else "  -  "
+        print(f"{r.rank + 1:3d}  {score}  {r.caption[:70]:70s}  {r.image_url}{extra}")
+    if not results:
+        print("no results")
+    return 0
+
+
+def _truth_lookup(corpus_dir: Path):
+    """Evaluation only: the hidden source/class of a local-engine image URL."""
+    from explorer.corpus import WebCorpus
+
+    corpus = WebCorpus(corpus_dir)
+
+    def lookup(url: str) -> str:
+        i = corpus.index_of.get(url.rsplit("/", 1)[-1])
+        return "?" if i is None else f"{corpus.hidden['source'][i]}:{corpus.hidden['class_name'][i]}"
+    return lookup
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="explorer", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    corpus = sub.add_parser("corpus", help="build or inspect the offline web corpus")
+    csub = corpus.add_subparsers(dest="corpus_command", required=True, metavar="ACTION")
+    b = csub.add_parser("build", formatter_class=fmt, help="build the offline web from installed datasets",
+                        description="Builds the offline web: Fashion-MNIST train, openclipart and MNIST images with "
+                                    "alt-text-like captions, as webdataset tar shards + a parquet manifest + MiniLM "
+                                    "caption embeddings for the search engine.")
+    b.add_argument("--out", type=Path, default=default_corpus_dir(), help="corpus directory")
+    b.add_argument("--sources", default="fashion-mnist,openclipart,mnist", help="comma-separated installed sources")
+    b.add_argument("--limit-per-source", type=int, default=None, help="reproducible slice of each source (tests)")
+    b.add_argument("--seed", type=int, default=0, help="seed for captions and slices")
+    b.add_argument("--wrong-captions", type=float, default=0.10,
+                   help="fraction of Fashion-MNIST captions that name another class")
+    b.add_argument("--web", type=Path, default=None,
+                   help="your own web instead: a folder of images, captions from KEY.txt sidecars or file names")
+    b.set_defaults(func=_corpus_build)
+    info = csub.add_parser("info", formatter_class=fmt, help="print a corpus's build parameters and counts")
+    info.add_argument("corpus", type=Path, nargs="?", default=default_corpus_dir())
+    info.set_defaults(func=_corpus_info)
+
+    s = sub.add_parser("serve", formatter_class=fmt, help="serve the local search engine over HTTP on 127.0.0.1",
+                       description="Starts the hybrid BM25 + MiniLM search engine over a corpus. It answers "
+                                   "SearXNG-style GET /search?q=..&format=json and clip-retrieval-style "
+                                   "POST /knn-service, and serves images at /image/KEY.")
+    s.add_argument("--corpus", type=Path, default=default_corpus_dir())
+    s.add_argument("--port", type=int, default=DEFAULT_PORT)
+    s.set_defaults(func=_serve)
+
+    q = sub.add_parser("search", formatter_class=fmt, help="run one query and print the ranked results",
+                       description="Runs QUERY against a backend and prints rank, score, caption and image URL. "
+                                   "With the local backend and no --url, the engine is started in-process.")
+    q.add_argument("query")
+    q.add_argument("-n", type=int, default=20, help="number of results")
+    q.add_argument("--backend", default="local", choices=["local", "searxng", "clip-retrieval"])
+    q.add_argument("--url", default=None, help="engine base URL (required for searxng / clip-retrieval)")
+    q.add_argument("--corpus", type=Path, default=default_corpus_dir(), help="corpus for the in-process engine")
+    q.add_argument("--cache", type=Path, default=None, help="cache directory for the answer")
+    q.add_argument("--truth", action="store_true",
+                   help="evaluation only: show each local result's hidden source:class")
+    q.set_defaults(func=_search)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"explorer: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

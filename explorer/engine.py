@@ -1,0 +1,207 @@
+"""The local search engine: hybrid BM25 + MiniLM ranking over a corpus's captions, served over HTTP.
+
+Ranking works on distinct captions (many items share one): BM25 over stemmed caption words and
+cosine similarity of MiniLM embeddings (faiss inner product) each nominate their top
+`candidates` captions; on that union the score is
+
+    score = bm25_weight * bm25 / max(bm25) + (1 - bm25_weight) * cosine
+
+and each caption expands to its items in a fixed pseudo-random order (so paging is stable).
+
+The HTTP API speaks two real engines' dialects, so the same clients work against the real things:
+    GET  /search?q=..&format=json&pageno=1[&per_page=20]   SearXNG's JSON (results: url, img_src, title, ...)
+    POST /knn-service  {"text": .., "num_images": N}          clip-retrieval's [{url, caption, similarity, id}]
+    GET  /image/KEY                                           the item's PNG bytes
+    GET  /healthz
+Hidden ground-truth columns are never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import bm25s
+import faiss
+import numpy as np
+import Stemmer
+
+from explorer.corpus import WebCorpus
+
+MAX_PER_PAGE = 100
+
+
+@dataclass(frozen=True)
+class Hit:
+    item: int      # row in the corpus manifest
+    score: float
+
+
+class HybridIndex:
+    """Ranks corpus items for a text query (see module docstring)."""
+
+    def __init__(self, corpus: WebCorpus, encoder, *, bm25_weight: float = 0.5, candidates: int = 1000):
+        if not 0.0 <= bm25_weight <= 1.0:
+            raise ValueError(f"bm25_weight must be in [0, 1], got {bm25_weight}")
+        self.corpus, self.encoder = corpus, encoder
+        self.bm25_weight, self.candidates = bm25_weight, candidates
+        self._stemmer = Stemmer.Stemmer("english")
+        self._bm25 = bm25s.BM25()
+        self._bm25.index(self._tokenize(corpus.distinct_captions), show_progress=False)
+        emb = np.ascontiguousarray(corpus.caption_embeddings())  # (U, 384) L2-normalised
+        self._dense = faiss.IndexFlatIP(emb.shape[1])
+        self._dense.add(emb)
+        self._encode_lock = threading.Lock()  # one forward at a time: torch threads already use all cores
+        # Items of each caption, in an order fixed by a hash of the key.
+        order = sorted(range(len(corpus)), key=lambda i: hashlib.sha1(corpus.keys[i].encode()).digest())
+        groups: dict[int, list[int]] = {}
+        for i in order:
+            groups.setdefault(int(corpus.caption_id[i]), []).append(i)
+        self._items_of = groups
+
+    def _tokenize(self, texts):
+        return bm25s.tokenize(texts, stopwords="en", stemmer=self._stemmer, show_progress=False)
+
+    def rank_captions(self, query: str) -> tuple[np.ndarray, np.ndarray]:
+        """(caption ids, scores), best first."""
+        n = len(self.corpus.distinct_captions)
+        k = min(self.candidates, n)
+        tokens = bm25s.tokenize([query], stopwords="en", stemmer=self._stemmer, show_progress=False,
+                                return_ids=False)[0]
+        bm25 = self._bm25.get_scores(tokens) if tokens else np.zeros(n, np.float32)
+        with self._encode_lock:
+            q = self.encoder.encode([query])
+        cos_top, dense_ids = self._dense.search(q, k)
+        lexical_ids = np.argpartition(-bm25, k - 1)[:k] if k < n else np.arange(n)
+        ids = np.union1d(dense_ids[0][dense_ids[0] >= 0], lexical_ids[bm25[lexical_ids] > 0])
+        cos = self._dense.reconstruct_batch(ids) @ q[0] if len(ids) else np.zeros(0, np.float32)
+        top = bm25.max()
+        lexical = bm25[ids] / top if top > 0 else np.zeros(len(ids), np.float32)
+        score = self.bm25_weight * lexical + (1 - self.bm25_weight) * cos
+        order = np.lexsort((ids, -score))  # ties broken by caption id: deterministic
+        return ids[order], score[order]
+
+    def search(self, query: str, offset: int = 0, limit: int = 20) -> tuple[list[Hit], int]:
+        """One page of hits, and how many hits the query has in all."""
+        ids, scores = self.rank_captions(query)
+        hits, total = [], 0
+        for cid, score in zip(ids, scores):
+            items = self._items_of[int(cid)]
+            lo, hi = max(offset - total, 0), max(offset + limit - total, 0)
+            hits.extend(Hit(i, float(score)) for i in items[lo:hi])
+            total += len(items)
+        return hits, total
+
+
+def _handler(index: HybridIndex):
+    corpus = index.corpus
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections
+        disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
+        server_version = "explorer-engine/0.1"
+
+        def log_message(self, *args):  # quiet: a search engine logs elsewhere
+            pass
+
+        def _send(self, status: int, body: bytes, ctype: str = "application/json"):
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, status: int, obj):
+            self._send(status, json.dumps(obj).encode())
+
+        def _base(self) -> str:
+            host, port = self.server.server_address[:2]
+            return f"http://{host}:{port}"
+
+        def do_GET(self):
+            url = urlsplit(self.path)
+            if url.path == "/healthz":
+                return self._json(200, {"status": "ok", "items": len(corpus)})
+            if url.path.startswith("/image/"):
+                i = corpus.index_of.get(url.path[len("/image/"):])
+                if i is None:
+                    return self._json(404, {"error": "no such image"})
+                return self._send(200, corpus.image_bytes(i), "image/png")
+            if url.path == "/search":
+                return self._searxng(parse_qs(url.query))
+            self._json(404, {"error": f"no route {url.path}"})
+
+        def do_POST(self):
+            if urlsplit(self.path).path != "/knn-service":
+                return self._json(404, {"error": "no route"})
+            try:
+                n = int(self.headers.get("Content-Length", "0"))
+                req = json.loads(self.rfile.read(n))
+                text, num = str(req["text"]), int(req.get("num_images", 40))
+            except (ValueError, KeyError, TypeError) as e:
+                return self._json(400, {"error": f"bad knn-service request: {e}"})
+            hits, _ = index.search(text, 0, min(max(num, 0), 10 * MAX_PER_PAGE))
+            base = self._base()
+            self._json(200, [{"url": f"{base}/image/{corpus.keys[h.item]}", "caption": corpus.captions[h.item],
+                              "similarity": round(h.score, 6), "id": h.item} for h in hits])
+
+        def _searxng(self, qs: dict):
+            q = (qs.get("q") or [""])[0].strip()
+            try:
+                page = int((qs.get("pageno") or ["1"])[0])
+                per_page = int((qs.get("per_page") or ["20"])[0])
+            except ValueError:
+                return self._json(400, {"error": "pageno and per_page must be integers"})
+            if not q or page < 1 or not 1 <= per_page <= MAX_PER_PAGE:
+                return self._json(400, {"error": f"need q, pageno >= 1 and 1 <= per_page <= {MAX_PER_PAGE}"})
+            hits, total = index.search(q, (page - 1) * per_page, per_page)
+            base = self._base()
+            results = []
+            for rank, h in enumerate(hits):
+                key = corpus.keys[h.item]
+                img = f"{base}/image/{key}"
+                results.append({"url": img, "img_src": img, "thumbnail_src": img, "title": corpus.captions[h.item],
+                                "content": "", "engine": "explorer", "engines": ["explorer"], "category": "images",
+                                "template": "images.html", "img_format": "png", "score": round(h.score, 6),
+                                "resolution": f"{corpus.width[h.item]} x {corpus.height[h.item]}",
+                                "positions": [(page - 1) * per_page + rank + 1]})
+            self._json(200, {"query": q, "number_of_results": total, "results": results, "answers": [],
+                             "corrections": [], "infoboxes": [], "suggestions": [], "unresponsive_engines": []})
+
+    return Handler
+
+
+class SearchServer:
+    """The engine on 127.0.0.1 in a background thread; `with SearchServer(...) as s: s.url`."""
+
+    def __init__(self, index: HybridIndex, host: str = "127.0.0.1", port: int = 0):
+        self.httpd = ThreadingHTTPServer((host, port), _handler(index))
+        self.httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "SearchServer":
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="search-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

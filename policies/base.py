@@ -1,0 +1,54 @@
+"""The query-policy protocol and its registry.
+
+A policy proposes text queries drawn from a concept vocabulary, hears back one scalar reward per
+query (the aggregate kNN reward of the images the query found), and keeps all of its state in a
+`state_dict` so that a run can be checkpointed, resumed and replayed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Query:
+    """One search query. `concept` indexes the vocabulary when the query came from it."""
+
+    text: str
+    concept: int | None = None
+
+
+@runtime_checkable
+class QueryPolicy(Protocol):
+    name: str
+
+    def propose(self, n: int) -> list[Query]: ...
+
+    def update(self, queries: list[Query], rewards: list[float]) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+POLICIES: dict[str, Callable[..., QueryPolicy]] = {}
+
+
+def register_policy(name: str):
+    def deco(cls):
+        if name in POLICIES:
+            raise ValueError(f"policy {name!r} registered twice")
+        cls.name = name
+        POLICIES[name] = cls
+        return cls
+    return deco
+
+
+def build_policy(name: str, **kwargs) -> QueryPolicy:
+    """Create a registered policy; an unknown name lists the valid ones."""
+    import policies  # noqa: F401  (importing the package registers every policy)
+
+    if name not in POLICIES:
+        raise KeyError(f"unknown policy {name!r}; valid: {', '.join(sorted(POLICIES))}")
+    return POLICIES[name](**kwargs)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs everything explorer needs on a fresh Debian machine: the offline data packages
+# (apt) and the Python package with its pinned torch. Safe to run again: each step is skipped
+# when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(dataset-fashion-mnist openclipart-png wordnet-base)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+
+PY=${PYTHON:-python3}
+# torch and torchvision are pinned in pyproject.toml; one pip call resolves everything together.
+$PY -m pip install -q --disable-pip-version-check -e ".[test]"

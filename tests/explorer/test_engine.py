@@ -1,0 +1,69 @@
+"""The local engine over real loopback HTTP."""
+
+import httpx
+import numpy as np
+
+
+def _truth(corpus, url):
+    i = corpus.index_of[url.rsplit("/", 1)[-1]]
+    return corpus.hidden["source"][i], corpus.hidden["class_name"][i]
+
+
+def test_searxng_shape_and_relevance(engine, small_corpus):
+    r = httpx.get(f"{engine.url}/search", params={"q": "sneakers", "format": "json", "per_page": 10})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert body["query"] == "sneakers" and body["number_of_results"] >= 10
+    top = body["results"]
+    assert {"url", "img_src", "title", "score", "positions"} <= set(top[0])
+    assert [t["positions"][0] for t in top] == list(range(1, 11))
+    assert all(a["score"] >= b["score"] for a, b in zip(top, top[1:]))
+    fashion = [_truth(small_corpus, t["img_src"])[0] == "fashion-mnist" for t in top]
+    assert np.mean(fashion) >= 0.8
+
+
+def test_pagination_is_disjoint_and_consistent(engine):
+    def page(p, per):
+        return [x["img_src"] for x in httpx.get(f"{engine.url}/search", params={
+            "q": "dress", "format": "json", "pageno": p, "per_page": per}).json()["results"]]
+
+    first, second = page(1, 7), page(2, 7)
+    assert len(first) == len(second) == 7 and not set(first) & set(second)
+    assert first + second == page(1, 14)
+
+
+def test_clip_retrieval_shape(engine):
+    r = httpx.post(f"{engine.url}/knn-service", json={"text": "handwritten digit", "num_images": 5})
+    hits = r.json()
+    assert len(hits) == 5 and {"url", "caption", "similarity", "id"} <= set(hits[0])
+
+
+def test_image_endpoint_serves_png_bytes(engine, small_corpus):
+    key = small_corpus.keys[3]
+    r = httpx.get(f"{engine.url}/image/{key}")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.content == small_corpus.image_bytes(3)
+    assert httpx.get(f"{engine.url}/image/nope").status_code == 404
+
+
+def test_bad_requests_get_400(engine):
+    assert httpx.get(f"{engine.url}/search", params={"q": ""}).status_code == 400
+    assert httpx.get(f"{engine.url}/search", params={"q": "x", "pageno": "zero"}).status_code == 400
+    assert httpx.post(f"{engine.url}/knn-service", content=b"{not json").status_code == 400
+
+
+def test_hidden_truth_never_served(engine):
+    text = httpx.get(f"{engine.url}/search", params={"q": "boots", "per_page": 50}).text
+    assert "caption_wrong" not in text and "class_name" not in text and "fashion-mnist" not in text
+
+
+def test_server_stops_cleanly(small_corpus):
+    from explorer.engine import HybridIndex, SearchServer
+    from explorer.text_encoder import default_encoder
+
+    with SearchServer(HybridIndex(small_corpus, default_encoder())) as server:
+        url = server.url
+        assert httpx.get(f"{url}/healthz").json()["items"] == len(small_corpus)
+    import pytest
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/healthz", timeout=2)
