@@ -1,0 +1,167 @@
+"""A loopback HTTP server for fetcher tests and benchmarks: real images plus injected faults.
+
+Each path maps to a `Route`; the server counts hits per path (so a test can prove a 404 was asked
+once and a 503 was retried), can play a sequence of statuses, omit Content-Length (chunked body),
+drip the body slowly, or redirect. It also builds the real bodies the tests serve.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+import threading
+import zlib
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+CLIPART_ANIMALS = Path("/usr/share/openclipart/png/animals")
+
+
+@dataclass
+class Route:
+    body: bytes = b""
+    content_type: str | None = "image/png"
+    statuses: tuple[int, ...] = (200,)  # played in order per hit; the last one repeats
+    send_length: bool = True  # False: chunked transfer, no Content-Length
+    drip_seconds: float | None = None  # sleep between 1-byte writes (a slow server)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as real image hosts do
+    disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms stalls
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def do_GET(self):
+        server: FaultServer = self.server.owner
+        route, status = server._hit(self.path)
+        if route is None:
+            route, status = Route(body=b"not found", content_type="text/plain"), 404
+        self.send_response(status)
+        if route.content_type is not None:
+            self.send_header("Content-Type", route.content_type)
+        for name, value in route.headers.items():
+            self.send_header(name, value)
+        if route.send_length:
+            self.send_header("Content-Length", str(len(route.body)))
+        else:
+            self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            self._write_body(route, server.stopping)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _write_body(self, route: Route, stopping: threading.Event):
+        body = route.body
+        if route.drip_seconds is not None:
+            for i in range(len(body)):
+                if stopping.wait(route.drip_seconds):
+                    return
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+        elif route.send_length:
+            self.wfile.write(body)
+        else:
+            for i in range(0, len(body), 65536):
+                chunk = body[i:i + 65536]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.write(b"0\r\n\r\n")
+
+
+class FaultServer:
+    """`with FaultServer(routes) as srv: srv.url('/a.png'); srv.hits('/a.png')` on 127.0.0.1:<free>."""
+
+    def __init__(self, routes: dict[str, Route]):
+        self.routes = dict(routes)
+        self._hits: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.stopping = threading.Event()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._httpd.daemon_threads = True
+        self._httpd.owner = self
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self) -> "FaultServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+    def url(self, path: str) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}{path}"
+
+    def hits(self, path: str) -> int:
+        with self._lock:
+            return self._hits.get(path, 0)
+
+    def _hit(self, path: str) -> tuple[Route | None, int]:
+        with self._lock:
+            n = self._hits.get(path, 0)
+            self._hits[path] = n + 1
+        route = self.routes.get(path)
+        if route is None:
+            return None, 404
+        return route, route.statuses[min(n, len(route.statuses) - 1)]
+
+
+# ----- real and crafted bodies ---------------------------------------------------------------
+
+def fashion_images(n: int) -> np.ndarray:
+    """The first n Fashion-MNIST test images, uint8 (n, 28, 28)."""
+    raw = gzip.decompress(FASHION_TEST.read_bytes())
+    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(-1, 28, 28)[:n]
+
+
+def png_bytes(image: Image.Image | np.ndarray) -> bytes:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def jpeg_bytes(image: Image.Image | np.ndarray) -> bytes:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def clipart_pngs(n: int) -> list[bytes]:
+    """n real openclipart PNG files (RGBA clip art), as stored on disk, in a fixed order."""
+    paths = sorted(CLIPART_ANIMALS.rglob("*.png"))[:n]
+    return [p.read_bytes() for p in paths]
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def header_bomb_png(width: int = 30000, height: int = 30000) -> bytes:
+    """A valid PNG whose IHDR claims width x height (8-bit grey) over a tiny IDAT: a few hundred
+    bytes that would need width*height bytes to decode. Nothing that size is ever allocated."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * (width + 1))  # one filtered row of zeros
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
+            + _png_chunk(b"IEND", b""))
+
+
+def html_page() -> bytes:
+    return b"<!doctype html><html><head><title>Not here</title></head><body>moved</body></html>"
+
