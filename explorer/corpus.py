@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import struct
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -73,6 +74,14 @@ class CorpusSpec:
             raise ValueError(f"unknown corpus sources {sorted(unknown)}; valid: {', '.join(DEFAULT_SOURCES)}")
         if self.limit_per_source is not None and self.limit_per_source < 1:
             raise ValueError("limit_per_source must be >= 1")
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk, without decoding: some real clip art declares
+    over 200 megapixels, which the fetcher must later reject, not this builder choke on."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+        raise ValueError("not a PNG")
+    return struct.unpack(">II", png[16:24])
 
 
 def _png(gray28: np.ndarray) -> bytes:
@@ -174,8 +183,7 @@ def build_corpus(out: Path, spec: CorpusSpec = CorpusSpec(), *, progress: bool =
                 writer.close()
             shard += 1
             writer = tarfile.open(out / "shards" / f"{shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT)
-        with Image.open(io.BytesIO(item.png)) as im:
-            width, height = im.size
+        width, height = png_size(item.png)
         public = {"key": item.key, "caption": item.caption, "width": width, "height": height}
         for suffix, body in ((".png", item.png), (".txt", item.caption.encode()), (".json", json.dumps(public).encode())):
             info = tarfile.TarInfo(item.key + suffix)
@@ -226,8 +234,8 @@ class WebCorpus:
 
     def __init__(self, root: Path | str):
         self.root = Path(root)
-        if not (self.root / "manifest.parquet").exists():
-            raise FileNotFoundError(f"no corpus at {self.root}: run `explorer corpus build --out {self.root}`")
+        if not (self.root / "corpus.json").exists():  # written last: its presence marks a complete build
+            raise FileNotFoundError(f"no complete corpus at {self.root}: run `explorer corpus build --out {self.root}`")
         table = pq.read_table(self.root / "manifest.parquet")
         self.keys: list[str] = table["key"].to_pylist()
         self.captions: list[str] = table["caption"].to_pylist()

@@ -1,0 +1,187 @@
+"""Experiment configs: frozen dataclasses, loaded from YAML that may hold only known keys.
+
+A YAML file is one experiment instance; every field has a default documented where it is defined
+(`FetchConfig` in fetch.py, `RewardConfig` in scoring.py, `MoCoConfig` in learners/moco.py, ...).
+Unknown keys and wrong types raise `ConfigError` naming the dotted field, e.g. `policy.temprature`.
+Each run folder gets the fully resolved config (`config.yaml`), so the folder alone reproduces it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from explorer.fetch import FetchConfig
+from explorer.scoring import RewardConfig
+from explorer.target import TargetConfig
+from learners.mixture import MixtureConfig
+from learners.moco import MoCoConfig
+
+
+class ConfigError(ValueError):
+    """A config file or value is malformed; the message names the field."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class VocabularyConfig:
+    n_random: int = 1000
+    """Uniformly sampled WordNet nouns added to the nouns found in the web's captions."""
+    seed: int = 0
+    path: str | None = None
+    """A saved ConceptVocabulary JSON to use instead of building one."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class PolicyConfig:
+    name: str = "gp"
+    """A registered policy: random, gp, oracle (evaluation only)."""
+    queries_per_iteration: int = 16
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the policy's constructor (e.g. acquisition, temperature for gp)."""
+
+    def __post_init__(self):
+        if self.queries_per_iteration < 1:
+            raise ValueError("queries_per_iteration must be >= 1")
+
+
+@dataclass(kw_only=True, frozen=True)
+class SearchConfig:
+    backend: str = "local"
+    """local (the engine over `corpus`, started by the run), searxng or clip-retrieval."""
+    url: str | None = None
+    """Engine URL; for `local`, None starts the engine on 127.0.0.1 for the run."""
+    results_per_query: int = 40
+    concurrency: int = 8
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.results_per_query < 1 or self.concurrency < 1:
+            raise ValueError("results_per_query and concurrency must be >= 1")
+        if self.backend != "local" and not self.url:
+            raise ValueError(f"the {self.backend} backend needs search.url")
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    pretrain_steps: int = 200
+    """SSL steps on the target alone before the first query (the 'base' the runs share)."""
+    steps_per_iteration: int = 50
+    eval_every: int = 1
+    """Evaluate (kNN + linear probe) every this many iterations, and after the last."""
+    knn_k: int = 20
+
+    def __post_init__(self):
+        if min(self.pretrain_steps, self.steps_per_iteration) < 0 or self.eval_every < 1 or self.knn_k < 1:
+            raise ValueError("steps must be >= 0, eval_every and knn_k >= 1")
+
+
+@dataclass(kw_only=True, frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    iterations: int = 10
+    corpus: str | None = None
+    """Corpus directory; None is the default corpus ($EXPLORER_HOME/corpus/default)."""
+    target: TargetConfig = field(default_factory=TargetConfig)
+    vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    learner: MoCoConfig = field(default_factory=MoCoConfig)
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.iterations < 0:
+            raise ValueError("iterations must be >= 0")
+
+
+def _is_dataclass_type(t) -> bool:
+    return isinstance(t, type) and dataclasses.is_dataclass(t)
+
+
+def _check_type(value, hint, where: str):
+    """Light type check of YAML scalars/collections against a field's annotation."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _check_type(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not a valid {hint}")
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    base = origin or hint
+    if base is tuple and isinstance(value, list):
+        return tuple(value)
+    if base is Any or not isinstance(base, type):
+        return value
+    if base is bool and not isinstance(value, bool) or (base in (int, float) and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {base.__name__}, got {value!r}")
+    if not isinstance(value, base):
+        raise ConfigError(f"{where}: expected {base.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict | None, where: str = ""):
+    """Build dataclass `cls` from a mapping, recursively; unknown keys and bad values name the field."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown key {prefix + unknown[0]!r}; valid keys{' of ' + where if where else ''}: "
+                          f"{', '.join(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        here = f"{where}.{name}" if where else name
+        hint = hints[name]
+        kwargs[name] = from_dict(hint, value, here) if _is_dataclass_type(hint) else _check_type(value, hint, here)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def to_dict(cfg) -> dict:
+    out = dataclasses.asdict(cfg)
+    return yaml.safe_load(yaml.safe_dump(out))  # tuples -> lists: plain YAML types only
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {path} not found") from e
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return from_dict(ExperimentConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def save_config(cfg: ExperimentConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

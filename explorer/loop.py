@@ -1,0 +1,238 @@
+"""The acquisition loop: propose -> search -> fetch/validate -> score -> update policy -> accept
+-> train -> evaluate -> log. One `AcquisitionLoop` is one run folder:
+
+    config.yaml        the fully resolved config
+    backend.json       the search backend as recorded (replay rebuilds it on the cache alone)
+    run.json           the shared base checkpoint the run started from, if any
+    metrics.jsonl      one line per iteration (iteration 0 = the state before any query)
+    accepted.jsonl     every accepted item: iteration, url, query, reward, sha256
+    cache/             every search answer and fetched body (content-addressed)
+    checkpoint.pt      learner + policy + loop position after the last finished iteration
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from explorer import agent
+from explorer.cache import CacheMode, ResponseCache
+from explorer.config import ExperimentConfig, save_config
+from explorer.evaluation import evaluate_embeddings
+from explorer.fetch import fetch_images
+from explorer.scoring import TargetIndex, dedupe_within, near_duplicates
+from explorer.search import SearchBackend, SearchError, build_backend, search_many
+from explorer.target import load_target
+from learners.moco import MoCoLearner
+
+
+def image_signature(images: torch.Tensor, side: int = 16) -> np.ndarray:
+    """uint8 (N, 3, S, S) -> (N, side*side) unit vectors of mean-centred grey pixels.
+
+    Near-duplicate tests use this fixed signature, not the learner's embedding: early in training
+    the encoder maps most images close together, and a copy must be a copy under any encoder."""
+    grey = images.float().mean(1, keepdim=True)
+    small = torch.nn.functional.interpolate(grey, size=(side, side), mode="area").flatten(1)
+    small = small - small.mean(1, keepdim=True)
+    return torch.nn.functional.normalize(small, dim=1).numpy().astype(np.float32)
+
+
+@dataclass
+class Candidates:
+    """This iteration's fetched images that decoded, with their provenance."""
+
+    urls: list[str]
+    sha256: list[str]
+    images: torch.Tensor                 # uint8 (M, 3, S, S)
+    queries_of: list[list[int]]          # per image: indices of the queries that found it
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+class AcquisitionLoop:
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, engine_url: str | None = None,
+                 replay: bool = False, base_checkpoint: Path | None = None, progress: bool = True):
+        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.mode = CacheMode.REPLAY if replay else CacheMode.READWRITE
+        self.cache = ResponseCache(self.run_dir / "cache")
+        self.corpus = agent.open_corpus(cfg) if cfg.search.backend == "local" or cfg.corpus else None
+        self.target = load_target(cfg.target)
+        self.vocab = agent.load_vocabulary(cfg, self.corpus)
+        self.truth = agent.ground_truth(cfg, self.corpus, self.target)
+        self.policy = agent.build_agent_policy(cfg, self.vocab, self.corpus, self.truth)
+        self.learner = self._learner(base_checkpoint)
+        self.backend = self._backend(engine_url)
+        self.iteration = 0
+        self.accepted_sig = np.zeros((0, 0), np.float32)
+        self.probe_test_sig = image_signature(self.target.part("probe_test")[0])
+        self.accepted_sha: set[str] = set()
+        if not replay:
+            save_config(cfg, self.run_dir / "config.yaml")
+            agent.write_json(self.run_dir / "backend.json", self.backend.describe())
+            agent.write_json(self.run_dir / "run.json", {
+                "base_checkpoint": str(Path(base_checkpoint).resolve()) if base_checkpoint else None,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self.index = TargetIndex(self.learner.embed(self.target.part("acquire")[0]))
+
+    def _learner(self, base_checkpoint: Path | None) -> MoCoLearner:
+        learner = agent.build_learner(self.cfg, self.target)
+        if base_checkpoint is not None:  # the shared starting point of runs that are compared
+            state = torch.load(base_checkpoint, map_location="cpu", weights_only=True)
+            learner.load_state_dict(state)
+        elif self.cfg.train.pretrain_steps:
+            learner.train_steps(learner.mixture, self.cfg.train.pretrain_steps, progress=self.progress)
+        return learner
+
+    def _backend(self, engine_url: str | None) -> SearchBackend:
+        sc = self.cfg.search
+        if self.mode is CacheMode.REPLAY:
+            recorded = json.loads((self.run_dir / "backend.json").read_text())
+            return build_backend("replay", cache=self.cache, recorded=recorded)
+        url = sc.url or engine_url
+        if url is None:
+            raise ValueError("search.url is not set and no local engine was started for this run")
+        options = dict(sc.options)
+        if sc.backend == "local":
+            options.setdefault("per_page", sc.results_per_query)
+        return build_backend(sc.backend, cache=self.cache, mode=self.mode, url=url, **options)
+
+    # -- one iteration ------------------------------------------------------------------
+    def search_and_fetch(self, texts: list[str]) -> tuple[list, Candidates]:
+        answers = search_many(self.backend, texts, self.cfg.search.results_per_query,
+                              concurrency=self.cfg.search.concurrency)
+        if self.mode is CacheMode.REPLAY:
+            for a in answers:
+                if isinstance(a, SearchError) and "cache" in str(a):
+                    raise a
+        url_queries: dict[str, list[int]] = {}
+        for qi, a in enumerate(answers):
+            for r in [] if isinstance(a, SearchError) else a:
+                url_queries.setdefault(r.image_url, []).append(qi)
+        urls = list(url_queries)
+        results = fetch_images(urls, self.cfg.fetch, self.cache, self.mode, progress=self.progress)
+        ok = [r for r in results if r.ok and r.sha256 not in self.accepted_sha]
+        rejected: dict[str, int] = {}
+        for r in results:
+            if not r.ok:
+                rejected[r.status] = rejected.get(r.status, 0) + 1
+        s = self.cfg.fetch.image_size
+        images = torch.stack([r.image for r in ok]) if ok else torch.empty(0, 3, s, s, dtype=torch.uint8)
+        return answers, Candidates([r.url for r in ok], [r.sha256 for r in ok], images,
+                                   [url_queries[r.url] for r in ok], rejected)
+
+    def accept(self, cand: Candidates, rewards: np.ndarray) -> np.ndarray:
+        """Indices of accepted candidates: reward selection, then near-duplicate filters (within
+        the batch, against everything accepted so far, and against the probe test split)."""
+        rc = self.cfg.reward
+        chosen = np.flatnonzero(rc.select(rewards)) if len(rewards) else np.zeros(0, int)
+        if len(chosen) == 0:
+            return chosen
+        chosen = chosen[np.argsort(-rewards[chosen], kind="stable")]  # best first for the greedy dedupe
+        sig = image_signature(cand.images[chosen])
+        keep = dedupe_within(sig, rc.dedupe_threshold)
+        if len(self.accepted_sig):
+            keep &= ~near_duplicates(sig, self.accepted_sig, rc.dedupe_threshold)
+        keep &= ~near_duplicates(sig, self.probe_test_sig, rc.decontaminate_threshold)
+        return np.sort(chosen[keep])
+
+    def step(self) -> dict:
+        cfg, t0 = self.cfg, time.time()
+        self.iteration += 1
+        queries = self.policy.propose(cfg.policy.queries_per_iteration)
+        answers, cand = self.search_and_fetch([q.text for q in queries])
+        emb = self.learner.embed(cand.images) if len(cand.urls) else np.zeros((0, self.index.dim), np.float32)
+        rewards = cfg.reward.image_rewards(emb, self.index) if len(emb) else np.zeros(0, np.float32)
+        per_query = [[] for _ in queries]
+        for j, qs in enumerate(cand.queries_of):
+            for qi in qs:
+                per_query[qi].append(rewards[j])
+        q_rewards = [cfg.reward.query_reward(np.asarray(r, np.float32)) for r in per_query]
+        self.policy.update(queries, q_rewards)
+        accepted = self.accept(cand, rewards)
+        self._record_accepted(cand, accepted, rewards, queries)
+        if len(accepted):
+            self.learner.mixture.add_accepted(cand.images[accepted])
+        losses = self.learner.train_steps(self.learner.mixture, cfg.train.steps_per_iteration, progress=self.progress)
+        self.index.refresh(self.learner.embed(self.target.part("acquire")[0]))
+        row = {"iteration": self.iteration, "queries": [q.text for q in queries],
+               "query_rewards": [round(float(r), 6) for r in q_rewards],
+               "results": [0 if isinstance(a, SearchError) else len(a) for a in answers],
+               "search_errors": [str(a) for a in answers if isinstance(a, SearchError)],
+               "fetched": len(cand.urls) + sum(cand.rejected.values()), "decoded": len(cand.urls),
+               "rejected": cand.rejected, "accepted": len(accepted),
+               "accepted_urls": [cand.urls[j] for j in accepted],
+               "precision_fetched": self.truth.precision(cand.urls) if self.truth else None,
+               "precision_accepted": self.truth.precision([cand.urls[j] for j in accepted]) if self.truth else None,
+               "mean_image_reward": float(rewards.mean()) if len(rewards) else None,
+               "ssl_loss": float(np.mean(losses)) if losses else None, "learner_step": self.learner.step}
+        if self.iteration % cfg.train.eval_every == 0 or self.iteration == cfg.iterations:
+            row.update(self.evaluate())
+        row["seconds"] = round(time.time() - t0, 2)
+        return row
+
+    def _record_accepted(self, cand: Candidates, accepted: np.ndarray, rewards: np.ndarray, queries) -> None:
+        if not len(accepted):
+            return
+        new = image_signature(cand.images[accepted])
+        self.accepted_sig = new if not len(self.accepted_sig) else np.concatenate([self.accepted_sig, new])
+        with open(self.run_dir / "accepted.jsonl", "a") as f:
+            for j in accepted:
+                self.accepted_sha.add(cand.sha256[j])
+                f.write(json.dumps({"iteration": self.iteration, "url": cand.urls[j], "sha256": cand.sha256[j],
+                                    "queries": [queries[q].text for q in cand.queries_of[j]],
+                                    "reward": round(float(rewards[j]), 6),
+                                    "relevant": self.truth.relevant(cand.urls[j]) if self.truth else None}) + "\n")
+
+    def evaluate(self) -> dict:
+        """kNN (k=train.knn_k, cosine) and linear-probe accuracy on the target's labelled split."""
+        train_x, train_y = self.target.part("probe_train")
+        test_x, test_y = self.target.part("probe_test")
+        if (train_y < 0).any() or (test_y < 0).any():
+            return {}
+        scores = evaluate_embeddings(self.learner.embed(train_x), train_y, self.learner.embed(test_x), test_y,
+                                     k=self.cfg.train.knn_k)
+        return {f"eval_{k}": round(float(v), 4) for k, v in scores.items()}
+
+    # -- the whole run --------------------------------------------------------------------
+    def run(self, iterations: int | None = None, log=print) -> list[dict]:
+        rows = []
+        metrics = self.run_dir / ("replay-metrics.jsonl" if self.mode is CacheMode.REPLAY else "metrics.jsonl")
+        if self.iteration == 0:
+            rows.append({"iteration": 0, "learner_step": self.learner.step, **self.evaluate()})
+            metrics.write_text(json.dumps(rows[0]) + "\n")
+        for _ in range(self.cfg.iterations if iterations is None else iterations):
+            row = self.step()
+            rows.append(row)
+            with open(metrics, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            log(_summary(row))
+        return rows
+
+
+def _summary(row: dict) -> str:
+    prec = row.get("precision_accepted")
+    ev = (f" knn={row['eval_knn_accuracy']:.3f} probe={row['eval_linear_probe_accuracy']:.3f}"
+          if "eval_knn_accuracy" in row else "")
+    return (f"iter {row['iteration']}: {len(row['queries'])} queries, {row['decoded']}/{row['fetched']} decoded, "
+            f"{row['accepted']} accepted" + (f" (precision {prec:.2f})" if prec is not None else "")
+            + f", loss {row['ssl_loss']:.3f}{ev}, {row['seconds']:.0f}s")
+
+
+DECISION_KEYS = ("queries", "query_rewards", "accepted_urls", "ssl_loss")
+
+
+def compare_decisions(recorded: list[dict], replayed: list[dict]) -> list[str]:
+    """Differences between a recorded run and its replay, in the keys that make up its decisions."""
+    diffs = []
+    if len(recorded) != len(replayed):
+        diffs.append(f"{len(recorded)} recorded iterations but {len(replayed)} replayed")
+    for a, b in zip(recorded, replayed):
+        for key in DECISION_KEYS:
+            if a.get(key) != b.get(key):
+                diffs.append(f"iteration {a['iteration']}: {key} differs: {a.get(key)!r} != {b.get(key)!r}")
+    return diffs

@@ -1,0 +1,56 @@
+"""Running, replaying and comparing experiments (what `explorer run`, `replay` and `demo` do)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+from explorer.config import ExperimentConfig, load_config
+from explorer.loop import AcquisitionLoop, compare_decisions
+
+
+@contextlib.contextmanager
+def local_engine_for(cfg: ExperimentConfig):
+    """Yields the URL of the engine a config needs: a started local engine, or None."""
+    if cfg.search.backend != "local" or cfg.search.url:
+        yield None
+        return
+    from explorer.agent import open_corpus
+    from explorer.engine import HybridIndex, SearchServer
+    from explorer.text_encoder import default_encoder
+
+    with SearchServer(HybridIndex(open_corpus(cfg), default_encoder())) as server:
+        yield server.url
+
+
+def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, engine_url: str | None = None,
+                   base_checkpoint: Path | None = None, progress: bool = True, log=print) -> list[dict]:
+    if (run_dir / "metrics.jsonl").exists():
+        raise FileExistsError(f"{run_dir} already holds a run; choose another --out")
+    with contextlib.ExitStack() as stack:
+        url = engine_url or stack.enter_context(local_engine_for(cfg))
+        loop = AcquisitionLoop(cfg, run_dir, engine_url=url, base_checkpoint=base_checkpoint, progress=progress)
+        return loop.run(log=log)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def replay_run(run_dir: Path, *, progress: bool = True, log=print) -> list[str]:
+    """Re-run a recorded run from its cache alone; returns the differences in its decisions."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    base = json.loads((run_dir / "run.json").read_text()).get("base_checkpoint")
+    if base and not Path(base).exists():
+        raise FileNotFoundError(f"the run started from {base}, which is gone: replay needs it")
+    loop = AcquisitionLoop(cfg, run_dir, replay=True, base_checkpoint=Path(base) if base else None,
+                           progress=progress)
+    replayed = loop.run(log=log)
+    return compare_decisions(read_metrics(run_dir / "metrics.jsonl"), replayed)
+
+
+def default_run_dir(cfg: ExperimentConfig, root: Path = Path("runs")) -> Path:
+    return root / f"{cfg.name}-{cfg.policy.name}-{time.strftime('%Y%m%d-%H%M%S')}"

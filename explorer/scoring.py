@@ -1,0 +1,284 @@
+"""Reward math: how much a candidate image looks like the target set, and which ones to keep.
+
+The scorer embeds candidates with the current encoder; everything here takes those embeddings
+as plain arrays and returns arrays, with no I/O and no global state. Similarity is cosine
+similarity: every embedding is L2-normalised on the way in, so a faiss inner-product index
+gives cosines directly.
+
+- Image reward (`knn_reward`): the mean cosine similarity of a candidate to its k nearest target
+  embeddings, so an image is rewarded for lying in a dense part of the target distribution
+  rather than next to a single outlier.
+- Query reward (`query_reward`): one number per query from its images' rewards.
+- Acceptance (`select_for_training`): which candidates enter training.
+- Decontamination (`near_duplicates`, `dedupe_within`): drop copies of the probe test split and
+  of images already accepted, so gains on the probe are not bought by leaking it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+# Rows per faiss search call: 65,536 x 512 float32 is a 128 MiB normalised copy, so a million
+# candidates never need more than one chunk of extra memory at a time.
+DEFAULT_CHUNK = 65_536
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """(N, D) -> (N, D) float32, C-contiguous, each row L2-normalised (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D (N, D) array of embeddings, got shape {x.shape}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+class TargetIndex:
+    """Exact cosine k-NN over the target set's embeddings (a faiss IndexFlatIP on unit vectors).
+
+    Exact search on purpose: the target set is small (tens of thousands), and an approximate
+    index would add recall noise to every reward.
+    """
+
+    def __init__(self, embeddings: np.ndarray):
+        self._index: faiss.IndexFlatIP | None = None
+        self.refresh(embeddings)
+
+    def refresh(self, embeddings: np.ndarray) -> None:
+        """Replace the target embeddings (N_t, D); call whenever the encoder changes."""
+        targets = unit_rows(embeddings)  # (N_t, D)
+        if len(targets) == 0:
+            raise ValueError("the target set is empty: there is nothing to reward similarity to")
+        if not np.isfinite(targets).all():
+            raise ValueError("target embeddings contain NaN or inf")
+        index = faiss.IndexFlatIP(targets.shape[1])
+        index.add(targets)
+        self._index = index
+
+    @property
+    def dim(self) -> int:
+        return self._index.d
+
+    def __len__(self) -> int:
+        return self._index.ntotal
+
+    def knn(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Queries (M, D) -> (sims (M, k') float32, ids (M, k') int64), best first.
+
+        Queries are L2-normalised here, so sims are cosines. k' = min(k, number of targets).
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        queries = unit_rows(queries)
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"queries have dim {queries.shape[1]}, the targets have {self.dim}")
+        k = min(k, len(self))
+        if len(queries) == 0:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return self._index.search(queries, k)
+
+
+def knn_reward(candidate_emb: np.ndarray, index: TargetIndex, k: int = 10,
+               chunk_size: int = DEFAULT_CHUNK) -> np.ndarray:
+    """Mean cosine similarity of each candidate (M, D) to its k nearest targets -> (M,) float32.
+
+    Rewards lie in [-1, 1]. Candidates are searched `chunk_size` rows at a time so that only one
+    normalised chunk is held besides the input; the result does not depend on the chunk size.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    candidate_emb = np.asarray(candidate_emb)
+    rewards = np.empty(len(candidate_emb), dtype=np.float32)
+    for start in range(0, len(candidate_emb), chunk_size):
+        sims, _ = index.knn(candidate_emb[start:start + chunk_size], k)  # (chunk, k)
+        rewards[start:start + chunk_size] = sims.mean(axis=1)
+    return rewards
+
+
+def _mean_top(rewards: np.ndarray, top_m: int) -> float:
+    # np.partition puts the top_m largest last without a full sort.
+    m = min(top_m, len(rewards))
+    return float(np.partition(rewards, len(rewards) - m)[-m:].mean())
+
+
+# How a query's image rewards become one query reward. Each takes (finite, non-empty rewards, top_m).
+QUERY_AGGREGATES: dict[str, Callable[[np.ndarray, int], float]] = {
+    "mean_top": _mean_top,
+    "mean": lambda rewards, top_m: float(rewards.mean()),
+    "max": lambda rewards, top_m: float(rewards.max()),
+}
+
+# Reward of a query with no usable images. Cosine 0 means "unrelated": below the reward of any
+# image that resembles the target at all, yet not so far below the usual spread of rewards
+# (roughly 0.2-0.9) that one empty query dominates a regression fit of the policy the way the
+# hard floor of -1 would. Pass empty=-1.0 to make an empty query strictly the worst possible.
+EMPTY_QUERY_REWARD = 0.0
+
+
+def query_reward(image_rewards: np.ndarray, *, how: str = "mean_top", top_m: int = 10,
+                 empty: float = EMPTY_QUERY_REWARD) -> float:
+    """Aggregate the rewards (n,) of one query's images into a finite query reward.
+
+    how:
+      - "mean_top" (default): mean of the top min(top_m, n) rewards. A web search returns a few
+        good images among many off-topic ones; the best ones are what the learner will keep, so
+        the query is judged by them and not diluted by the junk tail.
+      - "mean": mean of all rewards (the plain Internet Explorer query reward).
+      - "max": the single best reward.
+    Non-finite image rewards are ignored. A query whose search returned nothing, or whose
+    images were all rejected (n = 0 after that), gets `empty`, so a policy never sees NaN.
+    """
+    if how not in QUERY_AGGREGATES:
+        raise ValueError(f"unknown query aggregate {how!r}; valid: {sorted(QUERY_AGGREGATES)}")
+    if top_m < 1:
+        raise ValueError(f"top_m must be >= 1, got {top_m}")
+    if not math.isfinite(empty):
+        raise ValueError(f"the empty-query reward must be finite, got {empty}")
+    rewards = np.asarray(image_rewards, dtype=np.float64).reshape(-1)
+    rewards = rewards[np.isfinite(rewards)]
+    if len(rewards) == 0:
+        return float(empty)
+    return QUERY_AGGREGATES[how](rewards, top_m)
+
+
+def select_for_training(rewards: np.ndarray, *, threshold: float | None, top_fraction: float,
+                        min_keep: int = 0) -> np.ndarray:
+    """Which candidates (M,) enter training -> bool mask (M,).
+
+    Exactly:
+      1. Non-finite rewards are never accepted; let F be the number of finite ones.
+      2. Threshold path: if `threshold` is set and at least max(1, min_keep) rewards are
+         >= threshold, accept exactly those.
+      3. Fallback: otherwise accept the n = min(F, max(ceil(top_fraction * M), min_keep))
+         highest rewards; ties are broken by position (earlier first), so exactly n are taken.
+    The fallback keeps the data flowing when the encoder's similarity scale drifts below a fixed
+    threshold; it always contains every candidate that passed the threshold. M = 0 gives an
+    empty mask.
+    """
+    if not 0.0 <= top_fraction <= 1.0:
+        raise ValueError(f"top_fraction must be in [0, 1], got {top_fraction}")
+    if min_keep < 0:
+        raise ValueError(f"min_keep must be >= 0, got {min_keep}")
+    rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
+    finite = np.isfinite(rewards)
+    if threshold is not None:
+        passing = finite & (rewards >= threshold)
+        if passing.sum() >= max(1, min_keep):
+            return passing
+    n_keep = min(int(finite.sum()), max(math.ceil(top_fraction * len(rewards)), min_keep))
+    ranked = np.argsort(-np.where(finite, rewards, -np.inf), kind="stable")
+    accept = np.zeros(len(rewards), dtype=bool)
+    accept[ranked[:n_keep]] = True
+    return accept
+
+
+def near_duplicates(candidate_emb: np.ndarray, reference_emb: np.ndarray,
+                    threshold: float = 0.95, chunk_size: int = DEFAULT_CHUNK) -> np.ndarray:
+    """Candidates (M, D) whose max cosine to any reference (R, D) is >= threshold -> bool (M,).
+
+    Used to drop candidates that copy the probe test split or an already accepted image.
+    An empty reference set flags nothing.
+    """
+    candidate_emb = np.asarray(candidate_emb)
+    if len(reference_emb) == 0 or len(candidate_emb) == 0:
+        return np.zeros(len(candidate_emb), dtype=bool)
+    reference = TargetIndex(reference_emb)
+    flagged = np.empty(len(candidate_emb), dtype=bool)
+    for start in range(0, len(candidate_emb), chunk_size):
+        sims, _ = reference.knn(candidate_emb[start:start + chunk_size], 1)  # (chunk, 1)
+        flagged[start:start + chunk_size] = sims[:, 0] >= threshold
+    return flagged
+
+
+def dedupe_within(candidate_emb: np.ndarray, threshold: float = 0.95,
+                  block_size: int = 1024) -> np.ndarray:
+    """Greedy in-order dedup of (M, D) -> bool (M,) of items to keep.
+
+    Item j is kept iff no earlier *kept* item has cosine >= threshold with it (so in a chain
+    a~b~c where a and c are far apart, a and c are kept and b is dropped). Blocks of rows are
+    checked against a faiss index of the items kept so far, then greedily among themselves.
+    """
+    emb = unit_rows(candidate_emb)
+    keep = np.zeros(len(emb), dtype=bool)
+    if len(emb) == 0:
+        return keep
+    kept_index = faiss.IndexFlatIP(emb.shape[1])
+    for start in range(0, len(emb), block_size):
+        block = emb[start:start + block_size]  # (B, D)
+        alive = np.ones(len(block), dtype=bool)
+        if kept_index.ntotal:
+            sims, _ = kept_index.search(block, 1)
+            alive = sims[:, 0] < threshold
+        within = block @ block.T  # (B, B) cosines inside the block
+        for i in range(len(block)):
+            if alive[i]:  # i is kept: it removes every later block item too close to it
+                alive[i + 1:] &= within[i, i + 1:] < threshold
+        keep[start:start + len(block)] = alive
+        kept_index.add(block[alive])
+    return keep
+
+
+@dataclass(kw_only=True, frozen=True)
+class RewardConfig:
+    """How candidates are rewarded, accepted and decontaminated."""
+
+    k: int = 10
+    """Nearest target embeddings averaged into an image's reward."""
+    aggregate: str = "mean_top"
+    """Query reward from its images' rewards: a key of QUERY_AGGREGATES."""
+    top_m: int = 10
+    """Images averaged by the 'mean_top' aggregate."""
+    empty_query_reward: float = EMPTY_QUERY_REWARD
+    """Reward of a query that yields no usable image (see EMPTY_QUERY_REWARD)."""
+    accept_threshold: float | None = None
+    """Accept images with reward >= this; None uses only the top-fraction rule."""
+    accept_top_fraction: float = 0.5
+    """Fallback: fraction of a batch's candidates (best first) accepted when the threshold fails."""
+    min_keep: int = 0
+    """Accept at least this many candidates per batch (when that many have finite rewards)."""
+    dedupe_threshold: float = 0.95
+    """Cosine at or above which two images count as the same (within a batch, vs accepted)."""
+    decontaminate_threshold: float = 0.95
+    """Cosine at or above which a candidate counts as a copy of a probe test image."""
+    chunk_size: int = DEFAULT_CHUNK
+    """Candidates per faiss search call; bounds the extra memory of scoring."""
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.aggregate not in QUERY_AGGREGATES:
+            raise ValueError(f"unknown aggregate {self.aggregate!r}; "
+                             f"valid: {sorted(QUERY_AGGREGATES)}")
+        if self.top_m < 1:
+            raise ValueError(f"top_m must be >= 1, got {self.top_m}")
+        if not math.isfinite(self.empty_query_reward):
+            raise ValueError("empty_query_reward must be finite: policies must never see NaN/inf")
+        if self.accept_threshold is not None and not -1.0 <= self.accept_threshold <= 1.0:
+            raise ValueError(f"accept_threshold is a cosine, in [-1, 1]; got {self.accept_threshold}")
+        if not 0.0 <= self.accept_top_fraction <= 1.0:
+            raise ValueError(f"accept_top_fraction must be in [0, 1], got {self.accept_top_fraction}")
+        if self.min_keep < 0:
+            raise ValueError(f"min_keep must be >= 0, got {self.min_keep}")
+        for name in ("dedupe_threshold", "decontaminate_threshold"):
+            if not -1.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a cosine, in (-1, 1]; got {getattr(self, name)}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+    def image_rewards(self, candidate_emb: np.ndarray, index: TargetIndex) -> np.ndarray:
+        """knn_reward with this config's k and chunk size."""
+        return knn_reward(candidate_emb, index, k=self.k, chunk_size=self.chunk_size)
+
+    def query_reward(self, image_rewards: np.ndarray) -> float:
+        """query_reward with this config's aggregate, top_m and empty-query reward."""
+        return query_reward(image_rewards, how=self.aggregate, top_m=self.top_m,
+                            empty=self.empty_query_reward)
+
+    def select(self, rewards: np.ndarray) -> np.ndarray:
+        """select_for_training with this config's threshold, top fraction and min_keep."""
+        return select_for_training(rewards, threshold=self.accept_threshold,
+                                   top_fraction=self.accept_top_fraction, min_keep=self.min_keep)

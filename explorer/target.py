@@ -1,0 +1,101 @@
+"""The target set: the images the agent wants a better representation of.
+
+Default: Fashion-MNIST's 10k test images, split once, reproducibly, into
+    acquire      unlabelled: the learner trains on these and rewards are measured against them
+    probe_train  labelled: fits the kNN / linear-probe evaluation
+    probe_test   labelled: scores the evaluation; accepted web images are decontaminated against it
+Users' own targets: a folder of images, with optional class subfolders (labels for evaluation).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from explorer import sources
+from explorer.validate import to_pipeline_tensor
+
+SPLITS = ("acquire", "probe_train", "probe_test")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetConfig:
+    """Which target set, and how it is split."""
+
+    name: str = "fashion-mnist"
+    """'fashion-mnist' (installed) or a folder of images (class subfolders give labels)."""
+    acquire_fraction: float = 0.5
+    probe_train_fraction: float = 0.25
+    """The rest is probe_test."""
+    limit: int | None = None
+    """Use a reproducible subset of this many images (tests, quick runs)."""
+    seed: int = 0
+    image_size: int = 32
+
+    def __post_init__(self):
+        if not (0 < self.acquire_fraction and 0 < self.probe_train_fraction
+                and self.acquire_fraction + self.probe_train_fraction < 1):
+            raise ValueError("target fractions must be > 0 and leave room for probe_test; "
+                             f"got acquire={self.acquire_fraction}, probe_train={self.probe_train_fraction}")
+        if self.limit is not None and self.limit < 10:
+            raise ValueError(f"target limit must be >= 10, got {self.limit}")
+
+
+@dataclass
+class TargetSet:
+    images: torch.Tensor          # uint8 (N, 3, S, S)
+    labels: np.ndarray            # (N,) int64, -1 where unknown
+    class_names: tuple[str, ...]
+    split: dict[str, np.ndarray]  # split name -> row indices
+
+    def part(self, name: str) -> tuple[torch.Tensor, np.ndarray]:
+        idx = self.split[name]
+        return self.images[idx], self.labels[idx]
+
+
+def _split(n: int, cfg: TargetConfig) -> dict[str, np.ndarray]:
+    perm = np.random.default_rng(cfg.seed).permutation(n)
+    a = int(round(n * cfg.acquire_fraction))
+    b = a + int(round(n * cfg.probe_train_fraction))
+    return {"acquire": np.sort(perm[:a]), "probe_train": np.sort(perm[a:b]), "probe_test": np.sort(perm[b:])}
+
+
+def _from_folder(root: Path, size: int) -> tuple[torch.Tensor, np.ndarray, tuple[str, ...]]:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    classes = tuple(sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1}))
+    rows, labels = [], []
+    for path in files:
+        try:
+            with Image.open(io.BytesIO(path.read_bytes())) as im:
+                rows.append(to_pipeline_tensor(im, size))
+        except Exception:  # not an image: a README or a thumbnail db in the folder
+            continue
+        parts = path.relative_to(root).parts
+        labels.append(classes.index(parts[0]) if len(parts) > 1 else -1)
+    if not rows:
+        raise FileNotFoundError(f"target folder {root} holds no readable images")
+    return torch.stack(rows), np.asarray(labels, np.int64), classes
+
+
+def load_target(cfg: TargetConfig = TargetConfig()) -> TargetSet:
+    if cfg.name == "fashion-mnist":
+        gray, labels = sources.load_fashion_mnist("test")
+        classes = sources.FASHION_CLASSES
+        if cfg.limit:
+            keep = np.sort(np.random.default_rng(cfg.seed + 7).choice(len(gray), cfg.limit, replace=False))
+            gray, labels = gray[keep], labels[keep]
+        images = torch.stack([to_pipeline_tensor(Image.fromarray(g, "L"), cfg.image_size) for g in gray])
+    else:
+        root = Path(cfg.name)
+        if not root.is_dir():
+            raise FileNotFoundError(f"target {cfg.name!r} is neither 'fashion-mnist' nor a folder of images")
+        images, labels, classes = _from_folder(root, cfg.image_size)
+        if cfg.limit and cfg.limit < len(images):
+            keep = np.sort(np.random.default_rng(cfg.seed + 7).choice(len(images), cfg.limit, replace=False))
+            images, labels = images[keep], labels[keep]
+    return TargetSet(images=images, labels=labels, class_names=tuple(classes), split=_split(len(images), cfg))

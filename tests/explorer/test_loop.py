@@ -1,0 +1,103 @@
+"""The whole loop on a small real slice, offline: a 2-iteration run, then its replay."""
+
+import json
+import socket
+
+import pytest
+
+from explorer.config import ConfigError, ExperimentConfig, from_dict, load_config
+from explorer.loop import AcquisitionLoop, compare_decisions
+from explorer.runs import read_metrics, replay_run
+
+TINY = {
+    "name": "tiny", "iterations": 2, "seed": 0,
+    "target": {"limit": 300},
+    "vocabulary": {"n_random": 30},
+    "policy": {"name": "gp", "queries_per_iteration": 4, "options": {"explore_first": 4}},
+    "search": {"results_per_query": 15},
+    "learner": {"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8},
+                "dim": 16, "mlp_dim": 32, "batch_size": 16, "warmup_steps": 1, "total_steps": 50},
+    "train": {"pretrain_steps": 2, "steps_per_iteration": 2, "knn_k": 5},
+}
+
+
+def tiny_config(corpus_root, **changes) -> ExperimentConfig:
+    return from_dict(ExperimentConfig, {**TINY, "corpus": str(corpus_root), **changes})
+
+
+@pytest.fixture(scope="module")
+def recorded_run(small_corpus, engine, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    loop = AcquisitionLoop(tiny_config(small_corpus.root), run_dir, engine_url=engine.url, progress=False)
+    rows = loop.run(log=lambda line: None)
+    return run_dir, rows
+
+
+def test_run_folder_records_everything(recorded_run):
+    run_dir, rows = recorded_run
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    for name in ("config.yaml", "backend.json", "run.json", "metrics.jsonl", "cache"):
+        assert (run_dir / name).exists(), name
+    assert load_config(run_dir / "config.yaml").policy.name == "gp"
+    for row in rows[1:]:
+        assert len(row["queries"]) == len(row["query_rewards"]) == 4
+        assert row["fetched"] == row["decoded"] + sum(row["rejected"].values())
+        assert row["decoded"] > 0 and 0 <= row["accepted"] <= row["decoded"]
+        assert 0.0 <= row["eval_knn_accuracy"] <= 1.0 and row["ssl_loss"] > 0
+    accepted = [json.loads(line) for line in (run_dir / "accepted.jsonl").read_text().splitlines()]
+    assert len(accepted) == sum(r["accepted"] for r in rows[1:])
+    assert len({a["sha256"] for a in accepted}) == len(accepted)  # nothing accepted twice
+    assert all(isinstance(a["relevant"], bool) for a in accepted)
+
+
+def test_replay_makes_identical_decisions_without_network(recorded_run, monkeypatch):
+    run_dir, _ = recorded_run
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("replay opened a socket")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    assert replay_run(run_dir, progress=False, log=lambda line: None) == []
+    replayed = read_metrics(run_dir / "replay-metrics.jsonl")
+    recorded = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["queries"] for r in replayed[1:]] == [r["queries"] for r in recorded[1:]]
+    assert [r["accepted_urls"] for r in replayed[1:]] == [r["accepted_urls"] for r in recorded[1:]]
+
+
+def test_compare_decisions_reports_a_changed_query():
+    a = [{"iteration": 1, "queries": ["boot"], "query_rewards": [0.5], "accepted_urls": [], "ssl_loss": 1.0}]
+    b = [{**a[0], "queries": ["bag"]}]
+    assert compare_decisions(a, a) == []
+    assert "queries differs" in compare_decisions(a, b)[0]
+
+
+def test_replay_of_a_missing_query_names_it(recorded_run, tmp_path):
+    import shutil
+
+    run_dir, _ = recorded_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "cache" / "requests")
+    with pytest.raises(Exception, match="no cached answer for local search"):
+        replay_run(copy, progress=False, log=lambda line: None)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("policy:\n  temprature: 3\n", "unknown key 'policy.temprature'"),
+    ("learner:\n  lr: fast\n", "learner.lr: expected float"),
+    ("iterations: [1, 2\n", "not valid YAML"),
+    ("search:\n  backend: searxng\n", "needs search.url"),
+    ("reward:\n  k: 0\n", "k must be >= 1"),
+])
+def test_malformed_configs_name_the_field(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")):
+        load_config(path)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")):
+        assert isinstance(load_config(path), ExperimentConfig)
