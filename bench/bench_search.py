@@ -1,0 +1,71 @@
+"""Local search engine throughput over loopback HTTP, and fetch + validate + decode from it.
+
+Run: python bench/bench_search.py [--corpus DIR] [--queries 200] [--concurrency 1 4]
+Prints queries/s of GET /search (SearXNG JSON, 50 results a page) for sequential and concurrent
+clients, the in-process ranking time alone (the bound), and images/s of `fetch_images` over the
+engine's /image endpoint (download + validation + decode to uint8 32x32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from explorer.corpus import WebCorpus, default_corpus_dir
+from explorer.engine import HybridIndex, SearchServer
+from explorer.fetch import FetchConfig, fetch_images
+from explorer.text_encoder import default_encoder
+
+
+def _queries(corpus: WebCorpus, n: int) -> list[str]:
+    words = [w for c in corpus.distinct_captions[:: max(1, len(corpus.distinct_captions) // n)]
+             for w in c.split()[:2]]
+    return [" ".join(words[i:i + 2]) for i in range(0, 2 * n, 2)][:n]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", type=Path, default=default_corpus_dir())
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--images", type=int, default=2000)
+    args = p.parse_args()
+
+    corpus = WebCorpus(args.corpus)
+    t = time.perf_counter()
+    index = HybridIndex(corpus, default_encoder())
+    print(f"corpus: {len(corpus)} items, {len(corpus.distinct_captions)} captions; index built in "
+          f"{time.perf_counter() - t:.1f}s")
+    queries = _queries(corpus, args.queries)
+    index.search(queries[0])
+    t = time.perf_counter()
+    for q in queries:
+        index.search(q, 0, 50)
+    print(f"in-process ranking (the bound): {len(queries) / (time.perf_counter() - t):.1f} queries/s")
+
+    with SearchServer(index) as server, httpx.Client(timeout=30) as client:
+        def one(q):
+            r = client.get(f"{server.url}/search", params={"q": q, "format": "json", "per_page": 50})
+            r.raise_for_status()
+            return [x["img_src"] for x in r.json()["results"]]
+
+        for c in args.concurrency:
+            t = time.perf_counter()
+            with ThreadPoolExecutor(c) as pool:
+                answers = list(pool.map(one, queries))
+            print(f"GET /search over HTTP, concurrency {c}: {len(queries) / (time.perf_counter() - t):.1f} queries/s")
+        urls = list(dict.fromkeys(u for a in answers for u in a))[: args.images]
+        for c in (8, 32):
+            t = time.perf_counter()
+            results = fetch_images(urls, FetchConfig(concurrency=c), cache=None, progress=False)
+            ok = sum(r.ok for r in results)
+            print(f"fetch+validate+decode, concurrency {c}: {len(urls) / (time.perf_counter() - t):.0f} images/s "
+                  f"({ok}/{len(urls)} ok)")
+
+
+if __name__ == "__main__":
+    main()

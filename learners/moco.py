@@ -1,0 +1,341 @@
+"""MoCo-v3: a timm backbone + projector, a momentum copy of both, and a predictor on the online branch.
+
+`MoCoV3` is the module (the structure of moco-v3's `moco/builder.py`); `MoCoLearner` trains it
+continually on a `TrainingMixture` with AdamW (or LARS), warmup-cosine lr and cosine momentum, and
+embeds images with the online backbone for the scorer. Under torchrun (WORLD_SIZE > 1) the module
+is wrapped in DistributedDataParallel; every rank draws the same global batch from the same
+generator and trains on its own shard, so the RNG state (and a checkpoint) is the same on all ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from learners.augment import AugmentConfig, apply_view, sample_view_params
+from learners.losses import cosine_momentum, mocov3_infonce, warmup_cosine_lr
+from learners.mixture import TrainingMixture
+
+OPTIMIZERS = ("adamw", "lars")
+
+
+@dataclass(kw_only=True, frozen=True)
+class MoCoConfig:
+    """Everything that defines a MoCo-v3 run; `bench/bench_moco.py` measured the backbone default."""
+
+    # timm model name; the classifier head is removed (num_classes=0). The default, a ResNet-18 at
+    # half width, trained at ~470 images/s on 2 CPU cores (ResNet-18: ~250; bench/bench_moco.py).
+    backbone: str = "resnet18"
+    # timm constructor arguments, e.g. a ViT at 32 px: {"img_size": 32, "patch_size": 4}
+    backbone_kwargs: dict[str, Any] = field(default_factory=lambda: {"channels": (32, 64, 128, 256)})
+    small_image_stem: bool = False  # ResNets: 3x3 stride-1 stem and no max-pool (CIFAR-style), 16x the FLOPs
+    image_size: int = 32  # side the backbone sees; other input sides are resized
+    dim: int = 256  # output of projector and predictor
+    mlp_dim: int = 1024  # hidden width of projector and predictor
+    projector_layers: int = 3  # moco-v3 ViT uses 3 (ResNet 2); the predictor always has 2
+    temperature: float = 0.2
+    base_momentum: float = 0.99  # key-encoder momentum at step 0, cosine-annealed to 1 at total_steps
+    lr: float = 1e-3  # peak learning rate after warmup
+    min_lr: float = 0.0
+    weight_decay: float = 0.1  # not applied to biases and norm weights (1-d parameters)
+    warmup_steps: int = 50
+    total_steps: int = 10_000  # length of the lr and momentum schedules; later steps keep the end values
+    batch_size: int = 128  # global batch: split evenly over ranks under DDP
+    optimizer: str = "adamw"  # "adamw" or "lars" (moco-v3's LARS for large-batch ResNets)
+    bf16: bool = True  # bf16 autocast on CUDA
+    cpu_bf16: bool = False  # bf16 autocast on CPU (see bench/bench_moco.py for when it pays)
+    compile: bool = False  # torch.compile the training module (slow first step)
+    seed: int = 0  # seeds parameters, batch sampling and augmentation
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        if not timm.is_model(self.backbone):
+            raise ValueError(f"unknown timm backbone {self.backbone!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        positive = {"image_size": self.image_size, "dim": self.dim, "mlp_dim": self.mlp_dim,
+                    "temperature": self.temperature, "lr": self.lr, "total_steps": self.total_steps,
+                    "batch_size": self.batch_size}
+        bad = [name for name, value in positive.items() if value <= 0]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} must be > 0")
+        if self.projector_layers < 1 or not 0 <= self.base_momentum <= 1:
+            raise ValueError("projector_layers must be >= 1 and base_momentum in [0, 1]")
+        if self.weight_decay < 0 or self.min_lr < 0 or not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError("weight_decay, min_lr >= 0 and 0 <= warmup_steps <= total_steps required")
+        if isinstance(self.augment, dict):  # built from a YAML / checkpoint mapping
+            object.__setattr__(self, "augment", AugmentConfig(**self.augment))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MoCoConfig":
+        return cls(**values)
+
+
+def create_backbone(config: MoCoConfig) -> nn.Module:
+    """A timm model without classifier, returning pooled (N, num_features) features."""
+    model = timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs)
+    if config.small_image_stem:
+        if not (hasattr(model, "conv1") and hasattr(model, "maxpool") and hasattr(model, "bn1")):
+            raise ValueError(f"small_image_stem needs a ResNet-style stem; {config.backbone} has none")
+        # As solo-learn does for CIFAR: keep full resolution into layer1 for 32 px inputs.
+        model.conv1 = nn.Conv2d(3, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
+
+
+def _mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool = True) -> nn.Sequential:
+    """moco-v3's `_build_mlp`: Linear-BN-ReLU blocks, last BN without affine parameters."""
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        d_in = in_dim if i == 0 else hidden_dim
+        d_out = out_dim if i == num_layers - 1 else hidden_dim
+        layers.append(nn.Linear(d_in, d_out, bias=False))
+        if i < num_layers - 1:
+            layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(d_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+class MoCoV3(nn.Module):
+    def __init__(self, config: MoCoConfig):
+        super().__init__()
+        self.temperature = config.temperature
+        self.base_encoder = create_backbone(config)
+        features = self.base_encoder.num_features
+        self.base_projector = _mlp(config.projector_layers, features, config.mlp_dim, config.dim)
+        self.predictor = _mlp(2, config.dim, config.mlp_dim, config.dim, last_bn=False)
+        self.momentum_encoder = copy.deepcopy(self.base_encoder)
+        self.momentum_projector = copy.deepcopy(self.base_projector)
+        for p in self.momentum_parameters():
+            p.requires_grad = False  # updated by EMA only
+
+    def momentum_parameters(self):
+        yield from self.momentum_encoder.parameters()
+        yield from self.momentum_projector.parameters()
+
+    def base_parameters(self):
+        yield from self.base_encoder.parameters()
+        yield from self.base_projector.parameters()
+
+    @torch.no_grad()
+    def update_momentum(self, m: float) -> None:
+        momentum, base = list(self.momentum_parameters()), list(self.base_parameters())
+        torch._foreach_lerp_(momentum, base, 1.0 - m)  # p_m <- m * p_m + (1 - m) * p_b
+
+    def _contrast(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        offset = 0
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # moco-v3: negatives are the keys of the whole global batch
+            gathered = [torch.empty_like(k) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, k.contiguous())
+            offset, k = dist.get_rank() * k.shape[0], torch.cat(gathered)
+        return mocov3_infonce(q, k, self.temperature, offset)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: float) -> torch.Tensor:
+        """Symmetrised loss of two views (B, 3, S, S); updates the momentum branch with momentum m."""
+        q1 = self.predictor(self.base_projector(self.base_encoder(x1)))
+        q2 = self.predictor(self.base_projector(self.base_encoder(x2)))
+        with torch.no_grad():
+            self.update_momentum(m)
+            k1 = self.momentum_projector(self.momentum_encoder(x1))
+            k2 = self.momentum_projector(self.momentum_encoder(x2))
+        return self._contrast(q1, k2) + self._contrast(q2, k1)
+
+
+class LARS(torch.optim.Optimizer):
+    """moco-v3's LARS: SGD with momentum, trust ratio and weight decay on matrices only."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:  # not a bias or a norm weight
+                    update = update.add(p, alpha=group["weight_decay"])
+                    p_norm, u_norm = torch.norm(p), torch.norm(update)
+                    trust = torch.where((p_norm > 0) & (u_norm > 0),
+                                        group["trust_coefficient"] * p_norm / u_norm, torch.ones_like(p_norm))
+                    update = update.mul(trust)
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(group["momentum"]).add_(update)
+                p.add_(mu, alpha=-group["lr"])
+
+
+def build_optimizer(model: MoCoV3, config: MoCoConfig) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "lars":
+        return LARS(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    groups = [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": config.weight_decay},
+              {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def _distributed_setup(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); joins the torchrun process group when WORLD_SIZE > 1."""
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+class MoCoLearner:
+    """Trains `MoCoV3` continually and embeds images with its online backbone."""
+
+    def __init__(self, config: MoCoConfig, mixture: TrainingMixture | None = None,
+                 device: torch.device | str | None = None):
+        self.config = config
+        self.device = torch.device(device) if device is not None else default_device()
+        self.rank, self.world_size = _distributed_setup(self.device)
+        if config.batch_size % self.world_size:
+            raise ValueError(f"batch_size {config.batch_size} does not split over {self.world_size} ranks")
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+            torch.manual_seed(config.seed)
+            self.model = MoCoV3(config).to(self.device)
+        self.trainable: nn.Module = self.model
+        if self.world_size > 1:
+            if self.device.type == "cuda":  # SyncBatchNorm has no CPU kernel
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.trainable = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if config.compile:
+            self.trainable = torch.compile(self.trainable)
+        self.optimizer = build_optimizer(self.model, config)
+        self.step = 0
+        self.generator = torch.Generator().manual_seed(config.seed)  # batch sampling + augmentation
+        self.mixture = mixture
+
+    def _autocast(self):
+        enabled = self.config.bf16 if self.device.type == "cuda" else self.config.cpu_bf16
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _views(self, mixture: TrainingMixture) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's shard of the two augmented views of one global batch."""
+        cfg = self.config
+        images = mixture.sample(cfg.batch_size, self.generator)
+        first = sample_view_params(cfg.batch_size, cfg.augment, 0, self.generator)
+        second = sample_view_params(cfg.batch_size, cfg.augment, 1, self.generator)
+        per_rank = cfg.batch_size // self.world_size
+        shard = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        images = self._resize(images[shard].to(self.device, non_blocking=True))
+        return apply_view(images, first.take(shard), cfg.augment), apply_view(images, second.take(shard), cfg.augment)
+
+    def _resize(self, images: torch.Tensor) -> torch.Tensor:
+        side = self.config.image_size
+        if images.shape[-1] == side:
+            return images
+        resized = F.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=True)
+        return resized.round().clamp(0, 255).to(torch.uint8)
+
+    def train_step(self, mixture: TrainingMixture) -> float:
+        cfg = self.config
+        lr = warmup_cosine_lr(self.step, cfg.total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        momentum = cosine_momentum(self.step, cfg.total_steps, cfg.base_momentum)
+        x1, x2 = self._views(mixture)
+        self.model.train()
+        with self._autocast():
+            loss = self.trainable(x1, x2, momentum)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        return float(loss.detach())
+
+    def train_steps(self, mixture: TrainingMixture, steps: int, progress: bool = False) -> list[float]:
+        """Run `steps` optimisation steps on batches from `mixture`; returns this rank's losses."""
+        from tqdm.auto import trange
+
+        self.mixture = mixture
+        return [self.train_step(mixture) for _ in trange(steps, disable=not progress, desc="moco")]
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+        """uint8 (N, 3, S, S) -> (N, num_features) float32, L2-normalised online-backbone features."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 (N, 3, S, S), got {images.dtype} {tuple(images.shape)}")
+        aug = self.config.augment
+        mean = torch.tensor(aug.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(aug.std, device=self.device).view(1, 3, 1, 1)
+        encoder = self.model.base_encoder
+        was_training = encoder.training
+        encoder.eval()
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            batch = self._resize(images[start:start + batch_size].to(self.device))
+            with self._autocast():
+                features = encoder((batch.float() / 255 - mean) / std)
+            chunks.append(F.normalize(features.float(), dim=1).cpu())
+        encoder.train(was_training)
+        if not chunks:
+            return np.zeros((0, encoder.num_features), dtype=np.float32)
+        return torch.cat(chunks).numpy()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model (online + momentum), optimizer, step, RNG and the mixture last trained on."""
+        return {
+            "config": dataclasses.asdict(self.config),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "generator": self.generator.get_state(),
+            "mixture": self.mixture.state_dict() if self.mixture is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.generator.set_state(state["generator"])
+        if state["mixture"] is not None:
+            if self.mixture is None:
+                self.mixture = TrainingMixture.from_state_dict(state["mixture"])
+            else:
+                self.mixture.load_state_dict(state["mixture"])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a checkpoint atomically: a temp file in the same folder, then os.replace."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(self.state_dict(), f)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> "MoCoLearner":
+        """A learner rebuilt from a checkpoint's own config, with its state (and mixture) restored."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        learner = cls(MoCoConfig.from_dict(state["config"]), device=device)
+        learner.load_state_dict(state)
+        return learner

@@ -1,0 +1,150 @@
+import gzip
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from learners import LEARNERS, build_learner
+from learners.mixture import TrainingMixture
+from learners.moco import MoCoConfig, MoCoLearner
+
+FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+REPO = Path(__file__).resolve().parents[2]
+TINY_RESNET = dict(backbone="resnet10t", backbone_kwargs={"channels": (8, 16, 32, 64), "stem_width": 8})
+TINY_VIT = dict(backbone="vit_tiny_patch16_224",
+                backbone_kwargs={"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2})
+
+
+def tiny_config(**overrides) -> MoCoConfig:
+    values = dict(TINY_RESNET, dim=32, mlp_dim=64, batch_size=32, lr=3e-3, warmup_steps=3, total_steps=200)
+    return MoCoConfig(**{**values, **overrides})
+
+
+def fashion_images(n: int) -> torch.Tensor:
+    """The first n Fashion-MNIST test images as uint8 (n, 3, 32, 32)."""
+    with gzip.open(FASHION_TEST) as f:
+        pixels = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)[:n]
+    grey = F.interpolate(torch.from_numpy(pixels.copy())[:, None].float(), size=(32, 32),
+                         mode="bilinear", antialias=True)
+    return grey.round().clamp(0, 255).to(torch.uint8).repeat(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    if not FASHION_TEST.exists():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    return fashion_images(512)
+
+
+def test_loss_goes_down_on_real_images(images):
+    learner = MoCoLearner(tiny_config(), device="cpu")
+    losses = learner.train_steps(TrainingMixture(images), 20)
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05
+
+
+@pytest.mark.parametrize("backbone", [TINY_RESNET, TINY_VIT], ids=["resnet", "vit"])
+def test_backbone_trains_and_embeds(backbone, images):
+    learner = MoCoLearner(tiny_config(**backbone), device="cpu")
+    model = learner.model
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    loss = learner.train_steps(TrainingMixture(images), 1)[0]
+    assert np.isfinite(loss) and loss > 0
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert any(name.startswith("base_encoder.") for name in changed)
+    assert any(name.startswith("predictor.") for name in changed)
+    assert all(p.grad is None for p in model.momentum_parameters())  # EMA only, never by gradient
+    embeddings = learner.embed(images[:40], batch_size=16)
+    assert embeddings.shape == (40, model.base_encoder.num_features) and embeddings.dtype == np.float32
+    assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+
+
+def test_momentum_encoder_follows_base_by_ema(images):
+    learner = MoCoLearner(tiny_config(base_momentum=0.5), device="cpu")
+    model = learner.model
+    base = [p.detach().clone() for p in model.base_parameters()]
+    momentum = [p.detach().clone() for p in model.momentum_parameters()]
+    model.update_momentum(0.5)
+    for b, m, m_new in zip(base, momentum, model.momentum_parameters()):
+        assert torch.allclose(m_new, 0.5 * m + 0.5 * b)
+
+
+def test_resume_reproduces_the_next_loss_exactly(images, tmp_path):
+    learner = MoCoLearner(tiny_config(), device="cpu")
+    learner.train_steps(TrainingMixture(images), 2)
+    learner.mixture.add_accepted(images[:64].flip(-1))  # non-trivial mixture state
+    path = tmp_path / "moco.pt"
+    learner.save(path)
+    expected = learner.train_steps(learner.mixture, 1)[0]
+
+    resumed = MoCoLearner.load(path, device="cpu")
+    assert resumed.step == 2 and len(resumed.mixture.newest) == 64
+    assert resumed.train_steps(resumed.mixture, 1)[0] == expected
+    assert [p.name for p in tmp_path.iterdir()] == ["moco.pt"]  # no temp files left behind
+
+
+def test_state_dict_round_trip(images):
+    learner = MoCoLearner(tiny_config(), device="cpu")
+    learner.train_steps(TrainingMixture(images), 1)
+    other = MoCoLearner(tiny_config(seed=1), device="cpu")
+    other.load_state_dict(learner.state_dict())
+    for (name, a), (_, b) in zip(learner.model.state_dict().items(), other.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert other.step == 1 and torch.equal(other.generator.get_state(), learner.generator.get_state())
+    assert np.array_equal(other.embed(images[:16]), learner.embed(images[:16]))
+    assert torch.equal(other.mixture.target, images)
+
+
+def test_config_validation_and_registry():
+    with pytest.raises(ValueError, match="backbone"):
+        MoCoConfig(backbone="no_such_model")
+    with pytest.raises(ValueError, match="optimizer"):
+        MoCoConfig(optimizer="sgdx")
+    with pytest.raises(ValueError):
+        MoCoConfig(warmup_steps=20, total_steps=10)
+    with pytest.raises(ValueError, match="ResNet"):
+        MoCoLearner(tiny_config(**TINY_VIT, small_image_stem=True), device="cpu")
+    with pytest.raises(KeyError, match="mocov3"):
+        build_learner("nope")
+    assert LEARNERS["mocov3"] is MoCoLearner
+
+
+def test_lars_and_small_stem_train(images):
+    config = tiny_config(optimizer="lars", small_image_stem=True, lr=0.5, batch_size=8)
+    learner = MoCoLearner(config, device="cpu")
+    losses = learner.train_steps(TrainingMixture(images), 2)
+    assert all(np.isfinite(losses))
+    assert learner.model.base_encoder.conv1.stride == (1, 1)
+
+
+DDP_WORKER = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from learners.mixture import TrainingMixture
+    from learners.moco import MoCoConfig, MoCoLearner
+    config = MoCoConfig(backbone="resnet10t", backbone_kwargs={"channels": (8, 16, 32, 64), "stem_width": 8},
+                        dim=16, mlp_dim=32, batch_size=16, warmup_steps=1, total_steps=10)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    learner = MoCoLearner(config, device="cpu")
+    losses = learner.train_steps(TrainingMixture(images), 3)
+    params = torch.cat([p.detach().flatten() for p in learner.model.parameters()])
+    torch.save({"params": params, "losses": losses}, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
+    dist.destroy_process_group()
+""")
+
+
+def test_ddp_ranks_end_with_identical_weights(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path)], env=env, cwd=REPO, timeout=120, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(rank0["params"], rank1["params"])
+    assert rank0["losses"] != rank1["losses"]  # each rank trained on its own shard
