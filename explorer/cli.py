@@ -36,17 +36,18 @@ def _corpus_info(args) -> int:
     return 0
 
 
-def open_local_engine(corpus_dir: Path, port: int = 0):
+def open_local_engine(corpus_dir: Path, port: int = 0, min_score: float = 0.25):
     """Load a corpus, index it and start the engine on 127.0.0.1 (a started `SearchServer`)."""
     from explorer.corpus import WebCorpus
     from explorer.engine import HybridIndex, SearchServer
     from explorer.text_encoder import default_encoder
 
-    return SearchServer(HybridIndex(WebCorpus(corpus_dir), default_encoder()), port=port).start()
+    index = HybridIndex(WebCorpus(corpus_dir), default_encoder(), min_score=min_score)
+    return SearchServer(index, port=port).start()
 
 
 def _serve(args) -> int:
-    server = open_local_engine(args.corpus, args.port)
+    server = open_local_engine(args.corpus, args.port, args.min_score)
     print(f"serving {args.corpus} at {server.url}  (try {server.url}/search?q=sneaker&format=json); Ctrl-C stops")
     try:
         while True:
@@ -174,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "POST /knn-service, and serves images at /image/KEY.")
     s.add_argument("--corpus", type=Path, default=default_corpus_dir())
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
+    s.add_argument("--min-score", type=float, default=0.25,
+                   help="drop results whose hybrid score is below this (0 returns something for anything)")
     s.set_defaults(func=_serve)
 
     q = sub.add_parser("search", formatter_class=fmt, help="run one query and print the ranked results",

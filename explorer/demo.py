@@ -83,14 +83,15 @@ def run_demo(config_path: Path, out: Path | None = None, progress: bool = True) 
     results = {}
     with local_engine_for(cfg) as url:
         for policy in ("gp", "random"):
-            run_cfg = dataclasses.replace(cfg, policy=dataclasses.replace(cfg.policy, name=policy),
+            options = cfg.policy.options if policy == cfg.policy.name else {}  # gp options are not random's
+            run_cfg = dataclasses.replace(cfg, policy=dataclasses.replace(cfg.policy, name=policy, options=options),
                                           name=f"{cfg.name}-{policy}")
             print(f"\n== {policy} policy: {cfg.iterations} iterations x {cfg.policy.queries_per_iteration} queries ==")
             results[policy] = run_experiment(run_cfg, out / policy, engine_url=url, base_checkpoint=base,
                                              progress=progress)
     control = _target_only(cfg, base, out, progress)
     base_scores = results["gp"][0]
-    lines = ["| start → end  | accepted  precision |  kNN acc | probe acc |",
+    lines = ["| encoder      | accepted  precision |  kNN acc | probe acc |",
              "|--------------|--------------------:|--------:|----------:|",
              _row("base", None, base_scores), _row("target only", None, control),
              _row("random", results["random"], results["random"][-1]), _row("gp", results["gp"], results["gp"][-1])]

@@ -6,7 +6,10 @@ cosine similarity of MiniLM embeddings (faiss inner product) each nominate their
 
     score = bm25_weight * bm25 / max(bm25) + (1 - bm25_weight) * cosine
 
-and each caption expands to its items in a fixed pseudo-random order (so paging is stable).
+and captions scoring below `min_score` are dropped: like a real engine, a query that matches little
+returns little, instead of filling its pages with the corpus's most common items. (With the default
+weights, a caption that shares no stemmed word with the query needs a cosine of at least 0.5.)
+Each caption expands to its items in a fixed pseudo-random order (so paging is stable).
 
 The HTTP API speaks two real engines' dialects, so the same clients work against the real things:
     GET  /search?q=..&format=json&pageno=1[&per_page=20]   SearXNG's JSON (results: url, img_src, title, ...)
@@ -45,11 +48,12 @@ class Hit:
 class HybridIndex:
     """Ranks corpus items for a text query (see module docstring)."""
 
-    def __init__(self, corpus: WebCorpus, encoder, *, bm25_weight: float = 0.5, candidates: int = 1000):
+    def __init__(self, corpus: WebCorpus, encoder, *, bm25_weight: float = 0.5, candidates: int = 1000,
+                 min_score: float = 0.25):
         if not 0.0 <= bm25_weight <= 1.0:
             raise ValueError(f"bm25_weight must be in [0, 1], got {bm25_weight}")
         self.corpus, self.encoder = corpus, encoder
-        self.bm25_weight, self.candidates = bm25_weight, candidates
+        self.bm25_weight, self.candidates, self.min_score = bm25_weight, candidates, min_score
         self._stemmer = Stemmer.Stemmer("english")
         self._bm25 = bm25s.BM25()
         self._bm25.index(self._tokenize(corpus.distinct_captions), show_progress=False)
@@ -84,6 +88,7 @@ class HybridIndex:
         lexical = bm25[ids] / top if top > 0 else np.zeros(len(ids), np.float32)
         score = self.bm25_weight * lexical + (1 - self.bm25_weight) * cos
         order = np.lexsort((ids, -score))  # ties broken by caption id: deterministic
+        order = order[score[order] >= self.min_score]
         return ids[order], score[order]
 
     def search(self, query: str, offset: int = 0, limit: int = 20) -> tuple[list[Hit], int]:

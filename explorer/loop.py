@@ -25,21 +25,10 @@ from explorer.cache import CacheMode, ResponseCache
 from explorer.config import ExperimentConfig, save_config
 from explorer.evaluation import evaluate_embeddings
 from explorer.fetch import fetch_images
-from explorer.scoring import TargetIndex, dedupe_within, near_duplicates
+from explorer.scoring import TargetIndex, dedupe_within, image_signature, near_duplicates
 from explorer.search import SearchBackend, SearchError, build_backend, search_many
 from explorer.target import load_target
 from learners.moco import MoCoLearner
-
-
-def image_signature(images: torch.Tensor, side: int = 16) -> np.ndarray:
-    """uint8 (N, 3, S, S) -> (N, side*side) unit vectors of mean-centred grey pixels.
-
-    Near-duplicate tests use this fixed signature, not the learner's embedding: early in training
-    the encoder maps most images close together, and a copy must be a copy under any encoder."""
-    grey = images.float().mean(1, keepdim=True)
-    small = torch.nn.functional.interpolate(grey, size=(side, side), mode="area").flatten(1)
-    small = small - small.mean(1, keepdim=True)
-    return torch.nn.functional.normalize(small, dim=1).numpy().astype(np.float32)
 
 
 @dataclass
@@ -198,6 +187,19 @@ class AcquisitionLoop:
                                      k=self.cfg.train.knn_k)
         return {f"eval_{k}": round(float(v), 4) for k, v in scores.items()}
 
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "learner": self.learner.state_dict(),
+                "policy": self.policy.state_dict(), "accepted_sig": torch.from_numpy(self.accepted_sig),
+                "accepted_sha": sorted(self.accepted_sha)}
+
+    def save_checkpoint(self) -> None:
+        """checkpoint.pt: everything needed to continue after the last finished iteration, written
+        to a temp file and renamed, so a crash leaves the previous checkpoint whole."""
+        path = self.run_dir / "checkpoint.pt"
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)
+
     # -- the whole run --------------------------------------------------------------------
     def run(self, iterations: int | None = None, log=print) -> list[dict]:
         rows = []
@@ -210,6 +212,8 @@ class AcquisitionLoop:
             rows.append(row)
             with open(metrics, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.mode is not CacheMode.REPLAY:
+                self.save_checkpoint()
             log(_summary(row))
         return rows
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import faiss
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 # Rows per faiss search call: 65,536 x 512 float32 is a 128 MiB normalised copy, so a million
 # candidates never need more than one chunk of extra memory at a time.
@@ -240,10 +242,13 @@ class RewardConfig:
     """Fallback: fraction of a batch's candidates (best first) accepted when the threshold fails."""
     min_keep: int = 0
     """Accept at least this many candidates per batch (when that many have finite rewards)."""
-    dedupe_threshold: float = 0.95
-    """Cosine at or above which two images count as the same (within a batch, vs accepted)."""
-    decontaminate_threshold: float = 0.95
-    """Cosine at or above which a candidate counts as a copy of a probe test image."""
+    dedupe_threshold: float = 0.99
+    """Cosine of `image_signature`s at or above which two images count as the same (within a
+    batch, vs accepted). Measured on Fashion-MNIST: 0.95 would flag 43% of train images as copies
+    of some test image, 0.99 flags 1% (the dataset's known near-duplicates)."""
+    decontaminate_threshold: float = 0.99
+    """Cosine of `image_signature`s at or above which a candidate counts as a copy of a probe
+    test image."""
     chunk_size: int = DEFAULT_CHUNK
     """Candidates per faiss search call; bounds the extra memory of scoring."""
 
@@ -282,3 +287,14 @@ class RewardConfig:
         """select_for_training with this config's threshold, top fraction and min_keep."""
         return select_for_training(rewards, threshold=self.accept_threshold,
                                    top_fraction=self.accept_top_fraction, min_keep=self.min_keep)
+
+
+def image_signature(images: torch.Tensor, side: int = 16) -> np.ndarray:
+    """uint8 (N, 3, S, S) -> (N, side*side) unit vectors of mean-centred grey pixels.
+
+    Near-duplicate tests use this fixed signature, not the learner's embedding: early in training
+    the encoder maps most images close together, and a copy must be a copy under any encoder."""
+    grey = images.float().mean(1, keepdim=True)
+    small = F.interpolate(grey, size=(side, side), mode="area").flatten(1)
+    small = small - small.mean(1, keepdim=True)
+    return F.normalize(small, dim=1).numpy().astype(np.float32)

@@ -17,11 +17,16 @@ simply resized.
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
+
+# PIL warns on opening a header past its own pixel limit; `max_pixels` (below that limit) rejects
+# such images before they are decoded, so the warning would only be noise in the logs.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # Every status a candidate can end with; the fetcher adds the transport ones.
 STATUSES = (

@@ -25,7 +25,7 @@ def test_searxng_shape_and_relevance(engine, small_corpus):
 def test_pagination_is_disjoint_and_consistent(engine):
     def page(p, per):
         return [x["img_src"] for x in httpx.get(f"{engine.url}/search", params={
-            "q": "dress", "format": "json", "pageno": p, "per_page": per}).json()["results"]]
+            "q": "handwritten digit", "format": "json", "pageno": p, "per_page": per}).json()["results"]]
 
     first, second = page(1, 7), page(2, 7)
     assert len(first) == len(second) == 7 and not set(first) & set(second)
@@ -67,3 +67,11 @@ def test_server_stops_cleanly(small_corpus):
     import pytest
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/healthz", timeout=2)
+
+
+def test_unrelated_query_returns_little(engine, small_corpus):
+    """A query that matches nothing well gets few results, not pages of the commonest items."""
+    related = httpx.get(f"{engine.url}/search", params={"q": "sneakers", "per_page": 100}).json()
+    unrelated = httpx.get(f"{engine.url}/search", params={"q": "volcanic eruption", "per_page": 100}).json()
+    assert related["number_of_results"] >= 10
+    assert unrelated["number_of_results"] < related["number_of_results"] / 2

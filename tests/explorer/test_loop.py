@@ -4,6 +4,7 @@ import json
 import socket
 
 import pytest
+import torch
 
 from explorer.config import ConfigError, ExperimentConfig, from_dict, load_config
 from explorer.loop import AcquisitionLoop, compare_decisions
@@ -36,8 +37,11 @@ def recorded_run(small_corpus, engine, tmp_path_factory):
 def test_run_folder_records_everything(recorded_run):
     run_dir, rows = recorded_run
     assert [r["iteration"] for r in rows] == [0, 1, 2]
-    for name in ("config.yaml", "backend.json", "run.json", "metrics.jsonl", "cache"):
+    for name in ("config.yaml", "backend.json", "run.json", "metrics.jsonl", "cache", "checkpoint.pt"):
         assert (run_dir / name).exists(), name
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert state["iteration"] == 2 and state["learner"]["step"] == 2 + 2 * 2
+    assert len(state["policy"]["log"]["rewards"]) == 8
     assert load_config(run_dir / "config.yaml").policy.name == "gp"
     for row in rows[1:]:
         assert len(row["queries"]) == len(row["query_rewards"]) == 4
@@ -101,3 +105,13 @@ def test_shipped_configs_load():
 
     for path in sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")):
         assert isinstance(load_config(path), ExperimentConfig)
+
+
+def test_oracle_relevance_reads_the_hidden_truth(small_corpus):
+    from explorer.agent import GroundTruth, oracle_relevance
+    from explorer.vocabulary import ConceptVocabulary
+
+    vocab = ConceptVocabulary(concepts=("sneaker", "dress", "butterfly", "handwritten digit"), source="test")
+    relevance = oracle_relevance(vocab, small_corpus, GroundTruth(small_corpus, "fashion-mnist", frozenset()), n=10)
+    assert relevance[0] >= 0.8 and relevance[1] >= 0.8
+    assert relevance[2] <= 0.5 and relevance[3] <= 0.5

@@ -217,3 +217,22 @@ def test_reward_config_applies_its_settings():
     assert config.select(rewards).tolist() == [False, True]  # nothing reaches 0.99: top half
     with pytest.raises(Exception):
         config.k = 3  # frozen
+
+
+def test_image_signature_flags_copies_not_lookalikes():
+    import gzip
+
+    import torch
+
+    from explorer.scoring import image_signature
+    from explorer.sources import FASHION_MNIST_DIR
+
+    with gzip.open(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz") as f:
+        grey = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:200]
+    images = torch.from_numpy(np.pad(grey, ((0, 0), (2, 2), (2, 2)))).unsqueeze(1).repeat(1, 3, 1, 1)
+    sig = image_signature(images)
+    brighter = image_signature((images.int() + 12).clamp(max=255).to(torch.uint8))
+    assert ((sig * brighter).sum(1) >= 0.99).all()  # a re-encoded, brightened copy is still a copy
+    sims = sig @ sig.T
+    distinct = sims[np.triu_indices(len(sig), 1)]
+    assert (distinct >= 0.99).mean() < 0.01  # different real items are not

@@ -123,16 +123,16 @@ def test_unknown_backend_lists_valid_names():
 def test_cache_hit_skips_network_and_replay_needs_no_socket(engine, tmp_path, monkeypatch):
     cache = ResponseCache(tmp_path)
     live = build_backend("local", cache=cache, url=engine.url, per_page=20)
-    recorded = live.search("ankle boot", 45)
+    recorded = live.search("handwritten digit", 45)
     assert len(recorded) == 45
     before = cache.stats()["hits"]
-    assert live.search("ankle boot", 45) == recorded and cache.stats()["hits"] == before + 3
+    assert live.search("handwritten digit", 45) == recorded and cache.stats()["hits"] == before + 3
 
     def no_network(*args, **kwargs):
         raise AssertionError("replay opened a socket")
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
     replay = build_backend("replay", cache=ResponseCache(tmp_path), recorded=live.describe())
-    assert replay.search("ankle boot", 45) == recorded  # bit-identical, from the cache alone
+    assert replay.search("handwritten digit", 45) == recorded  # bit-identical, from the cache alone
     with pytest.raises(CacheMiss, match="'never searched'"):
         replay.search("never searched", 5)
