@@ -21,6 +21,7 @@ Hidden ground-truth columns are never served.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -68,6 +69,12 @@ class HybridIndex:
             groups.setdefault(int(corpus.caption_id[i]), []).append(i)
         self._items_of = groups
 
+    @functools.lru_cache(maxsize=4096)  # noqa: B019  (one index per server; queries repeat across runs)
+    def _embed_query(self, query: str) -> np.ndarray:
+        """(1, 384) MiniLM embedding; the encoder forward is most of a query's cost."""
+        with self._encode_lock:
+            return self.encoder.encode([query])
+
     def _tokenize(self, texts):
         return bm25s.tokenize(texts, stopwords="en", stemmer=self._stemmer, show_progress=False)
 
@@ -78,8 +85,7 @@ class HybridIndex:
         tokens = bm25s.tokenize([query], stopwords="en", stemmer=self._stemmer, show_progress=False,
                                 return_ids=False)[0]
         bm25 = self._bm25.get_scores(tokens) if tokens else np.zeros(n, np.float32)
-        with self._encode_lock:
-            q = self.encoder.encode([query])
+        q = self._embed_query(query)
         cos_top, dense_ids = self._dense.search(q, k)
         lexical_ids = np.argpartition(-bm25, k - 1)[:k] if k < n else np.arange(n)
         ids = np.union1d(dense_ids[0][dense_ids[0] >= 0], lexical_ids[bm25[lexical_ids] > 0])
