@@ -118,7 +118,10 @@ def _run(args) -> int:
     from explorer.config import load_config
     from explorer.runs import default_run_dir, run_experiment
 
-    cfg = load_config(args.config, _parse_overrides(args.set))
+    overrides = _parse_overrides(args.set)
+    if args.target:
+        overrides["target.name"] = str(args.target.resolve())
+    cfg = load_config(args.config, overrides)
     out = args.out or default_run_dir(cfg)
     print(f"run folder: {out}")
     run_experiment(cfg, out, progress=not args.quiet)
@@ -201,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME-POLICY-TIME)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set policy.name=random --set iterations=3")
+    r.add_argument("--target", type=Path, default=None,
+                   help="your own target: a folder of images (class subfolders give evaluation labels)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=_run)
 

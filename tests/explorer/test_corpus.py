@@ -73,3 +73,19 @@ def test_missing_corpus_error_says_how_to_build(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="explorer corpus build"):
         WebCorpus(tmp_path)
+
+
+def test_target_from_a_folder_with_class_subfolders(tmp_path):
+    from explorer.target import TargetConfig, load_target
+    from explorer.sources import load_fashion_mnist
+
+    grey, labels = load_fashion_mnist("test")
+    for i in range(40):
+        folder = tmp_path / ("boots" if labels[i] == 9 else "other")
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(grey[i]).save(folder / f"{i}.png")
+    (tmp_path / "README.txt").write_text("not an image")
+    target = load_target(TargetConfig(name=str(tmp_path)))
+    assert target.images.shape == (40, 3, 32, 32) and target.class_names == ("boots", "other")
+    assert sorted(np.concatenate(list(target.split.values())).tolist()) == list(range(40))
+    assert (target.labels == 0).sum() == (labels[:40] == 9).sum()
