@@ -141,6 +141,19 @@ def _replay(args) -> int:
     return 0
 
 
+def _daemon(args) -> int:
+    from explorer.daemon import run_daemon
+
+    return run_daemon(args.config, args.out, forever=args.forever, progress=not args.quiet)
+
+
+def _status(args) -> int:
+    from explorer.daemon import run_status
+
+    print(run_status(args.run_dir))
+    return 0
+
+
 def _demo(args) -> int:
     from explorer.demo import run_demo
 
@@ -216,6 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir", type=Path)
     rp.add_argument("--quiet", action="store_true")
     rp.set_defaults(func=_replay)
+
+    dm = sub.add_parser("daemon", formatter_class=fmt, help="run the loop as a resumable long-running process",
+                        description="Runs the acquisition loop in RUN_DIR until the config's iterations are done "
+                                    "(or forever with --forever). If RUN_DIR holds a checkpoint, resumes exactly "
+                                    "where it stopped (CONFIG may then be omitted). SIGTERM/SIGINT stop it at the "
+                                    "next safe point with exit code 0.")
+    dm.add_argument("config", type=Path, nargs="?", default=None, help="YAML config (omit to resume RUN_DIR)")
+    dm.add_argument("--out", type=Path, required=True, help="run folder (RUN_DIR)")
+    dm.add_argument("--forever", action="store_true", help="ignore the iteration budget; run until stopped")
+    dm.add_argument("--quiet", action="store_true")
+    dm.set_defaults(func=_daemon)
+
+    st = sub.add_parser("status", formatter_class=fmt, help="progress, rates and last errors of a run folder")
+    st.add_argument("run_dir", type=Path)
+    st.set_defaults(func=_status)
 
     d = sub.add_parser("demo", formatter_class=fmt, help="the offline demo: gp vs random vs base, one table",
                        description="Builds the default corpus if missing, starts the local engine, pretrains a "

@@ -31,6 +31,10 @@ from explorer.target import load_target
 from learners.moco import MoCoLearner
 
 
+class StopRequested(Exception):
+    """A signal asked the loop to stop; the current iteration is abandoned."""
+
+
 @dataclass
 class Candidates:
     """This iteration's fetched images that decoded, with their provenance."""
@@ -44,8 +48,12 @@ class Candidates:
 
 class AcquisitionLoop:
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, engine_url: str | None = None,
-                 replay: bool = False, base_checkpoint: Path | None = None, progress: bool = True):
+                 replay: bool = False, base_checkpoint: Path | None = None, progress: bool = True,
+                 resume: bool = False):
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.stop_requested = False  # set from a signal handler; honoured at the next safe point
+        checkpoint = self.run_dir / "checkpoint.pt"
+        resume = resume and checkpoint.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.mode = CacheMode.REPLAY if replay else CacheMode.READWRITE
         self.cache = ResponseCache(self.run_dir / "cache")
@@ -54,13 +62,16 @@ class AcquisitionLoop:
         self.vocab = agent.load_vocabulary(cfg, self.corpus)
         self.truth = agent.ground_truth(cfg, self.corpus, self.target)
         self.policy = agent.build_agent_policy(cfg, self.vocab, self.corpus, self.truth)
-        self.learner = self._learner(base_checkpoint)
+        self.learner = self._learner(None if resume else base_checkpoint, pretrain=not resume)
         self.backend = self._backend(engine_url)
         self.iteration = 0
         self.accepted_sig = np.zeros((0, 0), np.float32)
         self.probe_test_sig = image_signature(self.target.part("probe_test")[0])
         self.accepted_sha: set[str] = set()
-        if not replay:
+        if resume:
+            self.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+            self._truncate_logs()
+        elif not replay:
             save_config(cfg, self.run_dir / "config.yaml")
             agent.write_json(self.run_dir / "backend.json", self.backend.describe())
             agent.write_json(self.run_dir / "run.json", {
@@ -68,12 +79,12 @@ class AcquisitionLoop:
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
         self.index = TargetIndex(self.learner.embed(self.target.part("acquire")[0]))
 
-    def _learner(self, base_checkpoint: Path | None) -> MoCoLearner:
+    def _learner(self, base_checkpoint: Path | None, pretrain: bool = True) -> MoCoLearner:
         learner = agent.build_learner(self.cfg, self.target)
         if base_checkpoint is not None:  # the shared starting point of runs that are compared
             state = torch.load(base_checkpoint, map_location="cpu", weights_only=True)
             learner.load_state_dict(state)
-        elif self.cfg.train.pretrain_steps:
+        elif pretrain and self.cfg.train.pretrain_steps:
             learner.train_steps(learner.mixture, self.cfg.train.pretrain_steps, progress=self.progress)
         return learner
 
@@ -134,6 +145,7 @@ class AcquisitionLoop:
         self.iteration += 1
         queries = self.policy.propose(cfg.policy.queries_per_iteration)
         answers, cand = self.search_and_fetch([q.text for q in queries])
+        self._check_stop()
         emb = self.learner.embed(cand.images) if len(cand.urls) else np.zeros((0, self.index.dim), np.float32)
         rewards = cfg.reward.image_rewards(emb, self.index) if len(emb) else np.zeros(0, np.float32)
         per_query = [[] for _ in queries]
@@ -143,6 +155,7 @@ class AcquisitionLoop:
         q_rewards = [cfg.reward.query_reward(np.asarray(r, np.float32)) for r in per_query]
         self.policy.update(queries, q_rewards)
         accepted = self.accept(cand, rewards)
+        self._check_stop()  # last safe point: from here on the iteration writes its logs
         self._record_accepted(cand, accepted, rewards, queries)
         if len(accepted):
             self.learner.mixture.add_accepted(cand.images[accepted])
@@ -162,6 +175,7 @@ class AcquisitionLoop:
         if self.iteration % cfg.train.eval_every == 0 or self.iteration == cfg.iterations:
             row.update(self.evaluate())
         row["seconds"] = round(time.time() - t0, 2)
+        row["time"] = round(time.time(), 3)
         return row
 
     def _record_accepted(self, cand: Candidates, accepted: np.ndarray, rewards: np.ndarray, queries) -> None:
@@ -192,6 +206,29 @@ class AcquisitionLoop:
                 "policy": self.policy.state_dict(), "accepted_sig": torch.from_numpy(self.accepted_sig),
                 "accepted_sha": sorted(self.accepted_sha)}
 
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = int(state["iteration"])
+        self.learner.load_state_dict(state["learner"])
+        self.policy.load_state_dict(state["policy"])
+        self.accepted_sig = state["accepted_sig"].numpy()
+        self.accepted_sha = set(state["accepted_sha"])
+
+    def _truncate_logs(self) -> None:
+        """Drop log lines of iterations after the checkpoint: a crash may have written them before
+        the checkpoint that would have covered them. Those iterations are run again."""
+        for name in ("metrics.jsonl", "accepted.jsonl"):
+            path = self.run_dir / name
+            if path.exists():
+                keep = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["iteration"] <= self.iteration]
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(line + "\n" for line in keep))
+                tmp.replace(path)
+
+    def _check_stop(self) -> None:
+        if self.stop_requested:
+            raise StopRequested(f"stop requested during iteration {self.iteration}")
+
     def save_checkpoint(self) -> None:
         """checkpoint.pt: everything needed to continue after the last finished iteration, written
         to a temp file and renamed, so a crash leaves the previous checkpoint whole."""
@@ -201,14 +238,23 @@ class AcquisitionLoop:
         tmp.replace(path)
 
     # -- the whole run --------------------------------------------------------------------
-    def run(self, iterations: int | None = None, log=print) -> list[dict]:
+    def run(self, until: int | None = None, log=print) -> list[dict]:
+        """Iterate until `until` iterations (default: the config's) are done, or a stop is
+        requested; an interrupted iteration is abandoned and redone on resume."""
         rows = []
         metrics = self.run_dir / ("replay-metrics.jsonl" if self.mode is CacheMode.REPLAY else "metrics.jsonl")
         if self.iteration == 0:
             rows.append({"iteration": 0, "learner_step": self.learner.step, **self.evaluate()})
             metrics.write_text(json.dumps(rows[0]) + "\n")
-        for _ in range(self.cfg.iterations if iterations is None else iterations):
-            row = self.step()
+        until = self.cfg.iterations if until is None else until
+        while self.iteration < until and not self.stop_requested:
+            saved = self.iteration
+            try:
+                row = self.step()
+            except StopRequested:
+                self.iteration = saved  # the checkpoint on disk is the one after `saved`
+                log(f"stopped during iteration {saved + 1}; it will be redone on resume")
+                break
             rows.append(row)
             with open(metrics, "a") as f:
                 f.write(json.dumps(row) + "\n")

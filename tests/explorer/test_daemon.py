@@ -1,0 +1,88 @@
+"""Exact resume and clean stops: the daemon's guarantees, on the small real corpus."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from explorer.config import ExperimentConfig, from_dict, save_config
+from explorer.daemon import run_status
+from explorer.loop import DECISION_KEYS, AcquisitionLoop
+from explorer.runs import read_metrics
+
+TINY = {
+    "name": "tiny", "iterations": 2, "seed": 0,
+    "target": {"limit": 300},
+    "vocabulary": {"n_random": 30},
+    "policy": {"name": "gp", "queries_per_iteration": 4, "options": {"explore_first": 4}},
+    "search": {"results_per_query": 15},
+    "learner": {"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8},
+                "dim": 16, "mlp_dim": 32, "batch_size": 16, "warmup_steps": 1, "total_steps": 50},
+    "train": {"pretrain_steps": 2, "steps_per_iteration": 2, "knn_k": 5},
+}
+
+
+def decisions(rows):
+    return [{k: r.get(k) for k in DECISION_KEYS} for r in rows if r["iteration"] > 0]
+
+
+def test_crash_between_log_and_checkpoint_then_resume_is_exact(small_corpus, engine, tmp_path):
+    cfg = from_dict(ExperimentConfig, {**TINY, "corpus": str(small_corpus.root)})
+    quiet = {"progress": False}
+    straight = tmp_path / "straight"
+    AcquisitionLoop(cfg, straight, engine_url=engine.url, **quiet).run(log=lambda s: None)
+
+    crashed = tmp_path / "crashed"
+    AcquisitionLoop(cfg, crashed, engine_url=engine.url, **quiet).run(until=1, log=lambda s: None)
+    shutil.copy(crashed / "checkpoint.pt", tmp_path / "after-1.pt")
+    AcquisitionLoop(cfg, crashed, engine_url=engine.url, resume=True, **quiet).run(until=2, log=lambda s: None)
+    # A crash after iteration 2 wrote its logs but before its checkpoint replaced the old one:
+    shutil.copy(tmp_path / "after-1.pt", crashed / "checkpoint.pt")
+    resumed = AcquisitionLoop(cfg, crashed, engine_url=engine.url, resume=True, **quiet)
+    assert resumed.iteration == 1
+    assert [r["iteration"] for r in read_metrics(crashed / "metrics.jsonl")] == [0, 1]  # stale line dropped
+    resumed.run(log=lambda s: None)
+
+    assert decisions(read_metrics(crashed / "metrics.jsonl")) == decisions(read_metrics(straight / "metrics.jsonl"))
+    accepted = [json.loads(x)["url"] for x in (crashed / "accepted.jsonl").read_text().splitlines()]
+    assert accepted == [json.loads(x)["url"] for x in (straight / "accepted.jsonl").read_text().splitlines()]
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)["learner"]["model"]
+    b = torch.load(crashed / "checkpoint.pt", weights_only=True)["learner"]["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_exits_cleanly_and_resumes(small_corpus, tmp_path):
+    cfg = from_dict(ExperimentConfig, {**TINY, "corpus": str(small_corpus.root), "iterations": 50})
+    config = tmp_path / "tiny.yaml"
+    save_config(cfg, config)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "explorer.cli", "daemon", str(config), "--out", str(run_dir),
+                             "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:  # wait for a finished iteration
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "received SIGTERM" in out
+    done = read_metrics(run_dir / "metrics.jsonl")[-1]["iteration"]
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["iteration"] == done
+    assert "iterations: %d of 50" % done in run_status(run_dir)
+
+    engine_port = json.loads((run_dir / "backend.json").read_text())["url"]
+    loop = AcquisitionLoop(cfg, run_dir, engine_url=engine_port, resume=True, progress=False)
+    assert loop.iteration == done
