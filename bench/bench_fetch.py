@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test server lives in tests/
 
 from explorer.cache import ResponseCache  # noqa: E402
-from explorer.fetch import FetchConfig, fetch_images  # noqa: E402
+from explorer.fetch import FetchConfig, allow_origin, fetch_images  # noqa: E402
 from explorer.validate import decode_batch  # noqa: E402
 from tests.explorer.fault_server import (  # noqa: E402
     FaultServer, Route, clipart_pngs, fashion_images, png_bytes,
@@ -85,7 +85,7 @@ def main() -> None:
 def _measure(urls: list[str], total_bytes: int, concurrencies: list[int]) -> None:
     with tempfile.TemporaryDirectory() as cache_dir:
         for concurrency in concurrencies:
-            cfg = FetchConfig(concurrency=concurrency, per_host=concurrency)
+            cfg = allow_origin(FetchConfig(concurrency=concurrency, per_host=concurrency), urls[0])
             start = time.perf_counter()
             results = fetch_images(urls, cfg, progress=False)
             _rate(f"fetch, concurrency {concurrency}", len(urls), total_bytes,
@@ -93,7 +93,7 @@ def _measure(urls: list[str], total_bytes: int, concurrencies: list[int]) -> Non
             assert all(r.ok for r in results), {r.status for r in results}
 
         cache = ResponseCache(cache_dir)
-        cfg = FetchConfig(concurrency=16, per_host=16)
+        cfg = allow_origin(FetchConfig(concurrency=16, per_host=16), urls[0])
         start = time.perf_counter()
         fetch_images(urls, cfg, cache, mode="readwrite", progress=False)
         _rate("fetch + record to cache, conc 16", len(urls), total_bytes, time.perf_counter() - start)

@@ -17,7 +17,7 @@ import httpx
 
 from explorer.corpus import WebCorpus, default_corpus_dir
 from explorer.engine import HybridIndex, SearchServer
-from explorer.fetch import FetchConfig, fetch_images
+from explorer.fetch import FetchConfig, allow_origin, fetch_images
 from explorer.text_encoder import default_encoder
 
 
@@ -68,7 +68,8 @@ def main() -> None:
         urls = list(dict.fromkeys(u for a in answers for u in a))[: args.images]
         for c in (8, 32):
             t = time.perf_counter()
-            results = fetch_images(urls, FetchConfig(concurrency=c), cache=None, progress=False)
+            cfg = allow_origin(FetchConfig(concurrency=c), server.url)  # the engine is on loopback
+            results = fetch_images(urls, cfg, cache=None, progress=False)
             ok = sum(r.ok for r in results)
             print(f"fetch+validate+decode, concurrency {c}: {len(urls) / (time.perf_counter() - t):.0f} images/s "
                   f"({ok}/{len(urls)} ok)")

@@ -1,7 +1,8 @@
 """Download candidate images concurrently, validate them and normalise them for the pipeline.
 
-    urls -> pre-request hook -> cache (per CacheMode) -> bounded, streamed GET with redirects,
-    retries and a total deadline -> validate_image -> to_pipeline_tensor -> FetchResult (input order)
+    urls -> cache (per CacheMode) -> SSRF guard, pre-request hook, robots.txt -> per-host pacing ->
+    bounded, streamed GET with redirects (each hop checked again), retries and a total deadline ->
+    X-Robots-Tag -> validate_image -> to_pipeline_tensor -> FetchResult (input order)
 
 Every URL ends as one `FetchResult` whose status is one of `explorer.validate.STATUSES`; nothing
 raises except a replay-mode cache miss (`CacheMiss`) or corruption (`CacheCorruption`).
@@ -11,6 +12,15 @@ What the cache records, so that replay reproduces rejections as well as images: 
 too_large_body, blocked), the latter as a body-less entry with status 0 or the HTTP status and the
 `x-explorer-outcome` / `x-explorer-reason` headers. `readwrite` re-fetches transient answers (timeouts,
 network errors, 429, 5xx, blocked) rather than trusting them; `replay` returns them as recorded.
+robots.txt answers go through the same client and cache (keyed by the robots.txt URL).
+Safety for a run of days against the real web:
+- `ssrf_guard`: only public addresses, after DNS, on every hop and again at connect time with the
+  socket pinned to the checked IP (explorer.netguard); `allowed_hosts` lists the exceptions.
+- `respect_robots`: robots.txt rules and Crawl-delay, `X-Robots-Tag: noai|noimageai` (explorer.robots).
+- per-host pacing: request starts to one host are at least max(1/per_host_rate, Crawl-delay) apart;
+  a URL whose turn would come later than `total_deadline` from now is refused ('blocked') for this call.
+- the body cap counts decoded bytes while streaming, so a gzip bomb is cut at max_bytes (decoding one
+  64 KiB network read can still expand to ~64 MiB before the cut: deflate's ratio is at most ~1032).
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import hashlib
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 from urllib.parse import urljoin, urlsplit
 
@@ -30,11 +40,14 @@ import torch
 from tqdm import tqdm
 
 from explorer.cache import CachedResponse, CacheMode, ResponseCache, canonical_request
+from explorer.netguard import SCHEMES, BlockedDestination, NetGuard, guarded_transport, host_port
+from explorer.robots import (PACER, RobotsPolicy, RobotsRules, ai_directive, rules_from_answer,
+                             unreachable_rules)
 from explorer.validate import to_pipeline_tensor, validate_image
 
 PreRequestHook = Callable[[str], "str | None"]
-"""Called with every URL before it is requested (the first and each redirect hop): None allows it,
-a string refuses it with that reason (status 'blocked'). The SSRF guard and robots.txt go here."""
+"""Called with every URL before it is requested (the first and each redirect hop; not robots.txt),
+after the SSRF guard and before robots.txt: None allows it, a string refuses it ('blocked')."""
 
 OUTCOME_HEADER = "x-explorer-outcome"
 REASON_HEADER = "x-explorer-reason"
@@ -61,8 +74,20 @@ class FetchConfig:
     min_side: int = 8
     max_side: int = 4096
     max_pixels: int = 4096 * 4096
+    ssrf_guard: bool = True  # refuse loopback/private/link-local/... destinations (explorer.netguard)
+    allowed_hosts: tuple[str, ...] = ()  # 'host:port' netlocs exempt from the guard (a local engine)
+    respect_robots: bool = True  # robots.txt (+ Crawl-delay) and X-Robots-Tag noai (explorer.robots)
+    per_host_rate: float | None = None  # request starts per second per host; None: Crawl-delay only
 
     def __post_init__(self):
+        object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))  # YAML gives lists
+        for netloc in self.allowed_hosts:
+            try:
+                host_port(netloc)
+            except ValueError as e:
+                raise ValueError(f"FetchConfig.allowed_hosts: {e}") from None
+        if self.per_host_rate is not None and not self.per_host_rate > 0:
+            raise ValueError(f"FetchConfig.per_host_rate must be > 0 or None, got {self.per_host_rate}")
         for name in ("concurrency", "per_host", "max_bytes", "image_size", "min_side", "max_side",
                      "max_pixels"):
             if getattr(self, name) < 1:
@@ -148,37 +173,95 @@ def answer_to_result(url: str, answer: CachedResponse, cfg: FetchConfig) -> Fetc
 
 
 class _Downloader:
-    """One client, its concurrency slots and its jitter RNG, shared by every URL of a call."""
+    """One client, its concurrency slots, guard, robots policy and jitter RNG, shared by every URL
+    of a call. `robots=False` marks the requests made to read a robots.txt itself."""
 
-    def __init__(self, client: httpx.AsyncClient, cfg: FetchConfig, hook: PreRequestHook | None):
-        self.client, self.cfg, self.hook = client, cfg, hook
+    def __init__(self, client: httpx.AsyncClient, cfg: FetchConfig, hook: PreRequestHook | None,
+                 cache: ResponseCache | None, mode: CacheMode):
+        self.client, self.cfg, self.hook, self.cache, self.mode = client, cfg, hook, cache, mode
         self.slots = asyncio.Semaphore(cfg.concurrency)
         self.host_slots: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(cfg.per_host))
         self.rng = random.Random(cfg.seed)
+        self.guard = NetGuard(cfg.allowed_hosts) if cfg.ssrf_guard else None
+        self.robots = RobotsPolicy(cfg.user_agent, self._load_robots) if cfg.respect_robots else None
 
-    def _refusal(self, url: str) -> CachedResponse | None:
-        reason = self.hook(url) if self.hook is not None else None
+    async def answer(self, url: str, robots: bool = True) -> CachedResponse:
+        """The cached answer (readwrite, unless transient) or a fresh download, which is stored."""
+        key, cache = _request_key(url), self.cache
+        cached = cache.get(key) if cache is not None and self.mode is CacheMode.READWRITE else None
+        if cached is not None and not _is_transient(cached):
+            return cached
+        answer = await (self.download(url) if robots else self._bounded(url, False, paced=False))
+        if self.cache is not None:
+            self.cache.put(key, answer)
+        return answer
+
+    async def _load_robots(self, url: str) -> RobotsRules:
+        """robots.txt for RobotsPolicy; outside the slots, so a redirect hop that needs another
+        host's robots.txt can never wait on slots its own request holds."""
+        answer = await self._refusal(url, robots=False) or await self.answer(url, robots=False)
+        outcome = answer.headers.get(OUTCOME_HEADER)
+        if outcome is None or outcome == "http_error":  # an HTTP status, maybe of a redirect chain
+            return rules_from_answer(answer.status, answer.body)
+        return unreachable_rules(outcome, answer.headers.get(REASON_HEADER, ""))
+
+    async def _refusal(self, url: str, robots: bool = True) -> CachedResponse | None:
+        """Scheme, SSRF guard, the caller's hook, then robots.txt (cheapest first); requests for a
+        robots.txt itself (`robots=False`) pass the scheme and the guard only."""
+        scheme = urlsplit(url).scheme
+        reason = f"scheme {scheme!r} is not http(s)" if scheme not in SCHEMES else None
+        if reason is None and self.guard is not None:
+            reason = await self.guard.refusal(url)
+        if reason is None and robots and self.hook is not None:
+            reason = self.hook(url)
+        if reason is None and robots and self.robots is not None:
+            refused = await self.robots.refusal(url)
+            if refused is not None:
+                return _failure(url, *refused)
         return None if reason is None else _failure(url, "blocked", reason)
+
+    def _turn(self, url: str) -> float | None:
+        """Seconds until this host may get the request (reserved), or None past the deadline."""
+        interval = 1.0 / self.cfg.per_host_rate if self.cfg.per_host_rate else 0.0
+        if self.robots is not None:
+            interval = max(interval, self.robots.crawl_delay(url))
+        return PACER.reserve(urlsplit(url).netloc.lower(), interval, self.cfg.total_deadline)
+
+    def _late(self, url: str) -> CachedResponse:
+        return _failure(url, "blocked", f"{urlsplit(url).netloc}'s next free turn (Crawl-delay / "
+                                        f"per_host_rate) is more than {self.cfg.total_deadline}s away")
 
     async def download(self, url: str) -> CachedResponse:
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if parts.scheme not in SCHEMES or not parts.hostname:
             return _failure(url, "network_error", "not an http(s) URL with a host")  # no retries
-        refused = self._refusal(url)
+        refused = await self._refusal(url)
         if refused is not None:
             return refused
-        # Host slot first, so a queue for one busy host does not hold global slots.
-        async with self.host_slots[parts.netloc.lower()], self.slots:
-            try:
-                return await asyncio.wait_for(self._with_retries(url), self.cfg.total_deadline)
-            except asyncio.TimeoutError:
-                return _failure(url, "timeout", f"total deadline {self.cfg.total_deadline}s exceeded")
+        # Host slot first, so a queue for one busy host does not hold global slots; the wait for
+        # the host's turn is not charged to the deadline.
+        async with self.host_slots[parts.netloc.lower()]:
+            wait = self._turn(url)
+            if wait is None:
+                return self._late(url)
+            await asyncio.sleep(wait)
+            async with self.slots:
+                return await self._bounded(url, robots=True, paced=True)
 
-    async def _with_retries(self, url: str) -> CachedResponse:
+    async def _bounded(self, url: str, robots: bool, paced: bool) -> CachedResponse:
+        try:
+            return await asyncio.wait_for(self._with_retries(url, robots, paced),
+                                          self.cfg.total_deadline)
+        except asyncio.TimeoutError:
+            return _failure(url, "timeout", f"total deadline {self.cfg.total_deadline}s exceeded")
+
+    async def _with_retries(self, url: str, robots: bool, paced: bool) -> CachedResponse:
         for attempt in range(self.cfg.retries + 1):
             try:
-                answer = await self._follow_redirects(url)
+                answer = await self._follow_redirects(url, robots, paced and attempt == 0)
+            except BlockedDestination as e:  # the guard's connect-time check (DNS changed?)
+                answer = _failure(url, "blocked", str(e))
             except httpx.TimeoutException as e:
                 answer = _failure(url, "timeout", f"{type(e).__name__}: {e}")
             except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as e:
@@ -195,12 +278,12 @@ class _Downloader:
         base = min(self.cfg.backoff_max, self.cfg.backoff_base * 2**attempt)
         return base * (0.5 + 0.5 * self.rng.random())
 
-    async def _follow_redirects(self, url: str) -> CachedResponse:
-        current = url
+    async def _follow_redirects(self, url: str, robots: bool, paced: bool) -> CachedResponse:
+        current, seen = url, {url}
         for hop in range(self.cfg.max_redirects + 1):
-            if hop > 0 and (refused := self._refusal(current)) is not None:
+            if hop > 0 and (refused := await self._refusal(current, robots)) is not None:
                 return refused
-            answer = await self._get(current)
+            answer = await self._get(current, robots, paced and hop == 0)
             if answer.status not in _REDIRECTS or not self.cfg.follow_redirects:
                 return answer
             location = answer.headers.get("location")
@@ -208,11 +291,21 @@ class _Downloader:
                 return _failure(current, "http_error", f"HTTP {answer.status} without Location",
                                 answer.status)
             current = urljoin(current, location)
+            if current in seen:
+                return _failure(current, "http_error",
+                                f"redirect loop back to {current} after {hop + 1} redirects",
+                                answer.status)
+            seen.add(current)
         return _failure(current, "http_error", f"more than {self.cfg.max_redirects} redirects",
                         answer.status)
 
-    async def _get(self, url: str) -> CachedResponse:
+    async def _get(self, url: str, robots: bool, paced: bool) -> CachedResponse:
         """One streamed GET; the body is read only for 2xx and cut off at max_bytes."""
+        if not paced:
+            wait = self._turn(url)
+            if wait is None:
+                return self._late(url)
+            await asyncio.sleep(wait)
         limit = self.cfg.max_bytes
         async with self.client.stream("GET", url) as response:
             headers = {k.lower(): v for k, v in response.headers.items()}
@@ -220,6 +313,10 @@ class _Downloader:
                 return CachedResponse(url=str(response.url), status=response.status_code,
                                       headers=headers, body=b"", fetched_at=time.time(),
                                       request=canonical_request("GET", url))
+            if robots and self.robots is not None and (directive := ai_directive(
+                    response.headers.get_list("x-robots-tag"), self.cfg.user_agent)):
+                return _failure(url, "blocked", f"X-Robots-Tag {directive}",  # body never read
+                                response.status_code, headers)
             declared = headers.get("content-length", "")
             if declared.isdigit() and int(declared) > limit:
                 return _failure(url, "too_large_body", f"Content-Length {declared} > {limit}",
@@ -262,34 +359,27 @@ async def fetch_images_async(
     cfg, mode = cfg or FetchConfig(), CacheMode(mode)
     if mode is CacheMode.REPLAY:
         return _replay(list(urls), cfg, cache, progress)
+    limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
     client = httpx.AsyncClient(
         timeout=httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout),
-        limits=httpx.Limits(max_connections=cfg.concurrency,
-                            max_keepalive_connections=cfg.concurrency),
+        limits=limits,
+        # The guarded transport checks and pins every connection; with it, httpx ignores proxy
+        # environment variables (a proxy would make the guard check the proxy, not the target).
+        transport=guarded_transport(NetGuard(cfg.allowed_hosts), limits) if cfg.ssrf_guard else None,
         headers={"User-Agent": cfg.user_agent, "Accept": "image/*;q=1.0, */*;q=0.1"},
-        follow_redirects=False,  # followed by hand, so the pre-request hook sees every hop
+        follow_redirects=False,  # followed by hand, so the guard and the hook see every hop
     )
     async with client:
-        downloader = _Downloader(client, cfg, pre_request)
+        downloader = _Downloader(client, cfg, pre_request, cache, mode)
         with tqdm(total=len(urls), disable=not progress, unit="img") as bar:
             async def one(url: str) -> FetchResult:
-                result = await _fetch_one(url, downloader, cache, mode)
+                answer = await downloader.answer(url)
+                # Decoding is CPU-bound; PIL releases the GIL, so a thread overlaps it with downloads.
+                result = await asyncio.to_thread(answer_to_result, url, answer, cfg)
                 bar.update(1)
                 return result
 
             return list(await asyncio.gather(*(one(url) for url in urls)))
-
-
-async def _fetch_one(url: str, downloader: _Downloader, cache: ResponseCache | None,
-                     mode: CacheMode) -> FetchResult:
-    key = _request_key(url)
-    answer = cache.get(key) if cache is not None and mode is CacheMode.READWRITE else None
-    if answer is None or _is_transient(answer):
-        answer = await downloader.download(url)
-        if cache is not None:
-            cache.put(key, answer)
-    # Decoding is CPU-bound; PIL releases the GIL, so a worker thread overlaps it with downloads.
-    return await asyncio.to_thread(answer_to_result, url, answer, downloader.cfg)
 
 
 def fetch_images(
@@ -305,3 +395,13 @@ def fetch_images(
     if mode is CacheMode.REPLAY:  # no event loop at all: nothing that could open a socket
         return _replay(list(urls), cfg, cache, progress)
     return asyncio.run(fetch_images_async(urls, cfg, cache, mode, progress, pre_request))
+
+
+def allow_origin(cfg: FetchConfig, url: str | None) -> FetchConfig:
+    """`cfg` with the host:port of `url` (e.g. a local search engine serving images) added to
+    `allowed_hosts`; unchanged when `url` is None."""
+    if url is None:
+        return cfg
+    host, port = host_port(url)
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return replace(cfg, allowed_hosts=cfg.allowed_hosts + (netloc,))

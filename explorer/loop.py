@@ -24,7 +24,7 @@ from explorer import agent
 from explorer.cache import CacheMode, ResponseCache
 from explorer.config import ExperimentConfig, save_config
 from explorer.evaluation import evaluate_embeddings
-from explorer.fetch import fetch_images
+from explorer.fetch import allow_origin, fetch_images
 from explorer.scoring import TargetIndex, dedupe_within, image_signature, near_duplicates
 from explorer.search import SearchBackend, SearchError, build_backend, search_many
 from explorer.target import load_target
@@ -114,7 +114,8 @@ class AcquisitionLoop:
             for r in [] if isinstance(a, SearchError) else a:
                 url_queries.setdefault(r.image_url, []).append(qi)
         urls = list(url_queries)
-        results = fetch_images(urls, self.cfg.fetch, self.cache, self.mode, progress=self.progress)
+        results = fetch_images(urls, allow_origin(self.cfg.fetch, getattr(self.backend, "url", None)),
+                               self.cache, self.mode, progress=self.progress)
         ok = [r for r in results if r.ok and r.sha256 not in self.accepted_sha]
         rejected: dict[str, int] = {}
         for r in results:

@@ -2,7 +2,8 @@
 
 Each path maps to a `Route`; the server counts hits per path (so a test can prove a 404 was asked
 once and a 503 was retried), can play a sequence of statuses, omit Content-Length (chunked body),
-drip the body slowly, or redirect. It also builds the real bodies the tests serve.
+drip the body slowly, hold the rest of a body back, or redirect. It also logs when each request
+arrived (and its User-Agent), counts accepted connections, and builds the real bodies the tests serve.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import gzip
 import io
 import struct
 import threading
+import time
 import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +32,7 @@ class Route:
     statuses: tuple[int, ...] = (200,)  # played in order per hit; the last one repeats
     send_length: bool = True  # False: chunked transfer, no Content-Length
     drip_seconds: float | None = None  # sleep between 1-byte writes (a slow server)
+    pause_after: int | None = None  # send this many body bytes, then nothing more until shutdown
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -42,7 +45,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         server: FaultServer = self.server.owner
-        route, status = server._hit(self.path)
+        route, status = server._hit(self.path, self.headers)
         if route is None:
             route, status = Route(body=b"not found", content_type="text/plain"), 404
         self.send_response(status)
@@ -68,13 +71,24 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 self.wfile.write(body[i:i + 1])
                 self.wfile.flush()
-        elif route.send_length:
-            self.wfile.write(body)
-        else:
-            for i in range(0, len(body), 65536):
-                chunk = body[i:i + 65536]
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            return
+        head = body if route.pause_after is None else body[:route.pause_after]
+        for i in range(0, len(head), 65536):
+            chunk = head[i:i + 65536]
+            self.wfile.write(chunk if route.send_length else b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.wfile.flush()
+        if route.pause_after is not None:  # only a client that stops reading early can finish
+            stopping.wait()
+            self.close_connection = True
+        elif not route.send_length:
             self.wfile.write(b"0\r\n\r\n")
+
+
+class _CountingHTTPServer(ThreadingHTTPServer):
+    def verify_request(self, request, client_address) -> bool:  # once per accepted connection
+        with self.owner._lock:
+            self.owner.connections += 1
+        return True
 
 
 class FaultServer:
@@ -83,9 +97,11 @@ class FaultServer:
     def __init__(self, routes: dict[str, Route]):
         self.routes = dict(routes)
         self._hits: dict[str, int] = {}
+        self.log: list[tuple[float, str, str]] = []  # (time.monotonic(), path, User-Agent) per request
+        self.connections = 0  # TCP connections accepted
         self._lock = threading.Lock()
         self.stopping = threading.Event()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._httpd = _CountingHTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.owner = self
         self._thread = threading.Thread(
@@ -105,14 +121,26 @@ class FaultServer:
         host, port = self._httpd.server_address[:2]
         return f"http://{host}:{port}{path}"
 
+    @property
+    def netloc(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"{host}:{port}"
+
     def hits(self, path: str) -> int:
         with self._lock:
             return self._hits.get(path, 0)
 
-    def _hit(self, path: str) -> tuple[Route | None, int]:
+    def times(self, path: str | None = None) -> list[float]:
+        """Arrival times (time.monotonic()) of the requests for `path`, or of all requests."""
+        with self._lock:
+            return [t for t, p, _ in self.log if path is None or p == path]
+
+    def _hit(self, path: str, headers=None) -> tuple[Route | None, int]:
         with self._lock:
             n = self._hits.get(path, 0)
             self._hits[path] = n + 1
+            agent = headers.get("User-Agent", "") if headers is not None else ""
+            self.log.append((time.monotonic(), path, agent))
         route = self.routes.get(path)
         if route is None:
             return None, 404
@@ -165,3 +193,11 @@ def header_bomb_png(width: int = 30000, height: int = 30000) -> bytes:
 def html_page() -> bytes:
     return b"<!doctype html><html><head><title>Not here</title></head><body>moved</body></html>"
 
+
+def gzip_bomb(decoded_bytes: int = 64 * 2**20) -> bytes:
+    """A gzip stream of `decoded_bytes` zeros: ~1000x smaller on the wire than decoded."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: gzip framing
+    zeros = bytes(2**20)
+    parts = [packer.compress(zeros[:min(2**20, decoded_bytes - i)])
+             for i in range(0, decoded_bytes, 2**20)]
+    return b"".join(parts) + packer.flush()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from explorer.cache import CacheMiss, ResponseCache
-from explorer.fetch import FetchConfig, fetch_images
+from explorer.fetch import FetchConfig, allow_origin, fetch_images
 from explorer.validate import to_pipeline_tensor, validate_image
 from tests.explorer.fault_server import (
     FaultServer, Route, clipart_pngs, fashion_images, header_bomb_png, html_page, jpeg_bytes,
@@ -50,6 +50,8 @@ def server():
 
 
 def _fetch(server, paths, cfg=FAST, **kw):
+    # The fault server is on loopback, which the SSRF guard refuses unless allowed explicitly.
+    cfg = allow_origin(cfg, server.url("/"))
     return fetch_images([server.url(p) for p in paths], cfg, progress=False, **kw)
 
 
@@ -140,7 +142,8 @@ def test_redirects_are_followed_and_checked_by_the_hook(server):
 def test_hook_refusal_and_bad_urls_never_reach_the_network(server):
     before = server.hits("/fashion/1.png")
     results = fetch_images([server.url("/fashion/1.png"), "ftp://127.0.0.1/x.png", "no url"],
-                           FAST, progress=False, pre_request=lambda url: "not on the list")
+                           allow_origin(FAST, server.url("/")), progress=False,
+                           pre_request=lambda url: "not on the list")
     assert [r.status for r in results] == ["blocked", "network_error", "network_error"]
     assert results[0].reason == "not on the list" and server.hits("/fashion/1.png") == before
 
@@ -149,7 +152,8 @@ def test_refused_connection_is_a_network_error():
     with socket.socket() as probe:  # a port that was free a moment ago: nothing listens on it
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    (result,) = fetch_images([f"http://127.0.0.1:{port}/x.png"], FAST, progress=False)
+    url = f"http://127.0.0.1:{port}/x.png"
+    (result,) = fetch_images([url], allow_origin(FAST, url), progress=False)
     assert result.status == "network_error" and "Connect" in result.reason
 
 
