@@ -154,6 +154,15 @@ def _status(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from explorer.plan import format_plan, load_observations, plan_from_runs
+
+    plan = plan_from_runs(load_observations(args.runs), args.budget, args.tokens,
+                          current_params=args.current_params, n_resamples=args.resamples)
+    print(format_plan(plan))
+    return 0
+
+
 def _demo(args) -> int:
     from explorer.demo import run_demo
 
@@ -244,6 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", formatter_class=fmt, help="progress, rates and last errors of a run folder")
     st.add_argument("run_dir", type=Path)
     st.set_defaults(func=_status)
+
+    pl = sub.add_parser("plan", formatter_class=fmt, help="fit L(N, D) to runs and plan a FLOP budget",
+                        description="Fits the scaling law L(N, D) = E + A/N^alpha + B/D^beta to finished runs "
+                                    "(Huber loss on log-loss, L-BFGS from a grid of starts, bootstrap intervals), "
+                                    "computes the compute-optimal N and D for the budget, and says whether the "
+                                    "next compute should acquire more data, grow the model, or train.")
+    pl.add_argument("--budget", type=float, required=True, help="FLOPs left to spend, e.g. 1e15")
+    pl.add_argument("--runs", type=Path, required=True,
+                    help="JSON or CSV of finished runs with n_params, tokens, loss")
+    pl.add_argument("--tokens", type=float, required=True, help="tokens of text available now")
+    pl.add_argument("--current-params", type=float, default=None, help="the current model's parameters")
+    pl.add_argument("--resamples", type=int, default=100, help="bootstrap resamples (0: none)")
+    pl.set_defaults(func=_plan)
 
     d = sub.add_parser("demo", formatter_class=fmt, help="the offline demo: gp vs random vs base, one table",
                        description="Builds the default corpus if missing, starts the local engine, pretrains a "

@@ -1,0 +1,211 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from explorer.plan import format_plan, load_observations, plan_from_runs
+from learners.budget import ScalingLaw, bootstrap_intervals, decide, fit_scaling_law, isoflop_fit
+from learners.flops import (
+    CATEGORIES,
+    SIZE_TABLE,
+    AcquisitionCosts,
+    FlopLedger,
+    ModelShape,
+    embedding_params,
+    nearest_size,
+    swiglu_ffn_dim,
+)
+
+CHINCHILLA = ScalingLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+
+
+def _synthetic_runs(noise: float, seed: int, n_sizes: int = 7, n_tokens: int = 9):
+    """Losses from the Chinchilla law on a grid of N in 1e6..1e9 and D in 1e7..1e11, times exp(N(0, noise))."""
+    n, d = (x.ravel() for x in np.meshgrid(np.logspace(6, 9, n_sizes), np.logspace(7, 11, n_tokens)))
+    loss = CHINCHILLA.loss(n, d) * np.exp(np.random.default_rng(seed).normal(0.0, noise, n.shape))
+    return n, d, loss
+
+
+@pytest.fixture(scope="module")
+def chinchilla_fit():
+    n, d, loss = _synthetic_runs(noise=1e-3, seed=0)
+    return fit_scaling_law(n, d, loss)
+
+
+def test_fit_recovers_known_law_within_5_percent(chinchilla_fit):
+    assert chinchilla_fit.n_observations == 63
+    for name, true in CHINCHILLA.as_dict().items():
+        fitted = chinchilla_fit.law.as_dict()[name]
+        assert fitted == pytest.approx(true, rel=0.05), name
+    assert chinchilla_fit.law.n_exponent == pytest.approx(CHINCHILLA.n_exponent, abs=0.01)
+
+
+def test_huber_objective_gradient_matches_finite_differences():
+    from scipy.optimize import check_grad
+
+    from learners.budget import _objective
+
+    n, d, loss = _synthetic_runs(noise=0.01, seed=4, n_sizes=4, n_tokens=4)
+    logs = (np.log(n), np.log(d), np.log(loss), 1e-3)
+    for theta in ([6.0, 6.0, 0.5, 0.34, 0.28], [10.0, 3.0, -0.5, 1.0, 0.2]):
+        value = lambda t: _objective(t, *logs)[0]  # noqa: E731
+        grad = lambda t: _objective(t, *logs)[1]  # noqa: E731
+        assert check_grad(value, grad, np.array(theta), epsilon=1e-7) < 1e-4 * max(1.0, np.linalg.norm(grad(theta)))
+
+
+@pytest.mark.parametrize("flops", [1e17, 1e20, 1e24])
+def test_closed_form_optimum_matches_brute_force_search(flops):
+    n_opt, d_opt = CHINCHILLA.compute_optimal(flops)
+    assert 6 * n_opt * d_opt == pytest.approx(flops, rel=1e-9)
+    n_grid = np.logspace(3, 15, 1_200_001)  # log10 step 1e-5: relative resolution ~2.3e-5
+    losses = CHINCHILLA.loss(n_grid, flops / (6 * n_grid))
+    n_best = n_grid[np.argmin(losses)]
+    assert n_opt == pytest.approx(n_best, rel=1e-3)
+    assert CHINCHILLA.loss(n_opt, d_opt) <= losses.min() + 1e-12
+
+
+def test_isoflop_profiles_recover_the_allocation_exponents():
+    rows = []
+    for flops in np.logspace(17, 21, 5):
+        n_centre = CHINCHILLA.compute_optimal(flops)[0]  # a sweep brackets the optimum by a decade each side
+        rows += [(n, flops / (6 * n)) for n in n_centre * np.logspace(-1, 1, 11)]
+    n, d = map(np.array, zip(*rows))
+    loss = CHINCHILLA.loss(n, d) * np.exp(np.random.default_rng(1).normal(0.0, 1e-3, n.shape))
+    fit = isoflop_fit(n, d, loss)
+    assert len(fit.budgets) == 5
+    assert fit.a == pytest.approx(CHINCHILLA.n_exponent, abs=0.02)  # beta / (alpha + beta) = 0.452
+    assert fit.b == pytest.approx(CHINCHILLA.d_exponent, abs=0.02)
+    n_pred, _ = fit.predict(1e19)
+    assert n_pred == pytest.approx(CHINCHILLA.compute_optimal(1e19)[0], rel=0.1)
+
+
+def test_isoflop_rejects_budgets_without_a_minimum():
+    n = np.array([1e6, 1e7, 1e8] * 2)
+    flops = np.repeat([1e18, 1e19], 3)
+    with pytest.raises(ValueError, match="compute budgets"):
+        isoflop_fit(n, flops / (6 * n), loss=-np.log(n) + np.repeat([0.0, 1.0], 3), flops=flops)  # monotone: no minimum
+
+
+def test_bootstrap_intervals_cover_the_true_law_on_noisy_runs():
+    n, d, loss = _synthetic_runs(noise=0.01, seed=1, n_sizes=6, n_tokens=6)
+    point = fit_scaling_law(n, d, loss).law
+    intervals = bootstrap_intervals(n, d, loss, point, n_resamples=30, level=0.95, seed=0)
+    for name, true in CHINCHILLA.as_dict().items():
+        low, high = intervals.bounds[name]
+        assert low < high, name
+        assert intervals.contains(name, true), (name, true, intervals.bounds[name])
+    assert intervals.contains("n_exponent", CHINCHILLA.n_exponent)
+    assert intervals.bounds["alpha"][1] - intervals.bounds["alpha"][0] < 0.1  # informative, not unbounded
+    small = [bootstrap_intervals(n, d, loss, point, n_resamples=4, seed=7).bounds for _ in range(2)]
+    assert small[0] == small[1]  # seeded
+
+
+BUDGET = 1e17  # Chinchilla's law puts N_opt at 2.85e7 params and D_opt at 5.85e8 tokens here
+
+
+def test_decide_acquires_when_data_limited():
+    decision = decide(CHINCHILLA, BUDGET, tokens_available=1e8, current_params=3e7)
+    n_opt, d_opt = CHINCHILLA.compute_optimal(BUDGET)
+    assert decision.action == "acquire"
+    assert decision.d_target == pytest.approx(d_opt)
+    assert f"{d_opt - 1e8:.3g}" in decision.reason and f"{d_opt:.3g}" in decision.reason
+
+
+def test_decide_grows_a_model_far_below_n_opt():
+    decision = decide(CHINCHILLA, BUDGET, tokens_available=1e10, current_params=1e6)
+    assert decision.action == "grow_model"
+    assert decision.n_target == SIZE_TABLE["30M"].non_embedding_params  # nearest to N_opt = 2.85e7
+    assert decision.d_target == pytest.approx(BUDGET / (6 * decision.n_target))
+    assert "30M" in decision.reason and f"{CHINCHILLA.compute_optimal(BUDGET)[0]:.3g}" in decision.reason
+
+
+def test_decide_trains_when_balanced():
+    decision = decide(CHINCHILLA, BUDGET, tokens_available=1e9, current_params=3e7)
+    assert decision.action == "train"
+    assert decision.n_target == 3e7
+    assert decision.d_target == pytest.approx(BUDGET / (6 * 3e7))
+    assert f"{BUDGET / (6 * 3e7):.3g}" in decision.reason and "3e+07" in decision.reason
+
+
+def test_decide_rejects_a_spent_budget():
+    with pytest.raises(ValueError):
+        decide(CHINCHILLA, 0.0, tokens_available=1e9, current_params=3e7)
+
+
+def test_flop_ledger_round_trips_and_rejects_unknown_categories():
+    ledger = FlopLedger(costs=AcquisitionCosts(flops_per_query=1e9))
+    ledger.add_training(n_params=1e6, tokens=1e7)
+    ledger.add_queries(10)
+    ledger.add_fetch(n_bytes=1_000_000, n_items=50)
+    ledger.add_scoring(50)
+    assert ledger.spent["train"] == 6e13 and ledger.spent["query"] == 1e10
+    assert ledger.spent["score"] == pytest.approx(2 * 1.06e7 * 128 * 50)
+    state = json.loads(json.dumps(ledger.state_dict()))  # plain data, fits in a run's checkpoint
+    restored = FlopLedger()
+    restored.load_state_dict(state)
+    assert restored.spent == ledger.spent and restored.total == ledger.total
+    assert set(restored.spent) == set(CATEGORIES)
+    assert restored.remaining(ledger.total + 5.0) == 5.0
+    with pytest.raises(KeyError, match="valid"):
+        ledger.add("training", 1.0)
+    with pytest.raises(KeyError):
+        restored.load_state_dict({"spent": {"bogus": 1.0}})
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_param_count_matches_a_real_llama(n_kv_heads):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = ModelShape(d_model=128, n_layers=4, n_heads=4, ffn_dim=swiglu_ffn_dim(128), n_kv_heads=n_kv_heads)
+    vocab = 256
+    model = LlamaForCausalLM(LlamaConfig(**shape.llama_config_kwargs(vocab), tie_word_embeddings=False))
+    named = dict(model.named_parameters())
+    embeddings = named["model.embed_tokens.weight"].numel() + named["lm_head.weight"].numel()
+    total = sum(p.numel() for p in model.parameters())
+    assert total - embeddings == shape.non_embedding_params
+    assert embeddings == embedding_params(shape, vocab)
+    assert 5e5 < shape.non_embedding_params < 2e6
+    torch.manual_seed(0)
+    assert model(torch.randint(0, vocab, (1, 8))).logits.shape == (1, 8, vocab)
+
+
+def test_size_table_is_ordered_and_near_its_labels():
+    sizes = [shape.non_embedding_params for shape in SIZE_TABLE.values()]
+    assert sizes == sorted(sizes)
+    for label, size in zip(SIZE_TABLE, sizes):
+        assert size == pytest.approx(float(label.rstrip("M")) * 1e6, rel=0.1), label
+    assert nearest_size(2.9e7)[0] == "30M" and nearest_size(1.5e6)[0] == "1M" and nearest_size(1e12)[0] == "100M"
+
+
+def test_plan_from_a_csv_file_fits_and_explains(tmp_path):
+    n, d, loss = _synthetic_runs(noise=1e-3, seed=2, n_sizes=5, n_tokens=5)
+    path = tmp_path / "runs.csv"
+    path.write_text("n_params,tokens,loss\n" + "".join(f"{a},{b},{c}\n" for a, b, c in zip(n, d, loss)))
+    plan = plan_from_runs(path, budget_flops=BUDGET, tokens_available=1e8, current_params=3e7, n_resamples=5)
+    assert plan.fit.n_observations == 25
+    assert plan.n_opt == pytest.approx(CHINCHILLA.compute_optimal(BUDGET)[0], rel=0.1)
+    assert plan.decision.action == "acquire"
+    text = format_plan(plan)
+    assert "decision: acquire" in text and f"{plan.n_opt:.3g}" in text and "bootstrap CI" in text
+    assert len(text.splitlines()) >= 9
+
+
+def test_plan_reads_json_and_defaults_to_the_largest_run(tmp_path):
+    n, d, loss = _synthetic_runs(noise=1e-3, seed=3, n_sizes=5, n_tokens=5)
+    runs = [{"n_params": a, "tokens": b, "loss": c, "name": f"run{i}"} for i, (a, b, c) in enumerate(zip(n, d, loss))]
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps({"runs": runs}))
+    assert load_observations(path) == load_observations(runs)
+    plan = plan_from_runs(path, budget_flops=BUDGET, tokens_available=1e12, n_resamples=0)
+    assert plan.current_params == 1e9 and plan.intervals is None
+    assert plan.decision.action == "train"  # a 1e9 model is already far above N_opt = 2.85e7
+    with pytest.raises(KeyError, match="loss"):
+        load_observations([{"n_params": 1.0, "tokens": 2.0}])
+
+
+def test_law_rejects_non_positive_parameters():
+    with pytest.raises(ValueError):
+        ScalingLaw(E=1.0, A=1.0, B=1.0, alpha=-0.1, beta=0.3)
+    assert math.isfinite(float(CHINCHILLA.loss(1e6, 1e7)))
