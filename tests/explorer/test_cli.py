@@ -5,7 +5,8 @@ import pytest
 from explorer.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", [["corpus", "build"], ["serve"], ["search"], ["run"], ["replay"], ["demo"]])
+@pytest.mark.parametrize("command", [["corpus", "build"], ["serve"], ["search"], ["run"], ["replay"], ["demo"],
+                                     ["daemon"], ["status"], ["plan"]])
 def test_every_command_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args([*command, "--help"])
