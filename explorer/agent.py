@@ -111,7 +111,7 @@ def oracle_relevance(vocab: ConceptVocabulary, corpus: WebCorpus, truth: GroundT
 def build_agent_policy(cfg: ExperimentConfig, vocab: ConceptVocabulary, corpus: WebCorpus | None,
                        truth: GroundTruth | None) -> QueryPolicy:
     kwargs = dict(cfg.policy.options)
-    if cfg.policy.name == "gp":
+    if cfg.policy.name in ("gp", "hybrid"):  # both rank concepts by their MiniLM embeddings
         kwargs.setdefault("embeddings", concept_embeddings(vocab, corpus.root if corpus else None))
     if cfg.policy.name == "oracle":
         if truth is None:

@@ -40,7 +40,8 @@ class VocabularyConfig:
 @dataclass(kw_only=True, frozen=True)
 class PolicyConfig:
     name: str = "gp"
-    """A registered policy: random, gp, oracle (evaluation only)."""
+    """A registered policy: random, gp, ppo (LLM tuned with PPO), hybrid (LLM expands concepts, GP
+    ranks them), oracle (evaluation only)."""
     queries_per_iteration: int = 16
     options: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the policy's constructor (e.g. acquisition, temperature for gp)."""

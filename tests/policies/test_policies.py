@@ -13,11 +13,20 @@ CONCEPTS = ["shoe", "boot", "sandal", "sneaker", "slipper", "coat", "dress", "sh
             "guitar", "hammer", "clock", "chair", "lamp"]
 
 
+# Policies that generate free text: their queries may leave the vocabulary, and their state holds
+# tensors (torch.save, as the loop checkpoints it) instead of JSON. tests/policies/test_ppo_llm.py
+# covers their round trip; the tests below that assume vocabulary queries run on the others.
+GENERATIVE = {"ppo", "hybrid"}
+VOCABULARY_POLICIES = sorted(set(POLICIES) - GENERATIVE)
+
+
 @pytest.fixture(scope="module")
 def policy_kwargs():
     embeddings = default_encoder().encode(CONCEPTS)
     relevance = np.linspace(1.0, 0.0, len(CONCEPTS))
-    extra = {"gp": {"embeddings": embeddings, "explore_first": 4},
+    quick = {"warmup_steps": 10}  # the generative policies: a short language warm-up is enough here
+    extra = {"gp": {"embeddings": embeddings, "explore_first": 4}, "hybrid": {"embeddings": embeddings, **quick},
+             "ppo": quick,
              "oracle": {"relevance": relevance}}
     return lambda name, seed=0: {"concepts": CONCEPTS, "seed": seed, **extra.get(name, {})}
 
@@ -36,7 +45,7 @@ def play(policy: QueryPolicy, rounds: int, n: int) -> list[list[Query]]:
     return batches
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("name", VOCABULARY_POLICIES)
 def test_proposals_are_distinct_vocabulary_concepts(name, policy_kwargs):
     policy = build_policy(name, **policy_kwargs(name))
     assert isinstance(policy, QueryPolicy) and policy.name == name
@@ -46,14 +55,14 @@ def test_proposals_are_distinct_vocabulary_concepts(name, policy_kwargs):
         assert all(q.text == CONCEPTS[q.concept] for q in batch)
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("name", VOCABULARY_POLICIES)
 def test_untried_concepts_come_before_repeats(name, policy_kwargs):
     policy = build_policy(name, **policy_kwargs(name))
     issued = [q.concept for batch in play(policy, rounds=4, n=6) for q in batch]
     assert sorted(issued) == list(range(len(CONCEPTS)))  # 24 queries cover the 24 concepts once
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("name", VOCABULARY_POLICIES)
 def test_state_dict_round_trip_gives_the_same_next_batches(name, policy_kwargs):
     original = build_policy(name, **policy_kwargs(name))
     play(original, rounds=2, n=4)
@@ -86,7 +95,7 @@ def test_state_from_another_vocabulary_is_rejected(name, policy_kwargs):
 
 
 def test_unknown_policy_name_lists_the_valid_ones():
-    with pytest.raises(KeyError, match="gp, oracle, random"):
+    with pytest.raises(KeyError, match="gp, hybrid, oracle, ppo, random"):
         build_policy("bandit", concepts=CONCEPTS)
 
 
@@ -124,7 +133,7 @@ def test_oracle_rejects_relevance_of_the_wrong_length():
         build_policy("oracle", concepts=list("abc"), relevance=np.ones(4))
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("name", VOCABULARY_POLICIES)
 def test_a_batch_larger_than_the_vocabulary_returns_every_concept_once(name, policy_kwargs):
     policy = build_policy(name, **policy_kwargs(name))
     assert sorted(q.concept for q in policy.propose(len(CONCEPTS) + 5)) == list(range(len(CONCEPTS)))

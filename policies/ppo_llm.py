@@ -1,0 +1,546 @@
+"""A causal LM that writes search queries, fine-tuned with PPO on the acquisition reward.
+
+`ppo`: the LM reads a prompt (target description, best and worst queries so far) and samples
+free-text queries; the rewards the loop reports back train it with PPO (policies/ppo.py).
+`hybrid`: the LM expands concepts into more specific queries ("boot" -> "leather boot") and the GP
+bandit of policies/gp.py picks which ones go out (see `HybridPolicy`).
+
+Model: by default a randomly initialised LlamaForCausalLM of ~270k parameters built from a
+transformers config, over a byte-level tokenizer (bytes 0-255 + BOS/EOS/PAD). Bytes were chosen
+over a SentencePiece model trained on the vocabulary because they need no training step, spell
+any word (descriptors the vocabulary lacks included), and keep the model independent of the
+vocabulary. Before PPO the LM is taught the query format by `warmup_steps` of next-token
+training on vocabulary concepts, so its first queries are word-like; that LM is then frozen as
+the KL reference. `model_path` loads a local pretrained causal LM and its tokenizer instead.
+
+PPO here, not TRL: `pip install --dry-run trl` resolves trl 1.16 without touching torch/numpy/
+transformers, but its PPOTrainer wants the reward as an nn.Module and owns the generate-score-train
+loop (`train()` over a prompt dataset); the step API that took external scores was removed in
+0.12. Here the acquisition loop owns the loop and rewards arrive later through `update`, so
+`propose` caches the sampled tokens, log-probabilities, values and reference log-probabilities
+and `update` runs `ppo_epochs` epochs of the clipped objective on that batch.
+
+Reward shaping (in units of the running reward std, as rewards are normalised first):
+an empty or undecodable sample scores INVALID_QUERY_PENALTY instead of a reward (the `ppo` policy
+issues a vocabulary concept in its place so the iteration still searches), and a query already
+issued (before, or earlier in the batch) gets DUPLICATE_QUERY_PENALTY on top of its reward.
+Sampling uses a seeded torch.Generator and all state (model, value head, optimiser, reference,
+generator, reward statistics, pending batch) round-trips through `state_dict`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from torch import nn
+
+from policies import ppo
+from policies.base import Query, register_policy
+from policies.random_policy import VocabularyPolicy, rank_untried_first
+
+INVALID_QUERY_PENALTY = -2.0  # empty text, bytes that are not UTF-8, control characters, no letter
+DUPLICATE_QUERY_PENALTY = -1.0  # exact repeat of a query already issued
+
+
+@dataclass(frozen=True, kw_only=True)
+class LLMPolicyConfig:
+    target_description: str = ""  # shown in the prompt, e.g. "photos of clothes and shoes"
+    history: int = 2  # best and worst past queries shown in the prompt (each)
+    model_path: str | None = None  # local pretrained causal LM; None: the tiny Llama below
+    hidden_size: int = 96
+    layers: int = 2
+    heads: int = 4
+    intermediate_size: int = 256
+    max_query_tokens: int = 24  # response length cap (bytes for the byte tokenizer)
+    temperature: float = 1.0
+    warmup_steps: int = 100  # next-token steps on vocabulary concepts before PPO (0: none)
+    warmup_batch: int = 32
+    warmup_learning_rate: float = 3e-3
+    learning_rate: float = 3e-4  # PPO Adam step size
+    ppo_epochs: int = 4
+    clip: float = 0.2  # ratio clip of the surrogate
+    value_clip: float = 0.2
+    value_coef: float = 0.5
+    kl_coef: float = 0.05  # per-token KL penalty to the reference LM
+    gamma: float = 1.0
+    lam: float = 0.95
+    max_grad_norm: float = 1.0
+    candidates_per_query: int = 4  # hybrid: LM expansions sampled per seed concept
+    threads: int | None = 1  # torch intra-op threads while the policy computes; None: leave as set
+
+    def __post_init__(self):
+        positive = ("history", "hidden_size", "layers", "heads", "intermediate_size", "max_query_tokens",
+                    "warmup_batch", "ppo_epochs", "candidates_per_query")
+        for name in positive:
+            if getattr(self, name) < (0 if name == "history" else 1):
+                raise ValueError(f"{name} must be >= {0 if name == 'history' else 1}, got {getattr(self, name)}")
+        for name in ("temperature", "learning_rate", "warmup_learning_rate", "clip", "max_grad_norm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.kl_coef < 0 or self.value_coef < 0 or self.value_clip <= 0:
+            raise ValueError("warmup_steps, kl_coef, value_coef must be >= 0 and value_clip > 0")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError(f"gamma and lam must lie in [0, 1], got {self.gamma}, {self.lam}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be None or >= 1, got {self.threads}")
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run with n intra-op threads, then restore the global setting. A tiny LM gains nothing from
+    threads, and on a busy 2-core machine spinning OpenMP workers made its steps 10-40x slower."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are tokens 0-255; BOS, EOS and PAD follow."""
+
+    bos, eos, pad = 256, 257, 258
+    vocab_size = 259
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str | None:
+        """The text of byte tokens, or None when they are not valid UTF-8 or hold a special token."""
+        if any(i > 255 for i in ids):
+            return None
+        try:
+            return bytes(ids).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+
+class PretrainedTokenizer:
+    """Adapter giving a transformers tokenizer the ByteTokenizer interface (for `model_path`)."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+        self.inner = AutoTokenizer.from_pretrained(path)
+        self.bos = self.inner.bos_token_id
+        self.eos = self.inner.eos_token_id
+        self.pad = self.inner.pad_token_id if self.inner.pad_token_id is not None else self.eos
+        self.vocab_size = len(self.inner)
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str | None:
+        text = self.inner.decode(list(ids), skip_special_tokens=True)
+        return None if "\ufffd" in text else text
+
+
+def query_text(raw: str | None) -> str | None:
+    """Whitespace-normalised query, or None when it is empty or not a plausible query."""
+    if raw is None:
+        return None
+    text = " ".join(raw.split())
+    if not text or not any(c.isalpha() for c in text) or any(not c.isprintable() for c in text):
+        return None
+    return text
+
+
+class QueryLM(nn.Module):
+    """A causal LM with a scalar value head on its last hidden state."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.value_head = nn.Linear(lm.config.hidden_size, 1)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.lm(input_ids=ids, output_hidden_states=True)
+        return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)  # (B, L, V), (B, L)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                   banned: Sequence[int]) -> torch.Tensor:
+    """Log-probabilities (B, T) of `tokens` under logits (B, T, V) at `temperature`, banned tokens removed."""
+    logits = logits.float() / temperature
+    logits[..., list(banned)] = float("-inf")
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def response_mask(tokens: torch.Tensor, eos: int) -> torch.Tensor:
+    """(B, T) 1.0 up to and including the first EOS (everything when there is none)."""
+    is_eos = (tokens == eos).long()
+    return ((is_eos.cumsum(dim=1) - is_eos) == 0).float()
+
+
+@torch.no_grad()
+def sample_responses(lm: nn.Module, prompt: torch.Tensor, n: int, max_tokens: int, temperature: float,
+                     generator: torch.Generator, eos: int, pad: int, banned: Sequence[int]) -> torch.Tensor:
+    """n sampled continuations (n, max_tokens) of the (1, P) prompt, PAD after each EOS."""
+    out = lm(input_ids=prompt.expand(n, -1), use_cache=True)
+    tokens = torch.full((n, max_tokens), pad, dtype=torch.long)
+    done = torch.zeros(n, dtype=torch.bool)
+    for t in range(max_tokens):
+        logits = out.logits[:, -1].float() / temperature
+        logits[:, list(banned)] = float("-inf")
+        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+        tokens[:, t] = torch.where(done, pad, nxt)
+        done |= nxt == eos
+        if done.all():
+            break
+        out = lm(input_ids=tokens[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
+@dataclass
+class Rollout:
+    """A sampled batch waiting for its rewards. Rows are LM samples grouped by prompt; `query_index`
+    says which issued query each row produced (-1: never issued), `invalid` rows score the penalty."""
+
+    queries: list[Query]
+    prompts: list[torch.Tensor]  # per group (1, P_g)
+    group_sizes: list[int]
+    responses: torch.Tensor  # (B, T)
+    query_index: list[int]
+    invalid: list[bool]
+    duplicate: list[bool]
+    logprobs: torch.Tensor | None = None  # (B, T) under the sampling policy
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    def state_dict(self) -> dict:
+        state = asdict(self)
+        state["queries"] = [[q.text, q.concept] for q in self.queries]
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict) -> Rollout:
+        return cls(**{**state, "queries": [Query(t, c) for t, c in state["queries"]]})
+
+    def select(self, rows: list[int]) -> Rollout:
+        """The rollout restricted to `rows` (kept in order); groups that lose all rows are dropped."""
+        keep = set(rows)
+        bounds = np.cumsum([0, *self.group_sizes]).tolist()
+        prompts, sizes = [], []
+        for g, prompt in enumerate(self.prompts):
+            size = sum(bounds[g] <= r < bounds[g + 1] for r in keep)
+            if size:
+                prompts.append(prompt)
+                sizes.append(size)
+        rows = sorted(keep)
+        return Rollout(self.queries, prompts, sizes, self.responses[rows], [self.query_index[r] for r in rows],
+                       [self.invalid[r] for r in rows], [self.duplicate[r] for r in rows])
+
+
+@register_policy("ppo")
+class LLMQueryPolicy(VocabularyPolicy):
+    """Free-text queries sampled from a causal LM that PPO trains on the query rewards."""
+
+    def __init__(self, concepts: Sequence[str], seed: int = 0, **config):
+        super().__init__(concepts, seed)
+        self.config = LLMPolicyConfig(**config)
+        self.concept_index = {c: i for i, c in enumerate(self.concepts)}
+        self._build(warmup=True)
+
+    # ------------------------------------------------------------ model
+    def _build(self, warmup: bool) -> None:
+        with torch_threads(self.config.threads):
+            self._build_modules(warmup)
+
+    def _build_modules(self, warmup: bool) -> None:
+        cfg = self.config
+        with torch.random.fork_rng(devices=[]):  # initialisation must not move the global RNG
+            torch.manual_seed(self.seed)
+            self.tokenizer, lm = self._load_lm()
+            self.model = QueryLM(lm)
+        self.banned = sorted({self.tokenizer.bos, self.tokenizer.pad} - {self.tokenizer.eos, None})
+        self.generator = torch.Generator().manual_seed(self.seed)
+        if warmup and cfg.warmup_steps:
+            self._warmup()
+        self.reference = copy.deepcopy(self.model.lm).eval().requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate)
+        self.moments = ppo.RunningMoments()
+        self.rollout: Rollout | None = None
+        self.stats: dict[str, float] = {}
+
+    def _load_lm(self):
+        cfg = self.config
+        if cfg.model_path is not None:
+            from transformers import AutoModelForCausalLM
+            return PretrainedTokenizer(cfg.model_path), AutoModelForCausalLM.from_pretrained(cfg.model_path)
+        from transformers import LlamaConfig, LlamaForCausalLM
+        tok = ByteTokenizer()
+        lm_config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size,
+                                intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.layers,
+                                num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+                                max_position_embeddings=512, bos_token_id=tok.bos, eos_token_id=tok.eos,
+                                pad_token_id=tok.pad, tie_word_embeddings=False)
+        return tok, LlamaForCausalLM(lm_config)
+
+    def _warmup(self) -> None:
+        """Next-token training on (prompt, concept) pairs: teaches the query format, not the task."""
+        cfg, tok = self.config, self.tokenizer
+        optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.warmup_learning_rate)
+        for _ in range(cfg.warmup_steps):
+            pairs = [self._warmup_pair() for _ in range(cfg.warmup_batch)]
+            rows = [(self._prompt_ids(p), tok.encode(q)[:cfg.max_query_tokens - 1] + [tok.eos])
+                    for p, q in pairs]
+            width = max(len(p) + len(q) for p, q in rows)
+            ids = torch.full((len(rows), width), tok.pad, dtype=torch.long)
+            labels = torch.full_like(ids, -100)  # loss only on the query tokens
+            for r, (p, q) in enumerate(rows):
+                ids[r, :len(p) + len(q)] = torch.tensor(p + q)
+                labels[r, len(p):len(p) + len(q)] = torch.tensor(q)
+            logits, _ = self.model(ids)
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    def _warmup_pair(self) -> tuple[str, str]:
+        pick = lambda: self.concepts[self.rng.integers(len(self.concepts))]  # noqa: E731
+        lines = [f"good: {pick()}" for _ in range(self.config.history)]
+        lines += [f"bad: {pick()}" for _ in range(self.config.history)]
+        return self._prompt_text(lines), pick()
+
+    def _prompt_text(self, history_lines: list[str]) -> str:
+        description = self.config.target_description
+        lines = ([f"target: {description}"] if description else []) + history_lines
+        return "".join(line + "\n" for line in lines) + "query: "
+
+    def prompt(self) -> str:
+        """The prompt of the next batch: target description, then the best and worst queries so far."""
+        means: dict[str, list[float]] = {}
+        for text, reward in zip(self.log.texts, self.log.rewards):
+            means.setdefault(text[:40], []).append(reward)
+        ranked = sorted(means, key=lambda t: -float(np.mean(means[t])))
+        k = min(self.config.history, len(ranked) // 2)
+        lines = [f"good: {t}" for t in ranked[:k]] + [f"bad: {t}" for t in ranked[len(ranked) - k:]]
+        return self._prompt_text(lines)
+
+    def _prompt_ids(self, text: str) -> list[int]:
+        bos = self.tokenizer.bos  # a pretrained tokenizer may have none
+        return ([] if bos is None else [bos]) + self.tokenizer.encode(text)
+
+    def _encode_prompt(self, text: str) -> torch.Tensor:
+        return torch.tensor([self._prompt_ids(text)])
+
+    def _sample(self, prompt_text: str, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str | None]]:
+        """(1, P) prompt, (n, T) sampled responses and their query texts (None: invalid)."""
+        cfg, tok = self.config, self.tokenizer
+        prompt = self._encode_prompt(prompt_text)
+        self.model.eval()
+        with torch_threads(cfg.threads):
+            responses = sample_responses(self.model.lm, prompt, n, cfg.max_query_tokens, cfg.temperature,
+                                         self.generator, tok.eos, tok.pad, self.banned)
+        mask = response_mask(responses, tok.eos)
+        texts = [query_text(tok.decode([i for i, m in zip(row.tolist(), keep.tolist())
+                                        if m and i != tok.eos])) for row, keep in zip(responses, mask)]
+        return prompt, responses, texts
+
+    def _evaluate(self, rollout: Rollout, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probabilities (B, T) of the rollout's responses (and values when `model` is a QueryLM)."""
+        logprobs, values, start = [], [], 0
+        for prompt, size in zip(rollout.prompts, rollout.group_sizes):
+            responses = rollout.responses[start:start + size]
+            ids = torch.cat([prompt.expand(size, -1), responses], dim=1)
+            out = model(ids) if isinstance(model, QueryLM) else (model(input_ids=ids).logits, None)
+            cut = slice(prompt.shape[1] - 1, ids.shape[1] - 1)  # position t predicts token t + 1
+            logprobs.append(token_logprobs(out[0][:, cut], responses, self.config.temperature, self.banned)
+                            .masked_fill(response_mask(responses, self.tokenizer.eos) == 0, 0.0))  # PAD: -inf
+            if out[1] is not None:
+                values.append(out[1][:, cut])
+            start += size
+        return torch.cat(logprobs), (torch.cat(values) if values else None)
+
+    @torch.no_grad()
+    def _score_samples(self, rollout: Rollout) -> Rollout:
+        with torch_threads(self.config.threads):
+            rollout.logprobs, rollout.values = self._evaluate(rollout, self.model)
+            rollout.ref_logprobs, _ = self._evaluate(rollout, self.reference)
+        return rollout
+
+    # ------------------------------------------------------------ protocol
+    def _query(self, text: str) -> Query:
+        return Query(text, self.concept_index.get(text))
+
+    def propose(self, n: int) -> list[Query]:
+        self._check_batch(n)
+        prompt, responses, texts = self._sample(self.prompt(), n)
+        issued = set(self.log.texts)
+        queries, invalid, duplicate = [], [], []
+        stand_ins = iter(rank_untried_first(np.zeros(len(self.concepts)), self.log.tried, n, self.rng))
+        for text in texts:
+            invalid.append(text is None)
+            duplicate.append(text in issued)
+            queries.append(self._query(text) if text is not None else self._stand_in(stand_ins))
+            issued.add(queries[-1].text)
+        self.rollout = self._score_samples(Rollout(queries, [prompt], [n], responses, list(range(n)),
+                                                   invalid, duplicate))
+        return queries
+
+    def _stand_in(self, concepts) -> Query:
+        """A vocabulary concept issued in place of an invalid sample, so the batch keeps its size."""
+        i = next(concepts, None)
+        i = int(self.rng.integers(len(self.concepts)) if i is None else i)
+        return Query(self.concepts[i], i)
+
+    def update(self, queries: list[Query], rewards: list[float]) -> None:
+        rollout, self.rollout = self.rollout, None
+        super().update(queries, rewards)  # validates and logs
+        if rollout is not None and rollout.queries == list(queries) and rollout.query_index:
+            with torch_threads(self.config.threads):
+                self._ppo_step(rollout, [float(r) for r in rewards])
+
+    def _scores(self, rollout: Rollout, rewards: list[float]) -> torch.Tensor:
+        """(B,) shaped scores: normalised reward of the issued query, or a penalty."""
+        earned = [rewards[i] for i, bad in zip(rollout.query_index, rollout.invalid) if not bad]
+        self.moments.update(earned)
+        normalised = iter(self.moments.normalise(earned))
+        scores = [INVALID_QUERY_PENALTY if bad else next(normalised) + DUPLICATE_QUERY_PENALTY * dup
+                  for bad, dup in zip(rollout.invalid, rollout.duplicate)]
+        return torch.tensor(scores)
+
+    def _ppo_step(self, rollout: Rollout, rewards: list[float]) -> None:
+        cfg = self.config
+        mask = response_mask(rollout.responses, self.tokenizer.eos)
+        scores = self._scores(rollout, rewards)
+        per_token = ppo.token_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, cfg.kl_coef)
+        advantages, returns = ppo.gae(per_token, rollout.values, mask, cfg.gamma, cfg.lam)
+        advantages = ppo.whiten(advantages, mask)
+        self.model.train()
+        for _ in range(cfg.ppo_epochs):
+            logprobs, values = self._evaluate(rollout, self.model)
+            policy_loss, clipped = ppo.clipped_policy_loss(logprobs, rollout.logprobs, advantages, mask, cfg.clip)
+            value_loss = ppo.clipped_value_loss(values, rollout.values, returns, mask, cfg.value_clip)
+            self.optimizer.zero_grad()
+            (policy_loss + cfg.value_coef * value_loss).backward()
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+        with torch.no_grad():
+            logprobs, _ = self._evaluate(rollout, self.model)
+        kl = (ppo.approx_kl(logprobs, rollout.ref_logprobs) * mask).sum(dim=1).mean()
+        self.stats = {"kl_to_reference": float(kl), "clip_fraction": float(clipped),
+                      "policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
+                      "mean_score": float(scores.mean())}
+
+    # ------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update(copy.deepcopy({
+            "model": self.model.state_dict(), "reference": self.reference.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+            "moments": asdict(self.moments), "stats": dict(self.stats),
+            "rollout": None if self.rollout is None else self.rollout.state_dict()}))
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)  # the saved config and seed win
+        self._build(warmup=False)  # fresh modules shaped by the saved config; the weights come next
+        self.model.load_state_dict(state["model"])
+        self.reference.load_state_dict(state["reference"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self.generator.set_state(state["generator"])
+        self.moments = ppo.RunningMoments(**state["moments"])
+        self.stats = dict(state["stats"])
+        self.rollout = None if state["rollout"] is None else Rollout.from_state(copy.deepcopy(state["rollout"]))
+
+
+@register_policy("hybrid")
+class HybridPolicy(LLMQueryPolicy):
+    """The GP bandit picks seed concepts, the LM expands them, and the GP ranks the expansions.
+
+    propose(n): (1) the GP bandit proposes n seed concepts with its own acquisition over the
+    vocabulary (untried first); (2) for each seed the LM samples `candidates_per_query` expansions
+    from the prompt "expand: <seed>" (warm-up teaches the form "<word> <seed>", e.g. "leather boot");
+    (3) the seeds and the distinct valid expansions (an expansion must contain its seed as whole words; one that
+    does not is invalid and scores the penalty) are embedded with the text encoder and scored by
+    the GP posterior with the GP's acquisition (in random order until the GP has seen
+    `explore_first` queries); the n best are issued. update: the GP hears every issued query; PPO
+    trains on the LM samples that were issued (on their reward) and on the invalid ones (on the
+    penalty); valid samples the GP did not issue have no reward and are dropped.
+    GP options go in `gp` (a dict of policies.gp.GPConfig fields); the rest configure the LM.
+    """
+
+    def __init__(self, concepts: Sequence[str], seed: int = 0, embeddings: np.ndarray | None = None,
+                 text_encoder: Callable[[list[str]], np.ndarray] | None = None, gp: dict | None = None,
+                 **config):
+        from policies.gp import GPPolicy
+
+        self._text_encoder = text_encoder
+        super().__init__(concepts, seed, **config)
+        self.bandit = GPPolicy(concepts, seed, embeddings=embeddings, text_encoder=self._encode_texts,
+                               **(gp or {}))
+
+    def _encode_texts(self, texts: list[str]) -> np.ndarray:
+        if self._text_encoder is None:
+            from explorer.text_encoder import default_encoder
+            self._text_encoder = default_encoder().encode
+        return self._text_encoder(texts)
+
+    def _warmup_pair(self) -> tuple[str, str]:
+        seed, other = (self.concepts[i] for i in self.rng.integers(len(self.concepts), size=2))
+        return self._expand_prompt(seed), other.split()[-1]
+
+    def _expand_prompt(self, seed: str) -> str:
+        return self._prompt_text([f"expand: {seed}"])
+
+    def propose(self, n: int) -> list[Query]:
+        self._check_batch(n)
+        seeds = self.bandit.propose(n)
+        k = self.config.candidates_per_query
+        groups = [self._sample(self._expand_prompt(s.text), k) for s in seeds]
+        texts = [None if word is None else f"{word} {seed.text}"  # the LM writes the descriptor
+                 for seed, (_, _, words) in zip(seeds, groups) for word in words]
+        candidates = {s.text: s for s in seeds}
+        candidates.update((t, self._query(t)) for t in texts if t is not None and t not in candidates)
+        chosen = self._rank(list(candidates), n)
+        queries = [candidates[t] for t in chosen]
+        issued_before, position = set(self.log.texts), {t: i for i, t in enumerate(chosen)}
+        rows, query_index = [], []
+        for row, text in enumerate(texts):  # each issued text trains through its first sample only
+            query_index.append(position.pop(text, -1) if text is not None else -1)
+            if text is None or query_index[-1] >= 0:
+                rows.append(row)
+        rollout = Rollout(queries, [g[0] for g in groups], [k] * len(groups),
+                          torch.cat([g[1] for g in groups]), query_index, [t is None for t in texts],
+                          [t in issued_before for t in texts])
+        self.rollout = self._score_samples(rollout.select(rows))
+        return queries
+
+    def _rank(self, texts: list[str], n: int) -> list[str]:
+        """The n candidate texts the GP bandit scores best (random order while it explores)."""
+        from policies.gp import ACQUISITIONS, gp_posterior
+
+        config = self.bandit.config
+        if len(self.bandit.log) < max(1, config.explore_first):
+            return [texts[i] for i in self.rng.permutation(len(texts))[:n]]
+        acquisition = ACQUISITIONS[config.acquisition]
+        vectors = np.asarray(self._encode_texts(texts), dtype=np.float32)
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # GP needs unit rows
+        mean, std = gp_posterior(self.bandit.fitted(), vectors, with_std=acquisition.needs_std)
+        tried = np.isin(texts, self.bandit.log.texts)
+        scores = acquisition.score(mean, std, tried, config, self.rng)
+        if config.repeat_penalty is not None:
+            tried = np.zeros_like(tried)
+        return [texts[i] for i in rank_untried_first(scores, tried, n, self.rng)]
+
+    def update(self, queries: list[Query], rewards: list[float]) -> None:
+        self.bandit.update(queries, rewards)
+        super().update(queries, rewards)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "bandit": self.bandit.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.bandit.load_state_dict(state["bandit"])

@@ -1,0 +1,237 @@
+"""PPO math on hand-made numbers; the LM policy learning a toy reward; state round trip; the loop."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from explorer.config import ExperimentConfig, from_dict
+from explorer.loop import AcquisitionLoop
+from policies import Query, QueryPolicy, build_policy, ppo
+from policies.ppo_llm import INVALID_QUERY_PENALTY, ByteTokenizer, query_text, response_mask
+
+CONCEPTS = ["shoe", "boot", "sandal", "sneaker", "slipper", "coat", "dress", "shirt", "trousers",
+            "bag", "dog", "cat", "horse", "car", "truck", "tractor", "banana", "apple", "bread",
+            "guitar", "hammer", "clock", "chair", "lamp"]
+TINY = {  # the 2-iteration run of tests/explorer/test_loop.py; the policy is set per test
+    "name": "tiny", "iterations": 2, "seed": 0,
+    "target": {"limit": 300},
+    "vocabulary": {"n_random": 30},
+    "search": {"results_per_query": 15},
+    "learner": {"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8},
+                "dim": 16, "mlp_dim": 32, "batch_size": 16, "warmup_steps": 1, "total_steps": 50},
+    "train": {"pretrain_steps": 2, "steps_per_iteration": 2, "knn_k": 5},
+}
+FAST = {"warmup_steps": 20, "warmup_batch": 16, "history": 1, "max_query_tokens": 12}
+
+
+# ---------------------------------------------------------------- pure PPO math
+
+def test_clipped_loss_ignores_ratios_pushed_past_the_clip():
+    old = torch.zeros(1, 4)
+    new = torch.log(torch.tensor([[0.5, 0.9, 1.1, 1.5]]))  # ratios 0.5, 0.9, 1.1, 1.5
+    mask = torch.ones(1, 4)
+    # Per-token objective min(r A, clip(r) A): the ratios it uses for A = +1 and A = -1.
+    for sign, used in ((1.0, [0.5, 0.9, 1.1, 1.2]), (-1.0, [0.8, 0.9, 1.1, 1.5])):
+        new_ = new.clone().requires_grad_(True)
+        loss, fraction = ppo.clipped_policy_loss(new_, old, torch.full((1, 4), sign), mask, clip=0.2)
+        loss.backward()
+        # A positive advantage stops pulling once the ratio passes 1.2, a negative one below 0.8.
+        frozen = [False, False, False, True] if sign > 0 else [True, False, False, False]
+        assert [bool(g == 0) for g in new_.grad[0]] == frozen
+        assert fraction.item() == pytest.approx(0.25)
+        assert loss.item() == pytest.approx(-sign * float(np.mean(used)), rel=1e-5)
+
+
+def test_masked_tokens_do_not_count():
+    logprobs = torch.tensor([[-1.0, -2.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, _ = ppo.clipped_policy_loss(logprobs, logprobs, torch.tensor([[1.0, 3.0, 100.0]]), mask, 0.2)
+    assert loss.item() == pytest.approx(-2.0)
+
+
+def test_kl_estimates_have_the_right_sign():
+    torch.manual_seed(0)
+    logits_p, logits_q = torch.randn(8), torch.randn(8)
+    p, q = torch.log_softmax(logits_p, 0), torch.log_softmax(logits_q, 0)
+    samples = torch.multinomial(p.exp(), 200_000, replacement=True)
+    exact = (p.exp() * (p - q)).sum()
+    k3 = ppo.approx_kl(p[samples], q[samples])
+    assert (k3 >= 0).all()  # every k3 sample is non-negative
+    assert k3.mean().item() == pytest.approx(exact.item(), rel=0.05)
+    assert ppo.token_kl(p[samples], q[samples]).mean().item() == pytest.approx(exact.item(), rel=0.05)
+    assert ppo.approx_kl(p, p).abs().max() == 0
+
+
+def test_advantages_are_whitened_over_response_tokens_only():
+    x = torch.tensor([[1.0, 2.0, 3.0], [10.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    w = ppo.whiten(x, mask)
+    kept = w[mask.bool()]
+    assert kept.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert kept.std(unbiased=False).item() == pytest.approx(1.0, rel=1e-4)
+    assert w[1, 1:].abs().max() == 0
+
+
+def test_gae_spreads_the_final_score_and_the_kl_penalty():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    logprobs, ref = torch.tensor([[-1.0, -1.0, -1.0, 0.0]]), torch.tensor([[-2.0, -1.0, -1.0, 0.0]])
+    rewards = ppo.token_rewards(torch.tensor([1.0]), logprobs, ref, mask, kl_coef=0.5)
+    assert rewards.tolist() == [[-0.5, 0.0, 1.0, 0.0]]  # KL on token 0, score on the last token
+    advantages, returns = ppo.gae(rewards, torch.zeros(1, 4), mask, gamma=1.0, lam=1.0)
+    assert returns.tolist() == [[0.5, 1.0, 1.0, 0.0]]  # Monte-Carlo returns when values are 0
+    values = torch.tensor([[0.5, 1.0, 1.0, 7.0]])  # perfect values: no advantage anywhere
+    advantages, _ = ppo.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    assert advantages.abs().max().item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_value_loss_is_clipped_around_the_old_values():
+    old, returns, mask = torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1)
+    far = ppo.clipped_value_loss(torch.full((1, 1), 3.0), old, returns, mask, clip=0.2)
+    assert far.item() == pytest.approx(0.5 * 4.0)  # max(|3-1|^2, |0.2-1|^2) / 2
+
+
+def test_running_moments_match_numpy():
+    values = np.random.default_rng(0).normal(3.0, 2.0, size=50)
+    moments = ppo.RunningMoments()
+    for chunk in np.array_split(values, 7):
+        moments.update(chunk.tolist())
+    assert moments.mean == pytest.approx(values.mean())
+    assert moments.std == pytest.approx(values.std())
+    assert np.mean(moments.normalise(values.tolist())) == pytest.approx(0.0, abs=1e-9)
+
+
+# ---------------------------------------------------------------- tokenizer and query checks
+
+def test_byte_tokenizer_and_query_validation():
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode("Käse boot")) == "Käse boot"
+    assert tok.decode([0xC3]) is None and tok.decode([65, tok.eos]) is None
+    assert query_text("  red   boot \n") == "red boot"
+    assert query_text("") is None and query_text("123 !") is None and query_text("a\x07b") is None
+    assert response_mask(torch.tensor([[5, tok.eos, tok.pad], [5, 6, 7]]), tok.eos).tolist() == \
+        [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
+
+
+# ---------------------------------------------------------------- the policy
+
+def letter_reward(query: Query, target: str = "bot") -> float:
+    """Toy reward: the share of the query's letters that are in `target`."""
+    letters = [c for c in query.text if c.isalpha()]
+    return sum(c in target for c in letters) / max(1, len(letters))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    policy = build_policy("ppo", concepts=CONCEPTS, seed=0, **FAST)
+    means = []
+    for _ in range(30):
+        batch = policy.propose(8)
+        rewards = [letter_reward(q) for q in batch]
+        policy.update(batch, rewards)
+        means.append(float(np.mean(rewards)))
+    return policy, means
+
+
+def test_ppo_raises_a_toy_reward(trained):
+    policy, means = trained
+    assert isinstance(policy, QueryPolicy) and policy.name == "ppo"
+    first, last = np.mean(means[:5]), np.mean(means[-5:])
+    assert last > first + 0.3, (first, last, means)
+
+
+def test_kl_to_the_reference_stays_bounded(trained):
+    policy, _ = trained
+    # Summed over a query's tokens, in nats: the KL penalty keeps the LM near its warm-up self.
+    assert 0.0 < policy.stats["kl_to_reference"] < 15.0, policy.stats
+
+
+def test_invalid_samples_are_replaced_and_penalised():
+    policy = build_policy("ppo", concepts=CONCEPTS, seed=3, **{**FAST, "warmup_steps": 0})
+    batch = policy.propose(16)  # an untrained byte LM writes mostly garbage
+    invalid = policy.rollout.invalid
+    assert any(invalid)
+    for query, bad in zip(batch, invalid):
+        if bad:  # a vocabulary concept stands in, so the search still runs
+            assert query.concept is not None and query.text == CONCEPTS[query.concept]
+    scores = policy._scores(policy.rollout, [0.5] * len(batch))
+    assert all(s == INVALID_QUERY_PENALTY for s, bad in zip(scores.tolist(), invalid) if bad)
+
+
+def play(policy, rounds: int, n: int) -> list[list[Query]]:
+    batches = []
+    for _ in range(rounds):
+        batch = policy.propose(n)
+        policy.update(batch, [letter_reward(q) for q in batch])
+        batches.append(batch)
+    return batches
+
+
+@pytest.mark.parametrize("name", ["ppo", "hybrid"])
+def test_state_round_trip_gives_identical_next_proposals(name, hybrid_kwargs):
+    extra = hybrid_kwargs if name == "hybrid" else {}
+    original = build_policy(name, concepts=CONCEPTS, seed=0, **FAST, **extra)
+    play(original, rounds=2, n=4)
+    original.propose(4)  # a batch still waiting for its rewards is part of the state
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)  # as the loop checkpoints it
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+
+    resumed = build_policy(name, concepts=CONCEPTS, seed=7, **{**FAST, "warmup_steps": 0}, **extra)
+    resumed.load_state_dict(state)
+    pending = original.rollout.queries
+    for policy in (original, resumed):  # reward the pending batch: PPO runs on the cached samples
+        policy.update(pending, [letter_reward(q) for q in pending])
+    assert play(resumed, rounds=2, n=4) == play(original, rounds=2, n=4)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), original.model.parameters()))
+
+
+def test_same_seed_same_queries_other_seed_other_queries():
+    runs = [play(build_policy("ppo", concepts=CONCEPTS, seed=s, **FAST), rounds=2, n=4) for s in (0, 0, 1)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+@pytest.fixture(scope="module")
+def hybrid_kwargs():
+    from explorer.text_encoder import default_encoder
+
+    encode = default_encoder().encode
+    return {"embeddings": encode(CONCEPTS), "text_encoder": encode, "gp": {"explore_first": 4},
+            "candidates_per_query": 3}
+
+
+def test_hybrid_issues_gp_ranked_expansions_of_concepts(hybrid_kwargs):
+    policy = build_policy("hybrid", concepts=CONCEPTS, seed=0, **FAST, **hybrid_kwargs)
+    batches = play(policy, rounds=3, n=4)
+    texts = [q.text for batch in batches for q in batch]
+    assert all(len(batch) == 4 and len({q.text for q in batch}) == 4 for batch in batches)
+    assert any(q.concept is None for batch in batches for q in batch)  # free-text expansions go out
+    assert len(policy.bandit.log) == len(texts) == 12  # the GP heard every issued query
+    assert policy.bandit.fitted() is not None
+    for batch in batches:  # every free-text query is a descriptor plus a vocabulary concept
+        assert all(q.text.split()[-1] in CONCEPTS for q in batch if q.concept is None)
+
+
+# ---------------------------------------------------------------- the acquisition loop
+
+@pytest.mark.parametrize("name, iterations", [("ppo", 2), ("hybrid", 1)])
+def test_policy_runs_in_the_acquisition_loop(name, iterations, small_corpus, engine, tmp_path):
+    options = {**FAST, "warmup_steps": 60, "target_description": "clothes and shoes"}
+    if name == "hybrid":
+        options.update(gp={"explore_first": 2}, candidates_per_query=2)
+    policy = {"name": name, "queries_per_iteration": 4, "options": options}
+    cfg = from_dict(ExperimentConfig, {**TINY, "corpus": str(small_corpus.root), "policy": policy,
+                                       "iterations": iterations})
+    loop = AcquisitionLoop(cfg, tmp_path, engine_url=engine.url, progress=False)
+    rows = loop.run(log=lambda line: None)
+    assert [r["iteration"] for r in rows] == list(range(iterations + 1))
+    queries = [q for r in rows[1:] for q in r["queries"]]
+    assert len(queries) == 4 * iterations and all(isinstance(q, str) and q for q in queries)
+    vocabulary = set(loop.vocab.concepts)
+    assert any(q not in vocabulary for q in queries)  # free text reached the search engine
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["policy"]
+    assert state["policy"] == name and len(state["log"]["rewards"]) == 4 * iterations
+    if name == "hybrid":  # expansions keep their seed concept, so they find something at once
+        assert sum(sum(r["results"]) for r in rows[1:]) > 0
