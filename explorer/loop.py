@@ -28,6 +28,7 @@ from explorer.fetch import allow_origin, fetch_images
 from explorer.scoring import TargetIndex, dedupe_within, image_signature, near_duplicates
 from explorer.search import SearchBackend, SearchError, build_backend, search_many
 from explorer.target import load_target
+from learners.checkpoint import atomic_torch_save
 from learners.moco import MoCoLearner
 
 
@@ -233,10 +234,7 @@ class AcquisitionLoop:
     def save_checkpoint(self) -> None:
         """checkpoint.pt: everything needed to continue after the last finished iteration, written
         to a temp file and renamed, so a crash leaves the previous checkpoint whole."""
-        path = self.run_dir / "checkpoint.pt"
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(self.state_dict(), tmp)
-        tmp.replace(path)
+        atomic_torch_save(self.state_dict(), self.run_dir / "checkpoint.pt")
 
     # -- the whole run --------------------------------------------------------------------
     def run(self, until: int | None = None, log=print) -> list[dict]:

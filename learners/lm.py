@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, PreTrainedModel
 
+from learners.checkpoint import atomic_torch_save
 from learners.losses import warmup_cosine_lr
 from learners.spikes import SpikeConfig, SpikeDetector, rollback_target
 from learners.text_data import PackedTextStream
@@ -324,15 +324,7 @@ class LMLearner:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a checkpoint atomically: a temp file in the same folder, then os.replace."""
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".pt")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state_dict(), f)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_torch_save(self.state_dict(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> "LMLearner":

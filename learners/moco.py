@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from learners.checkpoint import atomic_torch_save
 from learners.augment import AugmentConfig, apply_view, sample_view_params
 from learners.losses import cosine_momentum, mocov3_infonce, warmup_cosine_lr
 from learners.mixture import TrainingMixture
@@ -321,16 +321,7 @@ class MoCoLearner:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a checkpoint atomically: a temp file in the same folder, then os.replace."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state_dict(), f)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_torch_save(self.state_dict(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> "MoCoLearner":

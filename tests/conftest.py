@@ -28,3 +28,24 @@ def engine(small_corpus):
     server = SearchServer(HybridIndex(small_corpus, default_encoder())).start()
     yield server
     server.stop()
+
+
+TINY_EXPERIMENT = {
+    "name": "tiny", "iterations": 2, "seed": 0,
+    "target": {"limit": 300},
+    "vocabulary": {"n_random": 30},
+    "policy": {"name": "gp", "queries_per_iteration": 4, "options": {"explore_first": 4}},
+    "search": {"results_per_query": 15},
+    "learner": {"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8},
+                "dim": 16, "mlp_dim": 32, "batch_size": 16, "warmup_steps": 1, "total_steps": 50},
+    "train": {"pretrain_steps": 2, "steps_per_iteration": 2, "knn_k": 5},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(small_corpus):
+    """`tiny_experiment(**changes)`: a 2-iteration experiment on `small_corpus` with a tiny learner."""
+    from explorer.config import ExperimentConfig, from_dict
+
+    return lambda **changes: from_dict(ExperimentConfig, {**TINY_EXPERIMENT, "corpus": str(small_corpus.root),
+                                                          **changes})

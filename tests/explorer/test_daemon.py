@@ -10,29 +10,19 @@ import time
 
 import torch
 
-from explorer.config import ExperimentConfig, from_dict, save_config
+from explorer.config import save_config
 from explorer.daemon import run_status
 from explorer.loop import DECISION_KEYS, AcquisitionLoop
 from explorer.runs import read_metrics
 
-TINY = {
-    "name": "tiny", "iterations": 2, "seed": 0,
-    "target": {"limit": 300},
-    "vocabulary": {"n_random": 30},
-    "policy": {"name": "gp", "queries_per_iteration": 4, "options": {"explore_first": 4}},
-    "search": {"results_per_query": 15},
-    "learner": {"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8},
-                "dim": 16, "mlp_dim": 32, "batch_size": 16, "warmup_steps": 1, "total_steps": 50},
-    "train": {"pretrain_steps": 2, "steps_per_iteration": 2, "knn_k": 5},
-}
 
 
 def decisions(rows):
     return [{k: r.get(k) for k in DECISION_KEYS} for r in rows if r["iteration"] > 0]
 
 
-def test_crash_between_log_and_checkpoint_then_resume_is_exact(small_corpus, engine, tmp_path):
-    cfg = from_dict(ExperimentConfig, {**TINY, "corpus": str(small_corpus.root)})
+def test_crash_between_log_and_checkpoint_then_resume_is_exact(tiny_experiment, engine, tmp_path):
+    cfg = tiny_experiment()
     quiet = {"progress": False}
     straight = tmp_path / "straight"
     AcquisitionLoop(cfg, straight, engine_url=engine.url, **quiet).run(log=lambda s: None)
@@ -56,8 +46,8 @@ def test_crash_between_log_and_checkpoint_then_resume_is_exact(small_corpus, eng
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigterm_exits_cleanly_and_resumes(small_corpus, tmp_path):
-    cfg = from_dict(ExperimentConfig, {**TINY, "corpus": str(small_corpus.root), "iterations": 50})
+def test_sigterm_exits_cleanly_and_resumes(tiny_experiment, tmp_path):
+    cfg = tiny_experiment(iterations=50)
     config = tmp_path / "tiny.yaml"
     save_config(cfg, config)
     run_dir = tmp_path / "run"

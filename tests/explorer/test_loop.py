@@ -6,30 +6,18 @@ import socket
 import pytest
 import torch
 
-from explorer.config import ConfigError, ExperimentConfig, from_dict, load_config
+from explorer.config import ConfigError, ExperimentConfig, load_config
 from explorer.loop import AcquisitionLoop, compare_decisions
 from explorer.runs import read_metrics, replay_run
 
-TINY = {
-    "name": "tiny", "iterations": 2, "seed": 0,
-    "target": {"limit": 300},
-    "vocabulary": {"n_random": 30},
-    "policy": {"name": "gp", "queries_per_iteration": 4, "options": {"explore_first": 4}},
-    "search": {"results_per_query": 15},
-    "learner": {"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8},
-                "dim": 16, "mlp_dim": 32, "batch_size": 16, "warmup_steps": 1, "total_steps": 50},
-    "train": {"pretrain_steps": 2, "steps_per_iteration": 2, "knn_k": 5},
-}
 
 
-def tiny_config(corpus_root, **changes) -> ExperimentConfig:
-    return from_dict(ExperimentConfig, {**TINY, "corpus": str(corpus_root), **changes})
 
 
 @pytest.fixture(scope="module")
-def recorded_run(small_corpus, engine, tmp_path_factory):
+def recorded_run(tiny_experiment, engine, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    loop = AcquisitionLoop(tiny_config(small_corpus.root), run_dir, engine_url=engine.url, progress=False)
+    loop = AcquisitionLoop(tiny_experiment(), run_dir, engine_url=engine.url, progress=False)
     rows = loop.run(log=lambda line: None)
     return run_dir, rows
 

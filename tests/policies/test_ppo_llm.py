@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from explorer.config import ExperimentConfig, from_dict
 from explorer.loop import AcquisitionLoop
 from policies import Query, QueryPolicy, build_policy, ppo
 from policies.ppo_llm import INVALID_QUERY_PENALTY, ByteTokenizer, query_text, response_mask
@@ -14,15 +13,6 @@ from policies.ppo_llm import INVALID_QUERY_PENALTY, ByteTokenizer, query_text, r
 CONCEPTS = ["shoe", "boot", "sandal", "sneaker", "slipper", "coat", "dress", "shirt", "trousers",
             "bag", "dog", "cat", "horse", "car", "truck", "tractor", "banana", "apple", "bread",
             "guitar", "hammer", "clock", "chair", "lamp"]
-TINY = {  # the 2-iteration run of tests/explorer/test_loop.py; the policy is set per test
-    "name": "tiny", "iterations": 2, "seed": 0,
-    "target": {"limit": 300},
-    "vocabulary": {"n_random": 30},
-    "search": {"results_per_query": 15},
-    "learner": {"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8},
-                "dim": 16, "mlp_dim": 32, "batch_size": 16, "warmup_steps": 1, "total_steps": 50},
-    "train": {"pretrain_steps": 2, "steps_per_iteration": 2, "knn_k": 5},
-}
 FAST = {"warmup_steps": 20, "warmup_batch": 16, "history": 1, "max_query_tokens": 12}
 
 
@@ -217,13 +207,12 @@ def test_hybrid_issues_gp_ranked_expansions_of_concepts(hybrid_kwargs):
 # ---------------------------------------------------------------- the acquisition loop
 
 @pytest.mark.parametrize("name, iterations", [("ppo", 2), ("hybrid", 1)])
-def test_policy_runs_in_the_acquisition_loop(name, iterations, small_corpus, engine, tmp_path):
+def test_policy_runs_in_the_acquisition_loop(name, iterations, tiny_experiment, engine, tmp_path):
     options = {**FAST, "warmup_steps": 60, "target_description": "clothes and shoes"}
     if name == "hybrid":
         options.update(gp={"explore_first": 2}, candidates_per_query=2)
     policy = {"name": name, "queries_per_iteration": 4, "options": options}
-    cfg = from_dict(ExperimentConfig, {**TINY, "corpus": str(small_corpus.root), "policy": policy,
-                                       "iterations": iterations})
+    cfg = tiny_experiment(policy=policy, iterations=iterations)
     loop = AcquisitionLoop(cfg, tmp_path, engine_url=engine.url, progress=False)
     rows = loop.run(log=lambda line: None)
     assert [r["iteration"] for r in rows] == list(range(iterations + 1))
