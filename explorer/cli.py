@@ -144,7 +144,8 @@ def _replay(args) -> int:
 def _daemon(args) -> int:
     from explorer.daemon import run_daemon
 
-    return run_daemon(args.config, args.out, forever=args.forever, progress=not args.quiet)
+    return run_daemon(args.config, args.out, forever=args.forever, progress=not args.quiet,
+                      status_port=args.status_port)
 
 
 def _status(args) -> int:
@@ -247,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("config", type=Path, nargs="?", default=None, help="YAML config (omit to resume RUN_DIR)")
     dm.add_argument("--out", type=Path, required=True, help="run folder (RUN_DIR)")
     dm.add_argument("--forever", action="store_true", help="ignore the iteration budget; run until stopped")
+    dm.add_argument("--status-port", type=int, default=None,
+                    help="also serve read-only GET /status (JSON) on 127.0.0.1 at this port (0: any free port)")
     dm.add_argument("--quiet", action="store_true")
     dm.set_defaults(func=_daemon)
 

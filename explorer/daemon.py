@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -34,7 +36,7 @@ def _recorded_port(run_dir: Path) -> int:
 
 
 def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, progress: bool = False,
-               log=print) -> int:
+               status_port: int | None = None, log=print) -> int:
     run_dir = Path(run_dir)
     resuming = (run_dir / "checkpoint.pt").exists()
     if resuming:
@@ -43,7 +45,7 @@ def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, pro
         raise FileNotFoundError(f"{run_dir} has no checkpoint to resume and no config was given")
     else:
         cfg = load_config(config)
-    server = None
+    server = status = None
     if cfg.search.backend == "local" and not cfg.search.url:
         from explorer.cli import open_local_engine
         from explorer.corpus import default_corpus_dir
@@ -53,6 +55,9 @@ def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, pro
     try:
         loop = AcquisitionLoop(cfg, run_dir, engine_url=server.url if server else None, progress=progress,
                                resume=resuming)
+        if status_port is not None:
+            status = StatusServer(run_dir, status_port)
+            log(f"status at {status.url}")
 
         def request_stop(signum, frame):
             loop.stop_requested = True
@@ -70,41 +75,97 @@ def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, pro
         log(f"{'stopped' if loop.stop_requested else 'finished'} at iteration {loop.iteration}; "
             f"checkpoint {run_dir / 'checkpoint.pt'}")
     finally:
-        if server:
-            server.stop()
+        for running in (status, server):
+            if running:
+                running.stop()
     return 0
 
 
-def run_status(run_dir: Path) -> str:
-    """Progress, rates, budget left and the last errors of a run folder (read-only)."""
+def status_summary(run_dir: Path) -> dict:
+    """Progress, rates, budget left, last evaluation and last errors of a run folder (read-only)."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["iteration"] > 0] \
         if (run_dir / "metrics.jsonl").exists() else []
-    lines = [f"run: {run_dir}  ({cfg.name}, policy {cfg.policy.name})",
-             f"iterations: {len(rows)} of {cfg.iterations}"]
+    out = {"run_dir": str(run_dir), "name": cfg.name, "policy": cfg.policy.name,
+           "iterations_done": len(rows), "iterations_budget": cfg.iterations}
     if rows:
-        hours = sum(r["seconds"] for r in rows) / 3600
-        accepted = sum(r["accepted"] for r in rows)
-        fetched = sum(r["fetched"] for r in rows)
-        lines.append(f"rates: {len(rows) / hours:.1f} iterations/h, {fetched / hours / 3600:.1f} fetches/s, "
-                     f"{accepted} images accepted")
-        last = rows[-1]
-        lines.append(f"last iteration {last['iteration']}: loss {last['ssl_loss']:.3f}, "
-                     f"{last['accepted']} accepted, precision {last.get('precision_accepted')}")
-        evals = [r for r in rows if "eval_knn_accuracy" in r]
-        if evals:
-            lines.append(f"last eval (iteration {evals[-1]['iteration']}): kNN {evals[-1]['eval_knn_accuracy']:.3f}, "
-                         f"probe {evals[-1]['eval_linear_probe_accuracy']:.3f}")
-        errors = [e for r in rows[-5:] for e in r.get("search_errors", [])]
+        hours = max(sum(r["seconds"] for r in rows) / 3600, 1e-9)
+        last, evals = rows[-1], [r for r in rows if "eval_knn_accuracy" in r]
         rejected: dict[str, int] = {}
         for r in rows[-5:]:
             for k, v in r.get("rejected", {}).items():
                 rejected[k] = rejected.get(k, 0) + v
-        lines.append(f"last 5 iterations: {len(errors)} search errors, rejected {rejected or 'none'}")
-        lines += [f"  {e}" for e in errors[-3:]]
+        out.update(iterations_per_hour=len(rows) / hours,
+                   fetches_per_second=sum(r["fetched"] for r in rows) / hours / 3600,
+                   accepted_total=sum(r["accepted"] for r in rows),
+                   last_iteration={k: last.get(k) for k in ("iteration", "ssl_loss", "accepted",
+                                                            "precision_accepted", "time")},
+                   last_eval={k: evals[-1][k] for k in ("iteration", "eval_knn_accuracy",
+                                                        "eval_linear_probe_accuracy")} if evals else None,
+                   recent_search_errors=[e for r in rows[-5:] for e in r.get("search_errors", [])][-3:],
+                   recent_rejected=rejected)
     events = run_dir / "daemon.jsonl"
     if events.exists():
-        last = json.loads(events.read_text().splitlines()[-1])
-        lines.append(f"daemon: last event {last['event']!r} at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['time']))}")
+        out["last_event"] = json.loads(events.read_text().splitlines()[-1])
+    return out
+
+
+def run_status(run_dir: Path) -> str:
+    """`status_summary` as text for `explorer status`."""
+    s = status_summary(run_dir)
+    lines = [f"run: {s['run_dir']}  ({s['name']}, policy {s['policy']})",
+             f"iterations: {s['iterations_done']} of {s['iterations_budget']}"]
+    if s["iterations_done"]:
+        last = s["last_iteration"]
+        lines += [f"rates: {s['iterations_per_hour']:.1f} iterations/h, {s['fetches_per_second']:.1f} fetches/s, "
+                  f"{s['accepted_total']} images accepted",
+                  f"last iteration {last['iteration']}: loss {last['ssl_loss']:.3f}, {last['accepted']} accepted, "
+                  f"precision {last['precision_accepted']}"]
+        if s["last_eval"]:
+            ev = s["last_eval"]
+            lines.append(f"last eval (iteration {ev['iteration']}): kNN {ev['eval_knn_accuracy']:.3f}, "
+                         f"probe {ev['eval_linear_probe_accuracy']:.3f}")
+        lines.append(f"last 5 iterations: rejected {s['recent_rejected'] or 'none'}; "
+                     f"search errors: {len(s['recent_search_errors'])}")
+        lines += [f"  {e}" for e in s["recent_search_errors"]]
+    if "last_event" in s:
+        ev = s["last_event"]
+        lines.append(f"daemon: last event {ev['event']!r} at "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ev['time']))}")
     return "\n".join(lines)
+
+
+class StatusServer:
+    """Read-only `GET /status` (JSON of `status_summary`) on 127.0.0.1, in a background thread."""
+
+    def __init__(self, run_dir: Path, port: int = 0):
+        run_dir = Path(run_dir)
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                if self.path.split("?")[0] != "/status":
+                    code, body = 404, {"error": "only GET /status"}
+                else:
+                    try:
+                        code, body = 200, status_summary(run_dir)
+                    except (OSError, ValueError, KeyError) as e:  # a run folder still being created
+                        code, body = 503, {"error": f"{type(e).__name__}: {e}"}
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/status"
+        threading.Thread(target=self.httpd.serve_forever, name="status", daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -76,3 +76,31 @@ def test_sigterm_exits_cleanly_and_resumes(tiny_experiment, tmp_path):
     engine_port = json.loads((run_dir / "backend.json").read_text())["url"]
     loop = AcquisitionLoop(cfg, run_dir, engine_url=engine_port, resume=True, progress=False)
     assert loop.iteration == done
+
+
+def test_status_endpoint_serves_the_run_summary_read_only(tiny_experiment, tmp_path):
+    import httpx
+
+    from explorer.daemon import StatusServer
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(tiny_experiment(), run_dir / "config.yaml")
+    rows = [{"iteration": 0},
+            {"iteration": 1, "seconds": 36.0, "fetched": 72, "accepted": 10, "ssl_loss": 2.5,
+             "precision_accepted": 0.9, "rejected": {"decode_error": 2}, "search_errors": ["boom"],
+             "eval_knn_accuracy": 0.5, "eval_linear_probe_accuracy": 0.6}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = sorted(p.name for p in run_dir.iterdir())
+    server = StatusServer(run_dir)
+    try:
+        body = httpx.get(server.url).json()
+        assert httpx.post(server.url).status_code == 501  # read-only: no other verbs
+        assert httpx.get(server.url.replace("/status", "/")).status_code == 404
+    finally:
+        server.stop()
+    assert body["iterations_done"] == 1 and body["iterations_budget"] == 2
+    assert body["iterations_per_hour"] == 100.0 and body["fetches_per_second"] == 2.0
+    assert body["recent_rejected"] == {"decode_error": 2} and body["recent_search_errors"] == ["boom"]
+    assert body["last_eval"]["eval_knn_accuracy"] == 0.5
+    assert sorted(p.name for p in run_dir.iterdir()) == before
