@@ -40,7 +40,7 @@ def _pretrain_base(cfg, out: Path, progress: bool) -> Path:
     return out / "base.pt"
 
 
-def _target_only(cfg, base: Path, out: Path, progress: bool) -> dict:
+def _target_only(cfg, base: Path, progress: bool) -> dict:
     """The base, trained further on the target alone for as many steps as an acquisition run."""
     import torch
 
@@ -89,7 +89,7 @@ def run_demo(config_path: Path, out: Path | None = None, progress: bool = True) 
             print(f"\n== {policy} policy: {cfg.iterations} iterations x {cfg.policy.queries_per_iteration} queries ==")
             results[policy] = run_experiment(run_cfg, out / policy, engine_url=url, base_checkpoint=base,
                                              progress=progress)
-    control = _target_only(cfg, base, out, progress)
+    control = _target_only(cfg, base, progress)
     base_scores = results["gp"][0]
     lines = ["| encoder      | accepted  precision |  kNN acc | probe acc |",
              "|--------------|--------------------:|--------:|----------:|",

@@ -106,10 +106,6 @@ class AcquisitionLoop:
     def search_and_fetch(self, texts: list[str]) -> tuple[list, Candidates]:
         answers = search_many(self.backend, texts, self.cfg.search.results_per_query,
                               concurrency=self.cfg.search.concurrency)
-        if self.mode is CacheMode.REPLAY:
-            for a in answers:
-                if isinstance(a, SearchError) and "cache" in str(a):
-                    raise a
         url_queries: dict[str, list[int]] = {}
         for qi, a in enumerate(answers):
             for r in [] if isinstance(a, SearchError) else a:
