@@ -1,0 +1,126 @@
+"""The run grid behind experiments 1 and 2: every acquisition policy x seeds, from per-seed bases.
+
+For each seed: one base encoder is pretrained on the target alone (seed-specific initialisation
+and data order) and evaluated (the 'base' row); a target-only control continues it for as many
+SSL steps as an acquisition run trains; then every condition (a policy with its options) runs the
+configured loop from that same base against one local engine. All runs train the same number of
+SSL steps, so differences come from the data, not from more training.
+
+Finished runs are kept and skipped, a run cut short resumes from its checkpoint, so the grid can be
+stopped and continued. Nothing here is tuned on the evaluation split: the policies use their
+defaults (`configs/demo.yaml` for the gp), and every seed that ran is reported.
+
+    python bench/acquisition_grid.py                          # 3 seeds x 6 conditions, ~1 h on 2 cores
+    python bench/acquisition_grid.py --seeds 0 --conditions random gp-softmax
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name -> (policy, options); the gp options are the demo config's, ucb changes only the acquisition
+CONDITIONS = {
+    "random": ("random", {}),
+    "gp-softmax": ("gp", {"acquisition": "softmax", "explore_first": 16}),
+    "gp-ucb": ("gp", {"acquisition": "ucb", "explore_first": 16}),
+    "oracle": ("oracle", {}),
+    "ppo": ("ppo", {}),
+    "hybrid": ("hybrid", {}),
+}
+DEFAULT_RUNS = ROOT / "runs" / "bench-acquisition"
+
+
+def _finished(run_dir: Path, iterations: int) -> bool:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return False
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return len(lines) == iterations + 1 and "eval_knn_accuracy" in json.loads(lines[-1])
+
+
+def _base(cfg, seed_dir: Path) -> Path:
+    """The seed's base encoder (pretrained once) and its scores in base.json."""
+    from explorer.demo import _pretrain_base
+    from explorer.loop import AcquisitionLoop  # noqa: F401  (imports torch before the timer)
+
+    path = seed_dir / "base.pt"
+    if not path.exists():
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        _pretrain_base(cfg, seed_dir, progress=False)
+    return path
+
+
+def _control(cfg, base: Path, seed_dir: Path) -> None:
+    from explorer.demo import _target_only
+
+    path = seed_dir / "target-only.json"
+    if not path.exists():
+        t0 = time.time()
+        scores = _target_only(cfg, base, progress=False)
+        path.write_text(json.dumps({**scores, "seconds": round(time.time() - t0, 1)}) + "\n")
+
+
+def _condition(cfg, name: str, seed: int):
+    policy, options = CONDITIONS[name]
+    return dataclasses.replace(cfg, name=f"{cfg.name}-{name}-s{seed}",
+                               policy=dataclasses.replace(cfg.policy, name=policy, options=options))
+
+
+def run_grid(config: Path, out: Path, seeds: list[int], conditions: list[str]) -> list[Path]:
+    """Runs what is missing; returns every run folder of the grid."""
+    from explorer.config import load_config, save_config
+    from explorer.demo import _ensure_corpus
+    from explorer.loop import AcquisitionLoop
+    from explorer.runs import local_engine_for
+
+    base_cfg = load_config(config)
+    _ensure_corpus(base_cfg)
+    run_dirs = []
+    with local_engine_for(base_cfg) as url:
+        for seed in seeds:
+            cfg = dataclasses.replace(base_cfg, seed=seed)
+            seed_dir = out / f"seed-{seed}"
+            base = _base(cfg, seed_dir)
+            _control(cfg, base, seed_dir)
+            for name in conditions:
+                run_dir = seed_dir / name
+                run_dirs.append(run_dir)
+                if _finished(run_dir, cfg.iterations):
+                    continue
+                print(f"== seed {seed}: {name} ==", flush=True)
+                run_cfg = _condition(cfg, name, seed)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(run_cfg, run_dir / "config.yaml")
+                loop = AcquisitionLoop(run_cfg, run_dir, engine_url=url, base_checkpoint=base,
+                                       progress=False, resume=True)
+                loop.run(log=lambda msg: print(msg, flush=True))
+    return run_dirs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    parser.add_argument("--out", type=Path, default=DEFAULT_RUNS, help="grid folder (default runs/bench-acquisition)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    run_grid(args.config, args.out, args.seeds, args.conditions)
+    print(f"grid complete in {args.out} ({time.time() - t0:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
