@@ -19,12 +19,18 @@ The 1M faiss case dominates the run time (a few minutes on 2 idle cores, about
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from explorer.scoring import TargetIndex, knn_reward
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import loglog_plot, write_machine, write_rows  # noqa: E402
+from explorer.scoring import TargetIndex, knn_reward  # noqa: E402
 
 
 def naive_knn_reward(candidates: torch.Tensor, targets: torch.Tensor, k: int,
@@ -58,6 +64,8 @@ def main() -> None:
     parser.add_argument("--naive-max", type=int, default=100_000,
                         help="largest candidate count timed with the naive torch version")
     parser.add_argument("--check", type=int, default=2000, help="candidates compared per size")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "knn_reward_scaling",
+                        help="where results.csv/json, scaling.png and machine.json go")
     args = parser.parse_args()
 
     targets = torch.nn.functional.normalize(random_candidates(args.targets, args.dim, seed=0), dim=1)
@@ -65,7 +73,7 @@ def main() -> None:
     print(f"targets {args.targets} x {args.dim}, k={args.k}, torch threads {torch.get_num_threads()}")
     print(f"{'candidates':>10} {'faiss s':>9} {'us/cand':>8} {'naive s':>9} {'us/cand':>8} "
           f"{'max |diff|':>10}")
-    faiss_times = []
+    faiss_times, rows = [], []
     for i, n in enumerate(args.sizes):
         candidates = random_candidates(n, args.dim, seed=1 + i)
         rewards, faiss_s = timed(knn_reward, candidates.numpy(), index, k=args.k)
@@ -81,10 +89,22 @@ def main() -> None:
             f"{'skipped':>9} {'':>8}"
         print(f"{n:>10} {faiss_s:9.2f} {1e6 * faiss_s / n:8.1f} {naive_cell} {diff:10.2e}")
         assert diff < 1e-4, f"faiss and naive rewards disagree by {diff}"
+        rows.append({"candidates": n, "targets": args.targets, "dim": args.dim, "k": args.k,
+                     "faiss_s": round(faiss_s, 4), "naive_torch_s": None if np.isnan(naive_s) else round(naive_s, 4),
+                     "max_abs_diff": float(diff)})
         del candidates, rewards
     if len(args.sizes) >= 2:
         slope = np.polyfit(np.log(args.sizes), np.log(faiss_times), 1)[0]
         print(f"faiss time ~ candidates^{slope:.2f} (1.00 = linear)")
+        rows[-1]["faiss_loglog_slope"] = round(float(slope), 3)
+    write_rows(args.out, "results", rows)
+    naive = [r for r in rows if r["naive_torch_s"] is not None]
+    loglog_plot(args.out / "scaling.png", {"faiss (explorer.scoring.knn_reward)": ([r["candidates"] for r in rows],
+                                                                                [r["faiss_s"] for r in rows]),
+                                           "naive torch": ([r["candidates"] for r in naive],
+                                                           [r["naive_torch_s"] for r in naive])},
+                "candidates", "seconds", f"k-NN reward vs {args.targets} targets (dim {args.dim})")
+    write_machine(args.out, "bench_knn_reward.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -13,13 +13,19 @@ refits the GP and predicts all N concepts. With `--sklearn-reference` it also ti
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
-from policies import Query, build_policy
-from policies.gp import fit_gp, gp_posterior, latest_distinct
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import loglog_plot, write_machine, write_rows  # noqa: E402
+from policies import Query, build_policy  # noqa: E402
+from policies.gp import fit_gp, gp_posterior, latest_distinct  # noqa: E402
 
 
 def unit_vectors(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
@@ -88,7 +94,10 @@ def main() -> None:
     parser.add_argument("--max-observations", type=int, default=256)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--sklearn-reference", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "policy_cost",
+                        help="where results.csv/json, policy_cost.png and machine.json go")
     args = parser.parse_args()
+    rows = []
 
     print(f"cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f} dim={args.dim} "
           f"observations={args.observations} batch={args.batch}")
@@ -101,12 +110,20 @@ def main() -> None:
             print(f"{n:>7} {acquisition:>8} {t['fit_points']:>7} {t['first']:>8.3f} "
                   f"{t['round']:>8.3f} {t['cached']:>9.4f} {t['fit']:>6.3f} {t['posterior']:>11.3f}",
                   flush=True)
+            rows.append({"concepts": n, "acquisition": acquisition, **{k: round(float(v), 5) for k, v in t.items()}})
         if args.sklearn_reference:
             seconds = sklearn_predict_seconds(embeddings, args.observations)
             print(f"{n:>7} sklearn GaussianProcessRegressor.predict (mean only): {seconds:.3f} s")
     print("first: update(observations) + propose; round: median update(batch) + propose; "
           "cached: propose again without an update; fit / posterior: the two parts of a round "
           "(posterior with std for ucb, mean only for softmax)")
+    write_rows(args.out, "results", rows)
+    loglog_plot(args.out / "policy_cost.png",
+                {f"{acq}: update + propose": ([r["concepts"] for r in rows if r["acquisition"] == acq],
+                                              [r["round"] for r in rows if r["acquisition"] == acq])
+                 for acq in args.acquisitions},
+                "vocabulary size (concepts)", "seconds per round", "GP policy cost per round")
+    write_machine(args.out, "bench_policy.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,227 @@
+"""`explorer report RUN_DIR...`: run folders -> a markdown report with tables, CSVs and PNG plots.
+
+Runs are grouped by condition (the policy, and the gp's acquisition) and aggregated over seeds as
+mean ± 95% confidence half-width (Student t over seeds; one seed gives no interval). Every seed's
+final row is also written to `runs.csv`, so nothing is averaged away unseen.
+
+What a run folder holds and what is read from it:
+    config.yaml     policy, options and seed (the condition and the seed)
+    metrics.jsonl   line 0: the starting encoder's scores (the 'base' row for its seed);
+                    line i: iteration i's queries, rewards, accepted count and precision, eval scores
+and, beside the run (its parent folder), the target-only control of the same base if one was run:
+`target-only.json` (bench/acquisition_grid.py) or `summary.json` with a `target_only` entry
+(`explorer demo`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ACCURACIES = ("eval_knn_accuracy", "eval_linear_probe_accuracy")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunCurves:
+    """One run's cumulative curves, one entry per finished iteration (index 0 = before acquiring)."""
+
+    path: Path
+    condition: str
+    seed: int
+    base: str  # the starting checkpoint: runs that share it share the base and target-only controls
+    queries: np.ndarray  # (I+1,) queries issued so far
+    reward: np.ndarray  # (I+1,) summed query reward so far
+    accepted: np.ndarray  # (I+1,) images accepted for training so far
+    precision: np.ndarray  # (I+1,) share of accepted images that are target-relevant so far (nan before any)
+    knn: np.ndarray  # (I+1,) kNN accuracy after each iteration (nan where not evaluated)
+    probe: np.ndarray  # (I+1,) linear-probe accuracy after each iteration
+    seconds: float  # wall time of the acquisition iterations
+
+
+def condition_name(config: dict) -> str:
+    """'gp-ucb', 'random', ...: the policy, plus the gp's acquisition function."""
+    policy = config.get("policy", {})
+    name = policy.get("name", "?")
+    if name == "gp":
+        name += "-" + (policy.get("options") or {}).get("acquisition", "softmax")
+    return name
+
+
+def read_run(path: Path) -> RunCurves:
+    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    lines = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{path}/metrics.jsonl is empty")
+    steps = lines[1:]
+    n_queries = np.array([0] + [len(m.get("queries", [])) for m in steps])
+    reward = np.array([0.0] + [float(sum(m.get("query_rewards", []))) for m in steps])
+    accepted = np.array([0] + [int(m.get("accepted", 0)) for m in steps])
+    relevant = np.array([0.0] + [(m.get("precision_accepted") or 0.0) * m.get("accepted", 0) for m in steps])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.cumsum(relevant) / np.cumsum(accepted)
+    accuracy = {key: np.array([m.get(key, math.nan) for m in lines], dtype=float) for key in ACCURACIES}
+    run_json = path / "run.json"
+    base = json.loads(run_json.read_text()).get("base_checkpoint") if run_json.exists() else None
+    seed = int(config.get("seed", 0))
+    return RunCurves(path=path, condition=condition_name(config), seed=seed, base=base or f"{path} (own)",
+                     queries=np.cumsum(n_queries), reward=np.cumsum(reward), accepted=np.cumsum(accepted),
+                     precision=precision, knn=accuracy["eval_knn_accuracy"],
+                     probe=accuracy["eval_linear_probe_accuracy"],
+                     seconds=float(sum(m.get("seconds", 0.0) for m in steps)))
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run folders given directly or found below the given folders, in a stable order."""
+    found = []
+    for path in map(Path, paths):
+        if (path / "metrics.jsonl").exists():
+            found.append(path)
+        elif path.is_dir():
+            found.extend(sorted(p.parent for p in path.rglob("metrics.jsonl")))
+        else:
+            raise FileNotFoundError(f"{path}: not a run folder (no metrics.jsonl) and not a folder of runs")
+    if not found:
+        raise FileNotFoundError(f"no run folders (with metrics.jsonl) in {', '.join(map(str, paths))}")
+    return list(dict.fromkeys(p.resolve() for p in found))
+
+
+def target_only_scores(run_dir: Path) -> dict | None:
+    """The target-only control run beside this run, if any."""
+    grid = run_dir.parent / "target-only.json"
+    if grid.exists():
+        return json.loads(grid.read_text())
+    demo = run_dir.parent / "summary.json"
+    if demo.exists():
+        return json.loads(demo.read_text()).get("target_only")
+    return None
+
+
+def mean_ci(values) -> tuple[float, float, int]:
+    """Mean, 95% t-interval half-width (nan for one value) and the count of finite values."""
+    from scipy import stats
+
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if x.size == 0:
+        return math.nan, math.nan, 0
+    if x.size == 1:
+        return float(x[0]), math.nan, 1
+    half = stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+    return float(x.mean()), float(half), int(x.size)
+
+
+def fmt(mean: float, half: float, digits: int = 3) -> str:
+    if not np.isfinite(mean):
+        return "-"
+    return f"{mean:.{digits}f}" if not np.isfinite(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def group(runs: list[RunCurves]) -> dict[str, list[RunCurves]]:
+    groups = defaultdict(list)
+    for run in runs:
+        groups[run.condition].append(run)
+    return dict(sorted(groups.items()))
+
+
+def controls(runs: list[RunCurves]) -> dict[str, dict[str, dict]]:
+    """Per base checkpoint: its scores (iteration 0 of its runs) and the target-only control's."""
+    base, target_only = {}, {}
+    for run in runs:
+        base.setdefault(run.base, {"eval_knn_accuracy": run.knn[0], "eval_linear_probe_accuracy": run.probe[0]})
+        scores = target_only_scores(run.path)
+        if scores is not None:
+            target_only.setdefault(run.base, scores)
+    return {"base": base, "target only": target_only}
+
+
+def efficiency_table(groups: dict[str, list[RunCurves]]) -> list[str]:
+    lines = ["| condition | runs | queries | accepted | precision of accepted | cumulative reward | seconds |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, runs in groups.items():
+        cells = [mean_ci(getattr(r, key)[-1] for r in runs) for key in ("queries", "accepted", "precision", "reward")]
+        secs = mean_ci(r.seconds for r in runs)
+        lines.append(f"| {name} | {len(runs)} | {cells[0][0]:.0f} | {fmt(*cells[1][:2], 0)} | {fmt(*cells[2][:2])} "
+                     f"| {fmt(*cells[3][:2], 2)} | {secs[0]:.0f} |")
+    return lines
+
+
+def representation_table(groups: dict[str, list[RunCurves]], control: dict[str, dict[str, dict]]) -> list[str]:
+    lines = ["| encoder | runs | images acquired | kNN accuracy | linear-probe accuracy |",
+             "|---|---:|---:|---:|---:|"]
+    for name, per_seed in control.items():
+        if per_seed:
+            knn = mean_ci(s.get("eval_knn_accuracy") for s in per_seed.values())
+            probe = mean_ci(s.get("eval_linear_probe_accuracy") for s in per_seed.values())
+            lines.append(f"| {name} | {len(per_seed)} | 0 | {fmt(*knn[:2])} | {fmt(*probe[:2])} |")
+    for name, runs in groups.items():
+        acquired = mean_ci(r.accepted[-1] for r in runs)
+        knn, probe = mean_ci(r.knn[-1] for r in runs), mean_ci(r.probe[-1] for r in runs)
+        lines.append(f"| {name} | {len(runs)} | {acquired[0]:.0f} | {fmt(*knn[:2])} | {fmt(*probe[:2])} |")
+    return lines
+
+
+def write_runs_csv(runs: list[RunCurves], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["condition", "seed", "iteration", "queries", "accepted", "precision", "cumulative_reward",
+                      "knn_accuracy", "linear_probe_accuracy", "run"])
+        for run in runs:
+            for i in range(len(run.queries)):
+                out.writerow([run.condition, run.seed, i, int(run.queries[i]), int(run.accepted[i]),
+                              _num(run.precision[i]), _num(run.reward[i]), _num(run.knn[i]), _num(run.probe[i]),
+                              str(run.path)])
+
+
+def _num(x: float) -> str:
+    return "" if not np.isfinite(x) else f"{x:.6g}"
+
+
+def write_report(paths: list[Path], out: Path, *, title: str = "explorer report",
+                 sections: tuple[str, ...] = ("efficiency", "representation")) -> Path:
+    """Reads the runs, writes out/report.md, out/runs.csv and the PNG plots; returns report.md."""
+    from explorer.report_plots import plot_accuracy, plot_efficiency
+
+    runs = [read_run(p) for p in find_runs(paths)]
+    out.mkdir(parents=True, exist_ok=True)
+    groups, control = group(runs), controls(runs)
+    write_runs_csv(runs, out / "runs.csv")
+    lines = [f"# {title}", "", f"{len(runs)} runs: " + ", ".join(f"{k} ({len(v)})" for k, v in groups.items()),
+             "", "Mean ± 95% confidence half-width over seeds (Student t); every run's curve is in `runs.csv`.", ""]
+    if "efficiency" in sections:
+        plot_efficiency(groups, out)
+        lines += ["## Acquisition efficiency", "",
+                  "Precision = share of accepted images whose hidden ground truth is target-relevant.", "",
+                  *efficiency_table(groups), "", "![precision](precision_vs_queries.png)",
+                  "![reward](reward_vs_queries.png)", ""]
+    if "representation" in sections:
+        plot_accuracy(groups, control, out)
+        lines += ["## Representation on the target's held-out split", "",
+                  "All encoders of a seed start from the same base and train the same number of SSL steps.", "",
+                  *representation_table(groups, control), "", "![accuracy](accuracy_vs_images.png)", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    (out / "summary.json").write_text(json.dumps(_summary(groups, control), indent=1) + "\n")
+    return report
+
+
+def _summary(groups: dict[str, list[RunCurves]], control: dict[str, dict[str, dict]]) -> dict:
+    """Machine-readable final numbers: per condition, mean/ci95/n of each final quantity."""
+    summary = {name: {key: _stat(s.get(key) for s in per_seed.values()) for key in ACCURACIES}
+               for name, per_seed in control.items() if per_seed}
+    for name, runs in groups.items():
+        summary[name] = {key: _stat(getattr(r, attr)[-1] for r in runs)
+                         for key, attr in (("queries", "queries"), ("accepted", "accepted"),
+                                           ("precision", "precision"), ("cumulative_reward", "reward"),
+                                           ("eval_knn_accuracy", "knn"), ("eval_linear_probe_accuracy", "probe"))}
+    return summary
+
+
+def _stat(values) -> dict:
+    mean, half, n = mean_ci(values)
+    return {"mean": mean if np.isfinite(mean) else None, "ci95": half if np.isfinite(half) else None, "n": n}
