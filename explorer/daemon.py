@@ -1,8 +1,9 @@
 """`explorer daemon`: the acquisition loop as a long-running, resumable process; `explorer status`.
 
-State lives in the run folder (see explorer/loop.py): the checkpoint is replaced atomically after
-every finished iteration, and logs written after it are truncated on resume, so a killed daemon
-restarts exactly where its last checkpoint left it. SIGTERM / SIGINT set a flag that the loop
+State lives in the run folder (see explorer/loop.py): after every finished iteration the ledger
+(SQLite, WAL) commits it and then a complete checkpoint directory is added atomically (the last K
+kept); on resume the newest complete checkpoint is loaded and logs and ledger rows written after it
+are cut, so a killed daemon restarts exactly where its last checkpoint left it. SIGTERM / SIGINT set a flag that the loop
 honours at its next safe point (after search+fetch, before an iteration writes its logs, or
 between iterations); the interrupted iteration is abandoned and the process exits 0.
 """
@@ -11,13 +12,16 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from explorer.checkpoints import has_checkpoint
 from explorer.config import load_config
+from explorer.ledger import LEDGER, RunLedger
 from explorer.loop import AcquisitionLoop
 from explorer.runs import read_metrics
 
@@ -36,16 +40,16 @@ def _recorded_port(run_dir: Path) -> int:
 
 
 def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, progress: bool = False,
-               status_port: int | None = None, log=print) -> int:
+               status_port: int | None = None, keep_checkpoints: int = 3, log=print) -> int:
     run_dir = Path(run_dir)
-    resuming = (run_dir / "checkpoint.pt").exists()
+    resuming = has_checkpoint(run_dir)
     if resuming:
         cfg = load_config(run_dir / "config.yaml")  # the run's own config, not a changed file
     elif config is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint to resume and no config was given")
     else:
         cfg = load_config(config)
-    server = status = None
+    server = status = loop = None
     if cfg.search.backend == "local" and not cfg.search.url:
         from explorer.cli import open_local_engine
         from explorer.corpus import default_corpus_dir
@@ -54,7 +58,7 @@ def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, pro
                                    port=_recorded_port(run_dir) if resuming else 0)
     try:
         loop = AcquisitionLoop(cfg, run_dir, engine_url=server.url if server else None, progress=progress,
-                               resume=resuming)
+                               resume=resuming, keep_checkpoints=keep_checkpoints)
         if status_port is not None:
             status = StatusServer(run_dir, status_port)
             log(f"status at {status.url}")
@@ -63,7 +67,8 @@ def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, pro
             loop.stop_requested = True
             log(f"received {signal.Signals(signum).name}: stopping at the next safe point")
         previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        _event(run_dir, "resume" if resuming else "start", iteration=loop.iteration)
+        _event(run_dir, "resume" if resuming else "start", iteration=loop.iteration,
+               checkpoint=str(loop.resumed_from) if loop.resumed_from else None)
         log(f"{'resumed' if resuming else 'started'} {run_dir} at iteration {loop.iteration}")
         try:
             until = float("inf") if forever else cfg.iterations
@@ -73,8 +78,10 @@ def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, pro
                 signal.signal(s, handler)
         _event(run_dir, "stop" if loop.stop_requested else "done", iteration=loop.iteration)
         log(f"{'stopped' if loop.stop_requested else 'finished'} at iteration {loop.iteration}; "
-            f"checkpoint {run_dir / 'checkpoint.pt'}")
+            f"checkpoints in {run_dir / 'checkpoints'}")
     finally:
+        if loop:
+            loop.close()
         for running in (status, server):
             if running:
                 running.stop()
@@ -85,30 +92,47 @@ def status_summary(run_dir: Path) -> dict:
     """Progress, rates, budget left, last evaluation and last errors of a run folder (read-only)."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["iteration"] > 0] \
-        if (run_dir / "metrics.jsonl").exists() else []
+    rows, totals = _progress(run_dir)
     out = {"run_dir": str(run_dir), "name": cfg.name, "policy": cfg.policy.name,
            "iterations_done": len(rows), "iterations_budget": cfg.iterations}
     if rows:
-        hours = max(sum(r["seconds"] for r in rows) / 3600, 1e-9)
+        hours = max(totals["seconds"] / 3600, 1e-9)
         last, evals = rows[-1], [r for r in rows if "eval_knn_accuracy" in r]
-        rejected: dict[str, int] = {}
-        for r in rows[-5:]:
-            for k, v in r.get("rejected", {}).items():
-                rejected[k] = rejected.get(k, 0) + v
         out.update(iterations_per_hour=len(rows) / hours,
-                   fetches_per_second=sum(r["fetched"] for r in rows) / hours / 3600,
-                   accepted_total=sum(r["accepted"] for r in rows),
+                   fetches_per_second=totals["fetched"] / hours / 3600,
+                   accepted_total=totals["accepted_total"], queries_issued=totals["queries_issued"],
                    last_iteration={k: last.get(k) for k in ("iteration", "ssl_loss", "accepted",
                                                             "precision_accepted", "time")},
                    last_eval={k: evals[-1][k] for k in ("iteration", "eval_knn_accuracy",
                                                         "eval_linear_probe_accuracy")} if evals else None,
                    recent_search_errors=[e for r in rows[-5:] for e in r.get("search_errors", [])][-3:],
-                   recent_rejected=rejected)
+                   recent_rejected=totals["recent_rejected"])
     events = run_dir / "daemon.jsonl"
     if events.exists():
         out["last_event"] = json.loads(events.read_text().splitlines()[-1])
     return out
+
+
+def _progress(run_dir: Path) -> tuple[list[dict], dict]:
+    """Rows of the finished iterations (>= 1) and their totals (see `RunLedger.summary`): from the
+    ledger when the run has one, else from metrics.jsonl."""
+    if (run_dir / LEDGER).exists():
+        with RunLedger(run_dir / LEDGER, readonly=True) as ledger:
+            return [r for r in ledger.metrics() if r["iteration"] > 0], ledger.summary(recent=5)
+    metrics = run_dir / "metrics.jsonl"
+    rows = [r for r in read_metrics(metrics) if r["iteration"] > 0] if metrics.exists() else []
+    return rows, _log_totals(rows)
+
+
+def _log_totals(rows: list[dict]) -> dict:
+    """`RunLedger.summary` computed from metrics rows, for run folders without a ledger."""
+    rejected: dict[str, int] = {}
+    for r in rows[-5:]:
+        for k, v in r.get("rejected", {}).items():
+            rejected[k] = rejected.get(k, 0) + v
+    return {"seconds": sum(r["seconds"] for r in rows), "fetched": sum(r["fetched"] for r in rows),
+            "accepted_total": sum(r["accepted"] for r in rows),
+            "queries_issued": sum(len(r.get("queries", [])) for r in rows), "recent_rejected": rejected}
 
 
 def run_status(run_dir: Path) -> str:
@@ -119,7 +143,7 @@ def run_status(run_dir: Path) -> str:
     if s["iterations_done"]:
         last = s["last_iteration"]
         lines += [f"rates: {s['iterations_per_hour']:.1f} iterations/h, {s['fetches_per_second']:.1f} fetches/s, "
-                  f"{s['accepted_total']} images accepted",
+                  f"{s['queries_issued']} queries issued, {s['accepted_total']} images accepted",
                   f"last iteration {last['iteration']}: loss {last['ssl_loss']:.3f}, {last['accepted']} accepted, "
                   f"precision {last['precision_accepted']}"]
         if s["last_eval"]:
@@ -152,7 +176,7 @@ class StatusServer:
                 else:
                     try:
                         code, body = 200, status_summary(run_dir)
-                    except (OSError, ValueError, KeyError) as e:  # a run folder still being created
+                    except (OSError, ValueError, KeyError, sqlite3.Error) as e:  # a run folder being created
                         code, body = 503, {"error": f"{type(e).__name__}: {e}"}
                 data = json.dumps(body).encode()
                 self.send_response(code)

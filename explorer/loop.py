@@ -6,8 +6,16 @@
     run.json           the shared base checkpoint the run started from, if any
     metrics.jsonl      one line per iteration (iteration 0 = the state before any query)
     accepted.jsonl     every accepted item: iteration, url, query, reward, sha256
+    ledger.sqlite      queries, results, fetch statuses, accepted items, iterations (explorer/ledger.py)
     cache/             every search answer and fetched body (content-addressed)
-    checkpoint.pt      learner + policy + loop position after the last finished iteration
+    checkpoints/       iter-NNNNNN/: learner + policy + loop position after that iteration, the last
+                       K kept (explorer/checkpoints.py; older runs have a single checkpoint.pt)
+    tensorboard/       scalars per iteration
+
+Each finished iteration is written in this order: accepted.jsonl, metrics.jsonl, one ledger
+transaction, the checkpoint, TensorBoard. A resume loads the newest complete checkpoint and cuts
+everything else back to it, so a crash anywhere in between loses at most the unfinished iteration.
+(A replay writes replay-metrics.jsonl and replay-accepted.jsonl and nothing else.)
 """
 
 from __future__ import annotations
@@ -22,13 +30,14 @@ import torch
 
 from explorer import agent
 from explorer.cache import CacheMode, ResponseCache
+from explorer.checkpoints import load_latest_checkpoint, write_checkpoint
 from explorer.config import ExperimentConfig, save_config
 from explorer.evaluation import evaluate_embeddings
 from explorer.fetch import allow_origin, fetch_images
+from explorer.ledger import LEDGER, FetchRecord, RunLedger
 from explorer.scoring import TargetIndex, dedupe_within, image_signature, near_duplicates
 from explorer.search import SearchBackend, SearchError, build_backend, search_many
 from explorer.target import load_target
-from learners.checkpoint import atomic_torch_save
 from learners.moco import MoCoLearner
 
 
@@ -45,18 +54,26 @@ class Candidates:
     images: torch.Tensor                 # uint8 (M, 3, S, S)
     queries_of: list[list[int]]          # per image: indices of the queries that found it
     rejected: dict[str, int] = field(default_factory=dict)
+    fetches: list[FetchRecord] = field(default_factory=list)  # every fetched URL with its status
 
 
 class AcquisitionLoop:
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, engine_url: str | None = None,
                  replay: bool = False, base_checkpoint: Path | None = None, progress: bool = True,
-                 resume: bool = False):
+                 resume: bool = False, keep_checkpoints: int = 3):
+        if keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.keep_checkpoints = keep_checkpoints
         self.stop_requested = False  # set from a signal handler; honoured at the next safe point
-        checkpoint = self.run_dir / "checkpoint.pt"
-        resume = resume and checkpoint.exists()
+        checkpoint = load_latest_checkpoint(self.run_dir) if resume else None
+        self.resumed_from = checkpoint.path if checkpoint else None  # the checkpoint it continues from
+        resume = checkpoint is not None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.mode = CacheMode.REPLAY if replay else CacheMode.READWRITE
+        self.ledger = None if replay else RunLedger(self.run_dir / LEDGER)
+        self.scalars = None  # the TensorBoard writer, opened by run()
+        self._pending: dict = {}  # the ledger rows of the iteration in progress
         self.cache = ResponseCache(self.run_dir / "cache")
         self.corpus = agent.open_corpus(cfg) if cfg.search.backend == "local" or cfg.corpus else None
         self.target = load_target(cfg.target)
@@ -70,8 +87,9 @@ class AcquisitionLoop:
         self.probe_test_sig = image_signature(self.target.part("probe_test")[0])
         self.accepted_sha: set[str] = set()
         if resume:
-            self.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+            self.load_state_dict(checkpoint.state)
             self._truncate_logs()
+            self._cut_ledger()
         elif not replay:
             save_config(cfg, self.run_dir / "config.yaml")
             agent.write_json(self.run_dir / "backend.json", self.backend.describe())
@@ -118,10 +136,12 @@ class AcquisitionLoop:
         for r in results:
             if not r.ok:
                 rejected[r.status] = rejected.get(r.status, 0) + 1
+        fetches = [FetchRecord(r.url, r.status if not r.ok else "already_accepted" if r.sha256 in self.accepted_sha
+                               else "decoded", r.sha256) for r in results]
         s = self.cfg.fetch.image_size
         images = torch.stack([r.image for r in ok]) if ok else torch.empty(0, 3, s, s, dtype=torch.uint8)
         return answers, Candidates([r.url for r in ok], [r.sha256 for r in ok], images,
-                                   [url_queries[r.url] for r in ok], rejected)
+                                   [url_queries[r.url] for r in ok], rejected, fetches)
 
     def accept(self, cand: Candidates, rewards: np.ndarray) -> np.ndarray:
         """Indices of accepted candidates: reward selection, then near-duplicate filters (within
@@ -154,7 +174,10 @@ class AcquisitionLoop:
         self.policy.update(queries, q_rewards)
         accepted = self.accept(cand, rewards)
         self._check_stop()  # last safe point: from here on the iteration writes its logs
-        self._record_accepted(cand, accepted, rewards, queries)
+        self._pending = {"concepts": [None if q.concept is None else self.vocab.concepts[q.concept] for q in queries],
+                         "results": [[] if isinstance(a, SearchError) else [r.image_url for r in a] for a in answers],
+                         "fetches": cand.fetches,
+                         "accepted": self._record_accepted(cand, accepted, rewards, queries)}
         if len(accepted):
             self.learner.mixture.add_accepted(cand.images[accepted])
         losses = self.learner.train_steps(self.learner.mixture, cfg.train.steps_per_iteration, progress=self.progress)
@@ -176,18 +199,23 @@ class AcquisitionLoop:
         row["time"] = round(time.time(), 3)
         return row
 
-    def _record_accepted(self, cand: Candidates, accepted: np.ndarray, rewards: np.ndarray, queries) -> None:
+    def _record_accepted(self, cand: Candidates, accepted: np.ndarray, rewards: np.ndarray, queries) -> list[dict]:
+        """Append the accepted items to accepted.jsonl; returns their records."""
         if not len(accepted):
-            return
+            return []
         new = image_signature(cand.images[accepted])
         self.accepted_sig = new if not len(self.accepted_sig) else np.concatenate([self.accepted_sig, new])
-        with open(self.run_dir / "accepted.jsonl", "a") as f:
-            for j in accepted:
-                self.accepted_sha.add(cand.sha256[j])
-                f.write(json.dumps({"iteration": self.iteration, "url": cand.urls[j], "sha256": cand.sha256[j],
-                                    "queries": [queries[q].text for q in cand.queries_of[j]],
-                                    "reward": round(float(rewards[j]), 6),
-                                    "relevant": self.truth.relevant(cand.urls[j]) if self.truth else None}) + "\n")
+        records = [{"iteration": self.iteration, "url": cand.urls[j], "sha256": cand.sha256[j],
+                    "queries": [queries[q].text for q in cand.queries_of[j]], "reward": round(float(rewards[j]), 6),
+                    "relevant": self.truth.relevant(cand.urls[j]) if self.truth else None} for j in accepted]
+        self.accepted_sha.update(r["sha256"] for r in records)
+        with open(self.run_dir / self._log_name("accepted.jsonl"), "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        return records
+
+    def _log_name(self, name: str) -> str:
+        """A replay writes its own logs next to the recorded ones."""
+        return f"replay-{name}" if self.mode is CacheMode.REPLAY else name
 
     def evaluate(self) -> dict:
         """kNN (k=train.knn_k, cosine) and linear-probe accuracy on the target's labelled split."""
@@ -214,7 +242,7 @@ class AcquisitionLoop:
     def _truncate_logs(self) -> None:
         """Drop log lines of iterations after the checkpoint: a crash may have written them before
         the checkpoint that would have covered them. Those iterations are run again."""
-        for name in ("metrics.jsonl", "accepted.jsonl"):
+        for name in map(self._log_name, ("metrics.jsonl", "accepted.jsonl")):
             path = self.run_dir / name
             if path.exists():
                 keep = [line for line in path.read_text().splitlines()
@@ -223,24 +251,69 @@ class AcquisitionLoop:
                 tmp.write_text("".join(line + "\n" for line in keep))
                 tmp.replace(path)
 
+    def _cut_ledger(self) -> None:
+        """Bring the ledger back to the checkpoint: delete later iterations, or fill it from the
+        logs when the run folder is older than the ledger."""
+        if self.ledger.last_iteration() is not None:
+            self.ledger.truncate_after(self.iteration)
+        elif (self.run_dir / "metrics.jsonl").exists():
+            from explorer.runs import read_metrics
+
+            accepted = self.run_dir / "accepted.jsonl"
+            self.ledger.import_logs(read_metrics(self.run_dir / "metrics.jsonl"),
+                                    read_metrics(accepted) if accepted.exists() else [])
+
     def _check_stop(self) -> None:
         if self.stop_requested:
             raise StopRequested(f"stop requested during iteration {self.iteration}")
 
-    def save_checkpoint(self) -> None:
-        """checkpoint.pt: everything needed to continue after the last finished iteration, written
-        to a temp file and renamed, so a crash leaves the previous checkpoint whole."""
-        atomic_torch_save(self.state_dict(), self.run_dir / "checkpoint.pt")
+    def save_checkpoint(self) -> Path:
+        """checkpoints/iter-NNNNNN/: everything needed to continue after the last finished
+        iteration, complete or absent (see explorer/checkpoints.py); the last K are kept."""
+        return write_checkpoint(self.run_dir, self.iteration, self.state_dict(), keep=self.keep_checkpoints)
+
+    def _finish(self, row: dict, metrics: Path) -> None:
+        """Write a finished iteration: metrics.jsonl, the ledger (committed), the checkpoint, TensorBoard."""
+        with open(metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.mode is CacheMode.REPLAY:
+            return
+        self.ledger.record_iteration(row, **self._pending)
+        self._pending = {}
+        if row["iteration"] > 0:  # iteration 0 is the starting point, rebuilt by a fresh start
+            self.save_checkpoint()
+        self._write_scalars(row)
+
+    def _write_scalars(self, row: dict) -> None:
+        if self.scalars is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step hides events from this iteration on that a crashed attempt left behind
+            self.scalars = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=row["iteration"])
+        for tag, value in tensorboard_scalars(row).items():
+            self.scalars.add_scalar(tag, value, global_step=row["iteration"])
+        self.scalars.flush()
+
+    def close(self) -> None:
+        """Close the ledger and the TensorBoard writer (the run folder stays as it is)."""
+        for resource in (self.scalars, self.ledger):
+            if resource is not None:
+                resource.close()
+        self.scalars = self.ledger = None
 
     # -- the whole run --------------------------------------------------------------------
     def run(self, until: int | None = None, log=print) -> list[dict]:
         """Iterate until `until` iterations (default: the config's) are done, or a stop is
         requested; an interrupted iteration is abandoned and redone on resume."""
         rows = []
-        metrics = self.run_dir / ("replay-metrics.jsonl" if self.mode is CacheMode.REPLAY else "metrics.jsonl")
-        if self.iteration == 0:
+        metrics = self.run_dir / self._log_name("metrics.jsonl")
+        if self.iteration == 0:  # a fresh start: whatever an earlier attempt logged is void
             rows.append({"iteration": 0, "learner_step": self.learner.step, **self.evaluate()})
-            metrics.write_text(json.dumps(rows[0]) + "\n")
+            metrics.write_text("")
+            self._truncate_logs()
+            if self.ledger is not None:
+                self.ledger.truncate_after(-1)
+            self._finish(rows[0], metrics)
         until = self.cfg.iterations if until is None else until
         while self.iteration < until and not self.stop_requested:
             saved = self.iteration
@@ -251,12 +324,24 @@ class AcquisitionLoop:
                 log(f"stopped during iteration {saved + 1}; it will be redone on resume")
                 break
             rows.append(row)
-            with open(metrics, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if self.mode is not CacheMode.REPLAY:
-                self.save_checkpoint()
+            self._finish(row, metrics)
             log(_summary(row))
         return rows
+
+
+TENSORBOARD_TAGS = {"eval_knn_accuracy": "eval/knn_accuracy", "eval_linear_probe_accuracy": "eval/linear_probe_accuracy",
+                    "ssl_loss": "train/ssl_loss", "mean_image_reward": "acquire/mean_image_reward",
+                    "precision_fetched": "acquire/precision_fetched", "precision_accepted": "acquire/precision_accepted",
+                    "accepted": "acquire/accepted", "fetched": "acquire/fetched", "decoded": "acquire/decoded",
+                    "seconds": "time/seconds_per_iteration"}
+
+
+def tensorboard_scalars(row: dict) -> dict[str, float]:
+    """The scalar metrics of one metrics.jsonl row under their TensorBoard tags (absent or None: left out)."""
+    out = {tag: float(row[key]) for key, tag in TENSORBOARD_TAGS.items() if row.get(key) is not None}
+    if row.get("query_rewards"):
+        out["acquire/mean_query_reward"] = float(np.mean(row["query_rewards"]))
+    return out
 
 
 def _summary(row: dict) -> str:

@@ -26,12 +26,18 @@ def local_engine_for(cfg: ExperimentConfig):
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, engine_url: str | None = None,
-                   base_checkpoint: Path | None = None, progress: bool = True, log=print) -> list[dict]:
+                   base_checkpoint: Path | None = None, progress: bool = True, keep_checkpoints: int = 3,
+                   log=print) -> list[dict]:
+    if cfg.modality == "text":  # the LM loop over the text web (explorer.text_loop)
+        from explorer.text_runs import run_text_experiment
+        return run_text_experiment(cfg, run_dir, engine_url=engine_url, progress=progress, log=log)
     if (run_dir / "metrics.jsonl").exists():
         raise FileExistsError(f"{run_dir} already holds a run; choose another --out")
     with contextlib.ExitStack() as stack:
         url = engine_url or stack.enter_context(local_engine_for(cfg))
-        loop = AcquisitionLoop(cfg, run_dir, engine_url=url, base_checkpoint=base_checkpoint, progress=progress)
+        loop = AcquisitionLoop(cfg, run_dir, engine_url=url, base_checkpoint=base_checkpoint, progress=progress,
+                               keep_checkpoints=keep_checkpoints)
+        stack.callback(loop.close)
         return loop.run(log=log)
 
 
@@ -43,12 +49,18 @@ def replay_run(run_dir: Path, *, progress: bool = True, log=print) -> list[str]:
     """Re-run a recorded run from its cache alone; returns the differences in its decisions."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
+    if cfg.modality == "text":
+        from explorer.text_runs import replay_text_run
+        return replay_text_run(run_dir, progress=progress, log=log)
     base = json.loads((run_dir / "run.json").read_text()).get("base_checkpoint")
     if base and not Path(base).exists():
         raise FileNotFoundError(f"the run started from {base}, which is gone: replay needs it")
     loop = AcquisitionLoop(cfg, run_dir, replay=True, base_checkpoint=Path(base) if base else None,
                            progress=progress)
-    replayed = loop.run(log=log)
+    try:
+        replayed = loop.run(log=log)
+    finally:
+        loop.close()
     return compare_decisions(read_metrics(run_dir / "metrics.jsonl"), replayed)
 
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -10,11 +9,12 @@ import time
 
 import torch
 
+from explorer.checkpoints import checkpoint_dir, load_latest_checkpoint
 from explorer.config import save_config
 from explorer.daemon import run_status
+from explorer.ledger import LEDGER, RunLedger
 from explorer.loop import DECISION_KEYS, AcquisitionLoop
 from explorer.runs import read_metrics
-
 
 
 def decisions(rows):
@@ -29,24 +29,33 @@ def test_crash_between_log_and_checkpoint_then_resume_is_exact(tiny_experiment, 
 
     crashed = tmp_path / "crashed"
     AcquisitionLoop(cfg, crashed, engine_url=engine.url, **quiet).run(until=1, log=lambda s: None)
-    shutil.copy(crashed / "checkpoint.pt", tmp_path / "after-1.pt")
     AcquisitionLoop(cfg, crashed, engine_url=engine.url, resume=True, **quiet).run(until=2, log=lambda s: None)
-    # A crash after iteration 2 wrote its logs but before its checkpoint replaced the old one:
-    shutil.copy(tmp_path / "after-1.pt", crashed / "checkpoint.pt")
+    # A crash after iteration 2 wrote its logs and ledger rows but before its checkpoint was complete:
+    (checkpoint_dir(crashed, 2) / "COMPLETE").unlink()
     resumed = AcquisitionLoop(cfg, crashed, engine_url=engine.url, resume=True, **quiet)
-    assert resumed.iteration == 1
+    assert resumed.iteration == 1 and resumed.resumed_from == checkpoint_dir(crashed, 1)
     assert [r["iteration"] for r in read_metrics(crashed / "metrics.jsonl")] == [0, 1]  # stale line dropped
+    assert resumed.ledger.last_iteration() == 1  # stale ledger rows dropped
     resumed.run(log=lambda s: None)
+    resumed.close()
 
     assert decisions(read_metrics(crashed / "metrics.jsonl")) == decisions(read_metrics(straight / "metrics.jsonl"))
     accepted = [json.loads(x)["url"] for x in (crashed / "accepted.jsonl").read_text().splitlines()]
     assert accepted == [json.loads(x)["url"] for x in (straight / "accepted.jsonl").read_text().splitlines()]
-    a = torch.load(straight / "checkpoint.pt", weights_only=True)["learner"]["model"]
-    b = torch.load(crashed / "checkpoint.pt", weights_only=True)["learner"]["model"]
+    a = load_latest_checkpoint(straight).state["learner"]["model"]
+    b = load_latest_checkpoint(crashed).state["learner"]["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    with RunLedger(crashed / LEDGER) as ledger:
+        assert ledger.metrics() == read_metrics(crashed / "metrics.jsonl")
 
 
-def test_sigterm_exits_cleanly_and_resumes(tiny_experiment, tmp_path):
+def accepted_log(run_dir):
+    return [json.loads(x) for x in (run_dir / "accepted.jsonl").read_text().splitlines()]
+
+
+def test_sigterm_mid_iteration_exits_cleanly_loses_nothing_and_resumes(tiny_experiment, tmp_path):
+    """Fault (2): SIGTERM while an iteration runs -> exit 0 within 30 s; every accepted item of the
+    finished iterations is in accepted.jsonl, the ledger and the checkpoint, and nothing else is."""
     cfg = tiny_experiment(iterations=50)
     config = tmp_path / "tiny.yaml"
     save_config(cfg, config)
@@ -56,11 +65,10 @@ def test_sigterm_exits_cleanly_and_resumes(tiny_experiment, tmp_path):
                              "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:  # wait for a finished iteration
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+        while time.monotonic() < deadline and proc.poll() is None:  # iteration 1 checkpointed: 2 is running
+            if (checkpoint_dir(run_dir, 1) / "COMPLETE").exists():
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)
         assert proc.poll() is None, proc.stdout.read()
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
@@ -69,9 +77,19 @@ def test_sigterm_exits_cleanly_and_resumes(tiny_experiment, tmp_path):
             proc.kill()
     assert proc.returncode == 0, out
     assert "received SIGTERM" in out
-    done = read_metrics(run_dir / "metrics.jsonl")[-1]["iteration"]
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["iteration"] == done
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    done = rows[-1]["iteration"]
+    checkpoint = load_latest_checkpoint(run_dir)
+    assert checkpoint.iteration == done >= 1
     assert "iterations: %d of 50" % done in run_status(run_dir)
+    accepted = accepted_log(run_dir)
+    assert sum(r["accepted"] for r in rows[1:]) == len(accepted) > 0
+    assert [a["url"] for a in accepted] == [u for r in rows[1:] for u in r["accepted_urls"]]
+    assert sorted(checkpoint.state["accepted_sha"]) == sorted(a["sha256"] for a in accepted)
+    with RunLedger(run_dir / LEDGER) as ledger:
+        assert ledger.metrics() == rows
+        assert sorted(ledger.db.execute("SELECT url, sha256 FROM accepted").fetchall()) == \
+            sorted((a["url"], a["sha256"]) for a in accepted)
 
     engine_port = json.loads((run_dir / "backend.json").read_text())["url"]
     loop = AcquisitionLoop(cfg, run_dir, engine_url=engine_port, resume=True, progress=False)

@@ -220,7 +220,9 @@ def test_policy_runs_in_the_acquisition_loop(name, iterations, tiny_experiment, 
     assert len(queries) == 4 * iterations and all(isinstance(q, str) and q for q in queries)
     vocabulary = set(loop.vocab.concepts)
     assert any(q not in vocabulary for q in queries)  # free text reached the search engine
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["policy"]
+    from explorer.checkpoints import load_latest_checkpoint
+
+    state = load_latest_checkpoint(tmp_path).state["policy"]
     assert state["policy"] == name and len(state["log"]["rewards"]) == 4 * iterations
     if name == "hybrid":  # expansions keep their seed concept, so they find something at once
         assert sum(sum(r["results"]) for r in rows[1:]) > 0
