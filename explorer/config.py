@@ -82,9 +82,75 @@ class TrainConfig:
             raise ValueError("steps must be >= 0, eval_every and knn_k >= 1")
 
 
+MODALITIES = ("image", "text")
+REWARD_ENCODERS = ("minilm", "lm")
+# L(N, D) = E + A/N^alpha + B/D^beta as fitted to Chinchilla's runs by Besiroglu et al. 2024: the
+# planner's prior until a law fitted to this agent's own runs (`explorer plan`) is given.
+PRIOR_LAW = {"E": 1.8172, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}
+
+
+@dataclass(kw_only=True, frozen=True)
+class TextConfig:
+    """The text side (modality: text): target topic, LM learner and the compute budget."""
+
+    topic: str = "Biology and health sciences"
+    """Target topic of the Wikipedia leads (explorer.text_sources.wikipedia_topics)."""
+    holdout_fraction: float = 0.2
+    """Share of the topic held out for perplexity (never trained on; fetched copies are dropped)."""
+    target_fraction: float = 0.5
+    """Share of the rest of the topic given as the target set; the remainder stays on the web."""
+    web_limit_per_topic: int | None = None
+    """Leads per topic in the default text web (None: all 10k); ignored when `corpus` is set."""
+    eval_documents: int | None = 200
+    """Held-out documents scored for perplexity each evaluation (None: all)."""
+    min_chars: int = 50
+    """Fetched documents shorter than this are rejected as too_small."""
+    tokenizer_vocab: int = 4096
+    """SentencePiece BPE vocabulary (byte fallback), trained on the target set."""
+    lm_size: str = "nano"
+    """Starting LM size, a key of learners.lm.LM_SIZES."""
+    max_lm_size: str = "small"
+    """Largest size the planner may grow the LM to."""
+    seq_len: int = 128
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    pretrain_tokens: int = 16_384
+    """Tokens trained on the target alone before the first query."""
+    tokens_per_iteration: int = 8_192
+    """Tokens trained on (target + accepted) per iteration; rounded up to whole batches."""
+    flop_budget: float = 1e13
+    """Total FLOPs (training + acquisition + evaluation); the run stops when they are spent."""
+    reward_encoder: str = "minilm"
+    """Document embeddings for rewards: minilm (all-MiniLM-L6-v2) or lm (the LM's mean-pooled states)."""
+    grow_factor: float = 2.0
+    """Grow the LM when it is this many times below the compute-optimal size."""
+    law: dict[str, float] = field(default_factory=lambda: dict(PRIOR_LAW))
+    """Scaling law the planner decides with (E, A, B, alpha, beta)."""
+
+    def __post_init__(self):
+        if not 0 < self.holdout_fraction < 1 or not 0 < self.target_fraction <= 1:
+            raise ValueError("holdout_fraction must be in (0, 1) and target_fraction in (0, 1]")
+        if self.reward_encoder not in REWARD_ENCODERS:
+            raise ValueError(f"unknown reward_encoder {self.reward_encoder!r}; valid: {', '.join(REWARD_ENCODERS)}")
+        positive = ("tokenizer_vocab", "seq_len", "batch_size", "lr", "tokens_per_iteration", "flop_budget")
+        bad = [name for name in positive if not getattr(self, name) > 0]
+        if bad or self.pretrain_tokens < 0 or self.warmup_steps < 0 or self.grow_factor < 1:
+            raise ValueError(f"{', '.join(bad) or 'pretrain_tokens, warmup_steps'} out of range "
+                             "(sizes and budget > 0, pretrain_tokens and warmup_steps >= 0, grow_factor >= 1)")
+        if set(self.law) != set(PRIOR_LAW):
+            raise ValueError(f"law needs exactly the keys {', '.join(PRIOR_LAW)}, got {', '.join(self.law)}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+
 @dataclass(kw_only=True, frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
+    modality: str = "image"
+    """image (the MoCo loop over the image web) or text (the LM loop over the Wikipedia-leads web)."""
     seed: int = 0
     iterations: int = 10
     corpus: str | None = None
@@ -98,10 +164,20 @@ class ExperimentConfig:
     learner: MoCoConfig = field(default_factory=MoCoConfig)
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    """Used when modality is text; `corpus` is then a text corpus (explorer.text_corpus)."""
 
     def __post_init__(self):
         if self.iterations < 0:
             raise ValueError("iterations must be >= 0")
+        if self.modality not in MODALITIES:
+            raise ValueError(f"unknown modality {self.modality!r}; valid: {', '.join(MODALITIES)}")
+        if self.modality == "text":
+            from learners.lm import LM_SIZES  # only text runs pay for importing transformers
+
+            for name in (self.text.lm_size, self.text.max_lm_size):
+                if name not in LM_SIZES:
+                    raise ValueError(f"unknown LM size {name!r}; valid: {', '.join(LM_SIZES)}")
 
 
 def _is_dataclass_type(t) -> bool:

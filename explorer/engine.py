@@ -1,5 +1,9 @@
 """The local search engine: hybrid BM25 + MiniLM ranking over a corpus's captions, served over HTTP.
 
+It serves an image corpus (`explorer.corpus.WebCorpus`) or a document corpus
+(`explorer.text_corpus.TextCorpus`, whose "captions" are its documents' search texts): the corpus's
+`media` attribute ("image" when absent) picks how items are served (`SERVED_MEDIA`).
+
 Ranking works on distinct captions (many items share one): BM25 over stemmed caption words and
 cosine similarity of MiniLM embeddings (faiss inner product) each nominate their top
 `candidates` captions; on that union the score is
@@ -14,7 +18,9 @@ Each caption expands to its items in a fixed pseudo-random order (so paging is s
 The HTTP API speaks two real engines' dialects, so the same clients work against the real things:
     GET  /search?q=..&format=json&pageno=1[&per_page=20]   SearXNG's JSON (results: url, img_src, title, ...)
     POST /knn-service  {"text": .., "num_images": N}          clip-retrieval's [{url, caption, similarity, id}]
-    GET  /image/KEY                                           the item's PNG bytes
+Text corpora answer /search with SearXNG's general results (url, title, content snippet).
+    GET  /image/KEY                                           the item's PNG bytes (image corpora)
+    GET  /doc/KEY                                             the document's UTF-8 text (text corpora)
     GET  /healthz
 Hidden ground-truth columns are never served.
 """
@@ -109,8 +115,53 @@ class HybridIndex:
         return hits, total
 
 
+class ImageItems:
+    """Image corpora: /image/KEY is the PNG; results are SearXNG image results."""
+
+    route, category = "image", "images"
+
+    def __init__(self, corpus):
+        self.corpus = corpus
+
+    def body(self, i: int) -> tuple[bytes, str]:
+        return self.corpus.image_bytes(i), "image/png"
+
+    def result(self, i: int, url: str) -> dict:
+        c = self.corpus
+        return {"url": url, "img_src": url, "thumbnail_src": url, "title": c.captions[i], "content": "",
+                "template": "images.html", "img_format": "png", "resolution": f"{c.width[i]} x {c.height[i]}"}
+
+
+class DocumentItems:
+    """Text corpora: /doc/KEY is the document's text; results are SearXNG general results."""
+
+    route, category = "doc", "general"
+
+    def __init__(self, corpus):
+        self.corpus = corpus
+
+    def body(self, i: int) -> tuple[bytes, str]:
+        return self.corpus.document_bytes(i), "text/plain; charset=utf-8"
+
+    def result(self, i: int, url: str) -> dict:
+        return {"url": url, "title": self.corpus.titles[i], "content": self.corpus.snippet(i),
+                "template": "default.html"}
+
+
+SERVED_MEDIA = {"image": ImageItems, "text": DocumentItems}
+
+
+def served_items(corpus) -> ImageItems | DocumentItems:
+    media = getattr(corpus, "media", "image")
+    if media not in SERVED_MEDIA:
+        raise ValueError(f"unknown corpus media {media!r}; valid: {', '.join(SERVED_MEDIA)}")
+    return SERVED_MEDIA[media](corpus)
+
+
 def _handler(index: HybridIndex):
     corpus = index.corpus
+    items = served_items(corpus)
+    prefix = f"/{items.route}/"
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections
@@ -138,11 +189,11 @@ def _handler(index: HybridIndex):
             url = urlsplit(self.path)
             if url.path == "/healthz":
                 return self._json(200, {"status": "ok", "items": len(corpus)})
-            if url.path.startswith("/image/"):
-                i = corpus.index_of.get(url.path[len("/image/"):])
+            if url.path.startswith(prefix):
+                i = corpus.index_of.get(url.path[len(prefix):])
                 if i is None:
-                    return self._json(404, {"error": "no such image"})
-                return self._send(200, corpus.image_bytes(i), "image/png")
+                    return self._json(404, {"error": f"no such {items.route}"})
+                return self._send(200, *items.body(i))
             if url.path == "/search":
                 return self._searxng(parse_qs(url.query))
             self._json(404, {"error": f"no route {url.path}"})
@@ -158,7 +209,7 @@ def _handler(index: HybridIndex):
                 return self._json(400, {"error": f"bad knn-service request: {e}"})
             hits, _ = index.search(text, 0, min(max(num, 0), 10 * MAX_PER_PAGE))
             base = self._base()
-            self._json(200, [{"url": f"{base}/image/{corpus.keys[h.item]}", "caption": corpus.captions[h.item],
+            self._json(200, [{"url": f"{base}{prefix}{corpus.keys[h.item]}", "caption": corpus.captions[h.item],
                               "similarity": round(h.score, 6), "id": h.item} for h in hits])
 
         def _searxng(self, qs: dict):
@@ -174,12 +225,9 @@ def _handler(index: HybridIndex):
             base = self._base()
             results = []
             for rank, h in enumerate(hits):
-                key = corpus.keys[h.item]
-                img = f"{base}/image/{key}"
-                results.append({"url": img, "img_src": img, "thumbnail_src": img, "title": corpus.captions[h.item],
-                                "content": "", "engine": "explorer", "engines": ["explorer"], "category": "images",
-                                "template": "images.html", "img_format": "png", "score": round(h.score, 6),
-                                "resolution": f"{corpus.width[h.item]} x {corpus.height[h.item]}",
+                link = f"{base}{prefix}{corpus.keys[h.item]}"
+                results.append({**items.result(h.item, link), "engine": "explorer", "engines": ["explorer"],
+                                "category": items.category, "score": round(h.score, 6),
                                 "positions": [(page - 1) * per_page + rank + 1]})
             self._json(200, {"query": q, "number_of_results": total, "results": results, "answers": [],
                              "corrections": [], "infoboxes": [], "suggestions": [], "unresponsive_engines": []})

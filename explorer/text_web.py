@@ -1,0 +1,185 @@
+"""Searching and fetching documents: the text side of the search backends and of the fetcher.
+
+    local-text     explorer's own engine over a text corpus (SearXNG general results + a page size)
+    searxng-text   any SearXNG instance, categories=general: results are pages (url, title, content)
+
+Both are `SearxngBackend`s over the same `CachedHttp` and `ResponseCache` as the image backends;
+`build_text_backend` builds them as `explorer.search.build_backend` builds those, replay included.
+They live in their own registry (`TEXT_SEARCH_BACKENDS`), because `SEARCH_BACKENDS` lists the
+backends that answer with images. A `SearchResult`'s `image_url` field holds the URL to fetch, here
+the document's.
+
+`fetch_documents` downloads with the image fetcher's `_Downloader`: the same SSRF guard (checked after
+DNS, on every hop and at connect), robots.txt, per-host pacing, byte cap, retries and cache records;
+only the validation differs (`answer_to_document`: a text/* body that decodes as UTF-8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import httpx
+from tqdm import tqdm
+
+from explorer.cache import CachedResponse, CacheMode, ResponseCache
+from explorer.fetch import OUTCOME_HEADER, REASON_HEADER, FetchConfig, _Downloader
+from explorer.netguard import NetGuard, guarded_transport
+from explorer.search import CachedHttp, SearchBackend, SearchError, SearchResult, SearxngBackend, _json
+
+TEXT_TYPES = ("text/plain", "text/markdown")
+DOCUMENT_STATUSES = ("ok", "empty", "bad_content_type", "decode_error", "too_small", "http_error",
+                     "timeout", "network_error", "too_large_body", "blocked")
+# Which text backend answers for each configured search backend of a text run.
+TEXT_BACKEND_FOR = {"local": "local-text", "searxng": "searxng-text"}
+
+
+TEXT_SEARCH_BACKENDS: dict[str, Callable[..., SearchBackend]] = {}
+
+
+def register_text_backend(name: str):
+    def deco(cls):
+        cls.name = name
+        TEXT_SEARCH_BACKENDS[name] = cls
+        return cls
+    return deco
+
+
+def parse_searxng_documents(payload, query: str, start_rank: int, where: str) -> list[SearchResult]:
+    """SearXNG general results -> SearchResults whose fetch URL is the result's `url`."""
+    results = payload.get("results") if isinstance(payload, dict) else None
+    if not isinstance(results, list):
+        raise SearchError(f"{where}: field 'results' is missing or not a list")
+    out = []
+    for r in results:
+        url = r.get("url") if isinstance(r, dict) else None
+        if not isinstance(url, str) or not url:
+            continue
+        score = r.get("score")
+        out.append(SearchResult(query=query, rank=start_rank + len(out), image_url=url, page_url=url,
+                                caption=str(r.get("title") or ""),
+                                score=float(score) if isinstance(score, (int, float)) else None))
+    return out
+
+
+@register_text_backend("searxng-text")
+class SearxngTextBackend(SearxngBackend):
+    """Any SearXNG instance, general category; pages until `n` document results."""
+
+    def __init__(self, url: str, *, http, max_pages: int = 5, per_page: int = 20, categories: str = "general"):
+        super().__init__(url, http=http, max_pages=max_pages, per_page=per_page, categories=categories)
+
+    def search(self, query: str, n: int) -> list[SearchResult]:
+        results: list[SearchResult] = []
+        for page in range(1, self.max_pages + 1):
+            params: dict[str, Any] = {"q": query, "format": "json", "pageno": page, "categories": self.categories}
+            if self.per_page_param:
+                params[self.per_page_param] = self.per_page
+            where = f"{self.name} search {query!r} page {page} at {self.url}"
+            answer = self.http.request("GET", f"{self.url}/search", params=params, description=where)
+            batch = parse_searxng_documents(_json(answer, where), query, len(results), where)
+            results.extend(batch)
+            if len(results) >= n or not batch:
+                break
+        return results[:n]
+
+
+@register_text_backend("local-text")
+class LocalTextBackend(SearxngTextBackend):
+    """explorer's engine over a text corpus: SearXNG's JSON plus a page size."""
+
+    per_page_param = "per_page"
+
+    def __init__(self, url: str, *, http, max_pages: int = 5, per_page: int = 50, categories: str = "general"):
+        super().__init__(url, http=http, max_pages=max_pages, per_page=per_page, categories=categories)
+
+
+def build_text_backend(name: str, *, cache: ResponseCache | None, mode: CacheMode | str = CacheMode.READWRITE,
+                       recorded: dict | None = None, **kwargs) -> SearchBackend:
+    """A registered text backend; `replay` rebuilds the `recorded` one (its `describe()`) on the cache alone."""
+    if name == "replay":
+        if not recorded:
+            raise ValueError("the replay backend needs the recorded backend's description")
+        recorded = dict(recorded)
+        return build_text_backend(recorded.pop("name"), cache=cache, mode=CacheMode.REPLAY, **recorded)
+    if name not in TEXT_SEARCH_BACKENDS:
+        valid = ", ".join(sorted([*TEXT_SEARCH_BACKENDS, "replay"]))
+        raise KeyError(f"unknown text search backend {name!r}; valid: {valid}")
+    return TEXT_SEARCH_BACKENDS[name](http=CachedHttp(cache, mode), **kwargs)
+
+
+@dataclass(frozen=True)
+class DocumentResult:
+    url: str
+    status: str  # one of DOCUMENT_STATUSES
+    reason: str = ""
+    http_status: int | None = None
+    n_bytes: int = 0
+    sha256: str | None = None  # of the decoded text (as `text_corpus.text_sha256`)
+    text: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def answer_to_document(url: str, answer: CachedResponse, min_chars: int) -> DocumentResult:
+    """Validate one answer (live or cached): a text/* body, valid UTF-8, at least `min_chars` long."""
+    http_status = answer.status or None
+    outcome = answer.headers.get(OUTCOME_HEADER)
+    if outcome is not None:
+        return DocumentResult(url, outcome, answer.headers.get(REASON_HEADER, ""), http_status)
+    if answer.status >= 300:
+        return DocumentResult(url, "http_error", f"HTTP {answer.status}", http_status)
+    body, n = answer.body, len(answer.body)
+    if not body:
+        return DocumentResult(url, "empty", "zero-byte body", http_status)
+    ctype = answer.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in TEXT_TYPES:
+        return DocumentResult(url, "bad_content_type", f"content-type {ctype or 'missing'!r}", http_status, n)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return DocumentResult(url, "decode_error", f"not UTF-8: {e}", http_status, n)
+    if len(text.strip()) < min_chars:
+        return DocumentResult(url, "too_small", f"{len(text.strip())} < {min_chars} characters", http_status, n)
+    return DocumentResult(url, "ok", "", http_status, n, hashlib.sha256(text.encode("utf-8")).hexdigest(), text)
+
+
+def _request_key(url: str) -> str:
+    return ResponseCache.request_key("GET", url)  # the key the fetcher records answers under
+
+
+async def _download(urls: list[str], cfg: FetchConfig, cache: ResponseCache | None, mode: CacheMode,
+                    progress: bool) -> list[CachedResponse]:
+    limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout), limits=limits,
+        transport=guarded_transport(NetGuard(cfg.allowed_hosts), limits) if cfg.ssrf_guard else None,
+        headers={"User-Agent": cfg.user_agent, "Accept": "text/plain, text/*;q=0.9, */*;q=0.1"},
+        follow_redirects=False)  # followed by the downloader, so the guard sees every hop
+    async with client:
+        downloader = _Downloader(client, cfg, None, cache, mode)
+        with tqdm(total=len(urls), disable=not progress, unit="doc") as bar:
+            async def one(url: str) -> CachedResponse:
+                answer = await downloader.answer(url)
+                bar.update(1)
+                return answer
+
+            return list(await asyncio.gather(*(one(url) for url in urls)))
+
+
+def fetch_documents(urls: list[str], cfg: FetchConfig | None = None, cache: ResponseCache | None = None,
+                    mode: CacheMode | str = CacheMode.READWRITE, *, min_chars: int = 50,
+                    progress: bool = False) -> list[DocumentResult]:
+    """One DocumentResult per URL, in input order; replay reads the cache only (a miss raises)."""
+    cfg, mode = cfg or FetchConfig(), CacheMode(mode)
+    if mode is CacheMode.REPLAY:
+        if cache is None:
+            raise ValueError("replay mode needs a ResponseCache")
+        answers = [cache.require(_request_key(url), f"GET {url}") for url in urls]
+    else:
+        answers = asyncio.run(_download(list(urls), cfg, cache, mode, progress)) if urls else []
+    return [answer_to_document(url, a, min_chars) for url, a in zip(urls, answers)]

@@ -1,0 +1,126 @@
+"""The text acquisition loop end to end on a small slice of the Wikipedia-leads web, with a nano LM."""
+
+import json
+import math
+
+import pytest
+
+from explorer.config import ExperimentConfig, from_dict, load_config
+from explorer.text_corpus import TextCorpus, TextCorpusSpec, build_text_corpus
+from explorer.text_loop import TextAcquisitionLoop
+from explorer.text_runs import local_text_engine_for, replay_text_run, run_text_experiment
+
+TOPIC = "Biology and health sciences"
+SPEC = TextCorpusSpec(topics=(TOPIC, "Geography", "Mathematics", "Arts", "Technology"), limit_per_topic=24)
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "text-corpus"
+    return TextCorpus(root) if (root / "corpus.json").exists() else build_text_corpus(root, SPEC, progress=False)
+
+
+def tiny_text(corpus, **changes) -> ExperimentConfig:
+    text = {"tokenizer_vocab": 512, "lm_size": "nano", "max_lm_size": "nano", "seq_len": 32, "batch_size": 2,
+            "warmup_steps": 1, "pretrain_tokens": 128, "tokens_per_iteration": 128, "eval_documents": 4,
+            "flop_budget": 1.0e15, **changes.pop("text", {})}
+    return from_dict(ExperimentConfig, {
+        "name": "text-tiny", "modality": "text", "iterations": 2, "seed": 0, "corpus": str(corpus.root),
+        "vocabulary": {"n_random": 20}, "search": {"results_per_query": 6},
+        "policy": {"name": "gp", "queries_per_iteration": 3, "options": {"explore_first": 3}},
+        "text": text, **changes})
+
+
+@pytest.fixture(scope="module")
+def recorded_run(text_corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("text-run")
+    run_text_experiment(tiny_text(text_corpus), run_dir, progress=False, log=lambda _: None)
+    return run_dir
+
+
+def _metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_iterations_write_flops_decisions_and_finite_perplexity(recorded_run):
+    rows = _metrics(recorded_run / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert math.isfinite(r["eval_perplexity"]) and r["eval_perplexity"] > 1
+        assert r["flops"]["train"] > 0 and r["flops_total"] == pytest.approx(sum(r["flops"].values()))
+    assert rows[2]["flops_total"] > rows[1]["flops_total"] > rows[0]["flops_total"]
+    for r in rows[1:]:
+        assert r["planner_action"] == "acquire" and "data-limited" in r["planner"]["reason"]
+        assert r["flops"]["query"] > 0 and r["flops"]["fetch"] > 0 and r["flops"]["score"] > 0
+        assert len(r["queries"]) == 3 and r["fetched"] > 0
+    accepted = [json.loads(line) for line in (recorded_run / "accepted.jsonl").read_text().splitlines()]
+    assert len(accepted) == sum(r["accepted"] for r in rows[1:]) > 0
+    assert rows[2]["tokens_available"] > rows[0]["tokens_available"]  # accepted text joined the stream
+    assert (recorded_run / "tokenizer.model").exists() and (recorded_run / "checkpoint.pt").exists()
+
+
+def test_replay_from_the_cache_makes_the_same_decisions(recorded_run):
+    assert replay_text_run(recorded_run, progress=False, log=lambda _: None) == []
+    assert len(_metrics(recorded_run / "replay-metrics.jsonl")) == 3
+
+
+def test_resume_after_a_stop_continues(text_corpus, tmp_path):
+    cfg = tiny_text(text_corpus, iterations=2)
+    with local_text_engine_for(cfg) as url:
+        first = TextAcquisitionLoop(cfg, tmp_path, engine_url=url, progress=False)
+        first.run(until=1, log=lambda _: None)  # as if stopped after iteration 1
+        step, spent = first.learner.step, first.ledger.total
+        resumed = TextAcquisitionLoop(cfg, tmp_path, engine_url=url, progress=False, resume=True)
+        assert resumed.iteration == 1 and resumed.learner.step == step and resumed.ledger.total == spent
+        assert resumed.stream.num_tokens == first.stream.num_tokens
+        resumed.run(log=lambda _: None)
+    rows = _metrics(tmp_path / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == [0, 1, 2] and rows[2]["learner_step"] > step
+    assert rows[2]["flops_total"] > spent
+
+
+def test_planner_grows_the_model_when_parameter_limited(text_corpus, tmp_path):
+    # A law whose data term is negligible makes any dataset enough: the planner asks for a bigger model.
+    law = {"E": 1.0, "A": 1.0e3, "B": 1.0e-6, "alpha": 0.3, "beta": 0.3}
+    cfg = tiny_text(text_corpus, iterations=1, text={"law": law, "max_lm_size": "micro", "flop_budget": 1.0e16})
+    rows = run_text_experiment(cfg, tmp_path, progress=False, log=lambda _: None)
+    assert rows[1]["planner_action"] == "grow_model" and rows[1]["grew_to"] == "micro"
+    assert rows[1]["n_params"] > rows[0]["n_params"] and "queries" not in rows[1]
+
+
+def test_text_config_dispatch_and_strict_keys(text_corpus, tmp_path):
+    from explorer.config import ConfigError
+
+    path = tmp_path / "t.yaml"
+    path.write_text("modality: text\ntext:\n  lm_size: nano\n  flop_budget: 1.0e+13\n")
+    assert load_config(path).modality == "text"
+    path.write_text("modality: text\ntext:\n  lm_sise: nano\n")
+    with pytest.raises(ConfigError, match="text.lm_sise"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="unknown LM size"):
+        from_dict(ExperimentConfig, {"modality": "text", "text": {"lm_size": "huge"}})
+
+
+def test_lm_hidden_states_as_the_reward_encoder(text_corpus, tmp_path):
+    cfg = tiny_text(text_corpus, iterations=1, text={"reward_encoder": "lm"})
+    rows = run_text_experiment(cfg, tmp_path, progress=False, log=lambda _: None)
+    assert rows[1]["mean_doc_reward"] is not None and -1 <= rows[1]["mean_doc_reward"] <= 1
+    minilm_only = 2 * 1.06e7 * 128  # the MiniLM signature pass per document; the LM forward adds to it
+    assert rows[1]["flops"]["score"] > minilm_only * rows[1]["valid"]
+
+
+@pytest.mark.parametrize("policy", ["random", "oracle"])
+def test_same_policies_drive_the_text_loop(text_corpus, tmp_path, policy):
+    cfg = tiny_text(text_corpus, iterations=1, policy={"name": policy, "queries_per_iteration": 3})
+    rows = run_text_experiment(cfg, tmp_path, progress=False, log=lambda _: None)
+    assert len(rows[1]["queries"]) == 3 and rows[1]["fetched"] > 0
+    if policy == "oracle":  # knows which concepts find the topic: most of what it fetches is on topic
+        assert rows[1]["precision_fetched"] > 0.5
+
+
+def test_run_stops_when_the_flop_budget_is_spent(text_corpus, tmp_path):
+    messages = []
+    cfg = tiny_text(text_corpus, iterations=3, text={"flop_budget": 1.0e10})
+    rows = run_text_experiment(cfg, tmp_path, progress=False, log=messages.append)
+    assert [r["iteration"] for r in rows] == [0, 1] and rows[1]["flops_remaining"] == 0.0
+    assert "budget" in messages[-1] and "spent" in messages[-1]
