@@ -197,8 +197,9 @@ class LawIntervals:
     """Percentile bootstrap intervals: name -> (low, high) for E, A, B, alpha, beta, n_exponent, d_exponent."""
 
     level: float
-    n_resamples: int
+    n_resamples: int  # refits the intervals are taken over
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    dropped: int = 0  # resamples whose refit ran off to a degenerate law (A, B or E of 0 or inf)
 
     def contains(self, name: str, value: float) -> bool:
         low, high = self.bounds[name]
@@ -218,16 +219,22 @@ def bootstrap_intervals(n_params, tokens, loss, point: ScalingLaw, *, n_resample
     config = config or FitConfig(n_starts=0)
     log_n, log_d, log_loss = _as_observations(n_params, tokens, loss)
     rng = np.random.default_rng(seed)
-    samples = []
+    samples, dropped = [], 0
     for _ in range(n_resamples):
         pick = rng.integers(0, len(log_n), len(log_n))
-        theta, _ = _fit_logs(log_n[pick], log_d[pick], log_loss[pick], config, extra_starts=_theta(point))
-        law = _law_from_theta(theta)
+        try:  # a resample that leaves out the runs pinning one term can send it off to 0 or inf
+            theta, _ = _fit_logs(log_n[pick], log_d[pick], log_loss[pick], config, extra_starts=_theta(point))
+            law = _law_from_theta(theta)
+        except (OverflowError, ValueError, FloatingPointError):
+            dropped += 1
+            continue
         samples.append([*law.as_dict().values(), law.n_exponent, law.d_exponent])
+    if len(samples) < 2:
+        raise ValueError(f"only {len(samples)} of {n_resamples} bootstrap refits gave a usable law")
     names = (*LAW_PARAMS, "n_exponent", "d_exponent")
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(np.array(samples), [tail, 100 - tail], axis=0)
-    return LawIntervals(level=level, n_resamples=n_resamples,
+    return LawIntervals(level=level, n_resamples=len(samples), dropped=dropped,
                         bounds={k: (float(lo), float(hi)) for k, lo, hi in zip(names, low, high)})
 
 

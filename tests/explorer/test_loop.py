@@ -4,8 +4,8 @@ import json
 import socket
 
 import pytest
-import torch
 
+from explorer.checkpoints import load_latest_checkpoint
 from explorer.config import ConfigError, ExperimentConfig, load_config
 from explorer.loop import AcquisitionLoop, compare_decisions
 from explorer.runs import read_metrics, replay_run
@@ -25,9 +25,12 @@ def recorded_run(tiny_experiment, engine, tmp_path_factory):
 def test_run_folder_records_everything(recorded_run):
     run_dir, rows = recorded_run
     assert [r["iteration"] for r in rows] == [0, 1, 2]
-    for name in ("config.yaml", "backend.json", "run.json", "metrics.jsonl", "cache", "checkpoint.pt"):
+    for name in ("config.yaml", "backend.json", "run.json", "metrics.jsonl", "cache", "ledger.sqlite",
+                 "tensorboard", "checkpoints/iter-000001/COMPLETE", "checkpoints/iter-000002/state.pt"):
         assert (run_dir / name).exists(), name
-    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    checkpoint = load_latest_checkpoint(run_dir)
+    assert checkpoint.path.name == "iter-000002"
+    state = checkpoint.state
     assert state["iteration"] == 2 and state["learner"]["step"] == 2 + 2 * 2
     assert len(state["policy"]["log"]["rewards"]) == 8
     assert load_config(run_dir / "config.yaml").policy.name == "gp"
@@ -49,7 +52,10 @@ def test_replay_makes_identical_decisions_without_network(recorded_run, monkeypa
         raise AssertionError("replay opened a socket")
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
+    recorded_files = {name: (run_dir / name).read_bytes() for name in ("accepted.jsonl", "metrics.jsonl")}
     assert replay_run(run_dir, progress=False, log=lambda line: None) == []
+    assert all((run_dir / name).read_bytes() == data for name, data in recorded_files.items())  # untouched
+    assert (run_dir / "replay-accepted.jsonl").read_text() == recorded_files["accepted.jsonl"].decode()
     replayed = read_metrics(run_dir / "replay-metrics.jsonl")
     recorded = read_metrics(run_dir / "metrics.jsonl")
     assert [r["queries"] for r in replayed[1:]] == [r["queries"] for r in recorded[1:]]
@@ -91,7 +97,12 @@ def test_malformed_configs_name_the_field(tmp_path, text, message):
 def test_shipped_configs_load():
     from pathlib import Path
 
+    from explorer.sweep import SweepConfig, load_sweep_config
+
     for path in sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")):
+        if path.name == "isoflop.yaml":  # the sweep's own format (explorer sweep), not an experiment
+            assert isinstance(load_sweep_config(path), SweepConfig)
+            continue
         assert isinstance(load_config(path), ExperimentConfig)
 
 

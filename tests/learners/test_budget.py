@@ -209,3 +209,23 @@ def test_law_rejects_non_positive_parameters():
     with pytest.raises(ValueError):
         ScalingLaw(E=1.0, A=1.0, B=1.0, alpha=-0.1, beta=0.3)
     assert math.isfinite(float(CHINCHILLA.loss(1e6, 1e7)))
+
+
+def test_bootstrap_drops_and_counts_degenerate_refits(monkeypatch):
+    import learners.budget as budget
+
+    law = ScalingLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+    n = np.repeat([1e7, 3e7, 1e8, 3e8], 4)
+    d = np.tile([1e9, 3e9, 1e10, 3e10], 4)
+    real, calls = budget._law_from_theta, {"n": 0}
+
+    def every_third_runs_off(theta):  # injected fault: a refit that ends at A = inf
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            raise OverflowError("A = exp(700) overflows")
+        return real(theta)
+
+    monkeypatch.setattr(budget, "_law_from_theta", every_third_runs_off)
+    intervals = bootstrap_intervals(n, d, law.loss(n, d), law, n_resamples=9)
+    assert (intervals.dropped, intervals.n_resamples) == (3, 6)
+    assert intervals.contains("alpha", 0.34)
