@@ -12,6 +12,7 @@ Fashion-MNIST and openclipart PNGs in their corpus proportions):
   sequential  per batch: fetch -> embed -> reward, one after the other (what the loop did first)
   overlapped  the next batch is fetched in a thread while this one is embedded and rewarded
               (how much overlapping the network with the encoder could win)
+  fetcher     fetch + validate + decode alone at several concurrencies (--sweep)
   parts       plain HTTP over one keep-alive connection, and validate + decode alone from
               bodies in memory, with the decode time per image source
 The engine runs in its own process (as a web server would), on the same cores.
@@ -118,6 +119,19 @@ def _transfer_and_decode(urls: list[str], sources: list[str]) -> tuple[dict[str,
             {k: 1e3 * float(np.mean(v)) for k, v in per_source.items()})
 
 
+def _fetcher_by_concurrency(urls: list[str], levels: list[int]) -> dict[str, float]:
+    """images/s of fetch + validate + decode (explorer.fetch) at each concurrency."""
+    from explorer.fetch import FetchConfig, allow_origin, fetch_images
+
+    rates = {}
+    for level in levels:
+        cfg = allow_origin(FetchConfig(concurrency=level, per_host=level), urls[0])
+        t = time.perf_counter()
+        fetch_images(urls, cfg, cache=None, progress=False)
+        rates[str(level)] = round(len(urls) / (time.perf_counter() - t), 1)
+    return rates
+
+
 def _overlapped_batches(urls: list[str], batch: int, fetch_cfg):
     """Decoded images of consecutive batches, with the next batch's fetch always in flight in a thread."""
     import torch
@@ -173,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--concurrency", type=int, default=16, help="parallel HTTP requests of the fetcher")
+    parser.add_argument("--sweep", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32],
+                        help="also time the fetcher alone at these concurrencies")
     parser.add_argument("--port", type=int, default=8791)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pipeline_throughput")
@@ -194,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         spent = _stages(urls, args.batch, fetch_cfg, learner, index, cfg)
         overlapped = _overlapped(urls, args.batch, fetch_cfg, learner, index, cfg)
         parts, decode_ms = _transfer_and_decode(urls, sources)
+        by_concurrency = _fetcher_by_concurrency(urls, args.sweep)
     finally:
         engine.terminate()
         engine.wait(10)
@@ -206,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
               "ratio_to_bound": {k: round(v / rates["bound: embed only"], 3) for k, v in rates.items()},
               "sequential_seconds_by_stage": {k: round(v, 3) for k, v in spent.items()},
               "fetch_parts_seconds": {k: round(v, 3) for k, v in parts.items()},
+              "fetcher_images_per_s_by_concurrency": by_concurrency,
               "decode_ms_per_image_by_source": {k: round(v, 3) for k, v in decode_ms.items()},
               "images_by_source": {k: sources.count(k) for k in sorted(set(sources))}}
     (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -114,6 +114,13 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _run(args) -> int:
     from explorer.config import load_config
     from explorer.runs import default_run_dir, run_experiment
@@ -124,7 +131,7 @@ def _run(args) -> int:
     cfg = load_config(args.config, overrides)
     out = args.out or default_run_dir(cfg)
     print(f"run folder: {out}")
-    run_experiment(cfg, out, progress=not args.quiet)
+    run_experiment(cfg, out, progress=not args.quiet, keep_checkpoints=args.keep_checkpoints)
     print(f"done: {out}/metrics.jsonl")
     return 0
 
@@ -145,7 +152,7 @@ def _daemon(args) -> int:
     from explorer.daemon import run_daemon
 
     return run_daemon(args.config, args.out, forever=args.forever, progress=not args.quiet,
-                      status_port=args.status_port)
+                      status_port=args.status_port, keep_checkpoints=args.keep_checkpoints)
 
 
 def _status(args) -> int:
@@ -155,12 +162,44 @@ def _status(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from explorer.report import write_report
+
+    out = args.out or Path(args.run_dirs[0]) / "report"
+    report = write_report(args.run_dirs, out, title=args.title)
+    print(report.read_text())
+    print(f"report: {report} (plots and runs.csv beside it)")
+    return 0
+
+
 def _plan(args) -> int:
     from explorer.plan import format_plan, load_observations, plan_from_runs
 
     plan = plan_from_runs(load_observations(args.runs), args.budget, args.tokens,
                           current_params=args.current_params, n_resamples=args.resamples)
     print(format_plan(plan))
+    return 0
+
+
+def _sweep(args) -> int:
+    from explorer.plan import format_plan, plan_from_runs
+    from explorer.sweep import load_sweep_config, run_sweep, sweep_summary
+    from learners.budget import FitConfig
+
+    cfg = load_sweep_config(args.config)
+    out = args.out or Path("runs") / cfg.name
+    print(f"sweep folder: {out}")
+    result = run_sweep(cfg, out, progress=not args.quiet)
+    print(sweep_summary(result))
+    if args.budget_flops is not None:
+        tokens = args.tokens if args.tokens is not None else result.fit["train_tokens"]
+        if tokens is None:
+            raise ValueError("--budget-flops needs --tokens: the sweep rows do not record the training text size")
+        finished = [r for r in result.rows if r["loss"] is not None]
+        # the same law as the summary above, whose bootstrap intervals it already shows
+        plan = plan_from_runs(finished, args.budget_flops, tokens, n_resamples=0,
+                              fit_config=FitConfig(n_starts=cfg.fit_starts))
+        print(format_plan(plan))
     return 0
 
 
@@ -230,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--target", type=Path, default=None,
                    help="your own target: a folder of images (class subfolders give evaluation labels)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--keep-checkpoints", type=_positive_int, default=3, metavar="K",
+                   help="keep the last K checkpoint directories (RUN_DIR/checkpoints/iter-NNNNNN)")
     r.set_defaults(func=_run)
 
     rp = sub.add_parser("replay", formatter_class=fmt, help="re-run a recorded run from its cache, offline",
@@ -251,11 +292,24 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--status-port", type=int, default=None,
                     help="also serve read-only GET /status (JSON) on 127.0.0.1 at this port (0: any free port)")
     dm.add_argument("--quiet", action="store_true")
+    dm.add_argument("--keep-checkpoints", type=_positive_int, default=3, metavar="K",
+                    help="keep the last K checkpoint directories (RUN_DIR/checkpoints/iter-NNNNNN)")
     dm.set_defaults(func=_daemon)
 
     st = sub.add_parser("status", formatter_class=fmt, help="progress, rates and last errors of a run folder")
     st.add_argument("run_dir", type=Path)
     st.set_defaults(func=_status)
+
+    rep = sub.add_parser("report", formatter_class=fmt, help="tables and plots of run folders (markdown + PNG)",
+                         description="Reads run folders (or folders holding them, searched recursively), groups them "
+                                     "by condition (policy, and the gp's acquisition) and writes OUT/report.md with "
+                                     "the acquisition-efficiency and representation tables (mean and 95% interval "
+                                     "over seeds), PNG plots of precision and reward vs queries and of accuracy vs "
+                                     "images acquired, runs.csv (every run's curve) and summary.json.")
+    rep.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--out", type=Path, default=None, help="report folder (default: FIRST_RUN_DIR/report)")
+    rep.add_argument("--title", default="explorer report")
+    rep.set_defaults(func=_report)
 
     pl = sub.add_parser("plan", formatter_class=fmt, help="fit L(N, D) to runs and plan a FLOP budget",
                         description="Fits the scaling law L(N, D) = E + A/N^alpha + B/D^beta to finished runs "
@@ -269,6 +323,22 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--current-params", type=float, default=None, help="the current model's parameters")
     pl.add_argument("--resamples", type=int, default=100, help="bootstrap resamples (0: none)")
     pl.set_defaults(func=_plan)
+
+    sw = sub.add_parser("sweep", formatter_class=fmt, help="isoFLOP sweep of the LM on CPU, then fit L(N, D)",
+                        description="For every FLOP budget C and model size N in CONFIG (see configs/isoflop.yaml), "
+                                    "trains a fresh LM on D = C / (6N) tokens of Wikipedia-lead text and records its "
+                                    "held-out loss on the target topic as one line of RUN_DIR/sweep.jsonl (rerunning "
+                                    "skips finished runs). Then fits L(N, D) = E + A/N^alpha + B/D^beta with bootstrap "
+                                    "intervals and isoFLOP parabolas, and writes RUN_DIR/fit.json (N_opt and D_opt per "
+                                    "budget and an extrapolated one), isoflop.png and law_contours.png.")
+    sw.add_argument("config", type=Path, help="sweep YAML (budgets, sizes, seq_len, batch_size, topic, seed, ...)")
+    sw.add_argument("--out", type=Path, default=None, help="run folder, RUN_DIR (default runs/NAME from the config)")
+    sw.add_argument("--budget-flops", type=float, default=None, metavar="X",
+                    help="also print the `explorer plan` for X FLOPs from the sweep's runs")
+    sw.add_argument("--tokens", type=float, default=None,
+                    help="tokens available for that plan (default: the sweep's training text)")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    sw.set_defaults(func=_sweep)
 
     d = sub.add_parser("demo", formatter_class=fmt, help="the offline demo: gp vs random vs base, one table",
                        description="Builds the default corpus if missing, starts the local engine, pretrains a "
