@@ -150,6 +150,7 @@ class SearxngBackend:
     """Any SearXNG instance with the JSON format enabled; pages until `n` image results."""
 
     per_page_param: str | None = None  # SearXNG itself has no page-size parameter
+    parse = staticmethod(parse_searxng)  # answer JSON -> results; text backends parse documents
 
     def __init__(self, url: str, *, http: CachedHttp, max_pages: int = 5, per_page: int = 20,
                  categories: str = "images"):
@@ -168,7 +169,7 @@ class SearxngBackend:
                 params[self.per_page_param] = self.per_page
             where = f"{self.name} search {query!r} page {page} at {self.url}"
             answer = self.http.request("GET", f"{self.url}/search", params=params, description=where)
-            batch = parse_searxng(_json(answer, where), query, len(results), where)
+            batch = self.parse(_json(answer, where), query, len(results), where)
             results.extend(batch)
             if len(results) >= n or not batch:
                 break

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import httpx
 from tqdm import tqdm
@@ -27,7 +27,7 @@ from tqdm import tqdm
 from explorer.cache import CachedResponse, CacheMode, ResponseCache
 from explorer.fetch import OUTCOME_HEADER, REASON_HEADER, FetchConfig, _Downloader
 from explorer.netguard import NetGuard, guarded_transport
-from explorer.search import CachedHttp, SearchBackend, SearchError, SearchResult, SearxngBackend, _json
+from explorer.search import CachedHttp, SearchBackend, SearchError, SearchResult, SearxngBackend
 
 TEXT_TYPES = ("text/plain", "text/markdown")
 DOCUMENT_STATUSES = ("ok", "empty", "bad_content_type", "decode_error", "too_small", "http_error",
@@ -68,22 +68,10 @@ def parse_searxng_documents(payload, query: str, start_rank: int, where: str) ->
 class SearxngTextBackend(SearxngBackend):
     """Any SearXNG instance, general category; pages until `n` document results."""
 
+    parse = staticmethod(parse_searxng_documents)
+
     def __init__(self, url: str, *, http, max_pages: int = 5, per_page: int = 20, categories: str = "general"):
         super().__init__(url, http=http, max_pages=max_pages, per_page=per_page, categories=categories)
-
-    def search(self, query: str, n: int) -> list[SearchResult]:
-        results: list[SearchResult] = []
-        for page in range(1, self.max_pages + 1):
-            params: dict[str, Any] = {"q": query, "format": "json", "pageno": page, "categories": self.categories}
-            if self.per_page_param:
-                params[self.per_page_param] = self.per_page
-            where = f"{self.name} search {query!r} page {page} at {self.url}"
-            answer = self.http.request("GET", f"{self.url}/search", params=params, description=where)
-            batch = parse_searxng_documents(_json(answer, where), query, len(results), where)
-            results.extend(batch)
-            if len(results) >= n or not batch:
-                break
-        return results[:n]
 
 
 @register_text_backend("local-text")
