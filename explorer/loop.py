@@ -45,6 +45,19 @@ class StopRequested(Exception):
     """A signal asked the loop to stop; the current iteration is abandoned."""
 
 
+def truncate_logs(run_dir: Path, names, iteration: int) -> None:
+    """Drop JSONL log lines of iterations after `iteration`: a crash may have written them before
+    the checkpoint that would have covered them. Those iterations are run again."""
+    for name in names:
+        path = run_dir / name
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["iteration"] <= iteration]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.replace(path)
+
+
 @dataclass
 class Candidates:
     """This iteration's fetched images that decoded, with their provenance."""
@@ -240,16 +253,7 @@ class AcquisitionLoop:
         self.accepted_sha = set(state["accepted_sha"])
 
     def _truncate_logs(self) -> None:
-        """Drop log lines of iterations after the checkpoint: a crash may have written them before
-        the checkpoint that would have covered them. Those iterations are run again."""
-        for name in map(self._log_name, ("metrics.jsonl", "accepted.jsonl")):
-            path = self.run_dir / name
-            if path.exists():
-                keep = [line for line in path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["iteration"] <= self.iteration]
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text("".join(line + "\n" for line in keep))
-                tmp.replace(path)
+        truncate_logs(self.run_dir, map(self._log_name, ("metrics.jsonl", "accepted.jsonl")), self.iteration)
 
     def _cut_ledger(self) -> None:
         """Bring the ledger back to the checkpoint: delete later iterations, or fill it from the

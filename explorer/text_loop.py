@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from explorer.cache import CacheMode, ResponseCache
 from explorer.config import ExperimentConfig, save_config
 from explorer.fetch import allow_origin
+from explorer.loop import StopRequested, truncate_logs
 from explorer.scoring import TargetIndex, dedupe_within, near_duplicates
 from explorer.search import SearchBackend, SearchError, search_many
 from explorer.text_agent import (TopicTruth, build_text_policy, lm_embeddings, open_text_corpus,
@@ -44,10 +45,6 @@ from learners.flops import FlopLedger, ModelShape, forward_flops
 from learners.lm import LM_SIZES, LMConfig, LMLearner, non_embedding_params
 from learners.text_data import PackedTextStream
 from learners.tokenizer import TextTokenizer, TokenizerConfig, train_tokenizer
-
-
-class StopRequested(Exception):
-    """A signal asked the loop to stop; the current iteration is abandoned."""
 
 
 def size_table(max_size: str) -> dict[str, ModelShape]:
@@ -348,15 +345,7 @@ class TextAcquisitionLoop:
         atomic_torch_save(self.state_dict(), self.run_dir / "checkpoint.pt")
 
     def _truncate_logs(self) -> None:
-        """Drop log lines after the checkpoint's iteration (a crash may have written them first)."""
-        for name in ("metrics.jsonl", "accepted.jsonl"):
-            path = self.run_dir / name
-            if path.exists():
-                keep = [line for line in path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["iteration"] <= self.iteration]
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text("".join(line + "\n" for line in keep))
-                tmp.replace(path)
+        truncate_logs(self.run_dir, ("metrics.jsonl", "accepted.jsonl"), self.iteration)
 
     def _check_stop(self) -> None:
         if self.stop_requested:
