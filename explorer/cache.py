@@ -57,7 +57,8 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same folder and rename: readers see the old bytes or the new."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
@@ -98,7 +99,7 @@ class ResponseCache:
         sha = _sha256(response.body)
         blob = self._blob_path(sha)
         if not blob.is_file():  # content-addressed: an existing blob already holds these bytes
-            _atomic_write(blob, response.body)
+            atomic_write_bytes(blob, response.body)
         meta = {
             "request": response.request,
             "url": response.url,
@@ -108,7 +109,7 @@ class ResponseCache:
             "body_sha256": sha,
             "size": len(response.body),
         }
-        _atomic_write(self._meta_path(key), json.dumps(meta, sort_keys=True, indent=1).encode())
+        atomic_write_bytes(self._meta_path(key), json.dumps(meta, sort_keys=True, indent=1).encode())
         self._quarantined.pop(key, None)
 
     def get(self, key: str) -> CachedResponse | None:

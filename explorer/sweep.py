@@ -18,7 +18,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from explorer.cache import atomic_write_bytes
 from explorer.config import ConfigError, from_dict, to_dict
 from explorer.text_sources import DEFAULT_TARGET_TOPIC, load_wikipedia_leads, split_target_text
 from learners.budget import (
@@ -181,17 +181,6 @@ RESULT_FIELDS = ("seq_len", "batch_size", "vocab_size", "lr", "min_lr_ratio", "w
                  "holdout_fraction", "train_text", "max_train_docs", "eval_tokens", "seed")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _claim_run_dir(cfg: SweepConfig, run_dir: Path) -> None:
     """Create RUN_DIR, or check that the config it was swept with agrees on every RESULT_FIELD."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -203,7 +192,7 @@ def _claim_run_dir(cfg: SweepConfig, run_dir: Path) -> None:
         if differ:
             raise ConfigError(f"{run_dir} holds a sweep with other settings ({'; '.join(differ)}); "
                               "use another --out")
-    _atomic_write(saved_path, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+    atomic_write_bytes(saved_path, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
 
 
 def read_rows(run_dir: Path) -> list[dict]:
@@ -380,7 +369,7 @@ def fit_run_dir(cfg: SweepConfig, run_dir: str | Path, rows: list[dict] | None =
     run_dir = Path(run_dir)
     rows = read_rows(run_dir) if rows is None else rows
     fit = fit_rows(cfg, rows)
-    _atomic_write(run_dir / FIT_FILE, (json.dumps(fit, indent=2) + "\n").encode())
+    atomic_write_bytes(run_dir / FIT_FILE, (json.dumps(fit, indent=2) + "\n").encode())
     from explorer.sweep_plots import plot_isoflop, plot_law
 
     plot_isoflop(rows, fit, run_dir / ISOFLOP_PLOT)
