@@ -105,20 +105,30 @@ def run_grid(config: Path, out: Path, seeds: list[int], conditions: list[str]) -
     return run_dirs
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_grid_arguments(parser: argparse.ArgumentParser, grid_flag: str) -> None:
+    """The grid's options (its folder under `grid_flag`), shared by the experiments that use it."""
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
-    parser.add_argument("--out", type=Path, default=DEFAULT_RUNS, help="grid folder (default runs/bench-acquisition)")
+    parser.add_argument(grid_flag, dest="grid", type=Path, default=DEFAULT_RUNS,
+                        help="grid folder (default runs/bench-acquisition)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    args = parser.parse_args(argv)
+
+
+def run_grid_from_args(args: argparse.Namespace) -> list[Path]:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
+    return run_grid(args.config, args.grid, args.seeds, args.conditions)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_grid_arguments(parser, "--out")
+    args = parser.parse_args(argv)
     t0 = time.time()
-    run_grid(args.config, args.out, args.seeds, args.conditions)
-    print(f"grid complete in {args.out} ({time.time() - t0:.0f}s)")
+    run_grid_from_args(args)
+    print(f"grid complete in {args.grid} ({time.time() - t0:.0f}s)")
     return 0
 
 

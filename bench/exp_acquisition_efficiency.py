@@ -16,26 +16,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.acquisition_grid import CONDITIONS, DEFAULT_RUNS, ROOT, run_grid  # noqa: E402
+from bench.acquisition_grid import ROOT, add_grid_arguments, run_grid_from_args  # noqa: E402
 from bench.machine import write_machine  # noqa: E402
 
 
 def main(argv: list[str] | None = None, *, section: str = "efficiency", name: str = "acquisition_efficiency",
          title: str = "Experiment 1: acquisition efficiency", doc: str = __doc__) -> int:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
-    parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="grid folder (default runs/bench-acquisition)")
+    add_grid_arguments(parser, "--runs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / name)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args(argv)
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
     from explorer.report import write_report
 
-    run_dirs = run_grid(args.config, args.runs, args.seeds, args.conditions)
+    run_dirs = run_grid_from_args(args)
     report = write_report(run_dirs, args.out, title=title, sections=(section,))
     write_machine(args.out, " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]))
     print(report.read_text())
