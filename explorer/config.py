@@ -20,6 +20,7 @@ import yaml
 from explorer.fetch import FetchConfig
 from explorer.scoring import RewardConfig
 from explorer.target import TargetConfig
+from explorer.text_sources import DEFAULT_TARGET_TOPIC
 from learners.mixture import MixtureConfig
 from learners.moco import MoCoConfig
 
@@ -93,7 +94,7 @@ PRIOR_LAW = {"E": 1.8172, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.
 class TextConfig:
     """The text side (modality: text): target topic, LM learner and the compute budget."""
 
-    topic: str = "Biology and health sciences"
+    topic: str = DEFAULT_TARGET_TOPIC
     """Target topic of the Wikipedia leads (explorer.text_sources.wikipedia_topics)."""
     holdout_fraction: float = 0.2
     """Share of the topic held out for perplexity (never trained on; fetched copies are dropped)."""
