@@ -113,7 +113,7 @@ def main() -> None:
     print(f"threads={args.threads} batch={args.batch} steps={args.steps} device=cpu")
     print(f"{'backbone':28s} {'params(M)':>9s} {'train fp32':>11s} {'train bf16':>11s} {'embed fp32':>11s} {'embed bf16':>11s}")
     for name in args.only:
-        base = MoCoConfig(batch_size=args.batch, **CANDIDATES[name])
+        base = MoCoConfig(batch_size=args.batch, total_steps=10_000, **CANDIDATES[name])
         rates = [measure(dataclasses.replace(base, cpu_bf16=bf16), images, args.steps) for bf16 in (False, True)]
         learner_params = sum(p.numel() for p in MoCoLearner(base).model.base_encoder.parameters()) / 1e6
         print(f"{name:28s} {learner_params:9.2f} {rates[0][0]:11.1f} {rates[1][0]:11.1f} "

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as torchvision's rgb_to_grayscale
 _RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
 
@@ -43,8 +44,9 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel: int = 3  # about 10% of a 32 px side, as moco-v3's 23 px at 224
     solarize_p: tuple[float, float] = (0.0, 0.2)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # Input normalisation; None: the backbone's own (the learner fills it in, ImageNet's by default).
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
     def __post_init__(self):
         lo, hi = self.crop_scale
@@ -61,7 +63,7 @@ class AugmentConfig:
             raise ValueError(f"blur_sigma must satisfy 0 < lo <= hi, got {self.blur_sigma}")
         if min(self.brightness, self.contrast, self.saturation) < 0 or not 0 <= self.hue <= 0.5:
             raise ValueError("jitter strengths must be >= 0 and hue in [0, 0.5]")
-        if min(self.std) <= 0 or (self.out_size is not None and self.out_size < 1):
+        if (self.std is not None and min(self.std) <= 0) or (self.out_size is not None and self.out_size < 1):
             raise ValueError("std must be > 0 and out_size >= 1")
 
 
@@ -191,8 +193,8 @@ def apply_view(images: torch.Tensor, params: ViewParams, cfg: AugmentConfig) -> 
     if p.blur.any():
         x = torch.where(_per_sample(p.blur), _gaussian_blur(x, p.sigma, cfg.blur_kernel), x)
     x = torch.where(_per_sample(p.solarize) & (x >= 128 / 255), 1 - x, x)
-    mean = torch.tensor(cfg.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(cfg.mean or IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std or IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 

