@@ -1,8 +1,18 @@
-"""What the learner trains on: the target set, the newest accepted candidates, and a replay buffer.
+"""What the learner trains on: the target set plus what the agent accepted from the web.
 
-The agent accepts a batch of web images after each round; those become the "newest" part and the
-previous newest move into a bounded replay buffer, so the learner keeps seeing the target set,
-emphasises what was just found, and does not forget what it found earlier.
+Acquired data *adds to* the target instead of replacing part of it. Each batch holds
+`target_batch` target images, exactly as training on the target alone would, and on top of them
+acquired images in proportion to how many there are relative to the target, capped:
+
+    n_acquired = min(round(target_batch * |acquired| / |target|), round(acquired_cap * target_batch))
+
+so every target image is seen as often as in a target-only run, and an acquired image about as
+often as a target image until the cap is reached. Inside a batch no image is drawn twice (a
+duplicate in a contrastive batch is a false negative), and the batch is shuffled so that any
+contiguous shard of it (one rank's, under DDP) holds both kinds.
+
+Accepted images go into one pool, bounded by `capacity` (reservoir or FIFO eviction); there is no
+"newest" part that could go stale when an iteration accepts nothing.
 """
 
 from __future__ import annotations
@@ -13,28 +23,25 @@ from typing import Any
 
 import torch
 
-REPLAY_POLICIES = ("reservoir", "fifo")
+POOL_POLICIES = ("reservoir", "fifo")
 
 
 @dataclass(kw_only=True, frozen=True)
 class MixtureConfig:
-    """Sampling ratios and replay capacity. Ratios of empty parts are dropped and the rest renormalised."""
+    """How much acquired data a batch adds to the target's, and how much is kept."""
 
-    target_ratio: float = 0.5  # the target set anchors the representation
-    newest_ratio: float = 0.3  # the candidates accepted in the latest round
-    replay_ratio: float = 0.2  # earlier accepted candidates, against forgetting
-    replay_capacity: int = 10_000  # images kept in the replay buffer (uint8, 3 KiB each at 32 px)
-    replay_policy: str = "reservoir"  # "reservoir": uniform over all evicted; "fifo": the most recent
+    acquired_cap: float = 1.0  # at most this many acquired images per target image in a batch
+    capacity: int = 100_000  # acquired images kept (uint8, 3 KiB each at 32 px)
+    pool_policy: str = "reservoir"  # at capacity: "reservoir" keeps a uniform sample, "fifo" the newest
     seed: int = 0  # seeds the reservoir's eviction choices
 
     def __post_init__(self):
-        ratios = (self.target_ratio, self.newest_ratio, self.replay_ratio)
-        if min(ratios) < 0 or sum(ratios) <= 0:
-            raise ValueError(f"ratios must be >= 0 with a positive sum, got {ratios}")
-        if self.replay_capacity < 0:
-            raise ValueError(f"replay_capacity must be >= 0, got {self.replay_capacity}")
-        if self.replay_policy not in REPLAY_POLICIES:
-            raise ValueError(f"unknown replay_policy {self.replay_policy!r}; valid: {', '.join(REPLAY_POLICIES)}")
+        if not self.acquired_cap >= 0:
+            raise ValueError(f"acquired_cap must be >= 0, got {self.acquired_cap}")
+        if self.capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {self.capacity}")
+        if self.pool_policy not in POOL_POLICIES:
+            raise ValueError(f"unknown pool_policy {self.pool_policy!r}; valid: {', '.join(POOL_POLICIES)}")
 
 
 def _check_images(images: torch.Tensor, side: int | None = None) -> None:
@@ -44,19 +51,14 @@ def _check_images(images: torch.Tensor, side: int | None = None) -> None:
         raise ValueError(f"expected {side}x{side} images, got {tuple(images.shape[2:])}")
 
 
-def allocate(batch_size: int, weights: list[float]) -> list[int]:
-    """Split `batch_size` into integer counts proportional to `weights` (largest remainders)."""
-    total = sum(weights)
-    exact = [batch_size * w / total for w in weights]
-    counts = [int(e) for e in exact]
-    by_remainder = sorted(range(len(weights)), key=lambda i: exact[i] - counts[i], reverse=True)
-    for i in by_remainder[: batch_size - sum(counts)]:
-        counts[i] += 1
-    return counts
+def acquired_count(target_batch: int, n_target: int, n_acquired: int, cap: float) -> int:
+    """Acquired images added to a batch of `target_batch` target images (see the module docstring)."""
+    proportional = round(target_batch * n_acquired / n_target)
+    return min(proportional, round(cap * target_batch), n_acquired)
 
 
 class TrainingMixture:
-    """Target images + newest accepted + replay buffer, all uint8 (N, 3, S, S) on the CPU."""
+    """The target images and the pool of accepted images, all uint8 (N, 3, S, S) on the CPU."""
 
     def __init__(self, target: torch.Tensor, config: MixtureConfig | None = None):
         _check_images(target)
@@ -65,29 +67,22 @@ class TrainingMixture:
         self.config = config or MixtureConfig()
         self.side = target.shape[2]
         self.target = target.cpu().contiguous()
-        self.newest = torch.empty(0, 3, self.side, self.side, dtype=torch.uint8)
-        self.replay = torch.empty(0, 3, self.side, self.side, dtype=torch.uint8)
-        self.seen = 0  # images ever offered to the replay buffer (the reservoir's stream length)
+        self.acquired = torch.empty(0, 3, self.side, self.side, dtype=torch.uint8)
+        self.seen = 0  # images ever offered to the pool (the reservoir's stream length)
         self.generator = torch.Generator().manual_seed(self.config.seed)
 
-    def parts(self) -> list[torch.Tensor]:
-        return [self.target, self.newest, self.replay]
-
     def add_accepted(self, images: torch.Tensor) -> None:
-        """Make `images` the newest part; the previous newest move into the replay buffer."""
+        """Add accepted images to the pool (evicting by the pool policy beyond capacity)."""
         _check_images(images, self.side)
-        self._push_replay(self.newest)
-        self.newest = images.cpu().contiguous().clone()
-
-    def _push_replay(self, images: torch.Tensor) -> None:
-        capacity = self.config.replay_capacity
-        if self.config.replay_policy == "fifo":
-            self.replay = torch.cat([self.replay, images])[-capacity:] if capacity else self.replay[:0]
+        images = images.cpu().contiguous()
+        capacity = self.config.capacity
+        if self.config.pool_policy == "fifo":
+            self.acquired = torch.cat([self.acquired, images])[-capacity:] if capacity else self.acquired[:0]
             self.seen += len(images)
             return
         # Reservoir sampling: every image offered so far stays with equal chance capacity / seen.
-        room = max(capacity - len(self.replay), 0)
-        self.replay = torch.cat([self.replay, images[:room]])
+        room = max(capacity - len(self.acquired), 0)
+        self.acquired = torch.cat([self.acquired, images[:room]])
         self.seen += len(images[:room])
         rest = images[room:]
         if len(rest) == 0:
@@ -96,23 +91,29 @@ class TrainingMixture:
         slots = (torch.rand(len(rest), generator=self.generator, dtype=torch.float64) * stream_position).long()
         self.seen += len(rest)
         for i in (slots < capacity).nonzero().flatten().tolist():  # in stream order: later ones win
-            self.replay[slots[i]] = rest[i]
+            self.acquired[slots[i]] = rest[i]
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        """A uint8 (batch_size, 3, S, S) batch drawn with replacement, part sizes set by the ratios."""
-        cfg = self.config
-        ratios = [cfg.target_ratio, cfg.newest_ratio, cfg.replay_ratio]
-        weights = [r if len(part) else 0.0 for r, part in zip(ratios, self.parts())]
-        if sum(weights) == 0:  # only the target remains but its ratio is 0
-            weights = [1.0, 0.0, 0.0]
-        batches = []
-        for part, count in zip(self.parts(), allocate(batch_size, weights)):
-            if count:
-                batches.append(part[torch.randint(len(part), (count,), generator=generator)])
-        return torch.cat(batches)
+    def batch_sizes(self, target_batch: int) -> tuple[int, int]:
+        """(target images, acquired images) in a batch built around `target_batch` target images."""
+        n_target = min(target_batch, len(self.target))
+        return n_target, acquired_count(target_batch, len(self.target), len(self.acquired), self.config.acquired_cap)
+
+    def sample(self, target_batch: int, generator: torch.Generator, multiple_of: int = 1) -> torch.Tensor:
+        """A shuffled uint8 batch: `target_batch` target images (all of them if fewer) plus the
+        acquired share, no image twice; the size is cut to a multiple of `multiple_of` (DDP ranks)."""
+        n_target, n_acquired = self.batch_sizes(target_batch)
+        excess = (n_target + n_acquired) % multiple_of
+        n_acquired, n_target = max(n_acquired - excess, 0), n_target - max(excess - n_acquired, 0)
+        if n_target + n_acquired == 0:
+            raise ValueError(f"{len(self.target)} target images do not make a batch for {multiple_of} shards")
+        parts = [self.target[torch.randperm(len(self.target), generator=generator)[:n_target]]]
+        if n_acquired:
+            parts.append(self.acquired[torch.randperm(len(self.acquired), generator=generator)[:n_acquired]])
+        batch = torch.cat(parts)
+        return batch[torch.randperm(len(batch), generator=generator)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": dataclasses.asdict(self.config), "target": self.target, "newest": self.newest, "replay": self.replay,
+        return {"config": dataclasses.asdict(self.config), "target": self.target, "acquired": self.acquired,
                 "seen": self.seen, "generator": self.generator.get_state()}
 
     @classmethod
@@ -122,9 +123,9 @@ class TrainingMixture:
         return mixture
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in ("target", "newest", "replay"):
+        for name in ("target", "acquired"):
             _check_images(state[name])
-        self.target, self.newest, self.replay = state["target"], state["newest"], state["replay"]
+        self.target, self.acquired = state["target"], state["acquired"]
         self.side = self.target.shape[2]
         self.seen = int(state["seen"])
         self.generator.set_state(state["generator"])
