@@ -35,7 +35,7 @@ from explorer.config import ExperimentConfig, save_config
 from explorer.evaluation import evaluate_embeddings
 from explorer.fetch import allow_origin, fetch_images
 from explorer.ledger import LEDGER, FetchRecord, RunLedger
-from explorer.scoring import TargetIndex, dedupe_within, image_signature, near_duplicates
+from explorer.scoring import RewardCalibration, TargetIndex, dedupe_within, image_signature, near_duplicates
 from explorer.search import SearchBackend, SearchError, build_backend, search_many
 from explorer.target import load_target
 from learners.moco import MoCoLearner
@@ -91,7 +91,7 @@ class AcquisitionLoop:
         self.corpus = agent.open_corpus(cfg) if cfg.search.backend == "local" or cfg.corpus else None
         self.target = load_target(cfg.target)
         self.vocab = agent.load_vocabulary(cfg, self.corpus)
-        self.truth = agent.ground_truth(cfg, self.corpus, self.target)
+        self.truth = agent.ground_truth(cfg, self.corpus)
         self.policy = agent.build_agent_policy(cfg, self.vocab, self.corpus, self.truth)
         self.learner = self._learner(None if resume else base_checkpoint, pretrain=not resume)
         self.backend = self._backend(engine_url)
@@ -110,6 +110,12 @@ class AcquisitionLoop:
                 "base_checkpoint": str(Path(base_checkpoint).resolve()) if base_checkpoint else None,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
         self.index = TargetIndex(self.learner.embed(self.target.part("acquire")[0]))
+        self.calibration = RewardCalibration.of(self.index, cfg.reward.k)
+
+    def refresh_index(self) -> None:
+        """Re-embed the target with the current encoder: the reward's neighbours and its scale."""
+        self.index.refresh(self.learner.embed(self.target.part("acquire")[0]))
+        self.calibration = RewardCalibration.of(self.index, self.cfg.reward.k)
 
     def _learner(self, base_checkpoint: Path | None, pretrain: bool = True) -> MoCoLearner:
         learner = agent.build_learner(self.cfg, self.target)
@@ -160,7 +166,7 @@ class AcquisitionLoop:
         """Indices of accepted candidates: reward selection, then near-duplicate filters (within
         the batch, against everything accepted so far, and against the probe test split)."""
         rc = self.cfg.reward
-        chosen = np.flatnonzero(rc.select(rewards)) if len(rewards) else np.zeros(0, int)
+        chosen = np.flatnonzero(rc.accept_mask(rewards, self.calibration)) if len(rewards) else np.zeros(0, int)
         if len(chosen) == 0:
             return chosen
         chosen = chosen[np.argsort(-rewards[chosen], kind="stable")]  # best first for the greedy dedupe
@@ -179,12 +185,10 @@ class AcquisitionLoop:
         self._check_stop()
         emb = self.learner.embed(cand.images) if len(cand.urls) else np.zeros((0, self.index.dim), np.float32)
         rewards = cfg.reward.image_rewards(emb, self.index) if len(emb) else np.zeros(0, np.float32)
-        per_query = [[] for _ in queries]
-        for j, qs in enumerate(cand.queries_of):
-            for qi in qs:
-                per_query[qi].append(rewards[j])
-        q_rewards = [cfg.reward.query_reward(np.asarray(r, np.float32)) for r in per_query]
+        q_rewards = cfg.reward.query_rewards(rewards, cand.queries_of, len(queries), self.calibration,
+                                             cfg.search.results_per_query)
         self.policy.update(queries, q_rewards)
+        threshold = self.calibration.threshold(cfg.reward.accept_percentile)
         accepted = self.accept(cand, rewards)
         self._check_stop()  # last safe point: from here on the iteration writes its logs
         self._pending = {"concepts": [None if q.concept is None else self.vocab.concepts[q.concept] for q in queries],
@@ -194,7 +198,7 @@ class AcquisitionLoop:
         if len(accepted):
             self.learner.mixture.add_accepted(cand.images[accepted])
         losses = self.learner.train_steps(self.learner.mixture, cfg.train.steps_per_iteration, progress=self.progress)
-        self.index.refresh(self.learner.embed(self.target.part("acquire")[0]))
+        self.refresh_index()
         row = {"iteration": self.iteration, "queries": [q.text for q in queries],
                "query_rewards": [round(float(r), 6) for r in q_rewards],
                "results": [0 if isinstance(a, SearchError) else len(a) for a in answers],
@@ -205,6 +209,8 @@ class AcquisitionLoop:
                "precision_fetched": self.truth.precision(cand.urls) if self.truth else None,
                "precision_accepted": self.truth.precision([cand.urls[j] for j in accepted]) if self.truth else None,
                "mean_image_reward": float(rewards.mean()) if len(rewards) else None,
+               "accept_threshold": round(threshold, 6) if cfg.reward.accept == "value" else None,
+               "acquired_total": len(self.learner.mixture.acquired),
                "ssl_loss": float(np.mean(losses)) if losses else None, "learner_step": self.learner.step}
         if self.iteration % cfg.train.eval_every == 0 or self.iteration == cfg.iterations:
             row.update(self.evaluate())
@@ -234,8 +240,8 @@ class AcquisitionLoop:
         """kNN (k=train.knn_k, cosine) and linear-probe accuracy on the target's labelled split."""
         train_x, train_y = self.target.part("probe_train")
         test_x, test_y = self.target.part("probe_test")
-        if (train_y < 0).any() or (test_y < 0).any():
-            return {}
+        if not len(train_y) or not len(test_y) or (train_y < 0).any() or (test_y < 0).any():
+            return {}  # a target without labels: nothing to evaluate
         scores = evaluate_embeddings(self.learner.embed(train_x), train_y, self.learner.embed(test_x), test_y,
                                      k=self.cfg.train.knn_k)
         return {f"eval_{k}": round(float(v), 4) for k, v in scores.items()}

@@ -8,8 +8,15 @@ gives cosines directly.
 - Image reward (`knn_reward`): the mean cosine similarity of a candidate to its k nearest target
   embeddings, so an image is rewarded for lying in a dense part of the target distribution
   rather than next to a single outlier.
-- Query reward (`query_reward`): one number per query from its images' rewards.
-- Acceptance (`select_for_training`): which candidates enter training.
+- Calibration (`RewardCalibration`): the target's own leave-one-out rewards under the current
+  encoder. A candidate's reward is read as the share of target images that are no more typical of
+  the target than it is (`percentile`), which means the same thing whatever the encoder's scale.
+- Acceptance by value (`RewardConfig.accept_mask`): a candidate enters training when its reward is
+  at least the `accept_percentile`-th percentile of the target's own rewards, so a policy that
+  finds nothing target-like adds nothing; the legacy rule (`select_for_training`) keeps a fixed
+  fraction of every batch.
+- Query reward (`query_yield`, `query_reward`): the target-like yield of a query, its images'
+  percentiles summed over the results it was asked for; or an aggregate of the raw rewards.
 - Decontamination (`near_duplicates`, `dedupe_within`): drop copies of the probe test split and
   of images already accepted, so gains on the probe are not bought by leaking it.
 """
@@ -48,6 +55,7 @@ class TargetIndex:
 
     def __init__(self, embeddings: np.ndarray):
         self._index: faiss.IndexFlatIP | None = None
+        self.embeddings = np.zeros((0, 0), np.float32)
         self.refresh(embeddings)
 
     def refresh(self, embeddings: np.ndarray) -> None:
@@ -59,7 +67,7 @@ class TargetIndex:
             raise ValueError("target embeddings contain NaN or inf")
         index = faiss.IndexFlatIP(targets.shape[1])
         index.add(targets)
-        self._index = index
+        self._index, self.embeddings = index, targets
 
     @property
     def dim(self) -> int:
@@ -101,6 +109,54 @@ def knn_reward(candidate_emb: np.ndarray, index: TargetIndex, k: int = 10,
     return rewards
 
 
+def leave_one_out_rewards(index: TargetIndex, k: int = 10) -> np.ndarray:
+    """knn_reward of every target against the *other* targets -> (N_t,) float32.
+
+    This is what a new image drawn from the target distribution would score, so it is the scale
+    on which candidates are judged. A target's own entry is removed by id (not by position, so an
+    exact duplicate in the target set still counts as a neighbour)."""
+    if len(index) < 2:
+        raise ValueError("leave-one-out rewards need at least 2 target images")
+    k = min(k, len(index) - 1)
+    sims, ids = index.knn(index.embeddings, k + 1)  # (N_t, k+1), usually self first
+    own = ids == np.arange(len(ids))[:, None]
+    own[~own.any(axis=1), -1] = True  # self not among the k+1 (ties): drop the farthest instead
+    return sims[~own].reshape(len(ids), k).mean(axis=1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class RewardCalibration:
+    """The target's leave-one-out rewards, sorted: the scale on which candidate rewards are read."""
+
+    reference: np.ndarray  # (N_t,) sorted ascending
+
+    @classmethod
+    def of(cls, index: TargetIndex, k: int) -> "RewardCalibration":
+        return cls(np.sort(leave_one_out_rewards(index, k)))
+
+    def percentile(self, rewards: np.ndarray) -> np.ndarray:
+        """(M,) rewards -> (M,) share in [0, 1] of target images whose own reward is <= each one.
+
+        A candidate typical of the target reads ~0.5, one below every target image 0; NaN reads 0."""
+        rewards = np.nan_to_num(np.asarray(rewards, dtype=np.float64), nan=-np.inf)
+        return np.searchsorted(self.reference, rewards, side="right") / len(self.reference)
+
+    def threshold(self, percentile: float) -> float:
+        """The reward at the given percentile (0-100) of the target's own rewards."""
+        return float(np.percentile(self.reference, percentile))
+
+
+def query_yield(percentiles: list[np.ndarray], requested: int) -> list[float]:
+    """Per query: the sum of its images' percentiles over the `requested` results it asked for.
+
+    An image typical of the target adds ~0.5, an unrelated one 0; a result that failed to fetch or
+    decode, was accepted before, or never came (the engine returned fewer) adds 0. So a query is
+    worth what it yields, and one whose results are all rejected is worth 0 under any encoder."""
+    if requested < 1:
+        raise ValueError(f"requested must be >= 1, got {requested}")
+    return [float(np.sum(p)) / requested for p in percentiles]
+
+
 def _mean_top(rewards: np.ndarray, top_m: int) -> float:
     # np.partition puts the top_m largest last without a full sort.
     m = min(top_m, len(rewards))
@@ -113,6 +169,9 @@ QUERY_AGGREGATES: dict[str, Callable[[np.ndarray, int], float]] = {
     "mean": lambda rewards, top_m: float(rewards.mean()),
     "max": lambda rewards, top_m: float(rewards.max()),
 }
+
+QUERY_REWARDS = ("yield", "aggregate")
+ACCEPT_RULES = ("value", "top_fraction")
 
 # Reward of a query with no usable images. Cosine 0 means "unrelated": below the reward of any
 # image that resembles the target at all, yet not so far below the usual spread of rewards
@@ -234,14 +293,27 @@ class RewardConfig:
     """Query reward from its images' rewards: a key of QUERY_AGGREGATES."""
     top_m: int = 10
     """Images averaged by the 'mean_top' aggregate."""
+    query: str = "yield"
+    """The query reward: "yield" (`query_yield`: target-like images per result asked for, read on the
+    calibrated scale) or "aggregate" (`aggregate` of its images' raw rewards, Internet Explorer's)."""
     empty_query_reward: float = EMPTY_QUERY_REWARD
-    """Reward of a query that yields no usable image (see EMPTY_QUERY_REWARD)."""
+    """Reward of a query that yields no usable image under the "aggregate" query reward."""
+    accept: str = "value"
+    """"value": accept an image whose reward is at least the `accept_percentile`-th percentile of the
+    target's own leave-one-out rewards (then at most `max_accept` per iteration, best first);
+    "top_fraction": the legacy rule of `select_for_training` (threshold, else a fixed fraction)."""
+    accept_percentile: float = 10.0
+    """Percentile (0-100) of the target's own rewards a candidate must reach under "value". At 10,
+    nine in ten images drawn from the target distribution pass while anything less typical of the
+    target than its least typical tenth is refused (measured in BENCHMARKS.md, acceptance)."""
+    max_accept: int | None = None
+    """At most this many images accepted per iteration (the best), None for no cap."""
     accept_threshold: float | None = None
-    """Accept images with reward >= this; None uses only the top-fraction rule."""
+    """"top_fraction" rule: accept images with reward >= this; None uses only the top fraction."""
     accept_top_fraction: float = 0.5
-    """Fallback: fraction of a batch's candidates (best first) accepted when the threshold fails."""
+    """"top_fraction" rule: fraction of a batch's candidates (best first) accepted when the threshold fails."""
     min_keep: int = 0
-    """Accept at least this many candidates per batch (when that many have finite rewards)."""
+    """"top_fraction" rule: accept at least this many candidates per batch."""
     dedupe_threshold: float = 0.99
     """Cosine of `image_signature`s at or above which two images count as the same (within a
     batch, vs accepted). Measured on Fashion-MNIST: 0.95 would flag 43% of train images as copies
@@ -260,6 +332,14 @@ class RewardConfig:
                              f"valid: {sorted(QUERY_AGGREGATES)}")
         if self.top_m < 1:
             raise ValueError(f"top_m must be >= 1, got {self.top_m}")
+        if self.query not in QUERY_REWARDS:
+            raise ValueError(f"unknown query reward {self.query!r}; valid: {', '.join(QUERY_REWARDS)}")
+        if self.accept not in ACCEPT_RULES:
+            raise ValueError(f"unknown accept rule {self.accept!r}; valid: {', '.join(ACCEPT_RULES)}")
+        if not 0.0 <= self.accept_percentile <= 100.0:
+            raise ValueError(f"accept_percentile must be in [0, 100], got {self.accept_percentile}")
+        if self.max_accept is not None and self.max_accept < 0:
+            raise ValueError(f"max_accept must be None or >= 0, got {self.max_accept}")
         if not math.isfinite(self.empty_query_reward):
             raise ValueError("empty_query_reward must be finite: policies must never see NaN/inf")
         if self.accept_threshold is not None and not -1.0 <= self.accept_threshold <= 1.0:
@@ -283,10 +363,31 @@ class RewardConfig:
         return query_reward(image_rewards, how=self.aggregate, top_m=self.top_m,
                             empty=self.empty_query_reward)
 
-    def select(self, rewards: np.ndarray) -> np.ndarray:
-        """select_for_training with this config's threshold, top fraction and min_keep."""
-        return select_for_training(rewards, threshold=self.accept_threshold,
-                                   top_fraction=self.accept_top_fraction, min_keep=self.min_keep)
+    def query_rewards(self, rewards: np.ndarray, queries_of: list[list[int]], n_queries: int,
+                      calibration: RewardCalibration, requested: int) -> list[float]:
+        """One reward per query from the rewards (M,) of the candidates and which queries found each."""
+        per_query = [[] for _ in range(n_queries)]
+        for j, found_by in enumerate(queries_of):
+            for qi in found_by:
+                per_query[qi].append(rewards[j])
+        if self.query == "aggregate":
+            return [self.query_reward(np.asarray(r, np.float32)) for r in per_query]
+        return query_yield([calibration.percentile(np.asarray(r)) for r in per_query], requested)
+
+    def accept_mask(self, rewards: np.ndarray, calibration: RewardCalibration | None) -> np.ndarray:
+        """Which candidates (M,) the reward lets into training -> bool (M,), before de-duplication."""
+        rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
+        if self.accept == "top_fraction":
+            return select_for_training(rewards, threshold=self.accept_threshold,
+                                       top_fraction=self.accept_top_fraction, min_keep=self.min_keep)
+        if calibration is None:
+            raise ValueError('the "value" accept rule needs the target\'s reward calibration')
+        mask = np.isfinite(rewards) & (rewards >= calibration.threshold(self.accept_percentile))
+        if self.max_accept is not None and mask.sum() > self.max_accept:
+            best = np.argsort(-np.where(mask, rewards, -np.inf), kind="stable")[:self.max_accept]
+            mask = np.zeros_like(mask)
+            mask[best] = True
+        return mask
 
 
 def image_signature(images: torch.Tensor, side: int = 16) -> np.ndarray:

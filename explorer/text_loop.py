@@ -33,7 +33,7 @@ from explorer.cache import CacheMode, ResponseCache
 from explorer.config import ExperimentConfig, save_config
 from explorer.fetch import allow_origin
 from explorer.loop import StopRequested, truncate_logs
-from explorer.scoring import TargetIndex, dedupe_within, near_duplicates
+from explorer.scoring import RewardCalibration, TargetIndex, dedupe_within, near_duplicates
 from explorer.search import SearchBackend, SearchError, search_many
 from explorer.text_agent import (TopicTruth, build_text_policy, lm_embeddings, open_text_corpus,
                                  text_vocabulary)
@@ -97,6 +97,7 @@ class TextAcquisitionLoop:
             save_config(cfg, self.run_dir / "config.yaml")
             (self.run_dir / "backend.json").write_text(json.dumps(self.backend.describe(), indent=2))
         self.index = TargetIndex(self._target_embeddings())
+        self.calibration = RewardCalibration.of(self.index, cfg.reward.k)
 
     # -- parts ------------------------------------------------------------------------------
     def _known_documents(self, train_texts: list[str]) -> None:
@@ -219,7 +220,7 @@ class TextAcquisitionLoop:
         """Indices of accepted documents: reward selection, then near-duplicate filters (within the
         batch and against everything accepted so far)."""
         rc = self.cfg.reward
-        chosen = np.flatnonzero(rc.select(rewards)) if len(rewards) else np.zeros(0, int)
+        chosen = np.flatnonzero(rc.accept_mask(rewards, self.calibration)) if len(rewards) else np.zeros(0, int)
         if len(chosen) == 0:
             return chosen
         chosen = chosen[np.argsort(-rewards[chosen], kind="stable")]  # best first for the greedy dedupe
@@ -241,11 +242,8 @@ class TextAcquisitionLoop:
             queries_of = [q for q, f in zip(queries_of, fresh) if f]
             rewards_emb, sig = rewards_emb[fresh], sig[fresh]
         rewards = cfg.reward.image_rewards(rewards_emb, self.index) if len(docs) else np.zeros(0, np.float32)
-        per_query = [[] for _ in queries]
-        for j, qs in enumerate(queries_of):
-            for qi in qs:
-                per_query[qi].append(rewards[j])
-        q_rewards = [cfg.reward.query_reward(np.asarray(r, np.float32)) for r in per_query]
+        q_rewards = cfg.reward.query_rewards(rewards, queries_of, len(queries), self.calibration,
+                                             cfg.search.results_per_query)
         self.policy.update(queries, q_rewards)
         accepted = self.accept(rewards, sig)
         self._check_stop()  # last safe point: from here on the iteration writes its logs
@@ -282,6 +280,7 @@ class TextAcquisitionLoop:
         self.tokens_trained += tokens
         if self.cfg.text.reward_encoder == "lm":  # the reward's reference moves with the LM
             self.index.refresh(self._target_embeddings())
+            self.calibration = RewardCalibration.of(self.index, self.cfg.reward.k)
         return {"train_loss": round(float(np.mean(losses)), 6) if losses else None}
 
     def evaluate(self) -> dict:

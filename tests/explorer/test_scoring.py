@@ -5,12 +5,15 @@ import pytest
 
 from explorer.scoring import (
     QUERY_AGGREGATES,
+    RewardCalibration,
     RewardConfig,
     TargetIndex,
     dedupe_within,
     knn_reward,
+    leave_one_out_rewards,
     near_duplicates,
     query_reward,
+    query_yield,
     select_for_training,
     unit_rows,
 )
@@ -203,18 +206,69 @@ def test_dedupe_within_matches_a_naive_greedy_pass_on_clustered_data():
     {"k": 0}, {"aggregate": "median"}, {"top_m": 0}, {"empty_query_reward": float("nan")},
     {"accept_threshold": 1.5}, {"accept_top_fraction": -0.1}, {"min_keep": -1},
     {"dedupe_threshold": -1.0}, {"decontaminate_threshold": 1.2}, {"chunk_size": 0},
+    {"query": "sum"}, {"accept": "all"}, {"accept_percentile": 101}, {"max_accept": -1},
 ])
 def test_reward_config_rejects_invalid_values(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="|".join(bad)):
         RewardConfig(**bad)
 
 
+# --- calibration, acceptance by value, query yield ----------------------------------------------
+
+def test_leave_one_out_rewards_match_brute_force_without_self():
+    rng = np.random.default_rng(0)
+    targets = unit_rows(rng.normal(size=(40, 8)))
+    targets[7] = targets[3]  # an exact duplicate still counts as the other's neighbour
+    sims = targets @ targets.T
+    np.fill_diagonal(sims, -np.inf)
+    expected = np.sort(sims, axis=1)[:, ::-1][:, :5].mean(axis=1)
+    np.testing.assert_allclose(leave_one_out_rewards(TargetIndex(targets), k=5), expected, atol=1e-5)
+
+
+def test_percentile_reads_rewards_on_the_targets_own_scale():
+    calibration = RewardCalibration(np.array([0.1, 0.2, 0.3, 0.4]))
+    np.testing.assert_allclose(calibration.percentile(np.array([0.05, 0.2, 0.35, 0.9, np.nan])),
+                               [0.0, 0.5, 0.75, 1.0, 0.0])
+    assert calibration.threshold(50) == pytest.approx(0.25)
+    # the same candidates under an encoder that maps everything closer together read the same
+    squeezed = RewardCalibration(0.9 + np.array([0.1, 0.2, 0.3, 0.4]) / 10)
+    np.testing.assert_allclose(squeezed.percentile(0.9 + np.array([0.05, 0.2, 0.35]) / 10), [0.0, 0.5, 0.75])
+
+
+def test_accept_by_value_takes_what_clears_the_targets_percentile_and_nothing_else():
+    calibration = RewardCalibration(np.linspace(0.5, 1.0, 101))  # 10th percentile: 0.55
+    config = RewardConfig(accept="value", accept_percentile=10)
+    rewards = np.array([0.2, 0.56, 0.54, 0.9, np.nan, 0.55])
+    assert config.accept_mask(rewards, calibration).tolist() == [False, True, False, True, False, True]
+    assert not config.accept_mask(np.full(20, 0.3), calibration).any()  # nothing relevant: nothing added
+    capped = RewardConfig(accept="value", accept_percentile=10, max_accept=2)
+    assert capped.accept_mask(rewards, calibration).tolist() == [False, True, False, True, False, False]
+    with pytest.raises(ValueError, match="calibration"):
+        config.accept_mask(rewards, None)
+
+
+def test_query_yield_counts_what_a_query_found_per_result_asked_for():
+    calibration = RewardCalibration(np.array([0.1, 0.2, 0.3, 0.4]))
+    config = RewardConfig(query="yield")
+    rewards = np.array([0.45, 0.05, 0.35, 0.25])  # percentiles 1, 0, 0.75, 0.5
+    # query 0 found images 0 and 2; query 1 found image 2 (shared) and 3; query 2 found only
+    # image 1 (unlike the target); query 3 found nothing (or only failed fetches)
+    queries_of = [[0], [2], [0, 1], [1]]
+    rewards_by_query = config.query_rewards(rewards, queries_of, 4, calibration, requested=4)
+    np.testing.assert_allclose(rewards_by_query, [(1 + 0.75) / 4, (0.75 + 0.5) / 4, 0.0, 0.0])
+    assert query_yield([np.array([0.5, 0.5])], requested=2) == [0.5]
+    with pytest.raises(ValueError, match="requested"):
+        query_yield([], requested=0)
+    aggregate = RewardConfig(query="aggregate", aggregate="mean")
+    assert aggregate.query_rewards(rewards, queries_of, 4, calibration, 4)[0] == pytest.approx(0.4)
+
+
 def test_reward_config_applies_its_settings():
-    config = RewardConfig(k=2, aggregate="mean", accept_threshold=0.99, accept_top_fraction=0.5)
+    config = RewardConfig(k=2, aggregate="mean", accept="top_fraction", accept_threshold=0.99, accept_top_fraction=0.5)
     rewards = config.image_rewards(np.array([[1, 0], [R, R]], dtype=np.float32), TargetIndex(COMPASS))
     np.testing.assert_allclose(rewards, [0.5, R], atol=1e-6)
     assert config.query_reward(rewards) == pytest.approx((0.5 + R) / 2)
-    assert config.select(rewards).tolist() == [False, True]  # nothing reaches 0.99: top half
+    assert config.accept_mask(rewards, None).tolist() == [False, True]  # nothing reaches 0.99: top half
     with pytest.raises(Exception):
         config.k = 3  # frozen
 
