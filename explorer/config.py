@@ -36,6 +36,9 @@ class VocabularyConfig:
     seed: int = 0
     path: str | None = None
     """A saved ConceptVocabulary JSON to use instead of building one."""
+    glosses: bool = True
+    """Embed each concept with its WordNet gloss ('sandal: a shoe consisting of ...') for the policies
+    that compare concepts (gp, hybrid), rather than the bare word (see ConceptVocabulary.descriptions)."""
 
 
 @dataclass(kw_only=True, frozen=True)

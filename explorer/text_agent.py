@@ -16,7 +16,7 @@ from explorer import agent
 from explorer.config import ExperimentConfig
 from explorer.text_corpus import TextCorpus, TextCorpusSpec, build_text_corpus, default_text_corpus_dir
 from explorer.vocabulary import ConceptVocabulary
-from policies.base import QueryPolicy, build_policy
+from policies.base import QueryPolicy
 
 
 def open_text_corpus(cfg: ExperimentConfig, progress: bool = False) -> TextCorpus:
@@ -83,15 +83,8 @@ def text_oracle_relevance(vocab: ConceptVocabulary, corpus: TextCorpus, topic: s
 
 def build_text_policy(cfg: ExperimentConfig, vocab: ConceptVocabulary, corpus: TextCorpus) -> QueryPolicy:
     """The same registered policies as the image side, over the text web's vocabulary."""
-    kwargs = dict(cfg.policy.options)
-    if cfg.policy.name in ("gp", "hybrid"):  # both rank concepts by their MiniLM embeddings
-        kwargs.setdefault("embeddings", agent.concept_embeddings(vocab, corpus.root))
-    if cfg.policy.name == "oracle":
-        kwargs["relevance"] = text_oracle_relevance(vocab, corpus, cfg.text.topic, cfg.search.results_per_query)
-    try:
-        return build_policy(cfg.policy.name, concepts=list(vocab.concepts), seed=cfg.seed, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"policy.options: {e}") from e
+    return agent.make_policy(cfg, vocab, corpus.root, lambda: text_oracle_relevance(
+        vocab, corpus, cfg.text.topic, cfg.search.results_per_query))
 
 
 @torch.no_grad()

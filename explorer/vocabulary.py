@@ -260,6 +260,23 @@ class ConceptVocabulary:
         """WordNet path of concept `i` up to 'entity' (loads the database on first use)."""
         return cached_wordnet(self.wordnet_dir).hypernym_path(self.concepts[i])
 
+    def descriptions(self) -> list[str]:
+        """'sandal: a shoe consisting of a sole fastened by straps to the foot' per concept: the word
+        with the first clause of its WordNet gloss (the bare word where WordNet has none).
+
+        A sentence encoder places rare single words by their spelling ('espadrille' lands next to
+        'escargot'); with the gloss it places them by meaning (next to 'sandal' and 'shoe'), which is
+        the geometry a policy that generalises rewards between concepts needs."""
+        wn = cached_wordnet(self.wordnet_dir)
+        out = []
+        for concept in self.concepts:
+            try:
+                gloss = wn.gloss(concept).split(";")[0].strip()
+            except KeyError:
+                gloss = ""
+            out.append(f"{concept}: {gloss}" if gloss else concept)
+        return out
+
     def save(self, path: Path | str) -> None:
         record = {"source": self.source, "params": self.params, "concepts": list(self.concepts)}
         Path(path).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")

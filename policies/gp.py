@@ -53,6 +53,14 @@ class GPConfig:
     repeat_penalty: float | None = None  # None: untried concepts first; else handicap for repeats
     max_observations: int = 256  # the GP is fitted on at most this many distinct queries
     length_scale: float = 0.7  # initial RBF length scale; chord distances on the sphere are in [0, 2]
+    # Bounds of the fitted length scale; None: (median nearest-neighbour chord distance of the
+    # concepts, 2). Below the typical gap between neighbouring concepts every untried concept
+    # would get the prior mean and the GP would propose what the random policy proposes.
+    length_scale_bounds: tuple[float, float] | None = None
+    # Largest noise variance (standardised reward units) the fit may choose. Rewards of a query are
+    # nearly deterministic given the encoder; with a few hits among many zeros the marginal
+    # likelihood otherwise can explain the hits away as noise and predict nothing.
+    max_noise: float = 0.5
     optimizer_restarts: int = 1  # extra random starts of the marginal-likelihood optimiser
     optimizer_iterations: int = 60  # L-BFGS iteration cap per start
 
@@ -72,6 +80,12 @@ class GPConfig:
             raise ValueError(f"max_observations must be >= 2, got {self.max_observations}")
         if not 0.05 <= self.length_scale <= 5.0:
             raise ValueError(f"length_scale must lie in [0.05, 5], got {self.length_scale}")
+        if self.length_scale_bounds is not None:
+            lo, hi = self.length_scale_bounds
+            if not 0 < lo <= hi:
+                raise ValueError(f"length_scale_bounds must satisfy 0 < low <= high, got {self.length_scale_bounds}")
+        if not 0 < self.max_noise <= 10:
+            raise ValueError(f"max_noise must be in (0, 10], got {self.max_noise}")
         if self.optimizer_restarts < 0 or self.optimizer_iterations < 1:
             raise ValueError("optimizer_restarts must be >= 0 and optimizer_iterations >= 1")
 
@@ -111,15 +125,32 @@ def _bounded_lbfgs(obj_func, initial_theta, bounds, max_iterations: int):
     return result.x, result.fun
 
 
-def fit_gp(points: np.ndarray, targets: np.ndarray, config: GPConfig, random_state: int) -> FittedGP:
+def neighbour_gap(vectors: np.ndarray, sample: int = 2000, seed: int = 0) -> float:
+    """Median chord distance from a concept to its nearest other concept, over a seeded sample."""
+    rows = np.random.default_rng(seed).choice(len(vectors), min(sample, len(vectors)), replace=False)
+    nearest = np.empty(len(rows))
+    for start in range(0, len(rows), 256):  # (256, N) cosines at a time
+        chunk = rows[start:start + 256]
+        cos = vectors[chunk] @ vectors.T
+        cos[np.arange(len(chunk)), chunk] = -np.inf  # not itself
+        nearest[start:start + len(chunk)] = np.minimum(cos.max(axis=1), 1.0)
+    return float(np.median(np.sqrt(np.maximum(2.0 - 2.0 * nearest, 0.0))))
+
+
+def fit_gp(points: np.ndarray, targets: np.ndarray, config: GPConfig, random_state: int,
+           length_scale_bounds: tuple[float, float] = (0.05, 5.0)) -> FittedGP:
     """Maximum-marginal-likelihood fit of ConstantKernel * RBF + WhiteKernel on (M, D) unit vectors."""
     from sklearn.gaussian_process import GaussianProcessRegressor
     from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
 
-    mean = float(targets.mean())
+    # The prior mean is the median reward, not the mean: most queries find nothing, and with the mean
+    # an untried concept far from everything would be predicted above the ones next to the zeros
+    # (mean > 0), so the GP would chase distance instead of the neighbourhoods of its hits.
+    mean = float(np.median(targets))
     scale = float(targets.std()) if len(targets) > 1 and targets.std() > 1e-12 else 1.0
-    kernel = (ConstantKernel(1.0, (1e-2, 1e2)) * RBF(config.length_scale, (0.05, 5.0))
-              + WhiteKernel(0.1, (1e-4, 10.0)))
+    lo, hi = length_scale_bounds
+    kernel = (ConstantKernel(1.0, (1e-2, 1e2)) * RBF(float(np.clip(config.length_scale, lo, hi)), (lo, hi))
+              + WhiteKernel(0.1, (1e-4, config.max_noise)))
     optimizer = functools.partial(_bounded_lbfgs, max_iterations=config.optimizer_iterations)
     gp = GaussianProcessRegressor(kernel, normalize_y=False, optimizer=optimizer,
                                   n_restarts_optimizer=config.optimizer_restarts,
@@ -205,6 +236,8 @@ def latest_distinct(log: QueryLog, limit: int) -> tuple[list[int | str], np.ndar
 class GPPolicy(VocabularyPolicy):
     """GP regression of reward on query embeddings; proposes by softmax sampling or UCB."""
 
+    config_class = GPConfig
+
     def __init__(self, concepts: Sequence[str], seed: int = 0, embeddings: np.ndarray | None = None,
                  text_encoder: Callable[[list[str]], np.ndarray] | None = None, **config):
         super().__init__(concepts, seed)
@@ -215,6 +248,10 @@ class GPPolicy(VocabularyPolicy):
         self.embeddings = _unit_rows(np.asarray(embeddings, dtype=np.float32))  # (N, D)
         if self.embeddings.shape[0] != len(self.concepts):
             raise ValueError(f"{self.embeddings.shape[0]} embeddings for {len(self.concepts)} concepts")
+        bounds = self.config.length_scale_bounds
+        if bounds is None:  # from the vocabulary's own geometry (fixed for the policy's life)
+            bounds = (neighbour_gap(self.embeddings), 2.0) if len(self.concepts) > 1 else (0.05, 5.0)
+        self.length_scale_bounds = (min(bounds[0], bounds[1]), bounds[1])
         self.text_vectors: dict[str, np.ndarray] = {}  # free-text query -> (D,) unit vector
         self._log_changed()
 
@@ -247,7 +284,7 @@ class GPPolicy(VocabularyPolicy):
             # Seeded by (seed, log length): a refit after load_state_dict gives the same model.
             restarts_seed = np.random.SeedSequence([self.seed, len(self.log)])
             random_state = int(restarts_seed.generate_state(1)[0])
-            self._fitted = fit_gp(points, targets, self.config, random_state)
+            self._fitted = fit_gp(points, targets, self.config, random_state, self.length_scale_bounds)
         return self._fitted
 
     def predict(self, indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -263,7 +300,10 @@ class GPPolicy(VocabularyPolicy):
     def propose(self, n: int) -> list[Query]:
         self._check_batch(n)
         tried = self.log.tried
-        if len(self.log) < max(1, self.config.explore_first):
+        if len(self.log) < max(1, self.config.explore_first) or np.ptp(self.log.rewards) < 1e-12:
+            # Before `explore_first` queries, or while every query earned the same (typically: nothing
+            # found yet), the GP has nothing to rank by; UCB would chase the most isolated concepts
+            # of the embedding space, so explore uniformly, as the random policy does.
             flat = np.zeros(len(self.concepts))
             return self._queries(rank_untried_first(flat, tried, n, self.rng))
         acquisition = ACQUISITIONS[self.config.acquisition]

@@ -245,6 +245,8 @@ class Rollout:
 class LLMQueryPolicy(VocabularyPolicy):
     """Free-text queries sampled from a causal LM that PPO trains on the query rewards."""
 
+    config_class = LLMPolicyConfig
+
     def __init__(self, concepts: Sequence[str], seed: int = 0, **config):
         super().__init__(concepts, seed)
         self.config = LLMPolicyConfig(**config)
