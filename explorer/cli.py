@@ -36,14 +36,14 @@ def _corpus_info(args) -> int:
     return 0
 
 
-def open_local_engine(corpus_dir: Path, port: int = 0, min_score: float = 0.25):
+def open_local_engine(corpus_dir: Path, port: int = 0, min_score: float = 0.25, error_log: Path | None = None):
     """Load a corpus, index it and start the engine on 127.0.0.1 (a started `SearchServer`)."""
     from explorer.corpus import WebCorpus
     from explorer.engine import HybridIndex, SearchServer
     from explorer.text_encoder import default_encoder
 
     index = HybridIndex(WebCorpus(corpus_dir), default_encoder(), min_score=min_score)
-    return SearchServer(index, port=port).start()
+    return SearchServer(index, port=port, error_log=error_log).start()
 
 
 def _serve(args) -> int:
@@ -128,6 +128,8 @@ def _run(args) -> int:
     overrides = _parse_overrides(args.set)
     if args.target:
         overrides["target.name"] = str(args.target.resolve())
+        for size in ("target.acquire_size", "target.probe_train_size"):  # a folder is split by fractions
+            overrides.setdefault(size, None)
     cfg = load_config(args.config, overrides)
     out = args.out or default_run_dir(cfg)
     print(f"run folder: {out}")
@@ -267,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set policy.name=random --set iterations=3")
     r.add_argument("--target", type=Path, default=None,
-                   help="your own target: a folder of images (class subfolders give evaluation labels)")
+                   help="your own target: a folder of images (class subfolders give evaluation labels; "
+                        "loose files beside them are ignored). The local web's precision needs "
+                        "--set 'target.relevant=[CLASS, ...]' naming its hidden classes of your kind")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("--keep-checkpoints", type=_positive_int, default=3, metavar="K",
                    help="keep the last K checkpoint directories (RUN_DIR/checkpoints/iter-NNNNNN)")

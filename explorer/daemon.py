@@ -50,12 +50,14 @@ def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, pro
     else:
         cfg = load_config(config)
     server = status = loop = None
+    run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.search.backend == "local" and not cfg.search.url:
         from explorer.cli import open_local_engine
         from explorer.corpus import default_corpus_dir
 
         server = open_local_engine(Path(cfg.corpus) if cfg.corpus else default_corpus_dir(),
-                                   port=_recorded_port(run_dir) if resuming else 0)
+                                   port=_recorded_port(run_dir) if resuming else 0,
+                                   error_log=run_dir / "engine.log")
     try:
         loop = AcquisitionLoop(cfg, run_dir, engine_url=server.url if server else None, progress=progress,
                                resume=resuming, keep_checkpoints=keep_checkpoints)

@@ -30,10 +30,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
+import sys
 import threading
+import time
+import traceback
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import bm25s
@@ -42,6 +47,8 @@ import numpy as np
 import Stemmer
 
 from explorer.corpus import WebCorpus
+
+log = logging.getLogger(__name__)
 
 MAX_PER_PAGE = 100
 
@@ -235,11 +242,36 @@ def _handler(index: HybridIndex):
     return Handler
 
 
-class SearchServer:
-    """The engine on 127.0.0.1 in a background thread; `with SearchServer(...) as s: s.url`."""
+class _QuietHTTPServer(ThreadingHTTPServer):
+    """Request errors (a client that hung up mid-answer, say) go to a log file, not the terminal."""
 
-    def __init__(self, index: HybridIndex, host: str = "127.0.0.1", port: int = 0):
-        self.httpd = ThreadingHTTPServer((host, port), _handler(index))
+    error_log: Path | None = None
+
+    def handle_error(self, request, client_address):
+        kind, error, _ = sys.exc_info()
+        line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {client_address[0]}:{client_address[1]} {kind.__name__}: {error}"
+        if self.error_log is None:
+            log.debug("engine: %s", line)
+            return
+        try:
+            with open(self.error_log, "a") as f:
+                f.write(line + "\n")
+                if not isinstance(error, (ConnectionError, TimeoutError)):  # a real fault: keep its traceback
+                    f.write(traceback.format_exc())
+        except OSError as e:  # the log itself failed (disk full): never let it reach the terminal
+            log.debug("engine: %s (error log unwritable: %s)", line, e)
+
+
+class SearchServer:
+    """The engine on 127.0.0.1 in a background thread; `with SearchServer(...) as s: s.url`.
+
+    `error_log`: a file that request errors are appended to (by default they are only logged at
+    debug level), so a client that hangs up never prints a traceback into the user's terminal."""
+
+    def __init__(self, index: HybridIndex, host: str = "127.0.0.1", port: int = 0,
+                 error_log: Path | None = None):
+        self.httpd = _QuietHTTPServer((host, port), _handler(index))
+        self.httpd.error_log = Path(error_log) if error_log else None
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 

@@ -10,10 +10,13 @@ from pathlib import Path
 from explorer.config import ExperimentConfig, load_config
 from explorer.loop import AcquisitionLoop, compare_decisions
 
+ENGINE_LOG = "engine.log"  # the local engine's request errors, in the run folder
+
 
 @contextlib.contextmanager
-def local_engine_for(cfg: ExperimentConfig):
-    """Yields the URL of the engine a config needs: a started local engine, or None."""
+def local_engine_for(cfg: ExperimentConfig, error_log: Path | None = None):
+    """Yields the URL of the engine a config needs: a started local engine, or None. The engine's
+    request errors are appended to `error_log` (not printed)."""
     if cfg.search.backend != "local" or cfg.search.url:
         yield None
         return
@@ -21,7 +24,7 @@ def local_engine_for(cfg: ExperimentConfig):
     from explorer.engine import HybridIndex, SearchServer
     from explorer.text_encoder import default_encoder
 
-    with SearchServer(HybridIndex(open_corpus(cfg), default_encoder())) as server:
+    with SearchServer(HybridIndex(open_corpus(cfg), default_encoder()), error_log=error_log) as server:
         yield server.url
 
 
@@ -34,7 +37,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, engine_url: str | No
     if (run_dir / "metrics.jsonl").exists():
         raise FileExistsError(f"{run_dir} already holds a run; choose another --out")
     with contextlib.ExitStack() as stack:
-        url = engine_url or stack.enter_context(local_engine_for(cfg))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        url = engine_url or stack.enter_context(local_engine_for(cfg, error_log=run_dir / ENGINE_LOG))
         loop = AcquisitionLoop(cfg, run_dir, engine_url=url, base_checkpoint=base_checkpoint, progress=progress,
                                keep_checkpoints=keep_checkpoints)
         stack.callback(loop.close)

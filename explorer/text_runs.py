@@ -25,7 +25,7 @@ def compare_text_decisions(recorded: list[dict], replayed: list[dict]) -> list[s
 
 
 @contextlib.contextmanager
-def local_text_engine_for(cfg: ExperimentConfig, progress: bool = False):
+def local_text_engine_for(cfg: ExperimentConfig, progress: bool = False, error_log: Path | None = None):
     """Yields the URL of the engine a text config needs: a started local engine over its text web, or None."""
     if cfg.search.backend != "local" or cfg.search.url:
         yield None
@@ -33,7 +33,7 @@ def local_text_engine_for(cfg: ExperimentConfig, progress: bool = False):
     from explorer.engine import HybridIndex, SearchServer
     from explorer.text_encoder import default_encoder
 
-    with SearchServer(HybridIndex(open_text_corpus(cfg, progress), default_encoder())) as server:
+    with SearchServer(HybridIndex(open_text_corpus(cfg, progress), default_encoder()), error_log=error_log) as server:
         yield server.url
 
 
@@ -43,7 +43,8 @@ def run_text_experiment(cfg: ExperimentConfig, run_dir: Path, *, engine_url: str
     if (run_dir / "metrics.jsonl").exists() and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; choose another --out")
     with contextlib.ExitStack() as stack:
-        url = engine_url or stack.enter_context(local_text_engine_for(cfg, progress))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        url = engine_url or stack.enter_context(local_text_engine_for(cfg, progress, error_log=run_dir / "engine.log"))
         loop = TextAcquisitionLoop(cfg, run_dir, engine_url=url, progress=progress, resume=resume)
         return loop.run(log=log)
 

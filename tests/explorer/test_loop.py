@@ -111,6 +111,6 @@ def test_oracle_relevance_reads_the_hidden_truth(small_corpus):
     from explorer.vocabulary import ConceptVocabulary
 
     vocab = ConceptVocabulary(concepts=("sneaker", "dress", "butterfly", "handwritten digit"), source="test")
-    relevance = oracle_relevance(vocab, small_corpus, GroundTruth(small_corpus, "fashion-mnist", frozenset()), n=10)
+    relevance = oracle_relevance(vocab, small_corpus, GroundTruth(small_corpus, frozenset({"fashion-mnist"})), n=10)
     assert relevance[0] >= 0.8 and relevance[1] >= 0.8
     assert relevance[2] <= 0.5 and relevance[3] <= 0.5
