@@ -1,16 +1,19 @@
 """The run grid behind experiments 1 and 2: every acquisition policy x seeds, from per-seed bases.
 
-For each seed: one base encoder is pretrained on the target alone (seed-specific initialisation
-and data order) and evaluated (the 'base' row); a target-only control continues it for as many
-SSL steps as an acquisition run trains; then every condition (a policy with its options) runs the
-configured loop from that same base against one local engine. All runs train the same number of
-SSL steps, so differences come from the data, not from more training.
+A seed varies everything that is random: the encoder's heads and the batch order and
+augmentations (`learner.seed`), the acquired pool's eviction (`mixture.seed`) and the policy
+(`seed`). For each seed: raw pixels are evaluated (`pixels.json`); one base encoder is pretrained
+on the target alone and evaluated (the 'base' row); a target-only control continues it for as many
+SSL steps as an acquisition run trains (`target-only.json`); then every condition (a policy with
+its options) runs the configured loop from that same base against one local engine. All runs
+train the same number of SSL steps, each batch holding the same target images as the control's,
+so differences come from the acquired data (see learners/mixture.py).
 
 Finished runs are kept and skipped, a run cut short resumes from its checkpoint, so the grid can be
 stopped and continued. Nothing here is tuned on the evaluation split: the policies use their
 defaults (`configs/demo.yaml` for the gp), and every seed that ran is reported.
 
-    python bench/acquisition_grid.py                          # 3 seeds x 6 conditions, ~1 h on 2 cores
+    python bench/acquisition_grid.py                          # 3 seeds x 6 conditions on configs/science.yaml
     python bench/acquisition_grid.py --seeds 0 --conditions random gp-softmax
 """
 
@@ -46,26 +49,31 @@ def _finished(run_dir: Path, iterations: int) -> bool:
     return len(lines) == iterations + 1 and "eval_knn_accuracy" in json.loads(lines[-1])
 
 
+def seeded(cfg, seed: int):
+    """`cfg` with every seed set to `seed`: policy, learner (heads, batches, views) and mixture."""
+    return dataclasses.replace(cfg, seed=seed, learner=dataclasses.replace(cfg.learner, seed=seed),
+                               mixture=dataclasses.replace(cfg.mixture, seed=seed))
+
+
 def _base(cfg, seed_dir: Path) -> Path:
-    """The seed's base encoder (pretrained once) and its scores in base.json."""
-    from explorer.demo import _pretrain_base
-    from explorer.loop import AcquisitionLoop  # noqa: F401  (imports torch before the timer)
+    """The seed's base encoder, pretrained once."""
+    from explorer.baselines import pretrain_base
 
     path = seed_dir / "base.pt"
-    if not path.exists():
-        seed_dir.mkdir(parents=True, exist_ok=True)
-        _pretrain_base(cfg, seed_dir, progress=False)
-    return path
+    return path if path.exists() else pretrain_base(cfg, path)
 
 
-def _control(cfg, base: Path, seed_dir: Path) -> None:
-    from explorer.demo import _target_only
+def _controls(cfg, base: Path, seed_dir: Path) -> None:
+    """pixels.json, pixels-centred.json and target-only.json beside the seed's runs."""
+    from explorer.baselines import continue_from_base, pixel_scores
 
+    if not (seed_dir / "pixels-centred.json").exists():
+        scores = pixel_scores(cfg)
+        (seed_dir / "pixels.json").write_text(json.dumps(scores["pixels"]) + "\n")
+        (seed_dir / "pixels-centred.json").write_text(json.dumps(scores["pixels_centred"]) + "\n")
     path = seed_dir / "target-only.json"
     if not path.exists():
-        t0 = time.time()
-        scores = _target_only(cfg, base, progress=False)
-        path.write_text(json.dumps({**scores, "seconds": round(time.time() - t0, 1)}) + "\n")
+        path.write_text(json.dumps(continue_from_base(cfg, base)) + "\n")
 
 
 def _condition(cfg, name: str, seed: int):
@@ -84,12 +92,14 @@ def run_grid(config: Path, out: Path, seeds: list[int], conditions: list[str]) -
     base_cfg = load_config(config)
     _ensure_corpus(base_cfg)
     run_dirs = []
-    with local_engine_for(base_cfg) as url:
+    out.mkdir(parents=True, exist_ok=True)
+    with local_engine_for(base_cfg, error_log=out / "engine.log") as url:
         for seed in seeds:
-            cfg = dataclasses.replace(base_cfg, seed=seed)
+            cfg = seeded(base_cfg, seed)
             seed_dir = out / f"seed-{seed}"
+            print(f"== seed {seed}: base and controls ==", flush=True)
             base = _base(cfg, seed_dir)
-            _control(cfg, base, seed_dir)
+            _controls(cfg, base, seed_dir)
             for name in conditions:
                 run_dir = seed_dir / name
                 run_dirs.append(run_dir)
@@ -107,7 +117,7 @@ def run_grid(config: Path, out: Path, seeds: list[int], conditions: list[str]) -
 
 def add_grid_arguments(parser: argparse.ArgumentParser, grid_flag: str) -> None:
     """The grid's options (its folder under `grid_flag`), shared by the experiments that use it."""
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "science.yaml")
     parser.add_argument(grid_flag, dest="grid", type=Path, default=DEFAULT_RUNS,
                         help="grid folder (default runs/bench-acquisition)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -81,3 +81,18 @@ def evaluate_embeddings(train_emb: np.ndarray, train_labels: np.ndarray, test_em
         result["linear_probe_accuracy"] = linear_probe_accuracy(
             train_emb, train_labels, test_emb, test_labels, C=C, max_iter=max_iter, seed=seed)
     return result
+
+
+def pixel_features(images) -> np.ndarray:
+    """uint8 (N, 3, S, S) -> (N, S*S) float32 grey pixels: the trivial encoder every learned one must beat."""
+    return images.float().mean(dim=1).flatten(1).numpy()
+
+
+def pixel_baselines(train_images, train_labels: np.ndarray, test_images, test_labels: np.ndarray, *,
+                    k: int = 20) -> dict[str, dict[str, float]]:
+    """The same kNN and linear probe on raw grey pixels, as they are and mean-centred (the mean of
+    the training split; for cosine kNN centring matters): {'pixels': {...}, 'pixels_centred': {...}}."""
+    train, test = pixel_features(train_images), pixel_features(test_images)
+    mean = train.mean(axis=0)
+    return {"pixels": evaluate_embeddings(train, train_labels, test, test_labels, k=k),
+            "pixels_centred": evaluate_embeddings(train - mean, train_labels, test - mean, test_labels, k=k)}

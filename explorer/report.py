@@ -8,9 +8,10 @@ What a run folder holds and what is read from it:
     config.yaml     policy, options and seed (the condition and the seed)
     metrics.jsonl   line 0: the starting encoder's scores (the 'base' row for its seed);
                     line i: iteration i's queries, rewards, accepted count and precision, eval scores
-and, beside the run (its parent folder), the target-only control of the same base if one was run:
-`target-only.json` (bench/acquisition_grid.py) or `summary.json` with a `target_only` entry
-(`explorer demo`).
+and, beside the run (its parent folder), the controls of the same base if they were run:
+`target-only.json` and `pixels.json` (bench/acquisition_grid.py) or `summary.json` with
+`target_only` and `pixels` entries (`explorer demo`). Each condition's accuracy is also reported as
+a paired difference from the target-only control of its own seed (same base, same probe split).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class RunCurves:
     reward: np.ndarray  # (I+1,) summed query reward so far
     accepted: np.ndarray  # (I+1,) images accepted for training so far
     precision: np.ndarray  # (I+1,) share of accepted images that are target-relevant so far (nan before any)
+    relevant: np.ndarray  # (I+1,) target-relevant images accepted so far (nan without ground truth)
     knn: np.ndarray  # (I+1,) kNN accuracy after each iteration (nan where not evaluated)
     probe: np.ndarray  # (I+1,) linear-probe accuracy after each iteration
     seconds: float  # wall time of the acquisition iterations
@@ -63,16 +65,19 @@ def read_run(path: Path) -> RunCurves:
     n_queries = np.array([0] + [len(m.get("queries", [])) for m in steps])
     reward = np.array([0.0] + [float(sum(m.get("query_rewards", []))) for m in steps])
     accepted = np.array([0] + [int(m.get("accepted", 0)) for m in steps])
+    truth = any(m.get("precision_accepted") is not None for m in steps)
     relevant = np.array([0.0] + [(m.get("precision_accepted") or 0.0) * m.get("accepted", 0) for m in steps])
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = np.cumsum(relevant) / np.cumsum(accepted)
+    if not truth:  # a user's own target: nothing says what is relevant
+        precision = relevant = np.full(len(accepted), np.nan)
     accuracy = {key: np.array([m.get(key, math.nan) for m in lines], dtype=float) for key in ACCURACIES}
     run_json = path / "run.json"
     base = json.loads(run_json.read_text()).get("base_checkpoint") if run_json.exists() else None
     seed = int(config.get("seed", 0))
     return RunCurves(path=path, condition=condition_name(config), seed=seed, base=base or f"{path} (own)",
                      queries=np.cumsum(n_queries), reward=np.cumsum(reward), accepted=np.cumsum(accepted),
-                     precision=precision, knn=accuracy["eval_knn_accuracy"],
+                     precision=precision, relevant=np.round(np.cumsum(relevant)), knn=accuracy["eval_knn_accuracy"],
                      probe=accuracy["eval_linear_probe_accuracy"],
                      seconds=float(sum(m.get("seconds", 0.0) for m in steps)))
 
@@ -92,15 +97,25 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return list(dict.fromkeys(p.resolve() for p in found))
 
 
-def target_only_scores(run_dir: Path) -> dict | None:
-    """The target-only control run beside this run, if any."""
-    grid = run_dir.parent / "target-only.json"
+CONTROLS = {"target only": ("target-only.json", "target_only"), "pixels": ("pixels.json", "pixels"),
+            "pixels (centred)": ("pixels-centred.json", "pixels_centred")}
+
+
+def control_scores(run_dir: Path, name: str) -> dict | None:
+    """The scores of control `name` (a key of CONTROLS) saved beside this run, if any."""
+    file, key = CONTROLS[name]
+    grid = run_dir.parent / file
     if grid.exists():
         return json.loads(grid.read_text())
     demo = run_dir.parent / "summary.json"
     if demo.exists():
-        return json.loads(demo.read_text()).get("target_only")
+        return json.loads(demo.read_text()).get(key)
     return None
+
+
+def target_only_scores(run_dir: Path) -> dict | None:
+    """The target-only control run beside this run, if any."""
+    return control_scores(run_dir, "target only")
 
 
 def mean_ci(values) -> tuple[float, float, int]:
@@ -130,52 +145,72 @@ def group(runs: list[RunCurves]) -> dict[str, list[RunCurves]]:
 
 
 def controls(runs: list[RunCurves]) -> dict[str, dict[str, dict]]:
-    """Per base checkpoint: its scores (iteration 0 of its runs) and the target-only control's."""
-    base, target_only = {}, {}
+    """Per base checkpoint: its scores (iteration 0 of its runs) and those of the controls beside it."""
+    found = {"pixels": {}, "pixels (centred)": {}, "base": {}, "target only": {}}
     for run in runs:
-        base.setdefault(run.base, {"eval_knn_accuracy": run.knn[0], "eval_linear_probe_accuracy": run.probe[0]})
-        scores = target_only_scores(run.path)
-        if scores is not None:
-            target_only.setdefault(run.base, scores)
-    return {"base": base, "target only": target_only}
+        found["base"].setdefault(run.base, {"eval_knn_accuracy": run.knn[0], "eval_linear_probe_accuracy": run.probe[0]})
+        for name in CONTROLS:
+            scores = control_scores(run.path, name)
+            if scores is not None:
+                found[name].setdefault(run.base, scores)
+    return found
+
+
+def paired_difference(runs: list[RunCurves], reference: dict[str, dict], key: str, attr: str):
+    """Mean, 95% half-width and n of (final accuracy - the same base's reference accuracy) over runs."""
+    return mean_ci(getattr(r, attr)[-1] - reference[r.base][key] for r in runs
+                   if r.base in reference and reference[r.base].get(key) is not None)
 
 
 def efficiency_table(groups: dict[str, list[RunCurves]]) -> list[str]:
-    lines = ["| condition | runs | queries | accepted | precision of accepted | cumulative reward | seconds |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| condition | runs | queries | accepted | relevant accepted | relevant per query | precision of accepted "
+             "| cumulative reward | seconds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, runs in groups.items():
-        cells = [mean_ci(getattr(r, key)[-1] for r in runs) for key in ("queries", "accepted", "precision", "reward")]
+        cells = [mean_ci(getattr(r, key)[-1] for r in runs) for key in ("queries", "accepted", "relevant",
+                                                                          "precision", "reward")]
+        per_query = mean_ci(r.relevant[-1] / r.queries[-1] for r in runs if r.queries[-1])
         secs = mean_ci(r.seconds for r in runs)
-        lines.append(f"| {name} | {len(runs)} | {cells[0][0]:.0f} | {fmt(*cells[1][:2], 0)} | {fmt(*cells[2][:2])} "
-                     f"| {fmt(*cells[3][:2], 2)} | {secs[0]:.0f} |")
+        lines.append(f"| {name} | {len(runs)} | {cells[0][0]:.0f} | {fmt(*cells[1][:2], 0)} | {fmt(*cells[2][:2], 0)} "
+                     f"| {fmt(*per_query[:2], 2)} | {fmt(*cells[3][:2])} | {fmt(*cells[4][:2], 2)} | {secs[0]:.0f} |")
     return lines
 
 
 def representation_table(groups: dict[str, list[RunCurves]], control: dict[str, dict[str, dict]]) -> list[str]:
-    lines = ["| encoder | runs | images acquired | kNN accuracy | linear-probe accuracy |",
-             "|---|---:|---:|---:|---:|"]
+    """Accuracy per encoder, and each acquisition condition's paired difference from its own seed's
+    target-only control (blank where no control was run)."""
+    lines = ["| encoder | runs | images acquired | kNN accuracy | linear-probe accuracy | Δ kNN vs target only "
+             "| Δ probe vs target only |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, per_seed in control.items():
         if per_seed:
             knn = mean_ci(s.get("eval_knn_accuracy") for s in per_seed.values())
             probe = mean_ci(s.get("eval_linear_probe_accuracy") for s in per_seed.values())
-            lines.append(f"| {name} | {len(per_seed)} | 0 | {fmt(*knn[:2])} | {fmt(*probe[:2])} |")
+            lines.append(f"| {name} | {len(per_seed)} | 0 | {fmt(*knn[:2])} | {fmt(*probe[:2])} | | |")
+    reference = control.get("target only", {})
     for name, runs in groups.items():
         acquired = mean_ci(r.accepted[-1] for r in runs)
         knn, probe = mean_ci(r.knn[-1] for r in runs), mean_ci(r.probe[-1] for r in runs)
-        lines.append(f"| {name} | {len(runs)} | {acquired[0]:.0f} | {fmt(*knn[:2])} | {fmt(*probe[:2])} |")
+        deltas = [paired_difference(runs, reference, key, attr)
+                  for key, attr in (("eval_knn_accuracy", "knn"), ("eval_linear_probe_accuracy", "probe"))]
+        cells = " | ".join(_signed(*d[:2]) if d[2] else "" for d in deltas)
+        lines.append(f"| {name} | {len(runs)} | {acquired[0]:.0f} | {fmt(*knn[:2])} | {fmt(*probe[:2])} | {cells} |")
     return lines
+
+
+def _signed(mean: float, half: float, digits: int = 3) -> str:
+    text = f"{mean:+.{digits}f}"
+    return text if not np.isfinite(half) else f"{text} ± {half:.{digits}f}"
 
 
 def write_runs_csv(runs: list[RunCurves], path: Path) -> None:
     with path.open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["condition", "seed", "iteration", "queries", "accepted", "precision", "cumulative_reward",
-                      "knn_accuracy", "linear_probe_accuracy", "run"])
+        out.writerow(["condition", "seed", "iteration", "queries", "accepted", "relevant", "precision",
+                      "cumulative_reward", "knn_accuracy", "linear_probe_accuracy", "run"])
         for run in runs:
             for i in range(len(run.queries)):
                 out.writerow([run.condition, run.seed, i, int(run.queries[i]), int(run.accepted[i]),
-                              _num(run.precision[i]), _num(run.reward[i]), _num(run.knn[i]), _num(run.probe[i]),
-                              str(run.path)])
+                              _num(run.relevant[i]), _num(run.precision[i]), _num(run.reward[i]), _num(run.knn[i]),
+                              _num(run.probe[i]), str(run.path)])
 
 
 def _num(x: float) -> str:
@@ -217,7 +252,8 @@ def _summary(groups: dict[str, list[RunCurves]], control: dict[str, dict[str, di
     for name, runs in groups.items():
         summary[name] = {key: _stat(getattr(r, attr)[-1] for r in runs)
                          for key, attr in (("queries", "queries"), ("accepted", "accepted"),
-                                           ("precision", "precision"), ("cumulative_reward", "reward"),
+                                           ("relevant", "relevant"), ("precision", "precision"),
+                                           ("cumulative_reward", "reward"),
                                            ("eval_knn_accuracy", "knn"), ("eval_linear_probe_accuracy", "probe"))}
     return summary
 
