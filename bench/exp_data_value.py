@@ -17,7 +17,7 @@ encoder's heads, batches and augmentations, the mixture and the drawn images. Re
 linear-probe accuracy and their paired difference from the same seed's target-only run, mean ± 95%
 t-interval over seeds, and that difference in standard errors (mean / (sd / sqrt(n))).
 
-    python bench/exp_data_value.py                      # seeds 0-2, N in 1000 5000 20000
+    python bench/exp_data_value.py          # seeds 0-2; oracle N in 1000 5000 20000, the others N = 5000
     python bench/exp_data_value.py --seeds 0 1 2 3 4 --sizes 5000 --sources oracle
 Outputs bench/results/data_value/: report.md, runs.csv, summary.json, machine.json.
 """
@@ -81,13 +81,16 @@ def draw_images(cfg, source: str, n: int, seed: int):
     return images
 
 
-def conditions(sources: list[str], sizes: list[int]) -> list[tuple[str, str | None, int, int]]:
-    """(name, source, N, batch scale) of every condition."""
+def conditions(sources: list[str], sizes: list[int], compare_size: int) -> list[tuple[str, str | None, int, int]]:
+    """(name, source, N, batch scale) of every condition: oracle at every size, the other sources at
+    `compare_size`."""
     rows = [("target only", None, 0, 1), ("target only, 2x batch", None, 0, 2)]
-    return rows + [(f"{source} {n}", source, n, 1) for source in sources for n in sizes]
+    return rows + [(f"{source} {n}", source, n, 1) for source in sources
+                   for n in (sizes if source == "oracle" else [compare_size])]
 
 
-def run_grid(config: Path, out: Path, seeds: list[int], sources: list[str], sizes: list[int]) -> list[dict]:
+def run_grid(config: Path, out: Path, seeds: list[int], sources: list[str], sizes: list[int],
+             compare_size: int) -> list[dict]:
     """Runs what is missing (results cached as JSON per run); returns every run's scores."""
     from explorer.baselines import continue_from_base
     from explorer.config import load_config
@@ -102,7 +105,7 @@ def run_grid(config: Path, out: Path, seeds: list[int], sources: list[str], size
         cfg = seeded(base_cfg, seed)
         seed_dir = out / f"seed-{seed}"
         base = _base(cfg, seed_dir)
-        for name, source, n, scale in conditions(sources, sizes):
+        for name, source, n, scale in conditions(sources, sizes, compare_size):
             path = seed_dir / f"{name.replace(' ', '-').replace(',', '')}.json"
             if not path.exists():
                 print(f"== seed {seed}: {name} ==", flush=True)
@@ -142,7 +145,7 @@ def write_report(rows: list[dict], out: Path, pixels: dict) -> Path:
              "| condition | n | images added | kNN | probe | Δ kNN | Δ kNN / SE | Δ probe | Δ probe / SE |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, scores in pixels.items():
-        lines.append(f"| {name.replace('_', ' ')} | - | - | {scores['eval_knn_accuracy']:.3f} "
+        lines.append(f"| {name.replace('_centred', ' (centred)')} | - | - | {scores['eval_knn_accuracy']:.3f} "
                      f"| {scores['eval_linear_probe_accuracy']:.3f} | | | | |")
     summary = {}
     for name in names:
@@ -150,7 +153,7 @@ def write_report(rows: list[dict], out: Path, pixels: dict) -> Path:
         knn, probe = (mean_ci(r[k] for r in mine) for k in ("eval_knn_accuracy", "eval_linear_probe_accuracy"))
         dk, dp = (paired(rows, name, k) for k in ("eval_knn_accuracy", "eval_linear_probe_accuracy"))
         added = int(np.mean([r.get("images_added", 0) for r in mine]))
-        delta = "| | | |" if name == "target only" else (
+        delta = "| | | | |" if name == "target only" else (
             f"| {dk[0]:+.4f} ± {dk[1]:.4f} | {dk[2]:.1f} | {dp[0]:+.4f} ± {dp[1]:.4f} | {dp[2]:.1f} |")
         lines.append(f"| {name} | {len(mine)} | {added} | {fmt(*knn[:2])} | {fmt(*probe[:2])} {delta}")
         summary[name] = {"n": len(mine), "knn": knn[:2], "probe": probe[:2], "delta_knn": dk, "delta_probe": dp}
@@ -166,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="run folder (default runs/bench-data-value)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data_value")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000], help="N of the oracle rows")
+    parser.add_argument("--compare-size", type=int, default=5000, help="N of the uniform and distractor rows")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args(argv)
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    rows = run_grid(args.config, args.runs, args.seeds, args.sources, args.sizes)
+    rows = run_grid(args.config, args.runs, args.seeds, args.sources, args.sizes, args.compare_size)
     report = write_report(rows, args.out, pixel_scores(load_config(args.config)))
     write_machine(args.out, " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]))
     print(report.read_text())
