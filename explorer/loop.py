@@ -45,14 +45,24 @@ class StopRequested(Exception):
     """A signal asked the loop to stop; the current iteration is abandoned."""
 
 
+def _iteration_of(line: str) -> int | None:
+    """The iteration a JSONL log line belongs to; None for a line torn by a crash mid-append."""
+    try:
+        return int(json.loads(line)["iteration"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def truncate_logs(run_dir: Path, names, iteration: int) -> None:
     """Drop JSONL log lines of iterations after `iteration`: a crash may have written them before
-    the checkpoint that would have covered them. Those iterations are run again."""
+    the checkpoint that would have covered them. Those iterations are run again. A line torn by a
+    crash (or a full disk) in the middle of an append can only be the last one written, after the
+    checkpoint it belongs to; it is dropped too."""
     for name in names:
         path = run_dir / name
         if path.exists():
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iteration"] <= iteration]
+            iterations = [(line, _iteration_of(line)) for line in path.read_text().splitlines() if line.strip()]
+            keep = [line for line, it in iterations if it is not None and it <= iteration]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in keep))
             tmp.replace(path)

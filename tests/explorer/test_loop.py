@@ -114,3 +114,15 @@ def test_oracle_relevance_reads_the_hidden_truth(small_corpus):
     relevance = oracle_relevance(vocab, small_corpus, GroundTruth(small_corpus, frozenset({"fashion-mnist"})), n=10)
     assert relevance[0] >= 0.8 and relevance[1] >= 0.8
     assert relevance[2] <= 0.5 and relevance[3] <= 0.5
+
+
+def test_a_log_line_torn_by_a_crash_does_not_block_resume(tmp_path):
+    """A process killed (or a disk filled) mid-append leaves half a JSON object as the last line."""
+    from explorer.loop import truncate_logs
+
+    (tmp_path / "accepted.jsonl").write_text('{"iteration": 1, "url": "a"}\n{"iteration": 2, "url": "b"}\n'
+                                             '{"iteration": 2, "ur')
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 0}\n{"iteration": 1}\n{"itera')
+    truncate_logs(tmp_path, ["accepted.jsonl", "metrics.jsonl"], 1)
+    assert (tmp_path / "accepted.jsonl").read_text() == '{"iteration": 1, "url": "a"}\n'
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"iteration": 0}\n{"iteration": 1}\n'
