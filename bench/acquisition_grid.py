@@ -82,14 +82,16 @@ def _condition(cfg, name: str, seed: int):
                                policy=dataclasses.replace(cfg.policy, name=policy, options=options))
 
 
-def run_grid(config: Path, out: Path, seeds: list[int], conditions: list[str]) -> list[Path]:
-    """Runs what is missing; returns every run folder of the grid."""
+def run_grid(config: Path, out: Path, seeds: list[int], conditions: list[str],
+             overrides: dict | None = None) -> list[Path]:
+    """Runs what is missing; returns every run folder of the grid. `overrides`: dotted config fields
+    set on top of the config file (as `explorer run --set` does)."""
     from explorer.config import load_config, save_config
     from explorer.demo import _ensure_corpus
     from explorer.loop import AcquisitionLoop
     from explorer.runs import local_engine_for
 
-    base_cfg = load_config(config)
+    base_cfg = load_config(config, overrides)
     _ensure_corpus(base_cfg)
     run_dirs = []
     out.mkdir(parents=True, exist_ok=True)

