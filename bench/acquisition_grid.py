@@ -56,11 +56,22 @@ def seeded(cfg, seed: int):
 
 
 def _base(cfg, seed_dir: Path) -> Path:
-    """The seed's base encoder, pretrained once."""
-    from explorer.baselines import pretrain_base
+    """The seed's base encoder, pretrained once, and its scores (base.json)."""
+    from explorer.agent import build_learner
+    from explorer.baselines import evaluate_learner, pretrain_base
+    from explorer.target import load_target
 
     path = seed_dir / "base.pt"
-    return path if path.exists() else pretrain_base(cfg, path)
+    if not path.exists():
+        pretrain_base(cfg, path)
+    if not (seed_dir / "base.json").exists():
+        import torch
+
+        target = load_target(cfg.target)
+        learner = build_learner(cfg, target)
+        learner.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        (seed_dir / "base.json").write_text(json.dumps(evaluate_learner(learner, target, cfg.train.knn_k)) + "\n")
+    return path
 
 
 def _controls(cfg, base: Path, seed_dir: Path) -> None:
@@ -111,8 +122,8 @@ def run_grid(config: Path, out: Path, seeds: list[int], conditions: list[str],
                 run_cfg = _condition(cfg, name, seed)
                 run_dir.mkdir(parents=True, exist_ok=True)
                 save_config(run_cfg, run_dir / "config.yaml")
-                loop = AcquisitionLoop(run_cfg, run_dir, engine_url=url, base_checkpoint=base,
-                                       progress=False, resume=True)
+                loop = AcquisitionLoop(run_cfg, run_dir, engine_url=url, base_checkpoint=base, progress=False,
+                                       resume=True, base_scores=json.loads((seed_dir / "base.json").read_text()))
                 loop.run(log=lambda msg: print(msg, flush=True))
     return run_dirs
 

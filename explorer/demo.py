@@ -51,7 +51,7 @@ def run_demo(config_path: Path, out: Path | None = None, progress: bool = True) 
     _ensure_corpus(cfg)
     pixels = pixel_scores(cfg)
     base = pretrain_base(cfg, out / "base.pt", progress=progress)
-    results = {}
+    results, base_scores = {}, None
     with local_engine_for(cfg, error_log=out / "engine.log") as url:
         for policy in ("gp", "random"):
             options = cfg.policy.options if policy == cfg.policy.name else {}  # gp options are not random's
@@ -59,7 +59,8 @@ def run_demo(config_path: Path, out: Path | None = None, progress: bool = True) 
                                           name=f"{cfg.name}-{policy}")
             print(f"\n== {policy} policy: {cfg.iterations} iterations x {cfg.policy.queries_per_iteration} queries ==")
             results[policy] = run_experiment(run_cfg, out / policy, engine_url=url, base_checkpoint=base,
-                                             progress=progress)
+                                             progress=progress, base_scores=base_scores)
+            base_scores = {k: v for k, v in results[policy][0].items() if k.startswith("eval_")}  # evaluated once
     print(f"\ncontrol: target-only SSL for {cfg.iterations * cfg.train.steps_per_iteration} more steps")
     control = continue_from_base(cfg, base, progress=progress)
     base_scores = results["gp"][0]

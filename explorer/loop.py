@@ -83,11 +83,14 @@ class Candidates:
 class AcquisitionLoop:
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, engine_url: str | None = None,
                  replay: bool = False, base_checkpoint: Path | None = None, progress: bool = True,
-                 resume: bool = False, keep_checkpoints: int = 3):
+                 resume: bool = False, keep_checkpoints: int = 3, base_scores: dict | None = None):
+        """`base_scores`: the evaluation of `base_checkpoint`, when already known (runs that share a
+        base share its scores; iteration 0 then reuses them instead of evaluating again)."""
         if keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         self.keep_checkpoints = keep_checkpoints
+        self.base_scores = dict(base_scores) if base_scores and base_checkpoint is not None else None
         self.stop_requested = False  # set from a signal handler; honoured at the next safe point
         checkpoint = load_latest_checkpoint(self.run_dir) if resume else None
         self.resumed_from = checkpoint.path if checkpoint else None  # the checkpoint it continues from
@@ -328,7 +331,8 @@ class AcquisitionLoop:
         rows = []
         metrics = self.run_dir / self._log_name("metrics.jsonl")
         if self.iteration == 0:  # a fresh start: whatever an earlier attempt logged is void
-            rows.append({"iteration": 0, "learner_step": self.learner.step, **self.evaluate()})
+            scores = self.base_scores if self.base_scores is not None else self.evaluate()
+            rows.append({"iteration": 0, "learner_step": self.learner.step, **scores})
             metrics.write_text("")
             self._truncate_logs()
             if self.ledger is not None:

@@ -30,7 +30,7 @@ def local_engine_for(cfg: ExperimentConfig, error_log: Path | None = None):
 
 def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, engine_url: str | None = None,
                    base_checkpoint: Path | None = None, progress: bool = True, keep_checkpoints: int = 3,
-                   log=print) -> list[dict]:
+                   base_scores: dict | None = None, log=print) -> list[dict]:
     if cfg.modality == "text":  # the LM loop over the text web (explorer.text_loop)
         from explorer.text_runs import run_text_experiment
         return run_text_experiment(cfg, run_dir, engine_url=engine_url, progress=progress, log=log)
@@ -40,7 +40,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, engine_url: str | No
         run_dir.mkdir(parents=True, exist_ok=True)
         url = engine_url or stack.enter_context(local_engine_for(cfg, error_log=run_dir / ENGINE_LOG))
         loop = AcquisitionLoop(cfg, run_dir, engine_url=url, base_checkpoint=base_checkpoint, progress=progress,
-                               keep_checkpoints=keep_checkpoints)
+                               keep_checkpoints=keep_checkpoints, base_scores=base_scores)
         stack.callback(loop.close)
         return loop.run(log=log)
 
