@@ -159,6 +159,25 @@ def write_report(rows: list[dict], out: Path, pixels: dict) -> Path:
             f"| {dk[0]:+.4f} ± {dk[1]:.4f} | {dk[2]:.1f} | {dp[0]:+.4f} ± {dp[1]:.4f} | {dp[2]:.1f} |")
         lines.append(f"| {name} | {len(mine)} | {added} | {fmt(*knn[:2])} | {fmt(*probe[:2])} {delta}")
         summary[name] = {"n": len(mine), "knn": knn[:2], "probe": probe[:2], "delta_knn": dk, "delta_probe": dp}
+    contrasts = [(a, b) for a, b in (("oracle", "distractor"), ("uniform", "distractor"), ("oracle", "uniform"))]
+    lines += ["", "Is it the content or just more images? Paired differences between sources at the same N "
+              "(mean ± 95% t-interval; per seed):", "", "| contrast | n | Δ kNN | per seed | Δ probe |",
+              "|---|---:|---:|---|---:|"]
+    for a, b in contrasts:
+        for name_a in [n for n in names if n.startswith(a + " ")]:
+            name_b = b + name_a[len(a):]
+            if name_b not in names:
+                continue
+            cells = []
+            for key in ("eval_knn_accuracy", "eval_linear_probe_accuracy"):
+                mine = {r["seed"]: r[key] for r in rows if r["condition"] == name_b}
+                diffs = [r[key] - mine[r["seed"]] for r in rows if r["condition"] == name_a and r["seed"] in mine]
+                cells.append(diffs)
+            knn, probe = (mean_ci(d) for d in cells)
+            per_seed = " / ".join(f"{d:+.4f}" for d in cells[0])
+            lines.append(f"| {name_a} − {name_b} | {len(cells[0])} | {fmt(*knn[:2], 4)} | {per_seed} "
+                         f"| {fmt(*probe[:2], 4)} |")
+            summary[f"{name_a} - {name_b}"] = {"n": len(cells[0]), "delta_knn": knn[:2], "delta_probe": probe[:2]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
