@@ -86,5 +86,5 @@ def test_replay_miss_names_the_request_and_the_cache(tmp_path):
 
 def test_modes_parse_from_strings():
     assert [CacheMode(m) for m in ("readwrite", "refresh", "replay")] == list(CacheMode)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'offline' is not a valid CacheMode"):
         CacheMode("offline")

@@ -57,6 +57,34 @@ def test_hidden_truth_never_served(engine):
     assert "caption_wrong" not in text and "class_name" not in text and "fashion-mnist" not in text
 
 
+def _keys(obj) -> set:
+    """Every mapping key anywhere in a JSON value."""
+    if isinstance(obj, dict):
+        return set(obj) | {k for v in obj.values() for k in _keys(v)}
+    if isinstance(obj, list):
+        return {k for v in obj for k in _keys(v)}
+    return set()
+
+
+def test_hidden_truth_never_served_by_the_knn_service(engine, small_corpus):
+    from explorer.corpus import HIDDEN_COLUMNS
+
+    served = []
+    for text in ("ankle boots", "handwritten digit", "butterfly clip art"):
+        r = httpx.post(f"{engine.url}/knn-service", json={"text": text, "num_images": len(small_corpus)})
+        assert r.status_code == 200
+        assert "fashion-mnist" not in r.text and "caption_wrong" not in r.text and "class_name" not in r.text
+        hits = r.json()
+        assert hits and not _keys(hits) & set(HIDDEN_COLUMNS)
+        assert all(set(h) == {"url", "caption", "similarity", "id"} for h in hits)  # public fields only
+        served += hits
+    # the answers cover items with a wrong caption: they are served with that caption and no flag
+    items = {h["id"] for h in served}
+    wrong = [i for i in items if small_corpus.hidden["caption_wrong"][i]]
+    assert wrong and all(h["caption"] == small_corpus.captions[h["id"]] for h in served)
+    assert {small_corpus.hidden["source"][i] for i in items} == {"fashion-mnist", "mnist", "openclipart"}
+
+
 def test_server_stops_cleanly(small_corpus):
     from explorer.engine import HybridIndex, SearchServer
     from explorer.text_encoder import default_encoder

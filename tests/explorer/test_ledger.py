@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from explorer.checkpoints import CHECKPOINTS, checkpoint_dir, load_latest_checkpoint
 from explorer.daemon import status_summary
 from explorer.ledger import LEDGER, FetchRecord, RunLedger
-from explorer.loop import DECISION_KEYS, AcquisitionLoop, tensorboard_scalars
+from explorer.loop import DECISION_KEYS, AcquisitionLoop
 from explorer.runs import read_metrics
 
 
@@ -111,23 +111,41 @@ def test_only_the_last_k_checkpoint_directories_are_kept(resumed_run):
     assert load_latest_checkpoint(run_dir).state["iteration"] == 3
 
 
+# metrics.jsonl key -> TensorBoard tag, spelled out here rather than taken from the loop's own table
+TAG_OF_KEY = {"eval_knn_accuracy": "eval/knn_accuracy", "eval_linear_probe_accuracy": "eval/linear_probe_accuracy",
+              "ssl_loss": "train/ssl_loss", "mean_image_reward": "acquire/mean_image_reward",
+              "precision_fetched": "acquire/precision_fetched", "precision_accepted": "acquire/precision_accepted",
+              "accepted": "acquire/accepted", "fetched": "acquire/fetched", "decoded": "acquire/decoded",
+              "seconds": "time/seconds_per_iteration"}
+
+
 def test_tensorboard_has_every_scalar_once_per_step_after_a_resume(resumed_run):
     run_dir, _ = resumed_run
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    expected = {}
+    expected = {}  # tag -> [(step, value)] straight from the metrics.jsonl rows
     for row in rows:
-        for tag, value in tensorboard_scalars(row).items():
-            expected.setdefault(tag, []).append((row["iteration"], value))
+        for key, tag in TAG_OF_KEY.items():
+            if row.get(key) is not None:
+                expected.setdefault(tag, []).append((row["iteration"], float(row[key])))
+        if row.get("query_rewards"):
+            rewards = row["query_rewards"]
+            expected.setdefault("acquire/mean_query_reward", []).append((row["iteration"], sum(rewards) / len(rewards)))
     assert {"eval/knn_accuracy", "eval/linear_probe_accuracy", "train/ssl_loss", "acquire/mean_image_reward",
-            "acquire/precision_accepted", "acquire/accepted", "acquire/fetched",
+            "acquire/precision_accepted", "acquire/accepted", "acquire/fetched", "acquire/mean_query_reward",
             "time/seconds_per_iteration"} <= set(expected)
+    assert [s for s, _ in expected["eval/knn_accuracy"]] == [0, 1, 2, 3]
+    assert [s for s, _ in expected["acquire/accepted"]] == [1, 2, 3]
+    # the values differ between tags, so a tag written from the wrong key shows
+    assert [v for _, v in expected["acquire/accepted"]] != [v for _, v in expected["acquire/fetched"]]
     assert set(events.Tags()["scalars"]) == set(expected)
     for tag, points in expected.items():
         logged = [(e.step, e.value) for e in events.Scalars(tag)]
         assert [s for s, _ in logged] == [s for s, _ in points], tag  # iteration 3 once, not twice
-        assert all(abs(a - b) <= 1e-5 * max(1.0, abs(b)) for (_, a), (_, b) in zip(logged, points)), tag
+        assert all(abs(a - b) <= 1e-5 * max(1.0, abs(b)) for (_, a), (_, b) in zip(logged, points)), \
+            (tag, logged, points)
 
 
 def test_status_reads_its_counts_from_the_ledger(resumed_run, tmp_path):

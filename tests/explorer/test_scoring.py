@@ -111,9 +111,9 @@ def test_query_reward_of_an_empty_or_all_invalid_query_is_the_fixed_finite_value
 def test_query_reward_rejects_bad_arguments():
     with pytest.raises(ValueError, match="valid"):
         query_reward([0.5], how="median")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="top_m must be >= 1"):
         query_reward([0.5], top_m=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="empty-query reward must be finite"):
         query_reward([0.5], empty=float("nan"))
 
 
@@ -148,7 +148,7 @@ def test_select_edge_cases():
     # NaN is never accepted, even when the fallback asks for more than the finite ones.
     with_nan = np.array([np.nan, 0.2, np.nan])
     assert select_for_training(with_nan, threshold=None, top_fraction=1.0).tolist() == [False, True, False]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="top_fraction"):
         select_for_training(equal, threshold=None, top_fraction=1.5)
 
 

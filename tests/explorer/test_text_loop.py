@@ -1,12 +1,15 @@
 """The text acquisition loop end to end on a small slice of the Wikipedia-leads web, with a nano LM."""
 
+import copy
 import json
 import math
 
+import numpy as np
 import pytest
 
 from explorer.config import ExperimentConfig, from_dict, load_config
-from explorer.text_corpus import TextCorpus, TextCorpusSpec, build_text_corpus
+from explorer.text_agent import lm_embeddings
+from explorer.text_corpus import TextCorpus, TextCorpusSpec, build_text_corpus, document_text, text_sha256
 from explorer.text_loop import TextAcquisitionLoop
 from explorer.text_runs import local_text_engine_for, replay_text_run, run_text_experiment
 
@@ -101,12 +104,40 @@ def test_text_config_dispatch_and_strict_keys(text_corpus, tmp_path):
         from_dict(ExperimentConfig, {"modality": "text", "text": {"lm_size": "huge"}})
 
 
+def top_k_cosine(candidates: np.ndarray, targets: np.ndarray, k: int) -> np.ndarray:
+    """Brute-force knn reward: mean cosine of each candidate to its k most similar targets."""
+    a = candidates / np.linalg.norm(candidates, axis=1, keepdims=True)
+    b = targets / np.linalg.norm(targets, axis=1, keepdims=True)
+    sims = np.sort(a.astype(np.float64) @ b.astype(np.float64).T, axis=1)[:, ::-1]
+    return sims[:, :min(k, len(b))].mean(axis=1)
+
+
 def test_lm_hidden_states_as_the_reward_encoder(text_corpus, tmp_path):
     cfg = tiny_text(text_corpus, iterations=1, text={"reward_encoder": "lm"})
-    rows = run_text_experiment(cfg, tmp_path, progress=False, log=lambda _: None)
-    assert rows[1]["mean_doc_reward"] is not None and -1 <= rows[1]["mean_doc_reward"] <= 1
+    quiet = lambda _: None  # noqa: E731
+    with local_text_engine_for(cfg) as url:
+        loop = TextAcquisitionLoop(cfg, tmp_path, engine_url=url, progress=False)
+        loop.run(until=0, log=quiet)  # pretraining only
+        lm = copy.deepcopy(loop.learner.model)  # the LM that scores iteration 1's documents
+        tok, seq_len, k = loop.tokenizer, cfg.text.seq_len, cfg.reward.k
+        target_texts = [document_text(d) for d in loop.target.train]
+        target_lm = lm_embeddings(lm, tok.encode_batch(target_texts), seq_len)
+        target_minilm = loop.encoder.encode(target_texts)
+        rows = loop.run(log=quiet)
+    assert [r["iteration"] for r in rows] == [1] and rows[0]["planner_action"] == "acquire"
+    assert rows[0]["mean_doc_reward"] is not None and -1 <= rows[0]["mean_doc_reward"] <= 1
     minilm_only = 2 * 1.06e7 * 128  # the MiniLM signature pass per document; the LM forward adds to it
-    assert rows[1]["flops"]["score"] > minilm_only * rows[1]["valid"]
+    assert rows[0]["flops"]["score"] > minilm_only * rows[0]["valid"]
+    # every accepted document's logged reward is the kNN reward of the LM's embedding of its text
+    text_of = {text_sha256(document_text(d)): document_text(d) for d in text_corpus.documents()}
+    accepted = [json.loads(line) for line in (tmp_path / "accepted.jsonl").read_text().splitlines()]
+    assert accepted and len(accepted) == rows[0]["accepted"]
+    texts = [text_of[a["sha256"]] for a in accepted]
+    logged = np.array([a["reward"] for a in accepted])
+    doc_lm = lm_embeddings(lm, [t[:seq_len] for t in tok.encode_batch(texts)], seq_len)
+    assert logged == pytest.approx(top_k_cosine(doc_lm, target_lm, k), abs=2e-5)
+    minilm = top_k_cosine(loop.encoder.encode(texts), target_minilm, k)
+    assert np.abs(logged - minilm).max() > 0.05  # and not MiniLM's reward
 
 
 @pytest.mark.parametrize("policy", ["random", "oracle"])

@@ -103,7 +103,7 @@ def test_from_captions_random_part_is_seeded(wn):
     assert a.concepts == a_again.concepts
     assert a.concepts[:n] == b.concepts[:n] and set(a.concepts[n:]) != set(b.concepts[n:])
     assert len(a.concepts[n:]) == 200 and not set(a.concepts[n:]) & set(a.concepts[:n])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"n_random=10000000 but only \d+ nouns are left"):
         ConceptVocabulary.from_captions(CAPTIONS, n_random=10**7, seed=0, wn=wn)
 
 
@@ -127,9 +127,9 @@ def test_save_load_round_trip(wn, tmp_path):
 
 
 def test_rejects_duplicate_or_empty_concepts():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="concepts must be unique"):
         ConceptVocabulary(("dog", "dog"), "test")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs at least one concept"):
         ConceptVocabulary((), "test")
 
 

@@ -52,11 +52,14 @@ def test_flip_and_grayscale_and_solarize():
     grey_cfg = dataclasses.replace(OFF, grayscale_p=1.0)
     grey = apply_view(images, sample_view_params(8, grey_cfg, 0, torch.Generator()), grey_cfg)
     pixels = grey * torch.tensor(OFF.std).view(1, 3, 1, 1) + torch.tensor(OFF.mean).view(1, 3, 1, 1)
-    assert torch.allclose(pixels[:, 0], pixels[:, 1], atol=1e-5) and torch.allclose(pixels[:, 1], pixels[:, 2], atol=1e-5)
+    x = images.float() / 255
+    luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]  # ITU-R 601, as torchvision
+    for c in range(3):
+        assert torch.allclose(pixels[:, c], luma, atol=1e-5), c
+    assert (luma - x[:, 0]).abs().max() > 0.1  # random colours: one channel alone is not the luma
 
     sol_cfg = dataclasses.replace(OFF, solarize_p=(0.0, 1.0))
     solar = apply_view(images, sample_view_params(8, sol_cfg, 1, torch.Generator()), sol_cfg)
-    x = images.float() / 255
     assert torch.allclose(solar, _normalise(torch.where(x >= 128 / 255, 1 - x, x) * 255, OFF), atol=1e-4)
 
 
@@ -87,9 +90,9 @@ def test_shard_of_params_matches_shard_of_batch():
 
 
 def test_rejects_float_images_and_bad_config():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected uint8 \(N, 3, S, S\), got torch.float32"):
         two_views(torch.zeros(2, 3, 8, 8), AugmentConfig(), torch.Generator())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"crop_scale must satisfy .*got \(0.5, 1.5\)"):
         AugmentConfig(crop_scale=(0.5, 1.5))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="blur_kernel must be odd and positive, got 4"):
         AugmentConfig(blur_kernel=4)

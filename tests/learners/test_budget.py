@@ -130,7 +130,7 @@ def test_decide_trains_when_balanced():
 
 
 def test_decide_rejects_a_spent_budget():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need budget_flops > 0"):
         decide(CHINCHILLA, 0.0, tokens_available=1e9, current_params=3e7)
 
 
@@ -206,7 +206,7 @@ def test_plan_reads_json_and_defaults_to_the_largest_run(tmp_path):
 
 
 def test_law_rejects_non_positive_parameters():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"all law parameters must be > 0, got ScalingLaw\(.*alpha=-0\.1"):
         ScalingLaw(E=1.0, A=1.0, B=1.0, alpha=-0.1, beta=0.3)
     assert math.isfinite(float(CHINCHILLA.loss(1e6, 1e7)))
 

@@ -165,8 +165,12 @@ def test_state_dict_round_trip_resumes_identically(corpus, tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(learner.model.parameters(), resumed.model.parameters()))
 
 
-@pytest.mark.parametrize("bad", [dict(size="huge"), dict(moe=True, num_experts=1), dict(lr=0.0),
-                                 dict(min_lr=1.0, lr=0.1), dict(warmup=10, total_steps=5)])
-def test_config_validation(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, message", [
+    (dict(size="huge"), "unknown LM size 'huge'"), (dict(moe=True, num_experts=1), "num_experts >= 2"),
+    (dict(lr=0.0), "^lr must be > 0"), (dict(batch_size=0, grad_accum=0), "^batch_size, grad_accum must be > 0"),
+    (dict(min_lr=1.0, lr=0.1), "min_lr <= lr"), (dict(warmup=10, total_steps=5), "warmup <= total_steps"),
+    (dict(betas=(0.9, 1.0)), "betas"), (dict(shape=dict(hidden_size=30, intermediate_size=64, num_layers=1,
+                                                         num_heads=4, num_kv_heads=2)), "hidden_size must divide")])
+def test_config_validation(bad, message):
+    with pytest.raises(ValueError, match=message):
         LMConfig(**bad)

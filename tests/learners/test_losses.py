@@ -31,9 +31,9 @@ def test_infonce_label_offset_picks_this_ranks_keys():
 
 
 def test_infonce_rejects_bad_input():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"q \(B, D\) and k \(M, D\); got \(2, 3\) and \(2, 4\)"):
         mocov3_infonce(torch.ones(2, 3), torch.ones(2, 4), 0.2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0.0"):
         mocov3_infonce(torch.ones(2, 3), torch.ones(2, 3), 0.0)
 
 

@@ -65,14 +65,22 @@ def test_backbone_trains_and_embeds(backbone, images):
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
 
 
-def test_momentum_encoder_follows_base_by_ema(images):
+def test_momentum_encoder_follows_base_by_ema():
     learner = MoCoLearner(tiny_config(base_momentum=0.5), device="cpu")
     model = learner.model
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # make base and momentum differ, as after a gradient step
+        for p in model.base_parameters():
+            p.add_(torch.randn(p.shape, generator=generator))
     base = [p.detach().clone() for p in model.base_parameters()]
     momentum = [p.detach().clone() for p in model.momentum_parameters()]
-    model.update_momentum(0.5)
-    for b, m, m_new in zip(base, momentum, model.momentum_parameters()):
-        assert torch.allclose(m_new, 0.5 * m + 0.5 * b)
+    assert len(base) == len(momentum) and all(not torch.equal(b, m) for b, m in zip(base, momentum))
+    mu = 0.7  # asymmetric: swapping the roles of base and momentum would also fail
+    model.update_momentum(mu)
+    for b, m, m_new, b_new in zip(base, momentum, model.momentum_parameters(), model.base_parameters()):
+        assert torch.allclose(m_new, m + (1 - mu) * (b - m), atol=1e-6)
+        assert not torch.allclose(m_new, m)
+        assert torch.equal(b_new, b)  # the EMA never writes to the online branch
 
 
 def test_resume_reproduces_the_next_loss_exactly(images, tmp_path):
@@ -106,7 +114,7 @@ def test_config_validation_and_registry():
         MoCoConfig(backbone="no_such_model")
     with pytest.raises(ValueError, match="optimizer"):
         MoCoConfig(optimizer="sgdx")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="warmup_steps <= total_steps"):
         MoCoConfig(warmup_steps=20, total_steps=10)
     with pytest.raises(ValueError, match="ResNet"):
         MoCoLearner(tiny_config(**TINY_VIT, small_image_stem=True), device="cpu")

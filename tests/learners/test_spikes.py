@@ -62,17 +62,40 @@ def test_rollback_target_picks_newest_old_enough_snapshot():
     assert steps[rollback_target(steps, spike_step=260, rollback_steps=100)] == 150
     assert steps[rollback_target(steps, spike_step=350, rollback_steps=100)] == 250
     assert steps[rollback_target(steps, spike_step=120, rollback_steps=100)] == 100  # none that old: oldest
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no snapshot to roll back to"):
         rollback_target([], 10, 5)
 
 
 @pytest.mark.parametrize("bad", [dict(factor=1.0), dict(window=0), dict(patience=0), dict(snapshot_every=0)])
 def test_config_validation(bad):
-    with pytest.raises(ValueError):
+    (field,) = bad  # the message names the field that is wrong
+    with pytest.raises(ValueError, match=rf"\b{field}\b.* must be"):
         SpikeConfig(**bad)
 
 
 def test_ring_always_holds_a_snapshot_old_enough():
-    cfg = SpikeConfig(rollback_steps=100, snapshot_every=50)
-    steps = list(range(0, 1000, 50))[-cfg.max_snapshots:]  # the ring after 1000 steps
-    assert steps[rollback_target(steps, spike_step=999, rollback_steps=100)] <= 999 - 100
+    """The LM learner's own snapshot ring, read after every step of a run longer than the ring."""
+    import torch
+
+    from learners.lm import LMConfig, LMLearner, LMShape
+    from learners.text_data import PackedTextStream
+
+    spikes = SpikeConfig(rollback_steps=5, snapshot_every=2)  # 5 is not a multiple of 2
+    assert spikes.max_snapshots == 4
+    shape = LMShape(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+    learner = LMLearner(LMConfig(shape=shape, vocab_size=64, seq_len=8, batch_size=2, warmup=1, total_steps=30,
+                                 spikes=spikes), device="cpu")
+    docs = torch.randint(1, 64, (40, 12), generator=torch.Generator().manual_seed(0)).tolist()
+    stream = PackedTextStream(docs, seq_len=8, eos_id=0)
+    for _ in range(21):
+        learner.train_step(stream)
+        steps = [s["step"] for s in learner.snapshots]
+        # every snapshot_every-th step before this one, the newest max_snapshots of them
+        taken = list(range(0, learner.step, 2))
+        assert steps == taken[-spikes.max_snapshots:], (learner.step, steps)
+        if learner.step >= spikes.rollback_steps:  # a spike now could roll back far enough
+            assert steps[rollback_target(steps, learner.step, spikes.rollback_steps)] <= learner.step - 5
+    assert learner.step == 21 and steps == [14, 16, 18, 20] and not learner.events
+    # the snapshot holds the weights of its own step, not a reference to the live model
+    newest = learner.snapshots[-1]["model"]
+    assert any(not torch.equal(newest[k], v) for k, v in learner.model.state_dict().items())

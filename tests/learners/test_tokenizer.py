@@ -1,10 +1,10 @@
-import importlib.util
 import random
 
 import pytest
 
 from explorer.text_sources import load_wikipedia_leads, split_target_text, wikipedia_topics
-from learners.tokenizer import TokenizerConfig, TextTokenizer, load_mistral_tokenizer, train_tokenizer
+from learners.tokenizer import (TextTokenizer, TokenizerConfig, load_mistral_tokenizer, mistral_tokenizer_path,
+                                train_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +77,41 @@ def test_config_rejects_unknown_model_type():
         TokenizerConfig(model_type="wordpiece")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mistral_common") is None, reason="mistral-common not installed")
-def test_mistral_tokenizer_loads_and_round_trips_text():
-    tok = load_mistral_tokenizer("v1")
-    assert tok.vocab_size == 32000
+def test_mistral_style_model_loads_from_a_file_and_round_trips_text(leads, tmp_path):
+    """A SentencePiece model with Mistral's settings (BPE, byte fallback, a dummy-prefix space, BOS 1 /
+    EOS 2), trained here and loaded from its .model file as `load_mistral_tokenizer` loads the shipped
+    one. (The shipped 32k model itself needs mistral-common, which this environment does not install.)"""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([d["extract"] for d in leads[:400]]), model_writer=model, vocab_size=800,
+        model_type="bpe", byte_fallback=True, add_dummy_prefix=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+    path = tmp_path / "tokenizer.model.v1"
+    path.write_bytes(model.getvalue())
+    tok = TextTokenizer.load(path)
+    assert tok.vocab_size == 800 and tok.eos_id == 2
+    assert not tok._escape_meta  # a dummy-prefix model: escaping U+2581 would add spaces
     text = "Photosynthesis converts light energy into chemical energy. 光合作用 🌱"
-    assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode(text)
+    assert ids == tok.processor.encode(text) and tok.decode(ids) == text
+    assert tok.processor.id_to_piece(ids[0]).startswith("\u2581")  # the dummy prefix is there
+    dna = tok.encode("\U0001F9EC")  # absent from the leads: the prefix piece, then its four UTF-8 bytes
+    assert tok.decode(dna) == "\U0001F9EC"
+    assert [tok.processor.id_to_piece(i) for i in dna][-4:] == ["<0xF0>", "<0x9F>", "<0xA7>", "<0xAC>"]
+
+
+def test_mistral_tokenizer_path_names_versions_and_the_missing_package(monkeypatch):
+    import importlib.util as util
+
+    with pytest.raises(ValueError, match="valid: v1, v2, v3"):
+        mistral_tokenizer_path("v9")
+    monkeypatch.setattr(util, "find_spec", lambda name: None)  # the package absent, whatever is installed
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps mistral-common"):
+        load_mistral_tokenizer("v1")
 
 
 def test_target_split_is_one_topic_and_disjoint(leads):

@@ -192,14 +192,40 @@ def hybrid_kwargs():
             "candidates_per_query": 3}
 
 
+def posterior_mean(gp, vectors: np.ndarray) -> np.ndarray:
+    """The GP posterior mean in reward units, written out: m + s * k(x, X) @ alpha, RBF on chords."""
+    sq = ((vectors[:, None, :].astype(np.float64) - gp.points[None, :, :].astype(np.float64)) ** 2).sum(-1)
+    cross = gp.amplitude * np.exp(-sq / (2 * gp.length_scale ** 2))
+    return gp.target_mean + gp.target_scale * cross @ gp.alpha
+
+
 def test_hybrid_issues_gp_ranked_expansions_of_concepts(hybrid_kwargs):
-    policy = build_policy("hybrid", concepts=CONCEPTS, seed=0, **FAST, **hybrid_kwargs)
-    batches = play(policy, rounds=3, n=4)
+    gp = {**hybrid_kwargs["gp"], "acquisition": "ucb", "ucb_beta": 0.0}  # rank by posterior mean alone
+    policy = build_policy("hybrid", concepts=CONCEPTS, seed=0, **FAST, **{**hybrid_kwargs, "gp": gp})
+    encode = hybrid_kwargs["text_encoder"]
+    ranked = []  # the candidate texts each propose() hands to its ranking (a spy: the real method runs)
+    rank = policy._rank
+    policy._rank = lambda texts, n: ranked.append(list(texts)) or rank(texts, n)
+    batches = []
+    for round_ in range(3):
+        batch = policy.propose(4)
+        candidates = ranked[-1]
+        assert {q.text for q in batch} <= set(candidates) and len(candidates) >= 4
+        if round_ > 0:  # explore_first=4 queries were heard: from now on the GP decides
+            vectors = np.asarray(encode(candidates), dtype=np.float64)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            mean = posterior_mean(policy.bandit.fitted(), vectors)
+            tried = [t in policy.bandit.log.texts for t in candidates]
+            order = sorted(range(len(candidates)), key=lambda i: (tried[i], -mean[i]))  # untried first
+            assert len(set(np.round(mean, 9))) == len(mean)  # no ties, so the order is unique
+            assert [q.text for q in batch] == [candidates[i] for i in order[:4]], (candidates, mean)
+        policy.update(batch, [letter_reward(q) for q in batch])
+        batches.append(batch)
     texts = [q.text for batch in batches for q in batch]
     assert all(len(batch) == 4 and len({q.text for q in batch}) == 4 for batch in batches)
+    assert any(len(c) > 4 for c in ranked[1:])  # the GP had expansions to rank against their seeds
     assert any(q.concept is None for batch in batches for q in batch)  # free-text expansions go out
     assert len(policy.bandit.log) == len(texts) == 12  # the GP heard every issued query
-    assert policy.bandit.fitted() is not None
     for batch in batches:  # every free-text query is a descriptor plus a vocabulary concept
         assert all(q.text.split()[-1] in CONCEPTS for q in batch if q.concept is None)
 
