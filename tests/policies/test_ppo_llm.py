@@ -219,7 +219,10 @@ def test_hybrid_issues_gp_ranked_expansions_of_concepts(hybrid_kwargs):
             order = sorted(range(len(candidates)), key=lambda i: (tried[i], -mean[i]))  # untried first
             assert len(set(np.round(mean, 9))) == len(mean)  # no ties, so the order is unique
             assert [q.text for q in batch] == [candidates[i] for i in order[:4]], (candidates, mean)
-        policy.update(batch, [letter_reward(q) for q in batch])
+        # rewards that differ between texts: while all rewards are equal the GP explores uniformly
+        rewards = [letter_reward(q) + (sum(map(ord, q.text)) % 13) / 100 for q in batch]
+        assert np.ptp(rewards) > 0
+        policy.update(batch, rewards)
         batches.append(batch)
     texts = [q.text for batch in batches for q in batch]
     assert all(len(batch) == 4 and len({q.text for q in batch}) == 4 for batch in batches)
