@@ -118,12 +118,17 @@ def run_grid(config: Path, out: Path, seeds: list[int], sources: list[str], size
     return rows
 
 
+def seed_differences(rows: list[dict], name: str, reference: str, key: str) -> np.ndarray:
+    """Per seed (in row order), `name`'s score minus the same seed's `reference` score."""
+    control = {r["seed"]: r[key] for r in rows if r["condition"] == reference}
+    return np.array([r[key] - control[r["seed"]] for r in rows if r["condition"] == name and r["seed"] in control])
+
+
 def paired(rows: list[dict], name: str, key: str) -> tuple[float, float, float, int]:
     """Mean, 95% half-width, mean / standard error, n of (condition - same seed's target only)."""
     from scipy import stats
 
-    control = {r["seed"]: r[key] for r in rows if r["condition"] == "target only"}
-    diffs = np.array([r[key] - control[r["seed"]] for r in rows if r["condition"] == name and r["seed"] in control])
+    diffs = seed_differences(rows, name, "target only", key)
     if len(diffs) < 2:
         return (float(diffs.mean()) if len(diffs) else math.nan), math.nan, math.nan, len(diffs)
     se = diffs.std(ddof=1) / math.sqrt(len(diffs))
@@ -159,25 +164,21 @@ def write_report(rows: list[dict], out: Path, pixels: dict) -> Path:
             f"| {dk[0]:+.4f} ± {dk[1]:.4f} | {dk[2]:.1f} | {dp[0]:+.4f} ± {dp[1]:.4f} | {dp[2]:.1f} |")
         lines.append(f"| {name} | {len(mine)} | {added} | {fmt(*knn[:2])} | {fmt(*probe[:2])} {delta}")
         summary[name] = {"n": len(mine), "knn": knn[:2], "probe": probe[:2], "delta_knn": dk, "delta_probe": dp}
-    contrasts = [(a, b) for a, b in (("oracle", "distractor"), ("uniform", "distractor"), ("oracle", "uniform"))]
     lines += ["", "Is it the content or just more images? Paired differences between sources at the same N "
               "(mean ± 95% t-interval; per seed):", "", "| contrast | n | Δ kNN | per seed | Δ probe |",
               "|---|---:|---:|---|---:|"]
-    for a, b in contrasts:
+    for a, b in (("oracle", "distractor"), ("uniform", "distractor"), ("oracle", "uniform")):
         for name_a in [n for n in names if n.startswith(a + " ")]:
             name_b = b + name_a[len(a):]
             if name_b not in names:
                 continue
-            cells = []
-            for key in ("eval_knn_accuracy", "eval_linear_probe_accuracy"):
-                mine = {r["seed"]: r[key] for r in rows if r["condition"] == name_b}
-                diffs = [r[key] - mine[r["seed"]] for r in rows if r["condition"] == name_a and r["seed"] in mine]
-                cells.append(diffs)
-            knn, probe = (mean_ci(d) for d in cells)
-            per_seed = " / ".join(f"{d:+.4f}" for d in cells[0])
-            lines.append(f"| {name_a} − {name_b} | {len(cells[0])} | {fmt(*knn[:2], 4)} | {per_seed} "
+            knn_diffs, probe_diffs = (seed_differences(rows, name_a, name_b, key)
+                                      for key in ("eval_knn_accuracy", "eval_linear_probe_accuracy"))
+            knn, probe = mean_ci(knn_diffs), mean_ci(probe_diffs)
+            per_seed = " / ".join(f"{d:+.4f}" for d in knn_diffs)
+            lines.append(f"| {name_a} − {name_b} | {len(knn_diffs)} | {fmt(*knn[:2], 4)} | {per_seed} "
                          f"| {fmt(*probe[:2], 4)} |")
-            summary[f"{name_a} - {name_b}"] = {"n": len(cells[0]), "delta_knn": knn[:2], "delta_probe": probe[:2]}
+            summary[f"{name_a} - {name_b}"] = {"n": len(knn_diffs), "delta_knn": knn[:2], "delta_probe": probe[:2]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
