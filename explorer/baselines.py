@@ -21,18 +21,24 @@ from explorer.target import TargetSet, load_target
 from learners.moco import MoCoLearner
 
 
-def evaluate_learner(learner: MoCoLearner, target: TargetSet, k: int) -> dict[str, float]:
-    (tx, ty), (vx, vy) = target.part("probe_train"), target.part("probe_test")
-    scores = evaluate_embeddings(learner.embed(tx), ty, learner.embed(vx), vy, k=k)
+def _rounded(scores: dict[str, float]) -> dict[str, float]:
     return {f"eval_{name}": round(float(value), 4) for name, value in scores.items()}
+
+
+def evaluate_learner(learner: MoCoLearner, target: TargetSet, k: int) -> dict[str, float]:
+    """kNN (cosine, k) and linear-probe accuracy of the learner's embeddings on the target's labelled
+    probe split, as {'eval_knn_accuracy', 'eval_linear_probe_accuracy'}; {} for a target without labels."""
+    (tx, ty), (vx, vy) = target.part("probe_train"), target.part("probe_test")
+    if not len(ty) or not len(vy) or (ty < 0).any() or (vy < 0).any():
+        return {}  # a target without labels: nothing to evaluate
+    return _rounded(evaluate_embeddings(learner.embed(tx), ty, learner.embed(vx), vy, k=k))
 
 
 def pixel_scores(cfg: ExperimentConfig, target: TargetSet | None = None) -> dict[str, dict[str, float]]:
     """{'pixels': ..., 'pixels_centred': ...}: the same evaluation on raw grey pixels."""
     target = target or load_target(cfg.target)
     (tx, ty), (vx, vy) = target.part("probe_train"), target.part("probe_test")
-    return {name: {f"eval_{k}": round(float(v), 4) for k, v in scores.items()}
-            for name, scores in pixel_baselines(tx, ty, vx, vy, k=cfg.train.knn_k).items()}
+    return {name: _rounded(scores) for name, scores in pixel_baselines(tx, ty, vx, vy, k=cfg.train.knn_k).items()}
 
 
 def pretrain_base(cfg: ExperimentConfig, path: Path, *, progress: bool = False, log=print) -> Path:

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from explorer import agent
+from explorer.baselines import evaluate_learner
 from explorer.cache import CacheMode, ResponseCache
 from explorer.checkpoints import load_latest_checkpoint, write_checkpoint
 from explorer.config import ExperimentConfig, save_config
-from explorer.evaluation import evaluate_embeddings
 from explorer.fetch import allow_origin, fetch_images
 from explorer.ledger import LEDGER, FetchRecord, RunLedger
 from explorer.scoring import RewardCalibration, TargetIndex, dedupe_within, image_signature, near_duplicates
@@ -251,13 +251,7 @@ class AcquisitionLoop:
 
     def evaluate(self) -> dict:
         """kNN (k=train.knn_k, cosine) and linear-probe accuracy on the target's labelled split."""
-        train_x, train_y = self.target.part("probe_train")
-        test_x, test_y = self.target.part("probe_test")
-        if not len(train_y) or not len(test_y) or (train_y < 0).any() or (test_y < 0).any():
-            return {}  # a target without labels: nothing to evaluate
-        scores = evaluate_embeddings(self.learner.embed(train_x), train_y, self.learner.embed(test_x), test_y,
-                                     k=self.cfg.train.knn_k)
-        return {f"eval_{k}": round(float(v), 4) for k, v in scores.items()}
+        return evaluate_learner(self.learner, self.target, self.cfg.train.knn_k)
 
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "learner": self.learner.state_dict(),
