@@ -79,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     lines = ["# Accepted images by hidden source", "",
-             "Reward = mean cosine to the k nearest target images under the encoder of that iteration; "
-             "thresholds = the target's own 10th-percentile reward, per iteration.", "",
+             "Reward = mean cosine to the k nearest target images under the encoder of that iteration, minus "
+             "`reward.background_weight` x the mean cosine to the k nearest images of the background sample "
+             "(the plain similarity when the run had no background); thresholds = the target's own "
+             "10th-percentile reward, contrasted the same way, per iteration.", "",
              "| run | source | accepted | reward p10 / median / p90 | thresholds per iteration |",
              "|---|---|---:|---|---|"]
     for r in rows:

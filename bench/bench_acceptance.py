@@ -1,20 +1,25 @@
 """Acceptance by value: how the reward separates the target's kind from the rest of the web.
 
 Under an encoder of the science config (its base: `train.pretrain_steps` SSL steps on the target,
-or a checkpoint given with --base), every web source is sampled, rewarded against the target
-(`knn_reward`, k from the config) and read on the target's own scale (`RewardCalibration`). For
-each acceptance percentile, the share of each source that passes, and the precision a uniform draw
-over the web would have after acceptance. This is the measurement behind the default
-`reward.accept_percentile`.
+or a checkpoint given with --base), every web source is sampled and rewarded against the target
+two ways: `plain` (`knn_reward`, k from the config) and `contrast` (`contrast_reward`: minus
+`reward.background_weight` x the similarity to the background sample a run draws, the results of
+the same `reward.background_queries` vocabulary queries, searched in-process). Each reward is read
+on the target's own scale (`RewardCalibration`, built the same way). For each acceptance
+percentile: the share of each source that passes, the median percentile of each source (what a
+result adds to a query's yield), the precision a uniform draw over the web would have after
+acceptance, and the AUC of the target's kind against each other source. This is the measurement
+behind the defaults `reward.accept_percentile` and `reward.background_weight`.
 
-    python bench/bench_acceptance.py [--per-source 2000] [--base runs/bench-acquisition/seed-0/base.pt]
-Outputs bench/results/acceptance/: acceptance.csv, summary.json, machine.json.
+    python bench/bench_acceptance.py [--per-source 2000] [--base runs/bench-acquisition/seed-1/base.pt --seed 1]
+Outputs bench/results/acceptance/ (or --out): acceptance.csv, summary.json, machine.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -24,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import write_machine  # noqa: E402
+from bench.machine import write_machine
 
 PERCENTILES = (1, 5, 10, 25, 50)
 
@@ -40,61 +45,104 @@ def sample_source(corpus, source: str, n: int, size: int, seed: int = 0):
     return images[:n] if len(images) else torch.empty(0, 3, size, size, dtype=torch.uint8)
 
 
+def background_sample(cfg, corpus, learner_size: int):
+    """The images of the background queries a run of `cfg` would draw (explorer.loop), searched
+    in-process on the local engine's ranking; (images, their corpus rows)."""
+    import torch
+
+    from explorer.agent import load_vocabulary
+    from explorer.corpus import _default_encoder
+    from explorer.engine import HybridIndex
+    from explorer.loop import background_queries
+    from explorer.validate import decode_batch
+
+    ranking = HybridIndex(corpus, _default_encoder())
+    rows: dict[int, None] = {}
+    for text in background_queries(cfg, load_vocabulary(cfg, corpus)):
+        hits, _ = ranking.search(text, 0, cfg.search.results_per_query)
+        rows.update(dict.fromkeys(int(h.item) for h in hits))
+    if not rows:
+        return torch.empty(0, 3, learner_size, learner_size, dtype=torch.uint8), []
+    images, results = decode_batch([corpus.image_bytes(i) for i in rows], size=learner_size)
+    return images, [i for i, r in zip(rows, results) if r.ok]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "science.yaml")
     parser.add_argument("--base", type=Path, default=None, help="encoder checkpoint (default: pretrain the base)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the grid seed the base belongs to: the config is seeded as the grid seeds it, "
+                             "so the background queries are that seed's (default: the config's seed)")
     parser.add_argument("--per-source", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "acceptance")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     import torch
+    from sklearn.metrics import roc_auc_score
 
     from explorer.agent import build_learner, open_corpus
     from explorer.baselines import pretrain_base
     from explorer.config import load_config
-    from explorer.scoring import RewardCalibration, TargetIndex, knn_reward
+    from explorer.scoring import TargetIndex
     from explorer.target import load_target
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
+    if args.seed is not None:
+        from bench.acquisition_grid import seeded
+
+        cfg = seeded(cfg, args.seed)
     target = load_target(cfg.target)
     base = args.base or pretrain_base(cfg, args.out / "base.pt")
     learner = build_learner(cfg, target)
     learner.load_state_dict(torch.load(base, map_location="cpu", weights_only=True))
     index = TargetIndex(learner.embed(target.part("acquire")[0]))
-    calibration = RewardCalibration.of(index, cfg.reward.k)
     corpus = open_corpus(cfg)
-    sources = sorted(set(corpus.hidden["source"]))
-    counts = {s: int((np.asarray(corpus.hidden["source"]) == s).sum()) for s in sources}
-    rows, passed = [], {}
-    for source in sources:
-        images = sample_source(corpus, source, args.per_source, cfg.fetch.image_size)
-        rewards = knn_reward(learner.embed(images), index, cfg.reward.k)
+    hidden = np.asarray(corpus.hidden["source"])
+    sources = sorted(set(hidden))
+    counts = {s: int((hidden == s).sum()) for s in sources}
+    bg_images, bg_rows = background_sample(cfg, corpus, cfg.fetch.image_size)
+    background = TargetIndex(learner.embed(bg_images)) if len(bg_rows) else None
+    bg_sources = {s: int((hidden[bg_rows] == s).sum()) for s in sources}
+    print(f"background: {cfg.reward.background_queries} queries, {len(bg_rows)} images {bg_sources}")
+    embedded = {s: learner.embed(sample_source(corpus, s, args.per_source, cfg.fetch.image_size)) for s in sources}
+    relevant = "fashion-mnist"
+    rows, summary = [], {"background": {"queries": cfg.reward.background_queries, "images": len(bg_rows),
+                                        "by_source": bg_sources}}
+    rewards_of = {"plain": dataclasses.replace(cfg.reward, background_weight=0.0), "contrast": cfg.reward}
+    for name, rc in rewards_of.items():
+        calibration = rc.calibrate(index, background)
+        rewards = {s: rc.image_rewards(e, index, background) for s, e in embedded.items()}
+        auc = {s: float(roc_auc_score(np.r_[np.ones(len(rewards[relevant])), np.zeros(len(r))],
+                                      np.r_[rewards[relevant], r])) for s, r in rewards.items() if s != relevant}
+        median_pct = {s: float(np.median(calibration.percentile(r))) for s, r in rewards.items()}
+        summary[name] = {"background_weight": rc.background_weight, "auc_vs": auc, "median_percentile": median_pct}
         for q in PERCENTILES:
-            share = float((rewards >= calibration.threshold(q)).mean())
-            passed[(source, q)] = share
-            rows.append({"source": source, "web_items": counts[source], "sampled": len(images), "percentile": q,
-                         "threshold": round(calibration.threshold(q), 4), "pass_rate": round(share, 4),
-                         "reward_median": round(float(np.median(rewards)), 4)})
+            passed = {s: float((r >= calibration.threshold(q)).mean()) for s, r in rewards.items()}
+            kept = {s: counts[s] * passed[s] for s in sources}  # a uniform draw over the web, after acceptance
+            summary[name][q] = {"recall_target_kind": passed[relevant],
+                                "precision_uniform_web": kept[relevant] / max(sum(kept.values()), 1e-9),
+                                **{f"pass_{s}": passed[s] for s in sources}}
+            rows += [{"reward": name, "source": s, "web_items": counts[s], "sampled": len(embedded[s]),
+                      "percentile": q, "threshold": round(calibration.threshold(q), 4),
+                      "pass_rate": round(passed[s], 4), "reward_median": round(float(np.median(rewards[s])), 4),
+                      "median_percentile": round(median_pct[s], 4)} for s in sources]
     args.out.mkdir(parents=True, exist_ok=True)
     with (args.out / "acceptance.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    relevant = "fashion-mnist"
-    summary = {}
-    for q in PERCENTILES:  # a uniform draw over the web, after acceptance
-        kept = {s: counts[s] * passed[(s, q)] for s in sources}
-        summary[q] = {"recall_target_kind": passed[(relevant, q)],
-                      "precision_uniform_web": kept[relevant] / max(sum(kept.values()), 1e-9),
-                      **{f"pass_{s}": passed[(s, q)] for s in sources}}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     write_machine(args.out, " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]))
-    print("percentile  " + "  ".join(f"{s:>13s}" for s in sources) + "  precision(uniform web)")
-    for q in PERCENTILES:
-        print(f"{q:10d}  " + "  ".join(f"{passed[(s, q)]:13.3f}" for s in sources)
-              + f"  {summary[q]['precision_uniform_web']:.3f}")
+    for name in rewards_of:
+        print(f"\n{name} reward (background weight {summary[name]['background_weight']})")
+        print("percentile  " + "  ".join(f"{s:>13s}" for s in sources) + "  precision(uniform web)")
+        for q in PERCENTILES:
+            print(f"{q:10d}  " + "  ".join(f"{summary[name][q][f'pass_{s}']:13.3f}" for s in sources)
+                  + f"  {summary[name][q]['precision_uniform_web']:.3f}")
+        print("median pct  " + "  ".join(f"{summary[name]['median_percentile'][s]:13.3f}" for s in sources))
+        print("AUC of " + relevant + " vs " + ", ".join(f"{s} {a:.3f}" for s, a in summary[name]["auc_vs"].items()))
     return 0
 
 

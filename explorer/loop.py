@@ -3,6 +3,7 @@
 
     config.yaml        the fully resolved config
     backend.json       the search backend as recorded (replay rebuilds it on the cache alone)
+    background.json    the queries of the reward's first background sample of the web and what they fetched
     run.json           the shared base checkpoint the run started from, if any
     metrics.jsonl      one line per iteration (iteration 0 = the state before any query)
     accepted.jsonl     every accepted item: iteration, url, query, reward, sha256
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,10 +37,34 @@ from explorer.checkpoints import load_latest_checkpoint, write_checkpoint
 from explorer.config import ExperimentConfig, save_config
 from explorer.fetch import allow_origin, fetch_images
 from explorer.ledger import LEDGER, FetchRecord, RunLedger
-from explorer.scoring import RewardCalibration, TargetIndex, dedupe_within, image_signature, near_duplicates
+from explorer.scoring import BackgroundSample, TargetIndex, dedupe_within, image_signature, near_duplicates
 from explorer.search import SearchBackend, SearchError, build_backend, search_many
 from explorer.target import load_target
 from learners.moco import MoCoLearner
+
+
+# Seeds the draw of background queries apart from the policy's own stream (same run seed).
+BACKGROUND_STREAM = 0xB6
+
+
+def _stack(images: list[torch.Tensor], size: int) -> torch.Tensor:
+    return torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
+
+
+def background_seed(cfg: ExperimentConfig) -> int:
+    """Seed of the background reservoir's draws: the run's seed on a stream of its own."""
+    return int(np.random.default_rng([cfg.seed, BACKGROUND_STREAM]).integers(2**31))
+
+
+def background_queries(cfg: ExperimentConfig, vocab) -> list[str]:
+    """The `reward.background_queries` vocabulary concepts of the reward's background sample,
+    drawn with the run's seed on a stream of its own: every policy of a seed contrasts with the
+    same sample of the web."""
+    n = min(cfg.reward.background_queries, len(vocab.concepts))
+    if n == 0:
+        return []
+    rng = np.random.default_rng([cfg.seed, BACKGROUND_STREAM])
+    return [vocab.concepts[i] for i in sorted(rng.choice(len(vocab.concepts), n, replace=False))]
 
 
 class StopRequested(Exception):
@@ -112,6 +138,8 @@ class AcquisitionLoop:
         self.accepted_sig = np.zeros((0, 0), np.float32)
         self.probe_test_sig = image_signature(self.target.part("probe_test")[0])
         self.accepted_sha: set[str] = set()
+        self.background_sample = BackgroundSample(cfg.reward.background_size, background_seed(cfg))
+        self.background_sample.add(self._fetch_background())  # before resume: nothing is filtered out yet
         if resume:
             self.load_state_dict(checkpoint.state)
             self._truncate_logs()
@@ -122,13 +150,40 @@ class AcquisitionLoop:
             agent.write_json(self.run_dir / "run.json", {
                 "base_checkpoint": str(Path(base_checkpoint).resolve()) if base_checkpoint else None,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        self.index = TargetIndex(self.learner.embed(self.target.part("acquire")[0]))
-        self.calibration = RewardCalibration.of(self.index, cfg.reward.k)
+        self.index: TargetIndex | None = None
+        self.refresh_index()
 
     def refresh_index(self) -> None:
-        """Re-embed the target with the current encoder: the reward's neighbours and its scale."""
-        self.index.refresh(self.learner.embed(self.target.part("acquire")[0]))
-        self.calibration = RewardCalibration.of(self.index, self.cfg.reward.k)
+        """Re-embed the target and the background with the current encoder: the reward's
+        neighbours and its scale."""
+        target = self.learner.embed(self.target.part("acquire")[0])
+        if self.index is None:
+            self.index = TargetIndex(target)
+        else:
+            self.index.refresh(target)
+        self.background = (TargetIndex(self.learner.embed(torch.stack(self.background_sample.items)))
+                           if len(self.background_sample) else None)
+        self.calibration = self.cfg.reward.calibrate(self.index, self.background)
+
+    def _fetch_background(self) -> torch.Tensor:
+        """The first web sample the reward contrasts with: the decoded results of
+        `reward.background_queries` vocabulary concepts drawn with the run's seed (the same for every
+        policy of a seed), searched and fetched through the run's cache, so a resume or a replay gets
+        the same images back."""
+        texts = background_queries(self.cfg, self.vocab) if self.cfg.reward.background_size else []
+        if not texts:
+            s = self.cfg.fetch.image_size
+            return torch.empty(0, 3, s, s, dtype=torch.uint8)
+        answers, cand = self.search_and_fetch(texts)
+        summary = {"queries": texts, "results": [0 if isinstance(a, SearchError) else len(a) for a in answers],
+                   "decoded": len(cand.urls), "rejected": cand.rejected,
+                   "precision": self.truth.precision(cand.urls) if self.truth else None}
+        if self.mode is not CacheMode.REPLAY:
+            agent.write_json(self.run_dir / "background.json", summary)
+        if len(cand.urls) == 0:
+            warnings.warn(f"the {len(texts)} background queries fetched no image: the reward is the plain "
+                          "similarity to the target", stacklevel=2)
+        return cand.images
 
     def _learner(self, base_checkpoint: Path | None, pretrain: bool = True) -> MoCoLearner:
         learner = agent.build_learner(self.cfg, self.target)
@@ -197,7 +252,7 @@ class AcquisitionLoop:
         answers, cand = self.search_and_fetch([q.text for q in queries])
         self._check_stop()
         emb = self.learner.embed(cand.images) if len(cand.urls) else np.zeros((0, self.index.dim), np.float32)
-        rewards = cfg.reward.image_rewards(emb, self.index) if len(emb) else np.zeros(0, np.float32)
+        rewards = cfg.reward.image_rewards(emb, self.index, self.background) if len(emb) else np.zeros(0, np.float32)
         q_rewards = cfg.reward.query_rewards(rewards, cand.queries_of, len(queries), self.calibration,
                                              cfg.search.results_per_query)
         self.policy.update(queries, q_rewards)
@@ -210,6 +265,7 @@ class AcquisitionLoop:
                          "accepted": self._record_accepted(cand, accepted, rewards, queries)}
         if len(accepted):
             self.learner.mixture.add_accepted(cand.images[accepted])
+        self.background_sample.add(img.clone() for img in cand.images)  # later iterations contrast with it
         losses = self.learner.train_steps(self.learner.mixture, cfg.train.steps_per_iteration, progress=self.progress)
         self.refresh_index()
         row = {"iteration": self.iteration, "queries": [q.text for q in queries],
@@ -256,7 +312,9 @@ class AcquisitionLoop:
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "learner": self.learner.state_dict(),
                 "policy": self.policy.state_dict(), "accepted_sig": torch.from_numpy(self.accepted_sig),
-                "accepted_sha": sorted(self.accepted_sha)}
+                "accepted_sha": sorted(self.accepted_sha),
+                "background": {**self.background_sample.state_dict(),
+                               "items": _stack(self.background_sample.items, self.cfg.fetch.image_size)}}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
@@ -264,6 +322,9 @@ class AcquisitionLoop:
         self.policy.load_state_dict(state["policy"])
         self.accepted_sig = state["accepted_sig"].numpy()
         self.accepted_sha = set(state["accepted_sha"])
+        if "background" in state:  # checkpoints of earlier versions: the first sample stays
+            self.background_sample.load_state_dict({**state["background"],
+                                                    "items": list(state["background"]["items"])})
 
     def _truncate_logs(self) -> None:
         truncate_logs(self.run_dir, map(self._log_name, ("metrics.jsonl", "accepted.jsonl")), self.iteration)

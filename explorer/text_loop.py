@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,8 +33,8 @@ from tqdm.auto import tqdm
 from explorer.cache import CacheMode, ResponseCache
 from explorer.config import ExperimentConfig, save_config
 from explorer.fetch import allow_origin
-from explorer.loop import StopRequested, truncate_logs
-from explorer.scoring import RewardCalibration, TargetIndex, dedupe_within, near_duplicates
+from explorer.loop import StopRequested, background_queries, background_seed, truncate_logs
+from explorer.scoring import BackgroundSample, TargetIndex, dedupe_within, near_duplicates
 from explorer.search import SearchBackend, SearchError, search_many
 from explorer.text_agent import (TopicTruth, build_text_policy, lm_embeddings, open_text_corpus,
                                  text_vocabulary)
@@ -90,14 +91,20 @@ class TextAcquisitionLoop:
         self.backend = self._backend(engine_url)
         self._known_documents(train_texts)
         self.iteration, self.pretrained, self.tokens_trained = 0, False, 0
+        self.background_sample = BackgroundSample(cfg.reward.background_size, background_seed(cfg))
+        self._minilm_rows: dict[str, np.ndarray] = {}  # MiniLM rows of the background's documents
+        self.background_sample.add(self._fetch_background())  # before resume: nothing is filtered out yet
         if resume:
             self.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
             self._truncate_logs()
         elif not replay:
             save_config(cfg, self.run_dir / "config.yaml")
             (self.run_dir / "backend.json").write_text(json.dumps(self.backend.describe(), indent=2))
-        self.index = TargetIndex(self._target_embeddings())
-        self.calibration = RewardCalibration.of(self.index, cfg.reward.k)
+        self.index: TargetIndex | None = None
+        spent = dict(self.ledger.spent)
+        self.refresh_reference()
+        if resume:  # the checkpoint's ledger already paid for embedding the background under this state
+            self.ledger.spent = spent
 
     # -- parts ------------------------------------------------------------------------------
     def _known_documents(self, train_texts: list[str]) -> None:
@@ -162,6 +169,46 @@ class TextAcquisitionLoop:
         if self.cfg.text.reward_encoder == "minilm":
             return self._corpus_embeddings(self.target.train)
         return lm_embeddings(self.learner.model, self.stream_documents(len(self.target.train)), self.cfg.text.seq_len)
+
+    def refresh_reference(self) -> None:
+        """Embed the target and the background under the reward encoder: neighbours and scale."""
+        target = self._target_embeddings()
+        if self.index is None:
+            self.index = TargetIndex(target)
+        else:
+            self.index.refresh(target)
+        self.background = TargetIndex(self._background_embeddings()) if len(self.background_sample) else None
+        self.calibration = self.cfg.reward.calibrate(self.index, self.background)
+
+    def _background_embeddings(self) -> np.ndarray:
+        """The background sample under the reward encoder (each embedding counted as scoring). MiniLM
+        does not change, so its rows are kept and only new items are embedded."""
+        items = self.background_sample.items
+        if self.cfg.text.reward_encoder != "minilm":
+            return self.embed(items)[0]
+        missing = [t for t in dict.fromkeys(items) if t not in self._minilm_rows]
+        if missing:
+            self._minilm_rows.update(zip(missing, self.embed(missing)[0]))
+        self._minilm_rows = {t: self._minilm_rows[t] for t in items}
+        return np.stack([self._minilm_rows[t] for t in items])
+
+    def _fetch_background(self) -> list[str]:
+        """The web sample the reward contrasts with (`reward.background_queries`; see
+        `explorer.loop.background_queries`), fetched through the run's cache so a resume or a replay
+        reads the same documents; its queries and fetches are counted in the FLOP ledger."""
+        texts = background_queries(self.cfg, self.vocab) if self.cfg.reward.background_size else []
+        if not texts:
+            return []
+        answers, docs, _, rejected = self.search_and_fetch(texts)
+        if self.mode is not CacheMode.REPLAY:
+            (self.run_dir / "background.json").write_text(json.dumps({
+                "queries": texts, "results": [0 if isinstance(a, SearchError) else len(a) for a in answers],
+                "valid": len(docs), "rejected": rejected,
+                "precision": self.truth.precision([d.url for d in docs])}, indent=1) + "\n")
+        if not docs:
+            warnings.warn(f"the {len(texts)} background queries fetched no document: the reward is the plain "
+                          "similarity to the target", stacklevel=2)
+        return [d.text for d in docs]
 
     def stream_documents(self, n: int) -> list[list[int]]:
         """The first n documents' tokens of the training stream (the target set comes first)."""
@@ -241,13 +288,18 @@ class TextAcquisitionLoop:
             docs = [d for d, f in zip(docs, fresh) if f]
             queries_of = [q for q, f in zip(queries_of, fresh) if f]
             rewards_emb, sig = rewards_emb[fresh], sig[fresh]
-        rewards = cfg.reward.image_rewards(rewards_emb, self.index) if len(docs) else np.zeros(0, np.float32)
+        rewards = (cfg.reward.image_rewards(rewards_emb, self.index, self.background) if len(docs)
+                   else np.zeros(0, np.float32))
         q_rewards = cfg.reward.query_rewards(rewards, queries_of, len(queries), self.calibration,
                                              cfg.search.results_per_query)
         self.policy.update(queries, q_rewards)
         accepted = self.accept(rewards, sig)
         self._check_stop()  # last safe point: from here on the iteration writes its logs
         self._record_accepted(docs, accepted, rewards, queries, queries_of, sig)
+        self.background_sample.add(d.text for d in docs)  # later iterations contrast with what this one fetched
+        if cfg.reward.background_size and cfg.text.reward_encoder == "minilm":
+            self._minilm_rows.update((d.text, row) for d, row in zip(docs, sig))  # (the LM's after training)
+            self.refresh_reference()
         urls = [d.url for d in docs]
         return {"queries": [q.text for q in queries], "query_rewards": [round(float(r), 6) for r in q_rewards],
                 "results": [0 if isinstance(a, SearchError) else len(a) for a in answers],
@@ -279,8 +331,7 @@ class TextAcquisitionLoop:
         self.ledger.add_training(self.n_params, tokens)
         self.tokens_trained += tokens
         if self.cfg.text.reward_encoder == "lm":  # the reward's reference moves with the LM
-            self.index.refresh(self._target_embeddings())
-            self.calibration = RewardCalibration.of(self.index, self.cfg.reward.k)
+            self.refresh_reference()
         return {"train_loss": round(float(np.mean(losses)), 6) if losses else None}
 
     def evaluate(self) -> dict:
@@ -325,7 +376,8 @@ class TextAcquisitionLoop:
         return {"iteration": self.iteration, "pretrained": self.pretrained, "tokens_trained": self.tokens_trained,
                 "lm_size": self.lm_size, "learner": self.learner.state_dict(), "stream": self.stream.state_dict(),
                 "policy": self.policy.state_dict(), "ledger": self.ledger.state_dict(),
-                "accepted_sha": sorted(self.accepted_sha), "accepted_sig": torch.from_numpy(self.accepted_sig)}
+                "accepted_sha": sorted(self.accepted_sha), "accepted_sig": torch.from_numpy(self.accepted_sig),
+                "background": self.background_sample.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration, self.pretrained = int(state["iteration"]), bool(state["pretrained"])
@@ -339,6 +391,8 @@ class TextAcquisitionLoop:
         self.ledger.load_state_dict(state["ledger"])
         self.accepted_sha = set(state["accepted_sha"])
         self.accepted_sig = state["accepted_sig"].numpy()
+        if "background" in state:  # checkpoints of earlier versions: the first sample stays
+            self.background_sample.load_state_dict(state["background"])
 
     def save_checkpoint(self) -> None:
         atomic_torch_save(self.state_dict(), self.run_dir / "checkpoint.pt")

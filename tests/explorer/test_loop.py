@@ -5,13 +5,15 @@ import socket
 import sqlite3
 from urllib.parse import urlsplit
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from explorer.checkpoints import load_latest_checkpoint
 from explorer.config import ConfigError, ExperimentConfig, load_config
-from explorer.loop import AcquisitionLoop, compare_decisions
+from explorer.loop import AcquisitionLoop, background_queries, compare_decisions
 from explorer.runs import read_metrics, replay_run
+from explorer.scoring import knn_reward, leave_one_out_rewards
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,25 @@ def test_run_folder_records_everything(recorded_run, small_corpus):
     # the accuracies are the evaluator's on the probe split, not placeholders: iteration 0's kNN accuracy
     # on Fashion-MNIST classes is well above chance (0.1) even for a barely trained encoder
     assert rows[0]["eval_knn_accuracy"] > 0.2
+
+
+def test_the_background_is_the_seeds_draw_shared_by_every_policy(recorded_run, tiny_experiment, engine, tmp_path):
+    run_dir, rows = recorded_run
+    recorded = json.loads((run_dir / "background.json").read_text())
+    cfg = tiny_experiment(policy={"name": "random", "queries_per_iteration": 4})
+    loop = AcquisitionLoop(cfg, tmp_path / "random", engine_url=engine.url, progress=False)
+    assert recorded["queries"] == background_queries(cfg, loop.vocab)  # the gp run drew what random draws
+    assert len(recorded["queries"]) == cfg.reward.background_queries
+    assert recorded["decoded"] == len(loop.background_sample) == len(loop.background) > 0
+    assert background_queries(tiny_experiment(seed=1), loop.vocab) != recorded["queries"]
+    # then the sample is a reservoir over everything the run fetched: the checkpoint holds it
+    state = load_latest_checkpoint(run_dir).state["background"]
+    assert state["seen"] == recorded["decoded"] + sum(r["decoded"] for r in rows[1:])
+    assert len(state["items"]) == min(state["seen"], cfg.reward.background_size) > recorded["decoded"]
+    # the reward's scale is the target's own rewards contrasted with that background
+    plain = leave_one_out_rewards(loop.index, cfg.reward.k)
+    contrasted = plain - cfg.reward.background_weight * knn_reward(loop.index.embeddings, loop.background, cfg.reward.k)
+    np.testing.assert_allclose(loop.calibration.reference, np.sort(contrasted), atol=1e-6)
 
 
 def test_accept_drops_copies_of_probe_test_earlier_accepts_and_batch_mates(tiny_experiment, engine, tmp_path):

@@ -48,16 +48,16 @@ def ledger_rows(run_dir, iteration: int):
 
 def test_query_rewards_credit_each_query_with_the_images_it_returned(tiny_experiment, engine, tmp_path,
                                                                      monkeypatch):
-    """Per iteration: the images' rewards are recomputed from the cached bodies with the encoder and
-    target embeddings of before the step; each query's logged reward must be the sum of the calibrated
+    """Per iteration: the images' rewards are recomputed from the cached bodies with the encoder,
+    target and background embeddings of before the step; each query's logged reward must be the sum of the calibrated
     rewards of the URLs the ledger says *it* returned and that decoded, per result asked for; and each
     accepted record carries its image's reward and exactly the queries that found it."""
     cfg = tiny_experiment()
     image_rewards = []  # what the loop computed, in its candidate order
     original = RewardConfig.image_rewards
 
-    def spy(self, emb, index):
-        rewards = original(self, emb, index)
+    def spy(self, emb, index, background=None):
+        rewards = original(self, emb, index, background)
         image_rewards.append(rewards.copy())
         return rewards
     monkeypatch.setattr(RewardConfig, "image_rewards", spy)
@@ -69,6 +69,7 @@ def test_query_rewards_credit_each_query_with_the_images_it_returned(tiny_experi
         for it in range(1, cfg.iterations + 1):  # (iteration 0 only evaluates: it changes nothing here)
             weights = {name: v.clone() for name, v in loop.learner.model.state_dict().items()}
             targets, calibration = loop.index.embeddings.copy(), loop.calibration
+            web = loop.background.embeddings.copy()  # the background sample under the same encoder
             image_rewards.clear()
             loop.run(until=it, log=lambda s: None)
 
@@ -88,8 +89,10 @@ def test_query_rewards_credit_each_query_with_the_images_it_returned(tiny_experi
             # the loop's rewards belong to these URLs, in this order: recompute them independently
             images = torch.stack([cached_image(tmp_path, fetches[url][1], cfg.fetch) for url in decoded])
             scorer.model.load_state_dict(weights)
-            sims = scorer.embed(images) @ targets.T  # both unit rows: cosines
-            mine = np.sort(sims, axis=1)[:, -k:].mean(axis=1)
+            emb = scorer.embed(images)
+            sims, web_sims = emb @ targets.T, emb @ web.T  # unit rows: cosines
+            mine = (np.sort(sims, axis=1)[:, -k:].mean(axis=1)
+                    - cfg.reward.background_weight * np.sort(web_sims, axis=1)[:, -k:].mean(axis=1))
             np.testing.assert_allclose(mine, rewards, atol=1e-4)
 
             reward_of = dict(zip(decoded, rewards.tolist()))

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 
 from explorer.scoring import (
+    BackgroundSample,
     QUERY_AGGREGATES,
     RewardCalibration,
     RewardConfig,
     TargetIndex,
+    contrast_reward,
     dedupe_within,
     knn_reward,
     leave_one_out_rewards,
@@ -207,6 +209,7 @@ def test_dedupe_within_matches_a_naive_greedy_pass_on_clustered_data():
     {"accept_threshold": 1.5}, {"accept_top_fraction": -0.1}, {"min_keep": -1},
     {"dedupe_threshold": -1.0}, {"decontaminate_threshold": 1.2}, {"chunk_size": 0},
     {"query": "sum"}, {"accept": "all"}, {"accept_percentile": 101}, {"max_accept": -1},
+    {"background_queries": -1}, {"background_weight": 1.5}, {"background_weight": -0.1},
 ])
 def test_reward_config_rejects_invalid_values(bad):
     with pytest.raises(ValueError, match="|".join(bad)):
@@ -290,3 +293,85 @@ def test_image_signature_flags_copies_not_lookalikes():
     sims = sig @ sig.T
     distinct = sims[np.triu_indices(len(sig), 1)]
     assert (distinct >= 0.99).mean() < 0.01  # different real items are not
+
+
+# --- contrast with a background sample of the web ---------------------------------------------
+
+def test_contrast_reward_subtracts_the_weighted_background_similarity():
+    rng = np.random.default_rng(1)
+    targets, web, candidates = (rng.normal(size=(n, 6)).astype(np.float32) for n in (30, 20, 12))
+    index, background = TargetIndex(targets), TargetIndex(web)
+    expected = brute_force_reward(candidates, targets, 4) - 0.3 * brute_force_reward(candidates, web, 4)
+    np.testing.assert_allclose(contrast_reward(candidates, index, background, k=4, weight=0.3), expected, atol=1e-5)
+    np.testing.assert_allclose(RewardConfig(k=4, background_weight=0.3).image_rewards(candidates, index, background),
+                               expected, atol=1e-5)
+    plain = knn_reward(candidates, index, 4)
+    np.testing.assert_array_equal(contrast_reward(candidates, index, None, k=4, weight=0.3), plain)
+    np.testing.assert_array_equal(contrast_reward(candidates, index, background, k=4, weight=0.0), plain)
+    # the target's own scale is contrasted the same way
+    calibration = RewardConfig(k=4, background_weight=0.3).calibrate(index, background)
+    own = leave_one_out_rewards(index, 4) - 0.3 * brute_force_reward(targets, web, 4)
+    np.testing.assert_allclose(calibration.reference, np.sort(own), atol=1e-5)
+    assert RewardConfig(k=4).calibrate(index).reference.tolist() == np.sort(leave_one_out_rewards(index, 4)).tolist()
+
+
+def test_background_refuses_a_kind_that_is_close_to_everything_yet_keeps_the_targets():
+    """The failure the background exists for: a kind of web image (digits, under an encoder adapted to
+    clothing) sits near the common direction of every target image, so it is as similar to the target
+    as the targets are to each other and passes acceptance by value; the web holds many of them."""
+    rng = np.random.default_rng(0)
+    dim = 40
+    common = np.eye(dim, dtype=np.float32)[0]
+
+    def spread(n, scale, axes):  # the common direction plus noise in the given axes
+        noise = np.zeros((n, dim), np.float32)
+        noise[:, axes] = rng.normal(size=(n, len(axes))) / np.sqrt(len(axes))
+        return unit_rows(common + scale * noise)
+
+    target_axes, other_axes = list(range(1, 33)), list(range(33, 40))
+    targets, target_kind = spread(100, 1.2, target_axes), spread(300, 1.2, target_axes)
+    lookalikes = spread(300, 0.2, other_axes)
+    unrelated = unit_rows(rng.normal(size=(300, dim)))
+    web = np.concatenate([lookalikes[:100], unrelated[:100], spread(60, 1.2, target_axes)])  # a random draw
+    index, background = TargetIndex(targets), TargetIndex(web)
+
+    def passing(config, bg):
+        calibration = config.calibrate(index, bg)
+        return {name: float(config.accept_mask(config.image_rewards(x, index, bg), calibration).mean())
+                for name, x in (("target", target_kind), ("lookalike", lookalikes[100:]), ("unrelated", unrelated))}
+
+    plain = passing(RewardConfig(accept_percentile=10, background_weight=0.0), background)
+    contrast = passing(RewardConfig(accept_percentile=10, background_weight=0.5), background)
+    assert plain["lookalike"] > 0.9  # the plain reward lets the look-alikes in ...
+    assert contrast["lookalike"] < 0.1  # ... the contrast does not
+    assert contrast["target"] > 0.8 and plain["target"] > 0.8
+    assert contrast["unrelated"] == plain["unrelated"] == 0.0
+
+
+def test_background_sample_is_a_uniform_reservoir_that_resumes_exactly():
+    assert len(BackgroundSample(0, seed=0).items) == 0
+    small = BackgroundSample(10, seed=0)
+    small.add(range(7))
+    assert small.items == list(range(7)) and small.seen == 7
+    # each of 100 items ends in a 10-item sample with probability 0.1, early or late (over 600 seeds)
+    inclusion = np.zeros(100)
+    for seed in range(600):
+        sample = BackgroundSample(10, seed)
+        sample.add(range(100))
+        assert len(sample) == 10 and len(set(sample.items)) == 10
+        inclusion[sample.items] += 1 / 600
+    assert abs(inclusion[:20].mean() - 0.1) < 0.02 and abs(inclusion[-20:].mean() - 0.1) < 0.02
+    # the sample depends on the seed and the items added, not on how the adding was split or resumed
+    whole = BackgroundSample(10, seed=3)
+    whole.add(range(100))
+    first = BackgroundSample(10, seed=3)
+    first.add(range(40))
+    resumed = BackgroundSample(10, seed=3)
+    resumed.load_state_dict(first.state_dict())
+    resumed.add(range(40, 100))
+    assert resumed.items == whole.items and resumed.seen == 100
+    other = BackgroundSample(10, seed=4)
+    other.add(range(100))
+    assert other.items != whole.items
+    with pytest.raises(ValueError, match="capacity"):
+        BackgroundSample(-1, seed=0)

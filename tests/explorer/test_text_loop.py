@@ -29,7 +29,7 @@ def tiny_text(corpus, **changes) -> ExperimentConfig:
             "flop_budget": 1.0e15, **changes.pop("text", {})}
     return from_dict(ExperimentConfig, {
         "name": "text-tiny", "modality": "text", "iterations": 2, "seed": 0, "corpus": str(corpus.root),
-        "vocabulary": {"n_random": 20}, "search": {"results_per_query": 6},
+        "vocabulary": {"n_random": 20}, "search": {"results_per_query": 6}, "reward": {"background_queries": 4},
         "policy": {"name": "gp", "queries_per_iteration": 3, "options": {"explore_first": 3}},
         "text": text, **changes})
 
@@ -123,19 +123,24 @@ def test_lm_hidden_states_as_the_reward_encoder(text_corpus, tmp_path):
         target_texts = [document_text(d) for d in loop.target.train]
         target_lm = lm_embeddings(lm, tok.encode_batch(target_texts), seq_len)
         target_minilm = loop.encoder.encode(target_texts)
+        background_lm = lm_embeddings(lm, tok.encode_batch(loop.background_sample.items), seq_len)
         rows = loop.run(log=quiet)
     assert [r["iteration"] for r in rows] == [1] and rows[0]["planner_action"] == "acquire"
     assert rows[0]["mean_doc_reward"] is not None and -1 <= rows[0]["mean_doc_reward"] <= 1
     minilm_only = 2 * 1.06e7 * 128  # the MiniLM signature pass per document; the LM forward adds to it
     assert rows[0]["flops"]["score"] > minilm_only * rows[0]["valid"]
-    # every accepted document's logged reward is the kNN reward of the LM's embedding of its text
+    # every accepted document's logged reward is the kNN reward of the LM's embedding of its text,
+    # contrasted with the LM's embedding of the background documents
     text_of = {text_sha256(document_text(d)): document_text(d) for d in text_corpus.documents()}
     accepted = [json.loads(line) for line in (tmp_path / "accepted.jsonl").read_text().splitlines()]
     assert accepted and len(accepted) == rows[0]["accepted"]
     texts = [text_of[a["sha256"]] for a in accepted]
     logged = np.array([a["reward"] for a in accepted])
     doc_lm = lm_embeddings(lm, [t[:seq_len] for t in tok.encode_batch(texts)], seq_len)
-    assert logged == pytest.approx(top_k_cosine(doc_lm, target_lm, k), abs=2e-5)
+    w = cfg.reward.background_weight
+    assert len(loop.background_sample) > 0 and w > 0
+    expected = top_k_cosine(doc_lm, target_lm, k) - w * top_k_cosine(doc_lm, background_lm, k)
+    assert logged == pytest.approx(expected, abs=2e-5)
     minilm = top_k_cosine(loop.encoder.encode(texts), target_minilm, k)
     assert np.abs(logged - minilm).max() > 0.05  # and not MiniLM's reward
 
@@ -151,7 +156,7 @@ def test_same_policies_drive_the_text_loop(text_corpus, tmp_path, policy):
 
 def test_run_stops_when_the_flop_budget_is_spent(text_corpus, tmp_path):
     messages = []
-    cfg = tiny_text(text_corpus, iterations=3, text={"flop_budget": 1.0e10})
+    cfg = tiny_text(text_corpus, iterations=3, text={"flop_budget": 3.0e10})
     rows = run_text_experiment(cfg, tmp_path, progress=False, log=messages.append)
     assert [r["iteration"] for r in rows] == [0, 1] and rows[1]["flops_remaining"] == 0.0
     assert "budget" in messages[-1] and "spent" in messages[-1]
