@@ -67,6 +67,20 @@ def background_queries(cfg: ExperimentConfig, vocab) -> list[str]:
     return [vocab.concepts[i] for i in sorted(rng.choice(len(vocab.concepts), n, replace=False))]
 
 
+def record_background(run_dir: Path, mode: CacheMode, texts: list[str], answers: list, rejected: dict[str, int],
+                      precision: float | None, **found: int) -> None:
+    """background.json: the start-up background queries, their result counts and what they
+    fetched (`found`: the usable items, by the modality's name for them); a replay writes nothing.
+    Warns when nothing usable came back."""
+    if mode is not CacheMode.REPLAY:
+        agent.write_json(run_dir / "background.json", {
+            "queries": texts, "results": [0 if isinstance(a, SearchError) else len(a) for a in answers],
+            **found, "rejected": rejected, "precision": precision})
+    if not any(found.values()):
+        warnings.warn(f"the {len(texts)} background queries fetched nothing usable: the reward is the plain "
+                      "similarity to the target", stacklevel=3)
+
+
 class StopRequested(Exception):
     """A signal asked the loop to stop; the current iteration is abandoned."""
 
@@ -139,7 +153,8 @@ class AcquisitionLoop:
         self.probe_test_sig = image_signature(self.target.part("probe_test")[0])
         self.accepted_sha: set[str] = set()
         self.background_sample = BackgroundSample(cfg.reward.background_size, background_seed(cfg))
-        self.background_sample.add(self._fetch_background())  # before resume: nothing is filtered out yet
+        if not resume or "background" not in checkpoint.state:  # (a checkpoint holds the reservoir)
+            self.background_sample.add(self._fetch_background())  # before resume: nothing is filtered out yet
         if resume:
             self.load_state_dict(checkpoint.state)
             self._truncate_logs()
@@ -165,24 +180,17 @@ class AcquisitionLoop:
                            if len(self.background_sample) else None)
         self.calibration = self.cfg.reward.calibrate(self.index, self.background)
 
-    def _fetch_background(self) -> torch.Tensor:
+    def _fetch_background(self) -> torch.Tensor | list:
         """The first web sample the reward contrasts with: the decoded results of
         `reward.background_queries` vocabulary concepts drawn with the run's seed (the same for every
-        policy of a seed), searched and fetched through the run's cache, so a resume or a replay gets
-        the same images back."""
+        policy of a seed), searched and fetched through the run's cache, so a replay gets the same
+        images back."""
         texts = background_queries(self.cfg, self.vocab) if self.cfg.reward.background_size else []
         if not texts:
-            s = self.cfg.fetch.image_size
-            return torch.empty(0, 3, s, s, dtype=torch.uint8)
+            return []
         answers, cand = self.search_and_fetch(texts)
-        summary = {"queries": texts, "results": [0 if isinstance(a, SearchError) else len(a) for a in answers],
-                   "decoded": len(cand.urls), "rejected": cand.rejected,
-                   "precision": self.truth.precision(cand.urls) if self.truth else None}
-        if self.mode is not CacheMode.REPLAY:
-            agent.write_json(self.run_dir / "background.json", summary)
-        if len(cand.urls) == 0:
-            warnings.warn(f"the {len(texts)} background queries fetched no image: the reward is the plain "
-                          "similarity to the target", stacklevel=2)
+        record_background(self.run_dir, self.mode, texts, answers, cand.rejected,
+                          self.truth.precision(cand.urls) if self.truth else None, decoded=len(cand.urls))
         return cand.images
 
     def _learner(self, base_checkpoint: Path | None, pretrain: bool = True) -> MoCoLearner:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 from explorer.cache import CacheMode, ResponseCache
 from explorer.config import ExperimentConfig, save_config
 from explorer.fetch import allow_origin
-from explorer.loop import StopRequested, background_queries, background_seed, truncate_logs
+from explorer.loop import StopRequested, background_queries, background_seed, record_background, truncate_logs
 from explorer.scoring import BackgroundSample, TargetIndex, dedupe_within, near_duplicates
 from explorer.search import SearchBackend, SearchError, search_many
 from explorer.text_agent import (TopicTruth, build_text_policy, lm_embeddings, open_text_corpus,
@@ -93,9 +92,11 @@ class TextAcquisitionLoop:
         self.iteration, self.pretrained, self.tokens_trained = 0, False, 0
         self.background_sample = BackgroundSample(cfg.reward.background_size, background_seed(cfg))
         self._minilm_rows: dict[str, np.ndarray] = {}  # MiniLM rows of the background's documents
-        self.background_sample.add(self._fetch_background())  # before resume: nothing is filtered out yet
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True) if resume else None
+        if state is None or "background" not in state:  # (a checkpoint holds the reservoir)
+            self.background_sample.add(self._fetch_background())  # before resume: nothing is filtered out yet
         if resume:
-            self.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+            self.load_state_dict(state)
             self._truncate_logs()
         elif not replay:
             save_config(cfg, self.run_dir / "config.yaml")
@@ -194,20 +195,14 @@ class TextAcquisitionLoop:
 
     def _fetch_background(self) -> list[str]:
         """The web sample the reward contrasts with (`reward.background_queries`; see
-        `explorer.loop.background_queries`), fetched through the run's cache so a resume or a replay
+        `explorer.loop.background_queries`), fetched through the run's cache so a replay
         reads the same documents; its queries and fetches are counted in the FLOP ledger."""
         texts = background_queries(self.cfg, self.vocab) if self.cfg.reward.background_size else []
         if not texts:
             return []
         answers, docs, _, rejected = self.search_and_fetch(texts)
-        if self.mode is not CacheMode.REPLAY:
-            (self.run_dir / "background.json").write_text(json.dumps({
-                "queries": texts, "results": [0 if isinstance(a, SearchError) else len(a) for a in answers],
-                "valid": len(docs), "rejected": rejected,
-                "precision": self.truth.precision([d.url for d in docs])}, indent=1) + "\n")
-        if not docs:
-            warnings.warn(f"the {len(texts)} background queries fetched no document: the reward is the plain "
-                          "similarity to the target", stacklevel=2)
+        record_background(self.run_dir, self.mode, texts, answers, rejected,
+                          self.truth.precision([d.url for d in docs]), valid=len(docs))
         return [d.text for d in docs]
 
     def stream_documents(self, n: int) -> list[list[int]]:
