@@ -11,7 +11,7 @@ so differences come from the acquired data (see learners/mixture.py).
 
 Finished runs are kept and skipped, a run cut short resumes from its checkpoint, so the grid can be
 stopped and continued. Nothing here is tuned on the evaluation split: the policies use their
-defaults (`configs/demo.yaml` for the gp), and every seed that ran is reported.
+defaults (the science config's for the gp), and every seed that ran is reported.
 
     python bench/acquisition_grid.py                          # 3 seeds x 6 conditions on configs/science.yaml
     python bench/acquisition_grid.py --seeds 0 --conditions random gp-softmax
@@ -29,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# name -> (policy, options); the gp options are the demo config's, ucb changes only the acquisition
+# name -> (policy, options); gp-ucb has the science and demo configs' options, gp-softmax changes
+# only the acquisition (both: a quarter of every batch uniform, GPConfig.explore_share)
 CONDITIONS = {
     "random": ("random", {}),
     "gp-softmax": ("gp", {"acquisition": "softmax", "explore_first": 16}),

@@ -8,7 +8,9 @@ all ten classes (footwear is 30% of them; shirts, bags and dresses are the same 
 not the user's kind), clip-art and digits. The hidden truth counts an accepted image as the user's
 kind when its class is Sandal, Sneaker or Ankle boot (`target.relevant`; evaluation only).
 
-gp (softmax) and random, 3 seeds, from per-seed bases, with the science config's budget. Reported:
+The gp with the science config's options (UCB, a quarter of every batch uniform; `--gp gp-softmax`
+for the softmax acquisition) and random, 3 seeds, from per-seed bases, with the science config's
+budget. Reported:
 images of the kind acquired, their share of everything accepted, and gp / random per seed.
 
     python bench/exp_own_target.py [--seeds 0 1 2]
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "own_target")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--gp", default="gp-ucb", choices=["gp-ucb", "gp-softmax"],
+                        help="the gp condition of bench/acquisition_grid.py (default gp-ucb, the config's)")
     args = parser.parse_args(argv)
     import torch
 
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = export_folder(args.runs / "my-shoes")
     overrides = {"target.name": str(folder.resolve()), "target.acquire_size": None,
                  "target.probe_train_size": None, "target.relevant": list(FOOTWEAR.values())}
-    run_dirs = run_grid(args.config, args.runs, args.seeds, ["random", "gp-softmax"], overrides)
+    run_dirs = run_grid(args.config, args.runs, args.seeds, ["random", args.gp], overrides)
     report = write_report(run_dirs, args.out, title="Experiment 3: a user's own target folder (footwear)")
     runs = [read_run(p) for p in run_dirs]
     with (args.out / "per_seed.csv").open("w", newline="") as f:
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         out.writerow(["seed", "gp_relevant", "random_relevant", "ratio", "gp_share", "random_share"])
         for seed in args.seeds:
             mine = {r.condition: r for r in runs if r.seed == seed}
-            gp, rnd = mine["gp-softmax"], mine["random"]
+            gp, rnd = mine[args.gp], mine["random"]
             out.writerow([seed, int(gp.relevant[-1]), int(rnd.relevant[-1]),
                           f"{gp.relevant[-1] / max(rnd.relevant[-1], 1):.2f}",
                           f"{gp.precision[-1]:.3f}", f"{rnd.precision[-1]:.3f}"])

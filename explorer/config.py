@@ -36,9 +36,11 @@ class VocabularyConfig:
     seed: int = 0
     path: str | None = None
     """A saved ConceptVocabulary JSON to use instead of building one."""
-    glosses: bool = True
+    glosses: bool = False
     """Embed each concept with its WordNet gloss ('sandal: a shoe consisting of ...') for the policies
-    that compare concepts (gp, hybrid), rather than the bare word (see ConceptVocabulary.descriptions)."""
+    that compare concepts (gp, hybrid), rather than the query text itself (see
+    ConceptVocabulary.descriptions). Off by default: a search engine sees only the query text, so
+    the text's own embedding is what predicts its results (bench/exp_policy_simulation.py)."""
 
 
 @dataclass(kw_only=True, frozen=True)

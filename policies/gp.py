@@ -10,7 +10,12 @@ Acquisition (registry `ACQUISITIONS`):
   Gumbel top-k with the policy RNG;
 - "ucb": the n highest mean + beta * std.
 By default untried concepts go before any repeat; `repeat_penalty` instead lets repeats compete,
-handicapped by that many standard deviations of the score.
+handicapped by that many standard deviations of the score. `explore_share` of every batch (a
+quarter by default) is drawn uniformly from the untried concepts: a first round that found nothing
+of the target's kind leaves the GP exploiting whatever partial reward it did find (digits, for a
+clothing target), and only queries far from everything tried so far get it out
+(bench/exp_policy_simulation.py: with it, 60 of 60 simulated seeds find >= 2x random's relevant
+images under UCB, 57 of 60 without).
 
 How it stays fast with 80k concepts:
 - The fit sees at most `max_observations` points: repeated queries are merged (mean reward) and
@@ -50,6 +55,7 @@ class GPConfig:
     temperature: float = 0.25  # softmax temperature on the standardised predicted reward
     ucb_beta: float = 2.0  # UCB = mean + beta * std, both in reward units
     explore_first: int = 8  # uniform random queries before the GP is trusted
+    explore_share: float = 0.25  # share of every later batch drawn uniformly from untried concepts
     repeat_penalty: float | None = None  # None: untried concepts first; else handicap for repeats
     max_observations: int = 256  # the GP is fitted on at most this many distinct queries
     length_scale: float = 0.7  # initial RBF length scale; chord distances on the sphere are in [0, 2]
@@ -74,6 +80,8 @@ class GPConfig:
             raise ValueError(f"ucb_beta must be >= 0, got {self.ucb_beta}")
         if self.explore_first < 0:
             raise ValueError(f"explore_first must be >= 0, got {self.explore_first}")
+        if not 0.0 <= self.explore_share <= 1.0:
+            raise ValueError(f"explore_share must be in [0, 1], got {self.explore_share}")
         if self.repeat_penalty is not None and not self.repeat_penalty >= 0:
             raise ValueError(f"repeat_penalty must be None or >= 0, got {self.repeat_penalty}")
         if self.max_observations < 2:
@@ -311,7 +319,13 @@ class GPPolicy(VocabularyPolicy):
         scores = acquisition.score(mean, std, tried, self.config, self.rng)
         if self.config.repeat_penalty is not None:  # repeats compete, handicapped in `scores`
             tried = np.zeros_like(tried)
-        return self._queries(rank_untried_first(scores, tried, n, self.rng))
+        explore = int(round(self.config.explore_share * n))
+        chosen = rank_untried_first(scores, tried, n - explore, self.rng)
+        if explore:  # the rest uniformly among the concepts not chosen, untried first
+            taken, flat = tried.copy(), np.zeros(len(scores))
+            taken[chosen], flat[chosen] = True, -np.inf
+            chosen = np.concatenate([chosen, rank_untried_first(flat, taken, explore, self.rng)])
+        return self._queries(chosen)
 
     def state_dict(self) -> dict:
         state = super().state_dict()

@@ -30,9 +30,9 @@ def embeddings():
     return default_encoder().encode(CONCEPTS)
 
 
-def observed_gp(embeddings, **config):
+def observed_gp(embeddings, seed: int = 0, **config):
     """A GP policy that heard: footwear words reward 0.8, unrelated words 0.3."""
-    policy = build_policy("gp", concepts=CONCEPTS, embeddings=embeddings, seed=0, **config)
+    policy = build_policy("gp", concepts=CONCEPTS, embeddings=embeddings, seed=seed, **config)
     queries = [Query(c, CONCEPTS.index(c)) for c in REWARDED + UNREWARDED]
     policy.update(queries, [0.8] * len(REWARDED) + [0.3] * len(UNREWARDED))
     return policy
@@ -82,6 +82,19 @@ def test_ucb_trades_mean_against_uncertainty(embeddings):
     most_uncertain = np.flatnonzero(untried)[np.argmax(std[untried])]
     assert curious.propose(1)[0].concept == most_uncertain
     assert most_uncertain != best_mean
+
+
+def test_explore_share_draws_part_of_every_batch_uniformly(embeddings):
+    greedy = observed_gp(embeddings, acquisition="ucb", ucb_beta=0.0, explore_share=0.0).propose(8)
+    shares = [observed_gp(embeddings, seed, acquisition="ucb", ucb_beta=0.0, explore_share=0.5) for seed in (1, 2)]
+    batches = [policy.propose(8) for policy in shares]
+    for batch in batches:
+        assert batch[:4] == greedy[:4]  # the GP's own picks come first, in its order
+        explored = [q.concept for q in batch[4:]]
+        assert len(set(explored)) == 4 and not set(explored) & {q.concept for q in batch[:4]}
+        assert not any(shares[0].log.tried[explored])
+    assert batches[0][4:] != batches[1][4:]  # drawn with the policy's RNG, not by score
+    assert all(CONCEPTS[q.concept] in FOOTWEAR for q in greedy[:4])
 
 
 def test_repeat_penalty_lets_a_good_concept_be_asked_again(embeddings):
@@ -156,6 +169,8 @@ def test_config_errors_name_the_problem(embeddings):
         build_policy("gp", concepts=CONCEPTS, embeddings=embeddings, acquisition="thompson")
     with pytest.raises(ValueError, match="temperature"):
         GPConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="explore_share"):
+        GPConfig(explore_share=1.5)
     with pytest.raises(ValueError, match="embeddings for"):
         build_policy("gp", concepts=CONCEPTS, embeddings=embeddings[:10])
 

@@ -18,7 +18,7 @@ ROUNDS, PER_ROUND = 6, 16
 def vocabulary(small_corpus):
     vocab = ConceptVocabulary.from_captions(small_corpus.distinct_captions, n_random=1500, seed=0)
     relevant = np.array([bool(KIND & set(vocab.hypernym_path(i))) for i in range(len(vocab))])
-    return vocab, default_encoder().encode(vocab.descriptions()), relevant
+    return vocab, default_encoder().encode(list(vocab.concepts)), relevant
 
 
 def relevant_found(policy, relevant: np.ndarray, seed: int) -> list[int]:
