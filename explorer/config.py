@@ -64,11 +64,18 @@ class SearchConfig:
     url: str | None = None
     """Engine URL; for `local`, None starts the engine on 127.0.0.1 for the run."""
     results_per_query: int = 40
-    concurrency: int = 8
+    concurrency: int | None = None
+    """Queries searched at once; None: the backend's default (local 8, searxng 1, clip-retrieval 2)."""
+    serve_html: bool = False
+    """Text runs on the local engine: serve the documents as web pages (text/html with navigation and
+    footer, whose main text the fetcher extracts) instead of text/plain, as the real web does."""
     options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the backend (e.g. indice_name for clip-retrieval), and of its HTTP client:
+    min_interval_s, retries, backoff_base, backoff_max, retry_after_max, timeout, max_bytes
+    (explorer.search.HttpPolicy)."""
 
     def __post_init__(self):
-        if self.results_per_query < 1 or self.concurrency < 1:
+        if self.results_per_query < 1 or (self.concurrency is not None and self.concurrency < 1):
             raise ValueError("results_per_query and concurrency must be >= 1")
         if self.backend != "local" and not self.url:
             raise ValueError(f"the {self.backend} backend needs search.url")

@@ -18,7 +18,12 @@ Each caption expands to its items in a fixed pseudo-random order (so paging is s
 The HTTP API speaks two real engines' dialects, so the same clients work against the real things:
     GET  /search?q=..&format=json&pageno=1[&per_page=20]   SearXNG's JSON (results: url, img_src, title, ...)
     POST /knn-service  {"text": .., "num_images": N}          clip-retrieval's [{url, caption, similarity, id}]
+    GET  /indices-list                                        clip-retrieval's list of index names
 Text corpora answer /search with SearXNG's general results (url, title, content snippet).
+The knn service takes `text` or `embedding_input` (a MiniLM vector, searched by cosine alone), checks
+`modality` and `indice_name` as the real back end does (both modalities rank the same caption
+index: it is the only one), honours `deduplicate` (one item per caption: items sharing a caption
+share its embedding) and reports similarities within [-1, 1].
     GET  /image/KEY                                           the item's PNG bytes (image corpora)
     GET  /doc/KEY                                             the document's UTF-8 text (text corpora)
     GET  /healthz
@@ -110,12 +115,28 @@ class HybridIndex:
         order = order[score[order] >= self.min_score]
         return ids[order], score[order]
 
+    def rank_by_embedding(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(caption ids, cosines) of the `k` captions nearest a (384,) vector (normalised here)."""
+        q = np.asarray(vector, np.float32).reshape(1, -1)
+        if q.shape[1] != self._dense.d:
+            raise ValueError(f"embedding_input has {q.shape[1]} dimensions; this index has {self._dense.d}")
+        norm = float(np.linalg.norm(q))
+        if not np.isfinite(norm) or norm == 0:
+            raise ValueError("embedding_input must be a finite, non-zero vector")
+        cos, ids = self._dense.search(q / norm, min(k, self._dense.ntotal))
+        keep = ids[0] >= 0
+        return ids[0][keep], cos[0][keep]
+
     def search(self, query: str, offset: int = 0, limit: int = 20) -> tuple[list[Hit], int]:
         """One page of hits, and how many hits the query has in all."""
-        ids, scores = self.rank_captions(query)
+        return self.expand(*self.rank_captions(query), offset, limit)
+
+    def expand(self, ids: np.ndarray, scores: np.ndarray, offset: int, limit: int,
+               one_per_caption: bool = False) -> tuple[list[Hit], int]:
+        """Ranked captions -> one page of their items (or of one item each), and the total."""
         hits, total = [], 0
         for cid, score in zip(ids, scores):
-            items = self._items_of[int(cid)]
+            items = self._items_of[int(cid)][:1] if one_per_caption else self._items_of[int(cid)]
             lo, hi = max(offset - total, 0), max(offset + limit - total, 0)
             hits.extend(Hit(i, float(score)) for i in items[lo:hi])
             total += len(items)
@@ -140,14 +161,17 @@ class ImageItems:
 
 
 class DocumentItems:
-    """Text corpora: /doc/KEY is the document's text; results are SearXNG general results."""
+    """Text corpora: /doc/KEY is the document's text (or, with `html`, a web page holding it);
+    results are SearXNG general results."""
 
     route, category = "doc", "general"
 
-    def __init__(self, corpus):
-        self.corpus = corpus
+    def __init__(self, corpus, html: bool = False):
+        self.corpus, self.html = corpus, html
 
     def body(self, i: int) -> tuple[bytes, str]:
+        if self.html:
+            return self.corpus.document_page(i), "text/html; charset=utf-8"
         return self.corpus.document_bytes(i), "text/plain; charset=utf-8"
 
     def result(self, i: int, url: str) -> dict:
@@ -158,16 +182,64 @@ class DocumentItems:
 SERVED_MEDIA = {"image": ImageItems, "text": DocumentItems}
 
 
-def served_items(corpus) -> ImageItems | DocumentItems:
+def served_items(corpus, html_documents: bool = False) -> ImageItems | DocumentItems:
     media = getattr(corpus, "media", "image")
     if media not in SERVED_MEDIA:
         raise ValueError(f"unknown corpus media {media!r}; valid: {', '.join(SERVED_MEDIA)}")
+    if media == "text":
+        return DocumentItems(corpus, html=html_documents)
+    if html_documents:
+        raise ValueError("html_documents applies to a text corpus only")
     return SERVED_MEDIA[media](corpus)
 
 
-def _handler(index: HybridIndex):
+KNN_INDEX = "explorer"  # the one index the knn service searches (GET /indices-list)
+KNN_MODALITIES = ("image", "text")
+
+
+@dataclass(frozen=True)
+class KnnRequest:
+    text: str | None
+    embedding: np.ndarray | None
+    num_images: int
+    deduplicate: bool
+
+
+def knn_request(req) -> KnnRequest:
+    """A clip-retrieval /knn-service body, checked; ValueError names what is wrong."""
+    if not isinstance(req, dict):
+        raise ValueError(f"expected a JSON object, got {type(req).__name__}")
+    text, embedding = req.get("text"), req.get("embedding_input")
+    if text in (None, "") and embedding is None:
+        if req.get("image") is not None or req.get("image_url") is not None:
+            raise ValueError("image queries are not supported here: send text or embedding_input")
+        raise ValueError("need a non-empty 'text' or an 'embedding_input'")
+    if text not in (None, "") and not isinstance(text, str):
+        raise ValueError(f"'text' should be a string, got {type(text).__name__}")
+    if text in (None, "") and (not isinstance(embedding, list)
+                               or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in embedding)):
+        raise ValueError("'embedding_input' should be a list of numbers")
+    modality = req.get("modality", "image")
+    if modality not in KNN_MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; valid: {', '.join(KNN_MODALITIES)}")
+    indice = req.get("indice_name")
+    if indice is not None and indice != KNN_INDEX:
+        raise ValueError(f"unknown indice_name {indice!r}; valid: {KNN_INDEX} (GET /indices-list)")
+    num = req.get("num_images", 40)
+    if not isinstance(num, int) or isinstance(num, bool) or num < 0:
+        raise ValueError(f"'num_images' should be an integer >= 0, got {num!r}")
+    dedup = req.get("deduplicate", False)  # the real back end's default when the key is absent
+    if not isinstance(dedup, bool):
+        raise ValueError(f"'deduplicate' should be true or false, got {dedup!r}")
+    use_text = text not in (None, "")
+    return KnnRequest(text=text if use_text else None,
+                      embedding=None if use_text else np.asarray(embedding, np.float32),
+                      num_images=num, deduplicate=dedup)
+
+
+def _handler(index: HybridIndex, html_documents: bool = False):
     corpus = index.corpus
-    items = served_items(corpus)
+    items = served_items(corpus, html_documents)
     prefix = f"/{items.route}/"
 
     class Handler(BaseHTTPRequestHandler):
@@ -203,6 +275,8 @@ def _handler(index: HybridIndex):
                 return self._send(200, *items.body(i))
             if url.path == "/search":
                 return self._searxng(parse_qs(url.query))
+            if url.path == "/indices-list":
+                return self._json(200, [KNN_INDEX])
             self._json(404, {"error": f"no route {url.path}"})
 
         def do_POST(self):
@@ -210,14 +284,16 @@ def _handler(index: HybridIndex):
                 return self._json(404, {"error": "no route"})
             try:
                 n = int(self.headers.get("Content-Length", "0"))
-                req = json.loads(self.rfile.read(n))
-                text, num = str(req["text"]), int(req.get("num_images", 40))
-            except (ValueError, KeyError, TypeError) as e:
+                req = knn_request(json.loads(self.rfile.read(n)))
+                limit = min(req.num_images, 10 * MAX_PER_PAGE)
+                ranked = (index.rank_captions(req.text) if req.embedding is None
+                          else index.rank_by_embedding(req.embedding, limit))
+            except ValueError as e:  # JSONDecodeError included
                 return self._json(400, {"error": f"bad knn-service request: {e}"})
-            hits, _ = index.search(text, 0, min(max(num, 0), 10 * MAX_PER_PAGE))
+            hits, _ = index.expand(*ranked, 0, limit, one_per_caption=req.deduplicate)
             base = self._base()
             self._json(200, [{"url": f"{base}{prefix}{corpus.keys[h.item]}", "caption": corpus.captions[h.item],
-                              "similarity": round(h.score, 6), "id": h.item} for h in hits])
+                              "similarity": round(min(1.0, max(-1.0, h.score)), 6), "id": h.item} for h in hits])
 
         def _searxng(self, qs: dict):
             q = (qs.get("q") or [""])[0].strip()
@@ -266,11 +342,13 @@ class SearchServer:
     """The engine on 127.0.0.1 in a background thread; `with SearchServer(...) as s: s.url`.
 
     `error_log`: a file that request errors are appended to (by default they are only logged at
-    debug level), so a client that hangs up never prints a traceback into the user's terminal."""
+    debug level), so a client that hangs up never prints a traceback into the user's terminal.
+    `html_documents`: a text corpus's documents are served as web pages (text/html) instead of
+    text/plain."""
 
     def __init__(self, index: HybridIndex, host: str = "127.0.0.1", port: int = 0,
-                 error_log: Path | None = None):
-        self.httpd = _QuietHTTPServer((host, port), _handler(index))
+                 error_log: Path | None = None, html_documents: bool = False):
+        self.httpd = _QuietHTTPServer((host, port), _handler(index, html_documents))
         self.httpd.error_log = Path(error_log) if error_log else None
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None

@@ -19,6 +19,7 @@ Safety for a run of days against the real web:
 - `respect_robots`: robots.txt rules and Crawl-delay, `X-Robots-Tag: noai|noimageai` (explorer.robots).
 - per-host pacing: request starts to one host are at least max(1/per_host_rate, Crawl-delay) apart;
   a URL whose turn would come later than `total_deadline` from now is refused ('blocked') for this call.
+- decodes in flight hold at most `decode_budget_bytes` of pixels, so memory does not grow with cores.
 - the body cap counts decoded bytes while streaming, so a gzip bomb is cut at max_bytes (decoding one
   64 KiB network read can still expand to ~64 MiB before the cut: deflate's ratio is at most ~1032).
 """
@@ -26,24 +27,40 @@ Safety for a run of days against the real web:
 from __future__ import annotations
 
 import asyncio
-import email.utils
+import contextlib
 import hashlib
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
 import httpx
-import torch
 from tqdm import tqdm
 
+from explorer.backoff import retry_delay
 from explorer.cache import CachedResponse, CacheMode, ResponseCache, canonical_request
-from explorer.netguard import SCHEMES, BlockedDestination, NetGuard, guarded_transport, host_port
-from explorer.robots import (PACER, RobotsPolicy, RobotsRules, ai_directive, rules_from_answer,
-                             unreachable_rules)
-from explorer.validate import to_pipeline_tensor, validate_image
+from explorer.netguard import (
+    SCHEMES,
+    BlockedDestination,
+    NetGuard,
+    guarded_transport,
+    host_port,
+)
+from explorer.robots import (
+    PACER,
+    RobotsPolicy,
+    RobotsRules,
+    ai_directive,
+    rules_from_answer,
+    unreachable_rules,
+)
+from explorer.validate import decode_cost, to_pipeline_tensor, validate_image
+
+if TYPE_CHECKING:  # tensors are made in explorer.validate; importing the fetcher does not load torch
+    import torch
 
 PreRequestHook = Callable[[str], "str | None"]
 """Called with every URL before it is requested (the first and each redirect hop; not robots.txt),
@@ -78,6 +95,9 @@ class FetchConfig:
     allowed_hosts: tuple[str, ...] = ()  # 'host:port' netlocs exempt from the guard (a local engine)
     respect_robots: bool = True  # robots.txt (+ Crawl-delay) and X-Robots-Tag noai (explorer.robots)
     per_host_rate: float | None = None  # request starts per second per host; None: Crawl-delay only
+    # Decoded pixels held at once by concurrent decodes (explorer.validate.decode_cost); an image
+    # that needs more decodes alone. Bounds the fetcher's memory whatever the machine's core count.
+    decode_budget_bytes: int = 256 * 2**20
 
     def __post_init__(self):
         object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))  # YAML gives lists
@@ -89,7 +109,7 @@ class FetchConfig:
         if self.per_host_rate is not None and not self.per_host_rate > 0:
             raise ValueError(f"FetchConfig.per_host_rate must be > 0 or None, got {self.per_host_rate}")
         for name in ("concurrency", "per_host", "max_bytes", "image_size", "min_side", "max_side",
-                     "max_pixels"):
+                     "max_pixels", "decode_budget_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FetchConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("connect_timeout", "read_timeout", "total_deadline"):
@@ -137,19 +157,6 @@ def _is_retryable(answer: CachedResponse) -> bool:
     return _is_transient(answer) and answer.headers.get(OUTCOME_HEADER) != "blocked"
 
 
-def _retry_after(answer: CachedResponse) -> float | None:
-    """Seconds asked for by a Retry-After header (delta or HTTP date), or None."""
-    value = answer.headers.get("retry-after", "").strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return float(value)
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
 def answer_to_result(url: str, answer: CachedResponse, cfg: FetchConfig) -> FetchResult:
     """Validate and normalise one answer (live or cached) into its FetchResult. CPU-bound."""
     outcome = answer.headers.get(OUTCOME_HEADER)
@@ -170,6 +177,34 @@ def answer_to_result(url: str, answer: CachedResponse, cfg: FetchConfig) -> Fetc
     return FetchResult(url=url, status=checked.status, reason=checked.reason,
                        http_status=http_status, n_bytes=len(body), width=checked.width,
                        height=checked.height, sha256=sha, image=image)
+
+
+class ByteBudget:
+    """Holds of at most `capacity` bytes at once (asyncio); a hold larger than that waits until it
+    is alone."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.used = capacity, 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n_bytes: int):
+        n_bytes = min(n_bytes, self.capacity)
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used + n_bytes <= self.capacity)
+            self.used += n_bytes
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= n_bytes
+                self._changed.notify_all()
+
+
+def _decode_cost(answer: CachedResponse, cfg: FetchConfig) -> int:
+    if answer.headers.get(OUTCOME_HEADER) is not None or answer.status >= 300 or not answer.body:
+        return 0
+    return decode_cost(answer.body, cfg.max_pixels)
 
 
 class _Downloader:
@@ -234,7 +269,9 @@ class _Downloader:
 
     async def download(self, url: str) -> CachedResponse:
         parts = urlsplit(url)
-        if parts.scheme not in SCHEMES or not parts.hostname:
+        if parts.scheme not in SCHEMES:  # file://, ftp://: refused as a redirect to them is
+            return _failure(url, "blocked", f"scheme {parts.scheme or '(none)'!r} is not http(s)")
+        if not parts.hostname:
             return _failure(url, "network_error", "not an http(s) URL with a host")  # no retries
         refused = await self._refusal(url)
         if refused is not None:
@@ -272,11 +309,8 @@ class _Downloader:
         raise AssertionError("unreachable")
 
     def _delay(self, answer: CachedResponse, attempt: int) -> float:
-        asked = _retry_after(answer)
-        if asked is not None:
-            return min(asked, self.cfg.retry_after_max)
-        base = min(self.cfg.backoff_max, self.cfg.backoff_base * 2**attempt)
-        return base * (0.5 + 0.5 * self.rng.random())
+        return retry_delay(answer.headers, attempt, base=self.cfg.backoff_base, cap=self.cfg.backoff_max,
+                           retry_after_max=self.cfg.retry_after_max, rng=self.rng)
 
     async def _follow_redirects(self, url: str, robots: bool, paced: bool) -> CachedResponse:
         current, seen = url, {url}
@@ -372,10 +406,14 @@ async def fetch_images_async(
     async with client:
         downloader = _Downloader(client, cfg, pre_request, cache, mode)
         with tqdm(total=len(urls), disable=not progress, unit="img") as bar:
+            budget = ByteBudget(cfg.decode_budget_bytes)
+
             async def one(url: str) -> FetchResult:
                 answer = await downloader.answer(url)
                 # Decoding is CPU-bound; PIL releases the GIL, so a thread overlaps it with downloads.
-                result = await asyncio.to_thread(answer_to_result, url, answer, cfg)
+                # The budget, not the thread pool (sized by core count), bounds decodes in flight.
+                async with budget.hold(_decode_cost(answer, cfg)):
+                    result = await asyncio.to_thread(answer_to_result, url, answer, cfg)
                 bar.update(1)
                 return result
 

@@ -14,6 +14,7 @@ connection) is closed by the second check: the socket is opened to an address th
 the same step, never by name, so no later resolution can change where it goes. TLS still verifies
 the certificate and sends SNI for the host name (httpcore takes both from the URL, not the socket).
 Connections of an allow-listed host:port skip the address check but also go to `resolve`'s answer.
+The search clients are synchronous: `guarded_sync_transport` is the same check for httpx.Client.
 
 Not covered: proxies (the guarded client ignores proxy environment variables, so it connects
 directly), and the guard cannot see where a permitted public host forwards requests itself.
@@ -130,17 +131,30 @@ class NetGuard:
 
     async def public_addresses(self, host: str, port: int) -> list[str]:
         """The addresses to connect to; raises BlockedDestination unless all of them are public."""
-        literal = parse_address(host)
-        addresses = [host.strip("[]")] if literal is not None else await resolve(host, port)
-        if not addresses:
-            raise OSError(f"{host} resolves to no address")
-        for text in addresses:
-            category = blocked_category(ipaddress.ip_address(text))
-            if category is not None:
-                if literal is not None:
-                    raise BlockedDestination(f"{text} is a {category} address")
-                raise BlockedDestination(f"{host} resolves to {text}, a {category} address")
-        return addresses
+        literal = parse_address(host) is not None
+        return _all_public(host, [host.strip("[]")] if literal else await resolve(host, port), literal)
+
+    def public_addresses_sync(self, host: str, port: int) -> list[str]:
+        """`public_addresses` for synchronous clients (the system resolver, in this thread)."""
+        literal = parse_address(host) is not None
+        return _all_public(host, [host.strip("[]")] if literal else resolve_sync(host, port), literal)
+
+
+def resolve_sync(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def _all_public(host: str, addresses: list[str], literal: bool) -> list[str]:
+    if not addresses:
+        raise OSError(f"{host} resolves to no address")
+    for text in addresses:
+        category = blocked_category(ipaddress.ip_address(text))
+        if category is not None:
+            if literal:
+                raise BlockedDestination(f"{text} is a {category} address")
+            raise BlockedDestination(f"{host} resolves to {text}, a {category} address")
+    return addresses
 
 
 class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
@@ -172,13 +186,51 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
         await self.inner.sleep(seconds)
 
 
-def guarded_transport(guard: NetGuard, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
-    """An httpx transport whose every connection goes through GuardedNetworkBackend."""
-    transport = httpx.AsyncHTTPTransport(limits=limits)
+class GuardedSyncNetworkBackend(httpcore.NetworkBackend):
+    """GuardedNetworkBackend for synchronous clients (the search clients)."""
+
+    def __init__(self, guard: NetGuard, inner: httpcore.NetworkBackend | None = None):
+        self.guard, self.inner = guard, inner or httpcore.SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None, socket_options=None):
+        if self.guard.is_allowed(host, port):
+            addresses = [host] if parse_address(host) else resolve_sync(host, port)
+        else:
+            addresses = self.guard.public_addresses_sync(host, port)
+        error: Exception | None = None
+        for address in addresses:
+            try:
+                return self.inner.connect_tcp(address, port, timeout=timeout, local_address=local_address,
+                                              socket_options=socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout, OSError) as e:
+                error = e
+        raise error if error is not None else OSError(f"{host} resolves to no address")
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options=None):
+        raise BlockedDestination("unix sockets are not reachable through the guarded client")
+
+    def sleep(self, seconds: float) -> None:
+        self.inner.sleep(seconds)
+
+
+def _swap_backend(transport, pool_type, backend_type, guard: NetGuard):
     # httpx offers no network-backend argument; httpcore's pool takes one, so swap it in (and fail
     # loudly if a future httpx builds its pool differently).
     pool = transport._pool
-    if not isinstance(pool, httpcore.AsyncConnectionPool) or not hasattr(pool, "_network_backend"):
+    if not isinstance(pool, pool_type) or not hasattr(pool, "_network_backend"):
         raise RuntimeError(f"cannot guard httpx transport pool {type(pool).__name__}")
-    pool._network_backend = GuardedNetworkBackend(guard, pool._network_backend)
+    pool._network_backend = backend_type(guard, pool._network_backend)
     return transport
+
+
+def guarded_transport(guard: NetGuard, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+    """An httpx transport whose every connection goes through GuardedNetworkBackend."""
+    return _swap_backend(httpx.AsyncHTTPTransport(limits=limits), httpcore.AsyncConnectionPool,
+                         GuardedNetworkBackend, guard)
+
+
+def guarded_sync_transport(guard: NetGuard, limits: httpx.Limits = httpx.Limits()) -> httpx.HTTPTransport:
+    """The same for httpx.Client: every connection through GuardedSyncNetworkBackend."""
+    return _swap_backend(httpx.HTTPTransport(limits=limits), httpcore.ConnectionPool,
+                         GuardedSyncNetworkBackend, guard)

@@ -21,6 +21,7 @@ on the web for the agent to find among the other topics' documents.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -31,7 +32,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from explorer.corpus import explorer_home
-from explorer.text_sources import load_wikipedia_leads, split_target_text, wikipedia_topics
+from explorer.text_sources import (
+    load_wikipedia_leads,
+    split_target_text,
+    wikipedia_topics,
+)
 
 HIDDEN_COLUMNS = ("topic",)
 SNIPPET_CHARS = 240
@@ -51,8 +56,23 @@ def document_text(lead: dict) -> str:
     return f"{lead['title']}\n\n{lead['extract'].strip()}\n"
 
 
+def document_html(lead: dict) -> str:
+    """The same document as a web page: its text inside the navigation, header and footer a real
+    page has, which the text fetcher's extractor must strip (`search.serve_html`)."""
+    title = html.escape(lead["title"])
+    paragraphs = "".join(f"<p>{html.escape(p.strip())}</p>" for p in lead["extract"].strip().split("\n") if p.strip())
+    return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>" + title + " - explorer web</title>"
+            "</head><body><header><nav><a href=\"/\">Home</a> | <a href=\"/search\">Search</a> | "
+            "<a href=\"/random\">Random page</a> | <a href=\"/about\">About</a></nav></header>"
+            f"<main><article><h1>{title}</h1>{paragraphs}</article></main>"
+            "<footer><p>Text under CC BY-SA 4.0. Served by the explorer local engine.</p>"
+            "<p><a href=\"/privacy\">Privacy</a> | <a href=\"/terms\">Terms</a></p></footer></body></html>\n")
+
+
 def text_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    """Of the text with its whitespace collapsed: a page's extracted text ("Title\\nbody") and the
+    document it was made from ("Title\\n\\nbody\\n") are the same document."""
+    return hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()
 
 
 def search_text(lead: dict) -> str:
@@ -90,7 +110,7 @@ def select_leads(leads: Sequence[dict], spec: TextCorpusSpec) -> list[dict]:
 
 
 def build_text_corpus(out: Path, spec: TextCorpusSpec = TextCorpusSpec(), *, leads: Sequence[dict] | None = None,
-                      encoder=None, progress: bool = True) -> "TextCorpus":
+                      encoder=None, progress: bool = True) -> TextCorpus:
     """Write a text corpus directory (see module docstring) from the installed leads (or `leads`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,6 +172,9 @@ class TextCorpus:
 
     def document_bytes(self, i: int) -> bytes:
         return document_text(self.lead(i)).encode("utf-8")
+
+    def document_page(self, i: int) -> bytes:
+        return document_html(self.lead(i)).encode("utf-8")
 
     def snippet(self, i: int) -> str:
         text = self.extracts[i].strip()

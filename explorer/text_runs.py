@@ -33,7 +33,8 @@ def local_text_engine_for(cfg: ExperimentConfig, progress: bool = False, error_l
     from explorer.engine import HybridIndex, SearchServer
     from explorer.text_encoder import default_encoder
 
-    with SearchServer(HybridIndex(open_text_corpus(cfg, progress), default_encoder()), error_log=error_log) as server:
+    with SearchServer(HybridIndex(open_text_corpus(cfg, progress), default_encoder()), error_log=error_log,
+                      html_documents=cfg.search.serve_html) as server:
         yield server.url
 
 

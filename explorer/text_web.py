@@ -11,15 +11,16 @@ the document's.
 
 `fetch_documents` downloads with the image fetcher's `_Downloader`: the same SSRF guard (checked after
 DNS, on every hop and at connect), robots.txt, per-host pacing, byte cap, retries and cache records;
-only the validation differs (`answer_to_document`: a text/* body that decodes as UTF-8).
+only the validation differs (`answer_to_document`: a text/plain or text/markdown body that decodes
+as UTF-8, or an HTML page whose main text trafilatura extracts; a page that is all boilerplate ends
+as `boilerplate`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import httpx
 from tqdm import tqdm
@@ -27,11 +28,21 @@ from tqdm import tqdm
 from explorer.cache import CachedResponse, CacheMode, ResponseCache
 from explorer.fetch import OUTCOME_HEADER, REASON_HEADER, FetchConfig, _Downloader
 from explorer.netguard import NetGuard, guarded_transport
-from explorer.search import CachedHttp, SearchBackend, SearchError, SearchResult, SearxngBackend
+from explorer.search import (
+    LocalBackend,
+    SearchBackend,
+    SearchError,
+    SearchResult,
+    SearxngBackend,
+    build_registered,
+)
+from explorer.text_corpus import text_sha256
 
 TEXT_TYPES = ("text/plain", "text/markdown")
-DOCUMENT_STATUSES = ("ok", "empty", "bad_content_type", "decode_error", "too_small", "http_error",
+HTML_TYPES = ("text/html", "application/xhtml+xml")  # pages: their main text is extracted (trafilatura)
+DOCUMENT_STATUSES = ("ok", "empty", "bad_content_type", "decode_error", "too_small", "boilerplate", "http_error",
                      "timeout", "network_error", "too_large_body", "blocked")
+# boilerplate: an HTML page whose main text (navigation, footers and ads removed) is under min_chars
 # Which text backend answers for each configured search backend of a text run.
 TEXT_BACKEND_FOR = {"local": "local-text", "searxng": "searxng-text"}
 
@@ -76,9 +87,10 @@ class SearxngTextBackend(SearxngBackend):
 
 @register_text_backend("local-text")
 class LocalTextBackend(SearxngTextBackend):
-    """explorer's engine over a text corpus: SearXNG's JSON plus a page size."""
+    """explorer's engine over a text corpus: SearXNG's JSON plus a page size, paced as `local`."""
 
     per_page_param = "per_page"
+    concurrency, http_defaults = LocalBackend.concurrency, LocalBackend.http_defaults
 
     def __init__(self, url: str, *, http, max_pages: int = 5, per_page: int = 50, categories: str = "general"):
         super().__init__(url, http=http, max_pages=max_pages, per_page=per_page, categories=categories)
@@ -86,16 +98,8 @@ class LocalTextBackend(SearxngTextBackend):
 
 def build_text_backend(name: str, *, cache: ResponseCache | None, mode: CacheMode | str = CacheMode.READWRITE,
                        recorded: dict | None = None, **kwargs) -> SearchBackend:
-    """A registered text backend; `replay` rebuilds the `recorded` one (its `describe()`) on the cache alone."""
-    if name == "replay":
-        if not recorded:
-            raise ValueError("the replay backend needs the recorded backend's description")
-        recorded = dict(recorded)
-        return build_text_backend(recorded.pop("name"), cache=cache, mode=CacheMode.REPLAY, **recorded)
-    if name not in TEXT_SEARCH_BACKENDS:
-        valid = ", ".join(sorted([*TEXT_SEARCH_BACKENDS, "replay"]))
-        raise KeyError(f"unknown text search backend {name!r}; valid: {valid}")
-    return TEXT_SEARCH_BACKENDS[name](http=CachedHttp(cache, mode), **kwargs)
+    """A registered text backend (see `explorer.search.build_registered`), replay included."""
+    return build_registered(TEXT_SEARCH_BACKENDS, name, cache=cache, mode=mode, recorded=recorded, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,12 @@ def answer_to_document(url: str, answer: CachedResponse, min_chars: int) -> Docu
     if not body:
         return DocumentResult(url, "empty", "zero-byte body", http_status)
     ctype = answer.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype in HTML_TYPES:
+        text = main_text(body)
+        if len(text.strip()) < min_chars:
+            return DocumentResult(url, "boilerplate", f"{len(text.strip())} < {min_chars} characters of main text "
+                                  "in the page", http_status, n)
+        return DocumentResult(url, "ok", "", http_status, n, text_sha256(text), text)
     if ctype not in TEXT_TYPES:
         return DocumentResult(url, "bad_content_type", f"content-type {ctype or 'missing'!r}", http_status, n)
     try:
@@ -133,7 +143,18 @@ def answer_to_document(url: str, answer: CachedResponse, min_chars: int) -> Docu
         return DocumentResult(url, "decode_error", f"not UTF-8: {e}", http_status, n)
     if len(text.strip()) < min_chars:
         return DocumentResult(url, "too_small", f"{len(text.strip())} < {min_chars} characters", http_status, n)
-    return DocumentResult(url, "ok", "", http_status, n, hashlib.sha256(text.encode("utf-8")).hexdigest(), text)
+    return DocumentResult(url, "ok", "", http_status, n, text_sha256(text), text)
+
+
+def main_text(html: bytes) -> str:
+    """The main text of an HTML page (trafilatura: navigation, footers, ads and comments dropped;
+    it detects the page's encoding), or "" when the page has none. The body is already under the
+    fetcher's byte cap."""
+    import trafilatura  # only text runs that meet HTML pay for importing it
+
+    # favor_precision: on the local engine's pages of 400 documents the extracted text equals the
+    # document in all 400 (whitespace aside); without it a one-sentence page kept its navigation
+    return trafilatura.extract(html, include_comments=False, include_tables=True, favor_precision=True) or ""
 
 
 def _request_key(url: str) -> str:
@@ -146,7 +167,8 @@ async def _download(urls: list[str], cfg: FetchConfig, cache: ResponseCache | No
     client = httpx.AsyncClient(
         timeout=httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout), limits=limits,
         transport=guarded_transport(NetGuard(cfg.allowed_hosts), limits) if cfg.ssrf_guard else None,
-        headers={"User-Agent": cfg.user_agent, "Accept": "text/plain, text/*;q=0.9, */*;q=0.1"},
+        headers={"User-Agent": cfg.user_agent,
+                 "Accept": "text/plain, text/markdown, text/html;q=0.9, text/*;q=0.8, */*;q=0.1"},
         follow_redirects=False)  # followed by the downloader, so the guard sees every hop
     async with client:
         downloader = _Downloader(client, cfg, None, cache, mode)

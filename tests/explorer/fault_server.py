@@ -1,9 +1,11 @@
-"""A loopback HTTP server for fetcher tests and benchmarks: real images plus injected faults.
+"""A loopback HTTP server for fetcher and search tests and benchmarks: real bodies plus injected faults.
 
-Each path maps to a `Route`; the server counts hits per path (so a test can prove a 404 was asked
-once and a 503 was retried), can play a sequence of statuses, omit Content-Length (chunked body),
-drip the body slowly, hold the rest of a body back, or redirect. It also logs when each request
-arrived (and its User-Agent), counts accepted connections, and builds the real bodies the tests serve.
+Each path (or, failing that, the path without its query) maps to a `Route`; GET and POST are
+answered alike (POST bodies are recorded). The server counts hits per path (so a test can prove a
+404 was asked once and a 503 was retried), can play a sequence of statuses, omit Content-Length
+(chunked body), drip the body slowly, hold the rest of a body back, or redirect. It also logs when
+each request arrived (and its headers), counts accepted connections, and builds the real bodies
+the tests serve.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
@@ -63,6 +66,12 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
+    def do_POST(self):  # the body is recorded, then answered as a GET of the same path
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        with self.server.owner._lock:
+            self.server.owner.request_bodies.append(body)
+        self.do_GET()
+
     def _write_body(self, route: Route, stopping: threading.Event):
         body = route.body
         if route.drip_seconds is not None:
@@ -98,6 +107,8 @@ class FaultServer:
         self.routes = dict(routes)
         self._hits: dict[str, int] = {}
         self.log: list[tuple[float, str, str]] = []  # (time.monotonic(), path, User-Agent) per request
+        self.request_headers: list[dict[str, str]] = []  # every request's headers, in arrival order
+        self.request_bodies: list[bytes] = []  # bodies of POST requests, in arrival order
         self.connections = 0  # TCP connections accepted
         self._lock = threading.Lock()
         self.stopping = threading.Event()
@@ -136,11 +147,15 @@ class FaultServer:
             return [t for t, p, _ in self.log if path is None or p == path]
 
     def _hit(self, path: str, headers=None) -> tuple[Route | None, int]:
+        """The route of `path`, or of its path without the query string (a search engine's /search)."""
+        if path not in self.routes and urlsplit(path).path in self.routes:
+            path = urlsplit(path).path
         with self._lock:
             n = self._hits.get(path, 0)
             self._hits[path] = n + 1
             agent = headers.get("User-Agent", "") if headers is not None else ""
             self.log.append((time.monotonic(), path, agent))
+            self.request_headers.append(dict(headers.items()) if headers is not None else {})
         route = self.routes.get(path)
         if route is None:
             return None, 404

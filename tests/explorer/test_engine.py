@@ -103,3 +103,44 @@ def test_unrelated_query_returns_little(engine, small_corpus):
     unrelated = httpx.get(f"{engine.url}/search", params={"q": "volcanic eruption", "per_page": 100}).json()
     assert related["number_of_results"] >= 10
     assert unrelated["number_of_results"] < related["number_of_results"] / 2
+
+
+# ----- the knn service as clip-retrieval's back end behaves ---------------------------------------
+
+def _knn(engine, **body):
+    return httpx.post(f"{engine.url}/knn-service", json=body)
+
+
+def test_knn_needs_text_or_an_embedding(engine, small_corpus):
+    for body in ({"num_images": 5}, {"text": None, "num_images": 5}, {"text": "", "embedding_input": None}):
+        r = _knn(engine, **body)
+        assert r.status_code == 400 and "need a non-empty 'text' or an 'embedding_input'" in r.json()["error"]
+    assert _knn(engine, text=None, image_url="https://x.example/a.jpg").status_code == 400
+    # an embedding query (as ClipClient sends for embedding_input): an item's own caption embedding
+    # finds that caption first, with a similarity that stays within [-1, 1]
+    item = 3
+    vector = small_corpus.caption_embeddings()[small_corpus.caption_id[item]].tolist()
+    hits = _knn(engine, text=None, embedding_input=vector, num_images=5).json()
+    assert hits[0]["caption"] == small_corpus.captions[item] and 0.99 < hits[0]["similarity"] <= 1.0
+    assert _knn(engine, embedding_input=vector[:10], num_images=5).status_code == 400  # wrong dimension
+
+
+def test_knn_checks_modality_and_indice_name(engine):
+    assert httpx.get(f"{engine.url}/indices-list").json() == ["explorer"]
+    r = _knn(engine, text="sneaker", modality="video")
+    assert r.status_code == 400 and "valid: image, text" in r.json()["error"]
+    r = _knn(engine, text="sneaker", indice_name="laion5B-L-14")
+    assert r.status_code == 400 and "valid: explorer" in r.json()["error"]
+    for modality in ("image", "text"):
+        assert _knn(engine, text="sneaker", modality=modality, indice_name="explorer").status_code == 200
+
+
+def test_knn_deduplicate_and_similarity_range(engine, small_corpus):
+    shared = np.bincount(small_corpus.caption_id).argmax()  # the caption most items share
+    query = small_corpus.distinct_captions[shared]
+    plain = _knn(engine, text=query, num_images=30, deduplicate=False).json()
+    deduped = _knn(engine, text=query, num_images=30, deduplicate=True).json()
+    captions = [h["caption"] for h in plain]
+    assert captions.count(query) >= 2 and deduped[0]["caption"] == query
+    assert len({h["caption"] for h in deduped}) == len(deduped) >= 2
+    assert all(-1.0 <= h["similarity"] <= 1.0 for h in plain + deduped)

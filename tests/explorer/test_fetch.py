@@ -144,7 +144,7 @@ def test_hook_refusal_and_bad_urls_never_reach_the_network(server):
     results = fetch_images([server.url("/fashion/1.png"), "ftp://127.0.0.1/x.png", "no url"],
                            allow_origin(FAST, server.url("/")), progress=False,
                            pre_request=lambda url: "not on the list")
-    assert [r.status for r in results] == ["blocked", "network_error", "network_error"]
+    assert [r.status for r in results] == ["blocked", "blocked", "blocked"]  # not http(s): refused
     assert results[0].reason == "not on the list" and server.hits("/fashion/1.png") == before
 
 

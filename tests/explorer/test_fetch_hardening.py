@@ -5,15 +5,26 @@ reached are checked by the guard's decision and by counting connections, never b
 import asyncio
 import ipaddress
 import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from explorer import netguard, robots
+from explorer import fetch, netguard, robots
 from explorer.cache import CacheCorruption, ResponseCache
 from explorer.fetch import FetchConfig, allow_origin, fetch_images
 from explorer.netguard import NetGuard, blocked_category
-from tests.explorer.fault_server import FaultServer, Route, fashion_images, gzip_bomb, png_bytes
+from explorer.validate import decode_cost
+from tests.explorer.fault_server import (
+    FaultServer,
+    Route,
+    fashion_images,
+    gzip_bomb,
+    png_bytes,
+)
 
 CAP = 64 * 1024
 FAST = FetchConfig(backoff_base=0.01, backoff_max=0.05, total_deadline=10.0, max_bytes=CAP)
@@ -66,7 +77,7 @@ def test_address_categories(address, category):
 
 def test_guard_refuses_schemes_literals_and_honours_the_allow_list():
     guard = NetGuard(["127.0.0.1:8080", "[::1]:9000"])
-    refusal = lambda url: asyncio.run(guard.refusal(url))  # noqa: E731
+    refusal = lambda url: asyncio.run(guard.refusal(url))
     for url in ("file:///etc/passwd", "ftp://example.org/x", "gopher://example.org/",
                 "data:image/png;base64,AAAA"):
         assert "is not http(s)" in refusal(url)
@@ -88,7 +99,7 @@ def test_guard_checks_every_resolved_address(monkeypatch):
         "public.example": [[PUBLIC, "2606:4700:4700::1111"]],
     })
     guard = NetGuard(["intranet.example:8000"])
-    refusal = lambda url: asyncio.run(guard.refusal(url))  # noqa: E731
+    refusal = lambda url: asyncio.run(guard.refusal(url))
     assert refusal("http://intranet.example/") == \
         "intranet.example resolves to 10.1.2.3, a private address"
     assert refusal("http://intranet.example:8000/") is None  # allow-listed by name and port
@@ -366,3 +377,50 @@ def test_a_corrupted_cache_entry_is_refetched_or_reported(tmp_path):
         with pytest.raises(CacheCorruption, match="/kept.png"):
             _fetch(srv, ["/kept.png"], cache=ResponseCache(tmp_path), mode="replay")
         assert srv.hits("/kept.png") == 2  # replay never goes to the network
+
+
+# ----- non-http URLs, import weight, decode memory ---------------------------------------------
+
+def test_a_direct_file_url_is_blocked_like_a_redirect_to_it(web):
+    (direct,) = fetch_images(["file:///etc/passwd"], FAST, progress=False)
+    (redirected,) = _fetch(web, ["/to-file"])
+    assert direct.status == redirected.status == "blocked"  # final, not a transient network_error
+    assert direct.reason == redirected.reason == "scheme 'file' is not http(s)"
+
+
+def test_importing_the_fetcher_does_not_load_torch():
+    code = ("import sys, explorer.fetch, explorer.search, explorer.text_web; "
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]"
+
+
+def test_concurrent_decodes_are_bounded_by_the_pixel_budget(monkeypatch):
+    """32 valid 4096x4096 images (the max_side limit) at once: the decodes in flight never hold
+    more than decode_budget_bytes of pixels, however many threads the machine offers."""
+    side = 4096
+    pattern = np.indices((side, side)).sum(axis=0) % 251  # compresses to ~0.25 MB, decodes to 48 MiB
+    body = png_bytes(np.stack([pattern, pattern[::-1], pattern.T], axis=-1).astype(np.uint8))
+    cost = decode_cost(body, side * side)
+    in_flight, peak, lock = [0], [0], threading.Lock()
+    real = fetch.answer_to_result
+
+    def counted(*args):  # observes the decodes; does not change them
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        try:
+            return real(*args)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(fetch, "answer_to_result", counted)
+    budget = 2 * cost + 1
+    with FaultServer({f"/{i}.png": Route(body=body) for i in range(32)}) as srv:
+        cfg = allow_origin(FetchConfig(max_bytes=len(body), respect_robots=False, decode_budget_bytes=budget),
+                           srv.url("/"))
+        results = fetch_images([srv.url(f"/{i}.png") for i in range(32)], cfg, progress=False)
+    assert all(r.ok for r in results) and cost == 12 * side * side
+    assert peak[0] == 2  # budget // cost, not the thread pool's size

@@ -110,9 +110,10 @@ def test_unreachable_engine_is_a_search_error():
     with socket.socket() as s:  # a port with nobody listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    backend = build_backend("local", cache=None, url=f"http://127.0.0.1:{port}")
+    backend = build_backend("local", cache=None, url=f"http://127.0.0.1:{port}", retries=1, backoff_base=0.01)
     [outcome] = search_many(backend, ["boot"], 5)
     assert isinstance(outcome, SearchError) and "ConnectError" in str(outcome)
+    assert "unreachable after 2 attempts" in str(outcome)
 
 
 def test_unknown_backend_lists_valid_names():

@@ -160,3 +160,22 @@ def test_run_stops_when_the_flop_budget_is_spent(text_corpus, tmp_path):
     rows = run_text_experiment(cfg, tmp_path, progress=False, log=messages.append)
     assert [r["iteration"] for r in rows] == [0, 1] and rows[1]["flops_remaining"] == 0.0
     assert "budget" in messages[-1] and "spent" in messages[-1]
+
+
+def test_the_loop_runs_on_documents_served_as_html(text_corpus, tmp_path):
+    """The engine serves web pages (navigation, header, footer around the text); the fetcher keeps
+    their main text, which hashes as the document it came from, so copies of target and held-out
+    documents are still recognised."""
+    import httpx
+
+    cfg = tiny_text(text_corpus, iterations=1, search={"results_per_query": 6, "serve_html": True})
+    with local_text_engine_for(cfg) as url:
+        page = httpx.get(f"{url}/doc/{text_corpus.keys[0]}")
+        assert page.headers["content-type"].startswith("text/html") and b"<nav>" in page.content
+        loop = TextAcquisitionLoop(cfg, tmp_path, engine_url=url, progress=False)
+        rows = loop.run(log=lambda _: None)
+    assert rows[1]["valid"] > 0 and "bad_content_type" not in rows[1]["rejected"]
+    known = {text_sha256(document_text(d)) for d in text_corpus.documents()}
+    accepted = [json.loads(line) for line in (tmp_path / "accepted.jsonl").read_text().splitlines()]
+    assert accepted and all(a["sha256"] in known for a in accepted)
+    assert not any(a["sha256"] in loop.holdout_sha | loop.target_sha for a in accepted)
