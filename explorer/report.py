@@ -214,6 +214,25 @@ def pixel_gate(control: dict[str, dict[str, dict]]) -> list[str]:
     return lines
 
 
+def gain_per_relevant(groups: dict[str, list[RunCurves]], control: dict[str, dict[str, dict]]) -> list[str]:
+    """Across every acquisition run with a target-only control of its base: the least-squares slope
+    of the paired kNN gain on the relevant images it acquired (exploratory: runs of one seed share
+    their control, so the points are not independent)."""
+    from scipy import stats
+
+    reference = control.get("target only", {})
+    points = [(r.relevant[-1], r.knn[-1] - reference[r.base]["eval_knn_accuracy"]) for runs in groups.values()
+              for r in runs if r.base in reference and np.isfinite(r.relevant[-1]) and np.isfinite(r.knn[-1])]
+    if len(points) < 4 or len({x for x, _ in points}) < 2:
+        return []
+    x, y = np.array(points, dtype=np.float64).T
+    fit = stats.linregress(x, y)
+    half = stats.t.ppf(0.975, len(x) - 2) * fit.stderr
+    return [f"Gain per relevant image (all {len(x)} acquisition runs, exploratory): Δ kNN vs target only = "
+            f"{fit.intercept:+.4f} + ({1000 * fit.slope:+.4f} ± {1000 * half:.4f}) per 1,000 relevant images "
+            f"acquired; r = {fit.rvalue:.2f}, p = {fit.pvalue:.3g}."]
+
+
 def _signed(mean: float, half: float, digits: int = 3) -> str:
     text = f"{mean:+.{digits}f}"
     return text if not np.isfinite(half) else f"{text} ± {half:.{digits}f}"
@@ -257,6 +276,7 @@ def write_report(paths: list[Path], out: Path, *, title: str = "explorer report"
         lines += ["## Representation on the target's held-out split", "",
                   "All encoders of a seed start from the same base and train the same number of SSL steps.", "",
                   *representation_table(groups, control), "", *pixel_gate(control), "",
+                  *gain_per_relevant(groups, control), "",
                   "![accuracy](accuracy_vs_images.png)", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))

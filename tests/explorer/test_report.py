@@ -71,3 +71,19 @@ def test_report_cli_and_a_clear_error_for_a_folder_without_runs(two_seeds, tmp_p
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no run folders"):
         write_report([tmp_path / "empty"], tmp_path / "r2")
+
+
+def test_gain_per_relevant_is_the_slope_of_paired_gains_on_relevant_images():
+    from types import SimpleNamespace
+
+    from explorer.report import gain_per_relevant
+
+    control = {"target only": {"b0": {"eval_knn_accuracy": 0.80}, "b1": {"eval_knn_accuracy": 0.70}}}
+    run = lambda base, relevant, gain: SimpleNamespace(  # noqa: E731
+        base=base, relevant=[0.0, relevant], knn=[0.0, control["target only"][base]["eval_knn_accuracy"] + gain])
+    groups = {"gp": [run("b0", 1000, 0.003), run("b1", 3000, 0.007)],
+              "random": [run("b0", 0, 0.001), run("b1", 500, 0.002)],
+              "other": [SimpleNamespace(base="no control", relevant=[0.0, 9e9], knn=[0.0, 1.0])]}
+    [line] = gain_per_relevant(groups, control)
+    assert "all 4 acquisition runs" in line and "+0.0010 + (+0.0020 ± 0.0000) per 1,000" in line
+    assert "r = 1.00" in line
