@@ -48,6 +48,7 @@ from explorer.netguard import (
     NetGuard,
     guarded_transport,
     host_port,
+    netloc_of,
 )
 from explorer.robots import (
     PACER,
@@ -440,6 +441,4 @@ def allow_origin(cfg: FetchConfig, url: str | None) -> FetchConfig:
     `allowed_hosts`; unchanged when `url` is None."""
     if url is None:
         return cfg
-    host, port = host_port(url)
-    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return replace(cfg, allowed_hosts=cfg.allowed_hosts + (netloc,))
+    return replace(cfg, allowed_hosts=cfg.allowed_hosts + (netloc_of(url),))

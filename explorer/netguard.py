@@ -84,6 +84,13 @@ def parse_address(text: str) -> Address | None:
         return None
 
 
+def netloc_of(url: str) -> str:
+    """'host:port' of a URL (port filled in from the scheme; IPv6 hosts bracketed), as
+    `NetGuard`'s allow-list spells it."""
+    host, port = host_port(url)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def host_port(netloc_or_url: str) -> tuple[str, int]:
     """('host', port) of 'host:port', '[v6]:port' or a URL; a URL without a port gets its scheme's."""
     text = netloc_or_url if "//" in netloc_or_url else f"//{netloc_or_url}"

@@ -38,7 +38,7 @@ from explorer.netguard import (
     BlockedDestination,
     NetGuard,
     guarded_sync_transport,
-    host_port,
+    netloc_of,
 )
 
 USER_AGENT = "explorer/0.1 (active data acquisition; +https://pypi.org/project/explorer)"
@@ -145,7 +145,8 @@ class CachedHttp:
             threading.Lock()
         self._client = None if self.mode is CacheMode.REPLAY else httpx.Client(
             timeout=self.policy.timeout, headers=BROWSER_HEADERS, follow_redirects=True,
-            transport=guarded_sync_transport(NetGuard(_netlocs(origin))) if self.policy.ssrf_guard else None)
+            transport=(guarded_sync_transport(NetGuard([netloc_of(origin)] if origin else []))
+                       if self.policy.ssrf_guard else None))
 
     def request_json(self, method: str, url: str, *, params: dict | None = None, json_body=None,
                      description: str, refusal: Refusal | None = None, hints: dict[int, str] | None = None):
@@ -209,13 +210,6 @@ class CachedHttp:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
-
-
-def _netlocs(origin: str | None) -> list[str]:
-    if origin is None:
-        return []
-    host, port = host_port(origin)
-    return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
 
 
 def _payload(answer: CachedResponse, description: str, refusal: Refusal | None, hints: dict[int, str] | None):
