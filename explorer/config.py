@@ -99,6 +99,7 @@ MODALITIES = ("image", "text")
 REWARD_ENCODERS = ("minilm", "lm")
 # L(N, D) = E + A/N^alpha + B/D^beta as fitted to Chinchilla's runs by Besiroglu et al. 2024: the
 # planner's prior until a law fitted to this agent's own runs (`explorer plan`) is given.
+TEXT_STRATEGIES = ("planner", "compute_optimal", "acquire", "train", "grow")
 PRIOR_LAW = {"E": 1.8172, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}
 
 
@@ -138,6 +139,14 @@ class TextConfig:
     """Document embeddings for rewards: minilm (all-MiniLM-L6-v2) or lm (the LM's mean-pooled states)."""
     grow_factor: float = 2.0
     """Grow the LM when it is this many times below the compute-optimal size."""
+    strategy: str = "planner"
+    """What each iteration spends compute on. "planner": the plan of least predicted final loss
+    under `law`, with repeated tokens discounted and each acquisition round charged what the run's
+    past rounds cost (`learners.budget.plan_with_costs`); "compute_optimal": acquire while the law's
+    compute-optimal D exceeds the tokens at hand, grow while N is far below its optimum
+    (`learners.budget.decide`, costs ignored). Fixed strategies to test them against: "acquire"
+    (always query, never grow), "train" (never query, never grow: the target-only control), "grow"
+    (never query; grow the LM to `max_lm_size` at once)."""
     law: dict[str, float] = field(default_factory=lambda: dict(PRIOR_LAW))
     """Scaling law the planner decides with (E, A, B, alpha, beta)."""
 
@@ -151,6 +160,8 @@ class TextConfig:
         if bad or self.pretrain_tokens < 0 or self.warmup_steps < 0 or self.grow_factor < 1:
             raise ValueError(f"{', '.join(bad) or 'pretrain_tokens, warmup_steps'} out of range "
                              "(sizes and budget > 0, pretrain_tokens and warmup_steps >= 0, grow_factor >= 1)")
+        if self.strategy not in TEXT_STRATEGIES:
+            raise ValueError(f"unknown text.strategy {self.strategy!r}; valid: {', '.join(TEXT_STRATEGIES)}")
         if set(self.law) != set(PRIOR_LAW):
             raise ValueError(f"law needs exactly the keys {', '.join(PRIOR_LAW)}, got {', '.join(self.law)}")
 

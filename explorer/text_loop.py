@@ -11,10 +11,11 @@ One `TextAcquisitionLoop` is one run folder:
     cache/             every search answer and fetched document (content-addressed)
     checkpoint.pt      LM (with its data cursor), policy, FLOP ledger and loop position
 
-Each iteration first asks the planner (`learners.budget.decide`) what the remaining FLOPs should buy
-given the tokens at hand: `acquire` (data-limited) runs the queries; `grow_model` (parameter-limited)
-restarts the LM at the table size nearest N_opt on the same documents; `train` only trains.
-A run stops after `iterations` or once `text.flop_budget` is spent.
+Each iteration first asks the planner (`text.strategy`; `learners.budget.plan_with_costs` by
+default) what the remaining FLOPs should buy: `acquire` runs the queries; `grow_model` restarts the
+LM at a larger table size on the same documents; `train` only trains. A run stops after
+`iterations` or once `text.flop_budget` is spent; the last iteration trains only the steps the budget
+still pays for. Evaluation FLOPs are logged but not charged to the budget.
 """
 
 from __future__ import annotations
@@ -39,20 +40,24 @@ from explorer.text_agent import (TopicTruth, build_text_policy, lm_embeddings, o
                                  text_vocabulary)
 from explorer.text_corpus import document_key, document_text, split_text_target, text_sha256
 from explorer.text_web import TEXT_BACKEND_FOR, build_text_backend, fetch_documents
-from learners.budget import Decision, ScalingLaw, decide
+from learners.budget import AcquisitionRound, Decision, ScalingLaw, decide, plan_with_costs
 from learners.checkpoint import atomic_torch_save
-from learners.flops import FlopLedger, ModelShape, forward_flops
+from learners.flops import FlopLedger, ModelShape, forward_flops, training_flops
 from learners.lm import LM_SIZES, LMConfig, LMLearner, non_embedding_params
 from learners.text_data import PackedTextStream
 from learners.tokenizer import TextTokenizer, TokenizerConfig, train_tokenizer
 
 
+def model_shape(size: str) -> ModelShape:
+    """An LM_SIZES entry as the planner's shape."""
+    s = LM_SIZES[size]
+    return ModelShape(d_model=s.hidden_size, n_layers=s.num_layers, n_heads=s.num_heads,
+                      ffn_dim=s.intermediate_size, n_kv_heads=s.num_kv_heads)
+
+
 def size_table(max_size: str) -> dict[str, ModelShape]:
     """LM_SIZES up to `max_size`, as the planner's shapes."""
-    names = list(LM_SIZES)[:list(LM_SIZES).index(max_size) + 1]
-    return {n: ModelShape(d_model=s.hidden_size, n_layers=s.num_layers, n_heads=s.num_heads,
-                          ffn_dim=s.intermediate_size, n_kv_heads=s.num_kv_heads)
-            for n, s in ((n, LM_SIZES[n]) for n in names)}
+    return {n: model_shape(n) for n in list(LM_SIZES)[:list(LM_SIZES).index(max_size) + 1]}
 
 
 class TextAcquisitionLoop:
@@ -83,20 +88,20 @@ class TextAcquisitionLoop:
         eval_docs = self.target.holdout[:tc.eval_documents]
         self.eval_tokens = self.tokenizer.encode_batch([document_text(d) for d in eval_docs])
         self.lm_size = tc.lm_size
-        self.learner = self._learner(self.lm_size)
+        self.iteration = 0
+        self.learner = self._learner(self.lm_size, self._schedule_steps(self.lm_size, grown=False))
         self.ledger = FlopLedger()
         self.law = ScalingLaw(**tc.law)
         self.sizes = size_table(tc.max_lm_size)
         self.backend = self._backend(engine_url)
         self._known_documents(train_texts)
         self.iteration, self.pretrained, self.tokens_trained = 0, False, 0
+        self.rounds: list[tuple[float, int]] = []  # (FLOPs, tokens accepted) of every acquisition round
         self.background_sample = BackgroundSample(cfg.reward.background_size, background_seed(cfg))
         self._minilm_rows: dict[str, np.ndarray] = {}  # MiniLM rows of the background's documents
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True) if resume else None
-        if state is None or "background" not in state:  # (a checkpoint holds the reservoir)
-            self.background_sample.add(self._fetch_background())  # before resume: nothing is filtered out yet
+        self.background_fetched = False  # fetched before the first round: a run that never queries never pays
         if resume:
-            self.load_state_dict(state)
+            self.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
             self._truncate_logs()
         elif not replay:
             save_config(cfg, self.run_dir / "config.yaml")
@@ -106,6 +111,14 @@ class TextAcquisitionLoop:
         self.refresh_reference()
         if resume:  # the checkpoint's ledger already paid for embedding the background under this state
             self.ledger.spent = spent
+
+    def ensure_background(self) -> None:
+        """The background sample, fetched once, before the first acquisition round."""
+        if self.background_fetched:
+            return
+        self.background_sample.add(self._fetch_background())  # accepted_sha is still empty: nothing filtered
+        self.background_fetched = True
+        self.refresh_reference()
 
     # -- parts ------------------------------------------------------------------------------
     def _known_documents(self, train_texts: list[str]) -> None:
@@ -133,10 +146,20 @@ class TextAcquisitionLoop:
         tc = self.cfg.text
         return math.ceil(tc.tokens_per_iteration / tc.tokens_per_step)
 
-    def _learner(self, size: str) -> LMLearner:
+    def _schedule_steps(self, size: str, grown: bool) -> int:
+        """The LR schedule's length: the steps a model of `size` can still take. A fresh run's model
+        has pretraining and every iteration; a model grown mid-run the iterations left from the current
+        one. Fewer when the budget (left, charged to this size's training alone) ends them first."""
         tc = self.cfg.text
-        pretrain = math.ceil(tc.pretrain_tokens / tc.tokens_per_step)
-        total = max(1, pretrain + self.cfg.iterations * self.steps_per_iteration)
+        pretrain = 0 if grown else math.ceil(tc.pretrain_tokens / tc.tokens_per_step)
+        left = self.cfg.iterations - (self.iteration - 1 if grown else 0)
+        budget = self.remaining_flops() if grown else tc.flop_budget
+        affordable = int(budget // training_flops(model_shape(size).non_embedding_params, tc.tokens_per_step))
+        return max(1, min(pretrain + left * self.steps_per_iteration, affordable))
+
+    def _learner(self, size: str, total: int) -> LMLearner:
+        tc = self.cfg.text
+        self.schedule_steps = total
         config = LMConfig(size=size, vocab_size=self.tokenizer.vocab_size, seq_len=tc.seq_len,
                           batch_size=tc.batch_size, lr=tc.lr, min_lr=tc.lr / 10, warmup=min(tc.warmup_steps, total),
                           total_steps=total, seed=self.cfg.seed)
@@ -223,14 +246,65 @@ class TextAcquisitionLoop:
         return lm_embeddings(self.learner.model, tokens, self.cfg.text.seq_len), sig
 
     # -- one iteration ------------------------------------------------------------------------
+    def remaining_flops(self) -> float:
+        """The budget left to the agent. Evaluation is the experimenter's measurement: it is logged
+        in the ledger but not charged, so how often a run is evaluated does not change what it can buy."""
+        return max(0.0, self.cfg.text.flop_budget - (self.ledger.total - self.ledger.spent["eval"]))
+
     def plan(self) -> Decision:
-        return decide(self.law, self.ledger.remaining(self.cfg.text.flop_budget), float(self.stream.num_tokens),
-                      float(self.n_params), grow_factor=self.cfg.text.grow_factor, size_table=self.sizes)
+        """The planner's decision, or the configured fixed strategy (`text.strategy`)."""
+        tc = self.cfg.text
+        budget, tokens, params = self.remaining_flops(), float(self.stream.num_tokens), float(self.n_params)
+        if tc.strategy == "planner":
+            return plan_with_costs(self.law, budget, unique_tokens=tokens, current_params=params,
+                                   trained_tokens=self.learner.step * tc.tokens_per_step,
+                                   acquisition=self.expected_round(),
+                                   first_round_extra=0.0 if self.background_fetched else self._background_cost(),
+                                   rounds_left=self.cfg.iterations - self.iteration + 1, size_table=self.sizes,
+                                   max_train_tokens=(self.cfg.iterations - self.iteration + 1) * tc.tokens_per_iteration)
+        if tc.strategy == "compute_optimal":
+            return decide(self.law, budget, tokens, params, grow_factor=tc.grow_factor, size_table=self.sizes)
+        if tc.strategy == "grow":  # compute goes to the model: the largest size allowed, never a query
+            name, shape = list(self.sizes.items())[-1]
+            if shape.non_embedding_params > params:
+                return Decision(action="grow_model", n_target=float(shape.non_embedding_params), d_target=tokens,
+                                reason=f"fixed strategy grow: the largest size allowed, {name}")
+            return Decision(action="train", n_target=params, d_target=tokens,
+                            reason=f"fixed strategy grow: already {name}, the largest size allowed")
+        return Decision(action="acquire" if tc.strategy == "acquire" else "train", n_target=params,
+                        d_target=tokens, reason=f"fixed strategy {tc.strategy}")
+
+    def expected_round(self) -> AcquisitionRound:
+        """What the next round costs and adds: the mean of the run's rounds, or before any round an
+        optimistic bound (every result requested is new, accepted and of the target's mean length)."""
+        if self.rounds:
+            flops, tokens = np.asarray(self.rounds, float).mean(axis=0)
+            return AcquisitionRound(flops=float(flops), tokens=float(tokens))
+        results = self.cfg.policy.queries_per_iteration * self.cfg.search.results_per_query
+        return AcquisitionRound(flops=self._search_cost(self.cfg.policy.queries_per_iteration),
+                                tokens=results * self.stream.num_tokens / max(1, len(self.target.train)),
+                                measured=False)
+
+    def _search_cost(self, n_queries: int) -> float:
+        """Queries and the scoring of every result they ask for (fetching is a rounding error)."""
+        costs = self.ledger.costs
+        return costs.query_flops(n_queries) + costs.score_flops(n_queries * self.cfg.search.results_per_query)
+
+    def _background_cost(self) -> float:
+        return self._search_cost(self.cfg.reward.background_queries) if self.cfg.reward.background_size else 0.0
+
+    def _acquisition_flops(self) -> float:
+        return sum(self.ledger.spent[k] for k in ("query", "fetch", "score"))
+
+    def affordable_steps(self) -> int:
+        """This iteration's training steps: the configured number, or fewer when the budget ends."""
+        per_step = training_flops(self.n_params, self.cfg.text.tokens_per_step)
+        return min(self.steps_per_iteration, int(self.remaining_flops() // per_step))
 
     def grow(self, decision: Decision) -> str:
         """Restart the LM at the planned size on the same documents (no function-preserving growth)."""
         name = next(n for n, s in self.sizes.items() if s.non_embedding_params == int(decision.n_target))
-        self.lm_size, self.learner = name, self._learner(name)
+        self.lm_size, self.learner = name, self._learner(name, self._schedule_steps(name, grown=True))
         return name
 
     def search_and_fetch(self, texts: list[str]) -> tuple[list, list, list[list[int]], dict[str, int]]:
@@ -273,6 +347,7 @@ class TextAcquisitionLoop:
 
     def acquire(self) -> dict:
         cfg = self.cfg
+        self.ensure_background()
         queries = self.policy.propose(cfg.policy.queries_per_iteration)
         answers, docs, queries_of, rejected = self.search_and_fetch([q.text for q in queries])
         self._check_stop()
@@ -299,6 +374,7 @@ class TextAcquisitionLoop:
         return {"queries": [q.text for q in queries], "query_rewards": [round(float(r), 6) for r in q_rewards],
                 "results": [0 if isinstance(a, SearchError) else len(a) for a in answers],
                 "search_errors": [str(a) for a in answers if isinstance(a, SearchError)],
+                "results_skipped": int(getattr(self.backend, "skipped", 0)),  # run total: results with no url
                 "fetched": len(docs) + sum(rejected.values()), "valid": len(docs), "rejected": rejected,
                 "accepted": len(accepted), "accepted_urls": [urls[j] for j in accepted],
                 "precision_fetched": self.truth.precision(urls),
@@ -340,7 +416,7 @@ class TextAcquisitionLoop:
                 "tokens_available": self.stream.num_tokens, "documents": self.stream.num_documents,
                 "tokens_trained": self.tokens_trained, "flops": {k: float(v) for k, v in self.ledger.spent.items()},
                 "flops_total": self.ledger.total, "flop_budget": self.cfg.text.flop_budget,
-                "flops_remaining": self.ledger.remaining(self.cfg.text.flop_budget)}
+                "flops_remaining": self.remaining_flops()}
 
     def pretrain(self) -> dict:
         """Iteration 0: the target alone, before any query."""
@@ -354,12 +430,15 @@ class TextAcquisitionLoop:
         self.iteration += 1
         decision = self.plan()
         row: dict = {"iteration": self.iteration, "planner_action": decision.action,
-                     "planner": {**asdict(decision), "budget_flops": self.ledger.remaining(self.cfg.text.flop_budget)}}
+                     "planner": {**asdict(decision), "budget_flops": self.remaining_flops()}}
         if decision.action == "grow_model":
             row["grew_from"], row["grew_to"] = self.lm_size, self.grow(decision)
         if decision.action == "acquire":
+            self.ensure_background()  # a one-time cost, not a round's
+            spent, tokens = self._acquisition_flops(), self.stream.num_tokens
             row.update(self.acquire())
-        row.update(self.train(self.steps_per_iteration))
+            self.rounds.append((self._acquisition_flops() - spent, self.stream.num_tokens - tokens))
+        row.update(self.train(self.affordable_steps()))
         row.update(self.evaluate())
         row.update(self._status())
         row["seconds"] = round(time.time() - t0, 2)
@@ -369,16 +448,18 @@ class TextAcquisitionLoop:
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "pretrained": self.pretrained, "tokens_trained": self.tokens_trained,
-                "lm_size": self.lm_size, "learner": self.learner.state_dict(), "stream": self.stream.state_dict(),
+                "lm_size": self.lm_size, "schedule_steps": self.schedule_steps, "learner": self.learner.state_dict(), "stream": self.stream.state_dict(),
                 "policy": self.policy.state_dict(), "ledger": self.ledger.state_dict(),
                 "accepted_sha": sorted(self.accepted_sha), "accepted_sig": torch.from_numpy(self.accepted_sig),
-                "background": self.background_sample.state_dict()}
+                "background": self.background_sample.state_dict(), "background_fetched": self.background_fetched,
+                "rounds": torch.tensor(self.rounds, dtype=torch.float64)}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration, self.pretrained = int(state["iteration"]), bool(state["pretrained"])
         self.tokens_trained = int(state["tokens_trained"])
         if state["lm_size"] != self.lm_size:
-            self.lm_size, self.learner = state["lm_size"], self._learner(state["lm_size"])
+            self.lm_size, self.learner = state["lm_size"], self._learner(
+                state["lm_size"], int(state.get("schedule_steps") or self._schedule_steps(state["lm_size"], grown=True)))
         self.learner.load_state_dict(state["learner"])
         self.stream.load_state_dict(state["stream"])
         self.learner.data = self.stream  # one cursor: the learner's and the loop's
@@ -386,8 +467,10 @@ class TextAcquisitionLoop:
         self.ledger.load_state_dict(state["ledger"])
         self.accepted_sha = set(state["accepted_sha"])
         self.accepted_sig = state["accepted_sig"].numpy()
-        if "background" in state:  # checkpoints of earlier versions: the first sample stays
+        self.rounds = [tuple(r) for r in state["rounds"].tolist()] if "rounds" in state else []
+        if "background" in state:  # (checkpoints of earlier versions fetched it before pretraining)
             self.background_sample.load_state_dict(state["background"])
+        self.background_fetched = bool(state.get("background_fetched", "background" in state))
 
     def save_checkpoint(self) -> None:
         atomic_torch_save(self.state_dict(), self.run_dir / "checkpoint.pt")
@@ -421,7 +504,7 @@ class TextAcquisitionLoop:
         until = self.cfg.iterations if until is None else until
         with tqdm(total=until, initial=self.iteration, desc="text run", unit="iter", disable=not self.progress) as bar:
             while self.iteration < until and not self.stop_requested:
-                if self.ledger.remaining(self.cfg.text.flop_budget) <= 0:
+                if self.affordable_steps() == 0:
                     log(f"FLOP budget {self.cfg.text.flop_budget:.3g} spent after iteration {self.iteration}")
                     break
                 saved = self.iteration

@@ -350,3 +350,87 @@ def decide(law: ScalingLaw, budget_flops: float, tokens_available: float, curren
                            f"{current_params / n_opt:.2g}x N_opt) needs no growth and {_sci(tokens_available)} tokens "
                            f"cover D_opt; train on {_sci(d_train)} tokens "
                            f"(predicted loss {float(law.loss(current_params, d_train)):.3f})")
+
+
+# Repeated tokens are worth less than new ones. After R repeats of U unique tokens a law in D sees
+# D' = U + U·R*·(1 - exp(-R/R*)) effective tokens (Muennighoff et al. 2023, data-constrained
+# scaling; fitted R*_D ≈ 15.4): about U·(1 + R) for the first few repeats, never more than U·(1 + R*).
+REPEAT_DECAY = 15.4
+
+
+def effective_tokens(unique, trained, r_star: float = REPEAT_DECAY):
+    """Effective training tokens of `trained` tokens drawn from `unique` distinct ones (array-safe)."""
+    unique, trained = np.asarray(unique, float), np.asarray(trained, float)
+    repeats = np.maximum(trained / np.maximum(unique, 1.0) - 1.0, 0.0)
+    return np.minimum(trained, unique) + unique * r_star * (1.0 - np.exp(-repeats / r_star))
+
+
+@dataclass(kw_only=True, frozen=True)
+class AcquisitionRound:
+    """What one more acquisition round costs and adds, as measured on the run's past rounds."""
+
+    flops: float  # queries, fetching and scoring
+    tokens: float  # new tokens accepted into training
+    measured: bool = True  # False: a bound set before any round ran
+
+    def __post_init__(self):
+        if not (self.flops >= 0 and self.tokens >= 0):
+            raise ValueError(f"an acquisition round needs flops >= 0 and tokens >= 0, got {self}")
+
+
+def plan_with_costs(law: ScalingLaw, budget_flops: float, *, unique_tokens: float, trained_tokens: float,
+                    current_params: float, acquisition: AcquisitionRound | None, rounds_left: int,
+                    first_round_extra: float = 0.0, max_train_tokens: float = math.inf,
+                    size_table: dict[str, ModelShape] | None = None, r_star: float = REPEAT_DECAY) -> Decision:
+    """What to do with `budget_flops`, choosing the plan of least predicted final loss.
+
+    Every plan is (model size, k acquisition rounds, then training with what is left): the current
+    model keeps its `trained_tokens` and trains (C - k·round FLOPs) / 6N more; a larger table size
+    starts over (the loop restarts the LM when it grows) and trains (C - k·round) / 6N'. Unique
+    tokens grow by k·round tokens; repeats count as `effective_tokens`. Acquisition thus pays only
+    when its tokens lower the law's loss more than the training its FLOPs would have bought.
+    `first_round_extra` is paid once with the first round (the reward's background sample);
+    `max_train_tokens` caps the tokens still trained whatever the budget (a run's last iteration). With no
+    estimate of a round (`acquisition` None) the answer is `acquire`; callers that can bound a round
+    pass an optimistic one instead (the loop: every result accepted). The law is the planner's prior
+    or a fit (`explorer plan`); k is at most `rounds_left` (one round per iteration).
+    """
+    if (budget_flops <= 0 or unique_tokens < 0 or trained_tokens < 0 or current_params <= 0 or rounds_left < 0
+            or first_round_extra < 0):
+        raise ValueError("need budget_flops > 0, unique and trained tokens >= 0, current_params > 0, "
+                         "rounds_left >= 0, first_round_extra >= 0")
+    if acquisition is None and rounds_left > 0:
+        return Decision(action="acquire", n_target=float(current_params), d_target=float(unique_tokens),
+                        reason="no acquisition round measured yet: one round measures what a round costs and adds")
+    rnd = acquisition or AcquisitionRound(flops=0.0, tokens=0.0)
+    k_max = rounds_left if rnd.flops <= 0 else min(rounds_left, int(budget_flops // rnd.flops))
+    k = np.arange(k_max + 1, dtype=float)
+    left = budget_flops - k * rnd.flops - np.where(k > 0, first_round_extra, 0.0)  # for training after k rounds
+    k, left = k[left > 0], left[left > 0]
+    unique = unique_tokens + k * rnd.tokens
+    plans = [("current", float(current_params), float(trained_tokens))]
+    plans += [(name, float(s.non_embedding_params), 0.0) for name, s in (size_table or {}).items()
+              if s.non_embedding_params > current_params]
+    best = None
+    for name, n, done in plans:
+        tokens = done + np.minimum(left / (6.0 * n), max_train_tokens)
+        loss = law.loss(n, effective_tokens(unique, tokens, r_star))
+        i = int(np.argmax(loss <= loss.min() * (1 + 1e-9)))  # fewest rounds among (numerical) ties
+        if best is None or loss[i] < best[0] * (1 - 1e-9):  # a larger model must be strictly better
+            best = (float(loss[i]), name, n, int(k[i]), float(tokens[i]))
+        if name == "current":
+            stay = (float(loss[0]), float(loss[i]), int(k[i]))  # train only; best with rounds at this size
+    loss, name, n, rounds, tokens = best
+    extra = f" (+{_sci(first_round_extra)} once)" if first_round_extra else ""
+    bound = "" if rnd.measured else " at most (no round measured yet)"
+    costs = (f"a round costs {_sci(rnd.flops)} FLOPs{extra} for {_sci(rnd.tokens)} new tokens{bound}; "
+             f"predicted final loss: train only {stay[0]:.4f}, "
+             f"{stay[2]} round(s) then train {stay[1]:.4f}")
+    if name != "current":
+        return Decision(action="grow_model", n_target=n, d_target=tokens,
+                        reason=f"{costs}, grow to {name} ({_sci(n)} params) with {rounds} round(s) {loss:.4f} (best)")
+    if rounds > 0:
+        return Decision(action="acquire", n_target=n, d_target=tokens,
+                        reason=f"{costs} (best): acquire; {_sci(unique_tokens)} unique tokens now")
+    return Decision(action="train", n_target=n, d_target=tokens,
+                    reason=f"{costs}: another round does not pay for its FLOPs; train")

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from explorer.plan import format_plan, load_observations, plan_from_runs
-from learners.budget import ScalingLaw, bootstrap_intervals, decide, fit_scaling_law, isoflop_fit
+from learners.budget import (
+    AcquisitionRound,
+    ScalingLaw,
+    bootstrap_intervals,
+    decide,
+    effective_tokens,
+    fit_scaling_law,
+    isoflop_fit,
+    plan_with_costs,
+)
 from learners.flops import (
     CATEGORIES,
     SIZE_TABLE,
@@ -132,6 +141,50 @@ def test_decide_trains_when_balanced():
 def test_decide_rejects_a_spent_budget():
     with pytest.raises(ValueError, match="need budget_flops > 0"):
         decide(CHINCHILLA, 0.0, tokens_available=1e9, current_params=3e7)
+
+
+def test_effective_tokens_discount_repeats():
+    u = 1.0e4
+    assert effective_tokens(u, 0.5 * u) == pytest.approx(0.5 * u)  # not all seen once yet
+    assert effective_tokens(u, u) == pytest.approx(u)
+    assert effective_tokens(u, 2 * u) == pytest.approx(2 * u, rel=0.04)  # one repeat is almost new data
+    many = effective_tokens(u, np.array([10, 100, 1000]) * u)
+    assert np.all(np.diff(many) > 0) and 0.99 * u * (1 + 15.4) < many[-1] <= u * (1 + 15.4)
+    assert effective_tokens(2 * u, 20 * u) > effective_tokens(u, 20 * u)  # new tokens beat repeats
+
+
+PRIOR = ScalingLaw(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658)
+
+
+def _plan(budget, flops_per_round, tokens_per_round=3.0e3, **kw):
+    args = {"unique_tokens": 2.7e4, "trained_tokens": 6.5e4, "current_params": 1.0e6, "rounds_left": 6,
+            "acquisition": AcquisitionRound(flops=flops_per_round, tokens=tokens_per_round)} | kw
+    return plan_with_costs(PRIOR, budget, **args)
+
+
+def test_plan_with_costs_acquires_only_when_a_round_pays_for_its_flops():
+    assert _plan(1.0e13, 7.0e11).action == "acquire"  # rounds are 7% of the budget: worth their tokens
+    small = _plan(1.0e12, 7.0e11)  # one round would eat 70% of the budget's training
+    assert small.action == "train" and "does not pay" in small.reason
+    assert _plan(1.0e13, 7.0e11, tokens_per_round=0.0).action == "train"  # rounds that add nothing
+    assert _plan(1.0e13, 1.0e13).action == "train"  # a round costs the whole budget
+    # the first iteration measures a round; no rounds left means no acquisition
+    assert _plan(1.0e13, 0.0, acquisition=None).action == "acquire"
+    assert _plan(1.0e13, 7.0e11, rounds_left=0).action == "train"
+    # a budget the run cannot spend on training (its iterations end first) leaves FLOPs for rounds
+    assert _plan(1.0e12, 7.0e11, max_train_tokens=3.0e4).action == "acquire"
+
+
+def test_plan_with_costs_grows_when_the_law_rewards_parameters():
+    from learners.flops import ModelShape
+
+    big = {"micro": ModelShape(d_model=192, n_layers=7, n_heads=6, ffn_dim=512)}
+    law = ScalingLaw(E=1.0, A=1.0e3, B=1.0e-6, alpha=0.3, beta=0.3)  # data is worth nothing
+    d = plan_with_costs(law, 1.0e14, unique_tokens=2.7e4, trained_tokens=6.5e4, current_params=1.0e6,
+                        acquisition=AcquisitionRound(flops=7.0e11, tokens=3.0e3), rounds_left=6, size_table=big)
+    assert d.action == "grow_model" and d.n_target == big["micro"].non_embedding_params
+    assert plan_with_costs(law, 1.0e14, unique_tokens=2.7e4, trained_tokens=6.5e4, current_params=1.0e6,
+                           acquisition=AcquisitionRound(flops=7.0e11, tokens=3.0e3), rounds_left=6).action == "train"
 
 
 def test_flop_ledger_round_trips_and_rejects_unknown_categories():
