@@ -280,6 +280,7 @@ class AcquisitionLoop:
                "query_rewards": [round(float(r), 6) for r in q_rewards],
                "results": [0 if isinstance(a, SearchError) else len(a) for a in answers],
                "search_errors": [str(a) for a in answers if isinstance(a, SearchError)],
+               "results_skipped": int(getattr(self.backend, "skipped", 0)),  # run total: results with no url
                "fetched": len(cand.urls) + sum(cand.rejected.values()), "decoded": len(cand.urls),
                "rejected": cand.rejected, "accepted": len(accepted),
                "accepted_urls": [cand.urls[j] for j in accepted],
