@@ -1,0 +1,193 @@
+"""Experiment 7 - the compute planner against fixed strategies, at equal total FLOPs.
+
+The text science config (`configs/text-science.yaml`) with a total FLOP budget that ends every run
+(training, queries, fetching and MiniLM scoring all charged; evaluation logged, not charged) and
+iterations of 128 training steps. What each iteration buys is chosen by `text.strategy`:
+
+    planner          the plan of least predicted final loss under the planner's law, repeated tokens
+                     discounted, each round charged what the run's rounds cost (plan_with_costs)
+    compute-optimal  acquire while the law's compute-optimal D exceeds the tokens at hand (decide)
+    always-acquire   query every iteration, never grow
+    never-acquire    train the starting model on the target alone
+    grow-only        never query; compute goes to the model: the largest size allowed (micro)
+
+at two budgets (`--budgets`), seeds that set the target split, the LM's initialisation and batch
+order, and the policy. Reported: final held-out target perplexity per strategy and budget with
+95% t-intervals, the paired difference of the planner from each fixed strategy, and every decision
+the planner took with its reason (decisions.md).
+
+    python bench/exp_planner.py                        # 2 budgets x 4 strategies x 3 seeds
+    python bench/exp_planner.py --budgets 4e12 --seeds 0 --strategies planner never-acquire
+Outputs bench/results/planner/: report.md, decisions.md, runs.csv, summary.json, machine.json.
+Runs (resumable; a finished run is skipped) in runs/bench-planner/B-BUDGET/seed-S/STRATEGY/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import write_machine  # noqa: E402
+
+STRATEGIES = {"planner": "planner", "compute-optimal": "compute_optimal", "always-acquire": "acquire",
+              "never-acquire": "train", "grow-only": "grow"}
+DEFAULT_STRATEGIES = ["planner", "always-acquire", "never-acquire", "grow-only"]
+DEFAULT_RUNS = ROOT / "runs" / "bench-planner"
+# Iterations are a cap only: the budget ends every run first.
+OVERRIDES = {"iterations": 60, "text.tokens_per_iteration": 131072}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def finished(run_dir: Path) -> bool:
+    """A run is done when its last row has no budget left for another training step (or hit the cap)."""
+    return (run_dir / "done.json").exists()
+
+
+def run_grid(config: Path, runs: Path, budgets: list[float], seeds: list[int], strategies: list[str],
+             overrides: dict) -> None:
+    from explorer.config import load_config
+    from explorer.text_runs import local_text_engine_for, run_text_experiment
+
+    for seed in seeds:
+        todo = []
+        for budget in budgets:
+            for name in strategies:
+                cfg = load_config(config, {**OVERRIDES, **overrides, "seed": seed, "text.flop_budget": budget,
+                                           "text.strategy": STRATEGIES[name]})
+                run_dir = runs / f"B-{budget:.0e}" / f"seed-{seed}" / name
+                if not finished(run_dir):
+                    todo.append((budget, name, cfg, run_dir))
+        if not todo:
+            continue
+        with local_text_engine_for(todo[0][2], progress=True, error_log=runs / "engine.log") as url:
+            for budget, name, cfg, run_dir in todo:
+                print(f"== budget {budget:.0e}, seed {seed}: {name} ==", flush=True)
+                resume = (run_dir / "checkpoint.pt").exists()
+                if not resume and run_dir.exists():
+                    shutil.rmtree(run_dir)
+                t0 = time.time()
+                rows = run_text_experiment(cfg, run_dir, engine_url=url, progress=False, resume=resume,
+                                           log=lambda message: print("  ", message, flush=True))
+                if rows and (rows[-1]["iteration"] >= cfg.iterations or rows[-1]["flops_remaining"] <
+                             6.0 * rows[-1]["n_params"] * cfg.text.tokens_per_step):
+                    (run_dir / "done.json").write_text(json.dumps({"seconds": time.time() - t0}) + "\n")
+
+
+def summarise(run_dir: Path) -> dict:
+    rows = read_metrics(run_dir)
+    last = rows[-1]
+    actions = [r["planner_action"] for r in rows[1:]]
+    return {"perplexity": last["eval_perplexity"], "log_ppl": math.log(last["eval_perplexity"]),
+            "iterations": len(rows) - 1, "rounds": actions.count("acquire"),
+            "grew": any(a == "grow_model" for a in actions), "lm_size": last["lm_size"],
+            "tokens_trained": last["tokens_trained"], "unique_tokens": last["tokens_available"],
+            "train_flops": last["flops"]["train"],
+            "acquisition_flops": sum(last["flops"][k] for k in ("query", "fetch", "score")),
+            "charged_flops": last["flops_total"] - last["flops"]["eval"], "budget": last["flop_budget"],
+            "actions": actions, "reasons": [r["planner"]["reason"] for r in rows[1:]]}
+
+
+def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path) -> Path:
+    from explorer.report import fmt, mean_ci
+
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "runs.csv").open("w", newline="") as f:
+        fields = ["budget", "seed", "strategy", "perplexity", "iterations", "rounds", "lm_size", "tokens_trained",
+                  "unique_tokens", "train_flops", "acquisition_flops", "charged_flops"]
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for budget, seeds in results.items():
+            for seed, strategies in seeds.items():
+                for name, s in strategies.items():
+                    writer.writerow({"budget": budget, "seed": seed, "strategy": name, **s})
+    lines = ["# Experiment 7: the planner against fixed strategies at equal total FLOPs", "",
+             "Mean ± 95% t-interval over seeds. Δ log ppl = the fixed strategy's log-perplexity minus the "
+             "planner's, same seed: positive means the planner is better.", "",
+             "| budget (FLOPs) | strategy | n | held-out ppl | Δ log ppl (planner better) | rounds | final size "
+             "| tokens trained | unique tokens |", "|---:|---|---:|---:|---:|---:|---|---:|---:|"]
+    summary: dict = {}
+    decisions = ["# Decisions of the planner (first seed of each budget)", ""]
+    for budget, seeds in results.items():
+        names = [n for n in STRATEGIES if any(n in s for s in seeds.values())]
+        for name in names:
+            mine = {seed: s[name] for seed, s in seeds.items() if name in s}
+            ppl = mean_ci(m["perplexity"] for m in mine.values())
+            cell = ""
+            if name != "planner":
+                diffs = np.array([m["log_ppl"] - seeds[seed]["planner"]["log_ppl"] for seed, m in mine.items()
+                                  if "planner" in seeds[seed]])
+                d = mean_ci(diffs)
+                cell = f"{fmt(d[0], d[1], 4)} ({' / '.join(f'{x:+.4f}' for x in diffs)})"
+                summary.setdefault(f"{budget:.0e}", {})[name] = {"delta_log_ppl_vs_planner": d[:2],
+                                                                 "per_seed": diffs.tolist()}
+            summary.setdefault(f"{budget:.0e}", {}).setdefault(name, {})["perplexity"] = ppl[:2]
+            sizes = sorted({m["lm_size"] for m in mine.values()})
+            lines.append(f"| {budget:.1e} | {name} | {len(mine)} | {fmt(*ppl[:2], 1)} | {cell} "
+                         f"| {fmt(*mean_ci(m['rounds'] for m in mine.values())[:2], 1)} | {', '.join(sizes)} "
+                         f"| {fmt(*mean_ci(m['tokens_trained'] for m in mine.values())[:2], 0)} "
+                         f"| {fmt(*mean_ci(m['unique_tokens'] for m in mine.values())[:2], 0)} |")
+        first = next(iter(seeds))
+        if "planner" in seeds[first]:
+            p = seeds[first]["planner"]
+            decisions += [f"## budget {budget:.1e}, seed {first}", ""]
+            decisions += [f"{i + 1}. **{a}**: {r}" for i, (a, r) in enumerate(zip(p["actions"], p["reasons"]))]
+            decisions.append("")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "decisions.md").write_text("\n".join(decisions) + "\n")
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "text-science.yaml")
+    parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="run folders (default runs/bench-planner)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "planner")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[3e12, 8e12], help="total FLOP budgets")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES, choices=list(STRATEGIES),
+                        help="compute-optimal is not run by default: under the prior law its D_opt (millions of "
+                             "tokens) always exceeds the web's, so it decides as always-acquire")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field for every run (use another --runs)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from explorer.cli import _parse_overrides
+
+    torch.set_num_threads(args.threads)
+    overrides = _parse_overrides(args.set)
+    run_grid(args.config, args.runs, args.budgets, args.seeds, args.strategies, overrides)
+    results: dict[float, dict[int, dict[str, dict]]] = {}
+    for budget in args.budgets:
+        for seed in args.seeds:
+            for name in STRATEGIES:
+                run_dir = args.runs / f"B-{budget:.0e}" / f"seed-{seed}" / name
+                if finished(run_dir):
+                    results.setdefault(budget, {}).setdefault(seed, {})[name] = summarise(run_dir)
+    report = write_report(results, args.out)
+    write_machine(args.out, "python bench/exp_planner.py " + " ".join(argv or sys.argv[1:]))
+    print(report.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,271 @@
+"""Experiment 6 - text: do on-topic documents lower the target's perplexity more than random ones?
+
+The text science config (`configs/text-science.yaml`): a nano LM on ~200 Wikipedia leads of one
+topic (the target), ten passes over them in 256 training steps, perplexity on ~200 held-out leads
+of the topic that no run trains on (copies and MiniLM near-copies on the web are dropped). Every
+condition of a seed trains the same steps of the same model from the same initialisation on the
+same target, so training FLOPs are equal; what differs is the acquired documents in the stream:
+
+    target only  never queries (`text.strategy: train`)
+    random       uniform vocabulary queries
+    gp           the config's GP (UCB, a quarter of every batch uniform)
+    oracle       queries ranked by the hidden share of on-topic documents among their results
+
+A seed sets the target split, the LM's initialisation and batch order, and the policy's draws.
+Reported per condition: final held-out perplexity, its paired difference from the same seed's
+target-only run (and gp - random) in log-perplexity with a 95% t-interval, documents and tokens
+accepted, the precision of accepted documents against the topic's share of the web (its base
+rate), and curves of perplexity against tokens acquired.
+
+    python bench/exp_text_acquisition.py                     # 3 seeds x 4 conditions, ~25 min on 2 cores
+    python bench/exp_text_acquisition.py --seeds 0 --conditions target-only gp
+Outputs bench/results/text_acquisition/: report.md, runs.csv, summary.json, curves.png, machine.json.
+Runs (resumable; a finished run is skipped) in runs/bench-text-acquisition/seed-S/CONDITION/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import write_machine  # noqa: E402
+
+# name -> config overrides
+CONDITIONS = {
+    "target-only": {"text.strategy": "train"},
+    "random": {"policy.name": "random", "policy.options": {}},
+    "gp": {},
+    "oracle": {"policy.name": "oracle", "policy.options": {}},
+}
+DEFAULT_RUNS = ROOT / "runs" / "bench-text-acquisition"
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def finished(run_dir: Path, iterations: int) -> bool:
+    rows = read_metrics(run_dir)
+    return len(rows) == iterations + 1
+
+
+def run_grid(config: Path, runs: Path, seeds: list[int], conditions: list[str], overrides: dict) -> None:
+    """Every (seed, condition) run that is missing; one local engine per seed serves all of them."""
+    from explorer.config import load_config
+    from explorer.text_runs import local_text_engine_for, run_text_experiment
+
+    for seed in seeds:
+        todo = []
+        for name in conditions:
+            cfg = load_config(config, {**overrides, **CONDITIONS[name], "seed": seed})
+            run_dir = runs / f"seed-{seed}" / name
+            if not finished(run_dir, cfg.iterations):
+                todo.append((name, cfg, run_dir))
+        if not todo:
+            continue
+        with local_text_engine_for(todo[0][1], progress=True, error_log=runs / "engine.log") as url:
+            for name, cfg, run_dir in todo:
+                print(f"== seed {seed}: {name} ==", flush=True)
+                resume = (run_dir / "checkpoint.pt").exists()
+                if not resume and run_dir.exists():
+                    shutil.rmtree(run_dir)  # a run cut before its first checkpoint starts again
+                t0 = time.time()
+                run_text_experiment(cfg, run_dir, engine_url=url, progress=False, resume=resume)
+                print(f"   {time.time() - t0:.0f} s", flush=True)
+
+
+def web_base_rate(config: Path, seed: int, overrides: dict) -> tuple[float, int, int]:
+    """(share of the target topic among web documents a run can acquire, on-topic count, web size):
+    the web minus the target and held-out documents of this seed's split."""
+    from explorer.config import load_config
+    from explorer.text_agent import open_text_corpus
+    from explorer.text_corpus import split_text_target
+
+    cfg = load_config(config, {**overrides, "seed": seed})
+    corpus = open_text_corpus(cfg)
+    tc = cfg.text
+    target = split_text_target(corpus.documents(), tc.topic, holdout_fraction=tc.holdout_fraction,
+                               target_fraction=tc.target_fraction, seed=seed)
+    web = len(corpus.documents()) - len(target.train) - len(target.holdout)
+    return len(target.on_web) / web, len(target.on_web), web
+
+
+def summarise(run_dir: Path) -> dict:
+    """Final perplexity, what was accepted, and the curve of perplexity against tokens acquired."""
+    rows = read_metrics(run_dir)
+    accepted = [json.loads(line) for line in (run_dir / "accepted.jsonl").read_text().splitlines()
+                if line.strip()] if (run_dir / "accepted.jsonl").exists() else []
+    relevant = sum(1 for a in accepted if a["relevant"])
+    start = rows[0]["tokens_available"]
+    return {"perplexity": rows[-1]["eval_perplexity"], "log_ppl": math.log(rows[-1]["eval_perplexity"]),
+            "documents": len(accepted), "relevant": relevant,
+            "precision": relevant / len(accepted) if accepted else math.nan,
+            "tokens_acquired": rows[-1]["tokens_available"] - start,
+            "tokens_trained": rows[-1]["tokens_trained"], "train_flops": rows[-1]["flops"]["train"],
+            "acquisition_flops": sum(rows[-1]["flops"][k] for k in ("query", "fetch", "score")),
+            "seconds": sum(r.get("seconds", 0.0) for r in rows),
+            "curve": [(r["tokens_available"] - start, r["eval_perplexity"]) for r in rows]}
+
+
+def paired(per_seed: dict[int, dict], name: str, reference: str, key: str = "log_ppl") -> tuple[np.ndarray, tuple]:
+    """Per seed `reference` - `name` (positive: `name` is better), and its mean, 95% half-width, n."""
+    from explorer.report import mean_ci
+
+    diffs = np.array([s[reference][key] - s[name][key] for s in per_seed.values() if name in s and reference in s])
+    return diffs, mean_ci(diffs)
+
+
+def write_report(per_seed: dict[int, dict], rates: dict[int, tuple], out: Path) -> Path:
+    from explorer.report import fmt, mean_ci
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = [n for n in CONDITIONS if any(n in s for s in per_seed.values())]
+    with (out / "runs.csv").open("w", newline="") as f:
+        fields = ["seed", "condition", "perplexity", "documents", "relevant", "precision", "tokens_acquired",
+                  "tokens_trained", "train_flops", "acquisition_flops", "seconds"]
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for seed, conds in per_seed.items():
+            for name, s in conds.items():
+                writer.writerow({"seed": seed, "condition": name, **s})
+    base = np.array([rates[s][0] for s in per_seed])
+    lines = ["# Experiment 6: text acquisition at equal training FLOPs", "",
+             f"Seeds {', '.join(map(str, per_seed))}; mean ± 95% t-interval over seeds. Δ log ppl = the same seed's "
+             "target-only (or random) log-perplexity minus the condition's: positive is better. Base rate: the "
+             f"target topic's share of the web a run can acquire from, {fmt(*mean_ci(base)[:2])} "
+             f"({', '.join(f'{rates[s][1]} of {rates[s][2]}' for s in per_seed)} documents).", "",
+             "| condition | n | held-out ppl | Δ log ppl vs target only | per seed | Δ log ppl vs random "
+             "| documents accepted | on topic | precision | precision / base rate | tokens acquired |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    summary = {"base_rate": mean_ci(base)[:2]}
+    for name in names:
+        mine = [s[name] for s in per_seed.values() if name in s]
+        ppl = mean_ci(m["perplexity"] for m in mine)
+        row = {"n": len(mine), "perplexity": ppl[:2]}
+        cells = [f"| {name} | {len(mine)} | {fmt(*ppl[:2], 1)}"]
+        if name == "target-only":
+            cells.append("| | | | | | | | |")
+        else:
+            diffs, d = paired(per_seed, name, "target-only")
+            vs_random = paired(per_seed, name, "random")[1] if name != "random" else None
+            precision = mean_ci(m["precision"] for m in mine)
+            ratio = mean_ci(m["precision"] / rates[seed][0] for seed, s in per_seed.items()
+                            for m in [s.get(name)] if m is not None)
+            cells += [f"| {fmt(d[0], d[1], 4)} | {' / '.join(f'{x:+.4f}' for x in diffs)}",
+                      f"| {fmt(vs_random[0], vs_random[1], 4) if vs_random else ''}",
+                      f"| {fmt(*mean_ci(m['documents'] for m in mine)[:2], 0)}",
+                      f"| {fmt(*mean_ci(m['relevant'] for m in mine)[:2], 0)}",
+                      f"| {fmt(*precision[:2])} | {fmt(*ratio[:2], 1)}",
+                      f"| {fmt(*mean_ci(m['tokens_acquired'] for m in mine)[:2], 0)} |"]
+            row.update({"delta_log_ppl": d[:2], "per_seed": diffs.tolist(), "precision": precision[:2],
+                        "precision_over_base": ratio[:2],
+                        "delta_log_ppl_vs_random": vs_random[:2] if vs_random else None})
+        lines.append(" ".join(cells))
+        summary[name] = row
+    ratio = "random" in names and "gp" in names
+    lines += ["", "Per seed: documents accepted (on topic) = precision / base rate"
+              + ("; and gp's on-topic documents over random's:" if ratio else ":"), "",
+              "| seed | base rate | " + " | ".join(n for n in names if n != "target-only")
+              + (" | gp / random on topic |" if ratio else " |"),
+              "|---:|---:|" + "---:|" * (len(names) - 1) + ("---:|" if ratio else "")]
+    for seed, conds in per_seed.items():
+        cells = [f"{conds[n]['documents']} ({conds[n]['relevant']}) = {conds[n]['precision'] / rates[seed][0]:.1f}x"
+                 if n in conds and conds[n]["documents"] else "0" for n in names if n != "target-only"]
+        if ratio and "gp" in conds and "random" in conds:
+            cells.append(f"{conds['gp']['relevant'] / max(1, conds['random']['relevant']):.1f}x")
+        lines.append(f"| {seed} | {rates[seed][0]:.3f} | " + " | ".join(cells) + " |")
+    first = next(iter(per_seed.values()))
+    lines += ["", f"Every run trained {first[names[0]]['tokens_trained']:,} tokens "
+              f"({first[names[0]]['train_flops']:.3g} training FLOPs); acquisition FLOPs (queries, fetch, MiniLM "
+              "scoring) are in runs.csv."]
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot_curves(per_seed, names, out / "curves.png")
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def plot_curves(per_seed: dict[int, dict], names: list[str], path: Path) -> None:
+    """Left: perplexity against tokens acquired, every run. Right: the gain over the same seed's
+    target-only run at each evaluation (mean over seeds), which separates acquisition from training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, name in enumerate(names):
+        gains = []
+        for j, conds in enumerate(per_seed.values()):
+            if name not in conds:
+                continue
+            x, y = zip(*conds[name]["curve"])
+            left.plot(x, y, marker=".", color=f"C{i}", alpha=0.8, label=name if j == 0 else None)
+            if "target-only" in conds:
+                control = [p for _, p in conds["target-only"]["curve"]]
+                gains.append([math.log(c) - math.log(p) for c, p in zip(control, y)])
+        if gains and name != "target-only":
+            n = min(map(len, gains))
+            right.plot(range(n), np.mean([g[:n] for g in gains], axis=0), marker="o", color=f"C{i}", label=name)
+    left.set_xlabel("tokens acquired")
+    left.set_ylabel("held-out target perplexity")
+    left.set_title("every run (equal training steps)")
+    left.legend()
+    right.axhline(0.0, color="grey", lw=0.8)
+    right.set_xlabel("iteration (0 = after pretraining on the target)")
+    right.set_ylabel("log ppl of target-only minus the run's")
+    right.set_title(f"gain over target-only, mean of {len(per_seed)} seeds")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "text-science.yaml")
+    parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="run folders (default runs/bench-text-acquisition)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "text_acquisition")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field for every run (use another --runs)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from explorer.cli import _parse_overrides
+    from explorer.config import load_config
+
+    torch.set_num_threads(args.threads)
+    overrides = _parse_overrides(args.set)
+    run_grid(args.config, args.runs, args.seeds, args.conditions, overrides)
+    iterations = load_config(args.config, overrides).iterations
+    per_seed = {}
+    for seed in args.seeds:
+        conds = {name: summarise(args.runs / f"seed-{seed}" / name) for name in CONDITIONS
+                 if finished(args.runs / f"seed-{seed}" / name, iterations)}
+        if conds:
+            per_seed[seed] = conds
+    rates = {seed: web_base_rate(args.config, seed, overrides) for seed in per_seed}
+    report = write_report(per_seed, rates, args.out)
+    write_machine(args.out, "python bench/exp_text_acquisition.py " + " ".join(argv or sys.argv[1:]))
+    print(report.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
