@@ -11,12 +11,13 @@ iterations of 128 training steps. What each iteration buys is chosen by `text.st
     never-acquire    train the starting model on the target alone
     grow-only        never query; compute goes to the model: the largest size allowed (micro)
 
-at two budgets (`--budgets`), seeds that set the target split, the LM's initialisation and batch
-order, and the policy. Reported: final held-out target perplexity per strategy and budget with
+at three budgets (`--budgets`): where training on the target alone is the best use of the FLOPs
+(3e12), where the target alone overfits and acquiring pays (8e12), and between (5e12); seeds set
+the target split, the LM's initialisation and batch order, and the policy. Reported: final held-out target perplexity per strategy and budget with
 95% t-intervals, the paired difference of the planner from each fixed strategy, and every decision
 the planner took with its reason (decisions.md).
 
-    python bench/exp_planner.py                        # 2 budgets x 4 strategies x 3 seeds
+    python bench/exp_planner.py                        # 3 budgets x 4 strategies x 2 seeds
     python bench/exp_planner.py --budgets 4e12 --seeds 0 --strategies planner never-acquire
 Outputs bench/results/planner/: report.md, decisions.md, runs.csv, summary.json, machine.json.
 Runs (resumable; a finished run is skipped) in runs/bench-planner/B-BUDGET/seed-S/STRATEGY/.
@@ -159,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "text-science.yaml")
     parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="run folders (default runs/bench-planner)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "planner")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[3e12, 8e12], help="total FLOP budgets")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[3e12, 5e12, 8e12], help="total FLOP budgets")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES, choices=list(STRATEGIES),
                         help="compute-optimal is not run by default: under the prior law its D_opt (millions of "
                              "tokens) always exceeds the web's, so it decides as always-acquire")
