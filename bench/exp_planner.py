@@ -29,7 +29,6 @@ import argparse
 import csv
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.exp_text_acquisition import read_metrics, run_text  # noqa: E402
 from bench.machine import write_machine  # noqa: E402
 
 STRATEGIES = {"planner": "planner", "compute-optimal": "compute_optimal", "always-acquire": "acquire",
@@ -49,11 +49,6 @@ DEFAULT_RUNS = ROOT / "runs" / "bench-planner"
 OVERRIDES = {"iterations": 60, "text.tokens_per_iteration": 131072}
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def finished(run_dir: Path) -> bool:
     """A run is done when its last row has no budget left for another training step (or hit the cap)."""
     return (run_dir / "done.json").exists()
@@ -62,7 +57,7 @@ def finished(run_dir: Path) -> bool:
 def run_grid(config: Path, runs: Path, budgets: list[float], seeds: list[int], strategies: list[str],
              overrides: dict) -> None:
     from explorer.config import load_config
-    from explorer.text_runs import local_text_engine_for, run_text_experiment
+    from explorer.text_runs import local_text_engine_for
 
     for seed in seeds:
         todo = []
@@ -78,12 +73,8 @@ def run_grid(config: Path, runs: Path, budgets: list[float], seeds: list[int], s
         with local_text_engine_for(todo[0][2], progress=True, error_log=runs / "engine.log") as url:
             for budget, name, cfg, run_dir in todo:
                 print(f"== budget {budget:.0e}, seed {seed}: {name} ==", flush=True)
-                resume = (run_dir / "checkpoint.pt").exists()
-                if not resume and run_dir.exists():
-                    shutil.rmtree(run_dir)
                 t0 = time.time()
-                rows = run_text_experiment(cfg, run_dir, engine_url=url, progress=False, resume=resume,
-                                           log=lambda message: print("  ", message, flush=True))
+                rows = run_text(cfg, run_dir, url, log=lambda message: print("  ", message, flush=True))
                 if rows and (rows[-1]["iteration"] >= cfg.iterations or rows[-1]["flops_remaining"] <
                              6.0 * rows[-1]["n_params"] * cfg.text.tokens_per_step):
                     (run_dir / "done.json").write_text(json.dumps({"seconds": time.time() - t0}) + "\n")

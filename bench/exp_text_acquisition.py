@@ -17,7 +17,7 @@ target-only run (and gp - random) in log-perplexity with a 95% t-interval, docum
 accepted, the precision of accepted documents against the topic's share of the web (its base
 rate), and curves of perplexity against tokens acquired.
 
-    python bench/exp_text_acquisition.py                     # 3 seeds x 4 conditions, ~25 min on 2 cores
+    python bench/exp_text_acquisition.py                     # 5 seeds x 4 conditions: 20 runs of ~1.5 min
     python bench/exp_text_acquisition.py --seeds 0 --conditions target-only gp
 Outputs bench/results/text_acquisition/: report.md, runs.csv, summary.json, curves.png, machine.json.
 Runs (resumable; a finished run is skipped) in runs/bench-text-acquisition/seed-S/CONDITION/.
@@ -64,7 +64,7 @@ def finished(run_dir: Path, iterations: int) -> bool:
 def run_grid(config: Path, runs: Path, seeds: list[int], conditions: list[str], overrides: dict) -> None:
     """Every (seed, condition) run that is missing; one local engine per seed serves all of them."""
     from explorer.config import load_config
-    from explorer.text_runs import local_text_engine_for, run_text_experiment
+    from explorer.text_runs import local_text_engine_for
 
     for seed in seeds:
         todo = []
@@ -78,12 +78,19 @@ def run_grid(config: Path, runs: Path, seeds: list[int], conditions: list[str], 
         with local_text_engine_for(todo[0][1], progress=True, error_log=runs / "engine.log") as url:
             for name, cfg, run_dir in todo:
                 print(f"== seed {seed}: {name} ==", flush=True)
-                resume = (run_dir / "checkpoint.pt").exists()
-                if not resume and run_dir.exists():
-                    shutil.rmtree(run_dir)  # a run cut before its first checkpoint starts again
                 t0 = time.time()
-                run_text_experiment(cfg, run_dir, engine_url=url, progress=False, resume=resume)
+                run_text(cfg, run_dir, url)
                 print(f"   {time.time() - t0:.0f} s", flush=True)
+
+
+def run_text(cfg, run_dir: Path, engine_url: str, log=print) -> list[dict]:
+    """One text run into `run_dir`: resumed from its checkpoint, or started over if it was cut before one."""
+    from explorer.text_runs import run_text_experiment
+
+    resume = (run_dir / "checkpoint.pt").exists()
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    return run_text_experiment(cfg, run_dir, engine_url=engine_url, progress=False, resume=resume, log=log)
 
 
 def web_base_rate(config: Path, seed: int, overrides: dict) -> tuple[float, int, int]:
@@ -238,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "text-science.yaml")
     parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="run folders (default runs/bench-text-acquisition)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "text_acquisition")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
