@@ -25,7 +25,6 @@ Runs (resumable; a finished run is skipped) in runs/bench-planner/B-BUDGET/seed-
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -38,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.exp_text_acquisition import read_metrics, run_text  # noqa: E402
+from bench.exp_text_acquisition import read_metrics, run_text, text_bench_parser, text_bench_setup  # noqa: E402
 from bench.machine import write_machine  # noqa: E402
 
 STRATEGIES = {"planner": "planner", "compute-optimal": "compute_optimal", "always-acquire": "acquire",
@@ -81,6 +80,8 @@ def run_grid(config: Path, runs: Path, budgets: list[float], seeds: list[int], s
 
 
 def summarise(run_dir: Path) -> dict:
+    from learners.flops import FlopLedger
+
     rows = read_metrics(run_dir)
     last = rows[-1]
     actions = [r["planner_action"] for r in rows[1:]]
@@ -90,7 +91,7 @@ def summarise(run_dir: Path) -> dict:
             "tokens_trained": last["tokens_trained"], "unique_tokens": last["tokens_available"],
             "train_flops": last["flops"]["train"],
             "acquisition_flops": sum(last["flops"][k] for k in ("query", "fetch", "score")),
-            "charged_flops": last["flops_total"] - last["flops"]["eval"], "budget": last["flop_budget"],
+            "charged_flops": FlopLedger(spent=dict(last["flops"])).charged, "budget": last["flop_budget"],
             "actions": actions, "reasons": [r["planner"]["reason"] for r in rows[1:]]}
 
 
@@ -147,26 +148,13 @@ def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "text-science.yaml")
-    parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="run folders (default runs/bench-planner)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "planner")
+    parser = text_bench_parser(__doc__, DEFAULT_RUNS, ROOT / "bench" / "results" / "planner", [0, 1])
     parser.add_argument("--budgets", type=float, nargs="+", default=[3e12, 5e12, 8e12], help="total FLOP budgets")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES, choices=list(STRATEGIES),
                         help="compute-optimal is not run by default: under the prior law its D_opt (millions of "
                              "tokens) always exceeds the web's, so it decides as always-acquire")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field for every run (use another --runs)")
     args = parser.parse_args(argv)
-
-    import torch
-
-    from explorer.cli import _parse_overrides
-
-    torch.set_num_threads(args.threads)
-    overrides = _parse_overrides(args.set)
+    overrides = text_bench_setup(args)
     run_grid(args.config, args.runs, args.budgets, args.seeds, args.strategies, overrides)
     results: dict[float, dict[int, dict[str, dict]]] = {}
     for budget in args.budgets:

@@ -240,25 +240,37 @@ def plot_curves(per_seed: dict[int, dict], names: list[str], path: Path) -> None
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def text_bench_parser(doc: str, runs: Path, out: Path, seeds: list[int]) -> argparse.ArgumentParser:
+    """The options both text benchmarks take: config, run folders, outputs, seeds, threads, --set."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "text-science.yaml")
-    parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="run folders (default runs/bench-text-acquisition)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "text_acquisition")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
+    parser.add_argument("--runs", type=Path, default=runs, help=f"run folders (default {runs.relative_to(ROOT)})")
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field for every run (use another --runs)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def text_bench_setup(args: argparse.Namespace) -> dict:
+    """Sets torch's threads; returns the --set overrides."""
     import torch
 
     from explorer.cli import _parse_overrides
-    from explorer.config import load_config
 
     torch.set_num_threads(args.threads)
-    overrides = _parse_overrides(args.set)
+    return _parse_overrides(args.set)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = text_bench_parser(__doc__, DEFAULT_RUNS, ROOT / "bench" / "results" / "text_acquisition", [0, 1, 2, 3, 4])
+    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
+    args = parser.parse_args(argv)
+
+    from explorer.config import load_config
+
+    overrides = text_bench_setup(args)
     run_grid(args.config, args.runs, args.seeds, args.conditions, overrides)
     iterations = load_config(args.config, overrides).iterations
     per_seed = {}

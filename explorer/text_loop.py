@@ -88,7 +88,6 @@ class TextAcquisitionLoop:
         eval_docs = self.target.holdout[:tc.eval_documents]
         self.eval_tokens = self.tokenizer.encode_batch([document_text(d) for d in eval_docs])
         self.lm_size = tc.lm_size
-        self.iteration = 0
         self.learner = self._learner(self.lm_size, self._schedule_steps(self.lm_size, grown=False))
         self.ledger = FlopLedger()
         self.law = ScalingLaw(**tc.law)
@@ -247,21 +246,21 @@ class TextAcquisitionLoop:
 
     # -- one iteration ------------------------------------------------------------------------
     def remaining_flops(self) -> float:
-        """The budget left to the agent. Evaluation is the experimenter's measurement: it is logged
-        in the ledger but not charged, so how often a run is evaluated does not change what it can buy."""
-        return max(0.0, self.cfg.text.flop_budget - (self.ledger.total - self.ledger.spent["eval"]))
+        """The budget left to the agent (evaluation is logged but not charged: `FlopLedger.charged`)."""
+        return self.ledger.remaining(self.cfg.text.flop_budget)
 
     def plan(self) -> Decision:
         """The planner's decision, or the configured fixed strategy (`text.strategy`)."""
         tc = self.cfg.text
         budget, tokens, params = self.remaining_flops(), float(self.stream.num_tokens), float(self.n_params)
         if tc.strategy == "planner":
+            iterations_left = self.cfg.iterations - self.iteration + 1  # this one included
             return plan_with_costs(self.law, budget, unique_tokens=tokens, current_params=params,
                                    trained_tokens=self.learner.step * tc.tokens_per_step,
                                    acquisition=self.expected_round(),
                                    first_round_extra=0.0 if self.background_fetched else self._background_cost(),
-                                   rounds_left=self.cfg.iterations - self.iteration + 1, size_table=self.sizes,
-                                   max_train_tokens=(self.cfg.iterations - self.iteration + 1) * tc.tokens_per_iteration)
+                                   rounds_left=iterations_left, size_table=self.sizes,
+                                   max_train_tokens=iterations_left * tc.tokens_per_iteration)
         if tc.strategy == "compute_optimal":
             return decide(self.law, budget, tokens, params, grow_factor=tc.grow_factor, size_table=self.sizes)
         if tc.strategy == "grow":  # compute goes to the model: the largest size allowed, never a query

@@ -155,6 +155,9 @@ class AcquisitionCosts:
 
 # Where compute goes; the ledger rejects any other name so a typo cannot hide spend.
 CATEGORIES = ("train", "query", "fetch", "score", "eval")
+# Logged but not charged to a budget: evaluation is the experimenter's measurement, so how often a
+# run is evaluated does not change what the agent can buy.
+UNCHARGED = ("eval",)
 
 
 @dataclass
@@ -187,8 +190,13 @@ class FlopLedger:
     def total(self) -> float:
         return sum(self.spent.values())
 
+    @property
+    def charged(self) -> float:
+        """FLOPs that count against a budget: everything but `UNCHARGED`."""
+        return sum(v for k, v in self.spent.items() if k not in UNCHARGED)
+
     def remaining(self, budget_flops: float) -> float:
-        return max(0.0, budget_flops - self.total)
+        return max(0.0, budget_flops - self.charged)
 
     def state_dict(self) -> dict[str, Any]:
         return {"spent": dict(self.spent)}

@@ -201,6 +201,8 @@ def test_flop_ledger_round_trips_and_rejects_unknown_categories():
     assert restored.spent == ledger.spent and restored.total == ledger.total
     assert set(restored.spent) == set(CATEGORIES)
     assert restored.remaining(ledger.total + 5.0) == 5.0
+    restored.add("eval", 7.0)  # logged, not charged
+    assert restored.total == ledger.total + 7.0 and restored.remaining(ledger.total + 5.0) == 5.0
     with pytest.raises(KeyError, match="valid"):
         ledger.add("training", 1.0)
     with pytest.raises(KeyError):
