@@ -175,8 +175,14 @@ def _report(args) -> int:
 
 
 def _plan(args) -> int:
-    from explorer.plan import format_plan, load_observations, plan_from_runs
+    from explorer.plan import format_plan, format_repeat_fit, load_observations, plan_from_runs, repeat_decay_from_run
 
+    if args.repeats is not None:
+        print(format_repeat_fit(repeat_decay_from_run(args.repeats), args.repeats))
+        return 0
+    missing = [f"--{name}" for name in ("budget", "runs", "tokens") if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"explorer plan needs {', '.join(missing)} (or --repeats RUN_DIR alone)")
     plan = plan_from_runs(load_observations(args.runs), args.budget, args.tokens,
                           current_params=args.current_params, n_resamples=args.resamples)
     print(format_plan(plan))
@@ -320,12 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(Huber loss on log-loss, L-BFGS from a grid of starts, bootstrap intervals), "
                                     "computes the compute-optimal N and D for the budget, and says whether the "
                                     "next compute should acquire more data, grow the model, or train.")
-    pl.add_argument("--budget", type=float, required=True, help="FLOPs left to spend, e.g. 1e15")
-    pl.add_argument("--runs", type=Path, required=True,
-                    help="JSON or CSV of finished runs with n_params, tokens, loss")
-    pl.add_argument("--tokens", type=float, required=True, help="tokens of text available now")
+    pl.add_argument("--budget", type=float, help="FLOPs left to spend, e.g. 1e15")
+    pl.add_argument("--runs", type=Path, help="JSON or CSV of finished runs with n_params, tokens, loss")
+    pl.add_argument("--tokens", type=float, help="tokens of text available now")
     pl.add_argument("--current-params", type=float, default=None, help="the current model's parameters")
     pl.add_argument("--resamples", type=int, default=100, help="bootstrap resamples (0: none)")
+    pl.add_argument("--repeats", type=Path, default=None, metavar="RUN_DIR",
+                    help="instead: fit R*, how fast repeated tokens lose their worth (text.repeat_decay), to "
+                         "a text run that trained on its target alone (text.strategy: train), evaluated often")
     pl.set_defaults(func=_plan)
 
     sw = sub.add_parser("sweep", formatter_class=fmt, help="isoFLOP sweep of the LM on CPU, then fit L(N, D)",

@@ -21,6 +21,7 @@ from explorer.fetch import FetchConfig
 from explorer.scoring import RewardConfig
 from explorer.target import TargetConfig
 from explorer.text_sources import DEFAULT_TARGET_TOPIC
+from learners.budget import REPEAT_DECAY
 from learners.mixture import MixtureConfig
 from learners.moco import MoCoConfig
 
@@ -149,6 +150,10 @@ class TextConfig:
     (never query; grow the LM to `max_lm_size` at once)."""
     law: dict[str, float] = field(default_factory=lambda: dict(PRIOR_LAW))
     """Scaling law the planner decides with (E, A, B, alpha, beta)."""
+    repeat_decay: float = REPEAT_DECAY
+    """R* of the planner's repeated-token discount (learners.budget.effective_tokens). The default is
+    the large-scale fit; `explorer plan --repeats RUN_DIR` fits it to a run that trained on the
+    target alone (at small scale repeats lose their worth much sooner)."""
 
     def __post_init__(self):
         if not 0 < self.holdout_fraction < 1 or not 0 < self.target_fraction <= 1:
@@ -162,6 +167,8 @@ class TextConfig:
                              "(sizes and budget > 0, pretrain_tokens and warmup_steps >= 0, grow_factor >= 1)")
         if self.strategy not in TEXT_STRATEGIES:
             raise ValueError(f"unknown text.strategy {self.strategy!r}; valid: {', '.join(TEXT_STRATEGIES)}")
+        if not self.repeat_decay > 0:
+            raise ValueError(f"repeat_decay must be > 0, got {self.repeat_decay}")
         if set(self.law) != set(PRIOR_LAW):
             raise ValueError(f"law needs exactly the keys {', '.join(PRIOR_LAW)}, got {', '.join(self.law)}")
 

@@ -3,7 +3,8 @@
 Observations are runs with `n_params` (non-embedding), `tokens` and final `loss`, given as a list of
 dicts or a JSON / CSV file of them. `plan_from_runs` fits the scaling law with bootstrap intervals,
 splits the budget compute-optimally and decides: acquire text, grow the model, or train.
-`format_plan` renders the result for a terminal.
+`format_plan` renders the result for a terminal. `repeat_decay_from_run` fits the planner's R*
+(how fast repeated tokens lose their worth) to a text run that trained on its target alone.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from learners.budget import (
     FitConfig,
     LawIntervals,
     LawFit,
+    RepeatFit,
     bootstrap_intervals,
     decide,
+    fit_repeat_decay,
     fit_scaling_law,
 )
 from learners.flops import ModelShape
@@ -112,3 +115,31 @@ def format_plan(plan: Plan) -> str:
         f"  {plan.decision.reason}",
     ]
     return "\n".join(lines)
+
+
+def repeat_decay_from_run(run_dir: str | Path) -> RepeatFit:
+    """R* for `text.repeat_decay`, fitted to a text run (`metrics.jsonl`, `config.yaml`) that only
+    trained: one LM size, no acquisition, so every evaluation after the first pass saw repeats.
+    Its law's beta shapes the curve (`learners.budget.fit_repeat_decay`)."""
+    from explorer.config import load_config
+
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        raise FileNotFoundError(f"{metrics}: no metrics; give the folder of a text run")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not rows or "tokens_available" not in rows[0]:
+        raise ValueError(f"{metrics}: not a text run (rows lack tokens_available)")
+    unique, sizes = {r["tokens_available"] for r in rows}, {r["lm_size"] for r in rows}
+    if len(unique) > 1 or len(sizes) > 1:
+        raise ValueError(f"{run_dir}: its text grew ({min(unique)} -> {max(unique)} tokens) or its LM changed size "
+                         f"({', '.join(sorted(sizes))}); fit R* to a run on the target alone (text.strategy: train)")
+    beta = load_config(run_dir / "config.yaml").text.law["beta"]
+    return fit_repeat_decay(float(unique.pop()), [r["tokens_trained"] for r in rows],
+                            [r["eval_loss"] for r in rows], beta=beta)
+
+
+def format_repeat_fit(fit: RepeatFit, run_dir: str | Path) -> str:
+    return (f"R* = {fit.r_star:.3g} (text.repeat_decay) from {run_dir}: held-out loss = "
+            f"{fit.offset:.4g} + {fit.scale:.4g}·D'^(-beta) over {fit.points} evaluations, its steepest fall to its lowest "
+            f"(after {fit.overfit_after:.1f} passes over the target; later ones overfit), rmse {fit.rmse:.4f}")

@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from explorer.plan import format_plan, load_observations, plan_from_runs
+from explorer.plan import format_plan, load_observations, plan_from_runs, repeat_decay_from_run
 from learners.budget import (
     AcquisitionRound,
     ScalingLaw,
     bootstrap_intervals,
     decide,
     effective_tokens,
+    fit_repeat_decay,
     fit_scaling_law,
     isoflop_fit,
     plan_with_costs,
@@ -185,6 +186,60 @@ def test_plan_with_costs_grows_when_the_law_rewards_parameters():
     assert d.action == "grow_model" and d.n_target == big["micro"].non_embedding_params
     assert plan_with_costs(law, 1.0e14, unique_tokens=2.7e4, trained_tokens=6.5e4, current_params=1.0e6,
                            acquisition=AcquisitionRound(flops=7.0e11, tokens=3.0e3), rounds_left=6).action == "train"
+
+
+def _repeat_curve(r_star, unique=3.0e4, beta=0.3658):
+    """Held-out loss of a run training on `unique` tokens: the law's D-term with discounted repeats,
+    then an overfitting rise (loss up again) the discount cannot express."""
+    trained = unique * np.arange(1, 41) / 2.0
+    loss = 2.5 + 200.0 * effective_tokens(unique, trained, r_star) ** -beta
+    return trained, loss + 0.02 * np.maximum(trained / unique - 12.0, 0.0)
+
+
+@pytest.mark.parametrize("r_star", [2.0, 6.0])
+def test_fit_repeat_decay_recovers_r_star_from_the_curve_up_to_its_lowest_loss(r_star):
+    trained, loss = _repeat_curve(r_star)
+    fit = fit_repeat_decay(3.0e4, trained, loss, beta=0.3658)
+    assert fit.r_star == pytest.approx(r_star, rel=0.05) and fit.rmse < 5e-3
+    assert fit.points == int(np.argmin(loss)) + 1 and fit.overfit_after == pytest.approx(trained[fit.points - 1] / 3.0e4)
+    assert fit_repeat_decay(3.0e4, trained[::-1], loss[::-1], beta=0.3658).r_star == fit.r_star  # any order
+    # a start-up plateau (the loss falls slowly at first) is left out: the fit starts at the steepest fall
+    plateau = fit_repeat_decay(3.0e4, np.r_[0.5e4, trained], np.r_[loss[0] + 0.01, loss], beta=0.3658)
+    assert plateau.points == fit.points and plateau.r_star == pytest.approx(fit.r_star)
+    with pytest.raises(ValueError, match="need >= 4 evaluations"):  # lowest at the third evaluation
+        fit_repeat_decay(3.0e4, trained[:3], loss[:3] + [0.0, 0.0, -1.0], beta=0.3658)
+    with pytest.raises(ValueError, match="fell for 2 evaluation"):  # up, then one fall: nothing to fit
+        fit_repeat_decay(3.0e4, [1.5e4, 3.0e4, 6.0e4, 1.2e5], [5.0, 6.0, 6.0, 4.99], beta=0.3658)
+
+
+def test_a_small_r_star_turns_training_on_repeats_into_acquiring():
+    """The benchmark's 5e12 case: the first round costs half the budget. With R* = 15.4 thirty passes
+    over the target still look worth 13x its tokens, so the planner trains; with R* fitted at this
+    scale (about 6) the same round pays."""
+    args = {"unique_tokens": 3.05e4, "trained_tokens": 6.55e4, "current_params": 1.0e6, "rounds_left": 60,
+            "acquisition": AcquisitionRound(flops=6.56e11, tokens=3.66e4, measured=False),
+            "first_round_extra": 1.75e12}
+    assert plan_with_costs(PRIOR, 4.6e12, **args).action == "train"
+    assert plan_with_costs(PRIOR, 4.6e12, **args, r_star=6.0).action == "acquire"
+    assert plan_with_costs(PRIOR, 2.6e12, **args, r_star=6.0).action == "train"  # too small a budget still
+
+
+def test_repeat_decay_from_run_reads_a_target_only_run_and_refuses_others(tmp_path):
+    from explorer.config import PRIOR_LAW
+
+    trained, loss = _repeat_curve(4.0)
+    (tmp_path / "config.yaml").write_text("modality: text\n")
+    rows = [{"iteration": i, "tokens_available": 30000, "lm_size": "nano", "tokens_trained": float(t),
+             "eval_loss": float(v)} for i, (t, v) in enumerate(zip(trained, loss))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fit = repeat_decay_from_run(tmp_path)
+    assert PRIOR_LAW["beta"] == 0.3658 and fit.r_star == pytest.approx(4.0, rel=0.05)
+    rows[5]["tokens_available"] = 31000  # a round acquired text: repeats are no longer counted right
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="its text grew"):
+        repeat_decay_from_run(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no metrics"):
+        repeat_decay_from_run(tmp_path / "missing")
 
 
 def test_flop_ledger_round_trips_and_rejects_unknown_categories():
