@@ -12,15 +12,19 @@ iterations of 128 training steps. What each iteration buys is chosen by `text.st
     grow-only        never query; compute goes to the model: the largest size allowed (micro)
 
 at three budgets (`--budgets`): where training on the target alone is the best use of the FLOPs
-(3e12), where the target alone overfits and acquiring pays (8e12), and between (5e12); seeds set
-the target split, the LM's initialisation and batch order, and the policy. Reported: final held-out target perplexity per strategy and budget with
-95% t-intervals, the paired difference of the planner from each fixed strategy, and every decision
-the planner took with its reason (decisions.md).
+(3e12), where the target alone overfits and acquiring pays (8e12), and between (5e12). Seeds set the
+target split, the LM's initialisation and batch order, and the policy. First, the planner's R* (how
+fast repeated tokens lose their worth) is fitted to its own run on the target alone at the largest
+budget (`--calibration-seed`, a seed not compared; `explorer plan --repeats`). Reported: final
+held-out target perplexity per strategy and budget with 95% t-intervals, the paired difference of
+the planner from each fixed strategy, and every decision the planner took with its reason
+(decisions.md).
 
     python bench/exp_planner.py                        # 3 budgets x 4 strategies x 2 seeds
     python bench/exp_planner.py --budgets 4e12 --seeds 0 --strategies planner never-acquire
 Outputs bench/results/planner/: report.md, decisions.md, runs.csv, summary.json, machine.json.
-Runs (resumable; a finished run is skipped) in runs/bench-planner/B-BUDGET/seed-S/STRATEGY/.
+Runs (resumable; a finished run is skipped) in runs/bench-planner/B-BUDGET/seed-S/STRATEGY/ and
+runs/bench-planner/calibration/seed-S/.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ DEFAULT_STRATEGIES = ["planner", "always-acquire", "never-acquire", "grow-only"]
 DEFAULT_RUNS = ROOT / "runs" / "bench-planner"
 # Iterations are a cap only: the budget ends every run first.
 OVERRIDES = {"iterations": 60, "text.tokens_per_iteration": 131072}
+CALIBRATION_TOKENS = 32768  # the calibration run evaluates four times as often as the compared runs
+CALIBRATION_SEED = 100
 
 
 def finished(run_dir: Path) -> bool:
@@ -53,8 +59,37 @@ def finished(run_dir: Path) -> bool:
     return (run_dir / "done.json").exists()
 
 
+def calibrate(config: Path, runs: Path, seed: int, budget: float, overrides: dict) -> dict:
+    """The planner's R*, fitted to its own run on the target alone (`explorer plan --repeats`): seed
+    `seed` (not one of the compared seeds), the largest budget, evaluated every CALIBRATION_TOKENS."""
+    from explorer.config import load_config
+    from explorer.plan import format_repeat_fit, repeat_decay_from_run
+    from explorer.text_runs import local_text_engine_for
+
+    run_dir = runs / "calibration" / f"seed-{seed}"
+    cfg = load_config(config, {**OVERRIDES, **overrides, "seed": seed, "text.flop_budget": budget,
+                               "text.strategy": "train", "text.tokens_per_iteration": CALIBRATION_TOKENS})
+    if not finished(run_dir):
+        print(f"== calibration: seed {seed}, budget {budget:.0e}, target alone ==", flush=True)
+        with local_text_engine_for(cfg, progress=True, error_log=runs / "engine.log") as url:
+            mark_done(run_dir, cfg, run_text(cfg, run_dir, url, log=lambda message: print("  ", message, flush=True)))
+    fit = repeat_decay_from_run(run_dir)
+    print(format_repeat_fit(fit, run_dir), flush=True)
+    return {"seed": seed, "budget": budget, "run": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT)
+            else str(run_dir), "r_star": round(fit.r_star, 3), "points": fit.points,
+            "overfit_after_passes": round(fit.overfit_after, 2), "rmse": round(fit.rmse, 5),
+            "offset": fit.offset, "scale": fit.scale}
+
+
+def mark_done(run_dir: Path, cfg, rows: list[dict], t0: float | None = None) -> None:
+    if rows and (rows[-1]["iteration"] >= cfg.iterations or rows[-1]["flops_remaining"] <
+                 6.0 * rows[-1]["n_params"] * cfg.text.tokens_per_step):
+        seconds = None if t0 is None else time.time() - t0
+        (run_dir / "done.json").write_text(json.dumps({"seconds": seconds}) + "\n")
+
+
 def run_grid(config: Path, runs: Path, budgets: list[float], seeds: list[int], strategies: list[str],
-             overrides: dict) -> None:
+             overrides: dict, r_star: float | None = None) -> None:
     from explorer.config import load_config
     from explorer.text_runs import local_text_engine_for
 
@@ -62,8 +97,9 @@ def run_grid(config: Path, runs: Path, budgets: list[float], seeds: list[int], s
         todo = []
         for budget in budgets:
             for name in strategies:
+                mine = {"text.repeat_decay": r_star} if name == "planner" and r_star is not None else {}
                 cfg = load_config(config, {**OVERRIDES, **overrides, "seed": seed, "text.flop_budget": budget,
-                                           "text.strategy": STRATEGIES[name]})
+                                           "text.strategy": STRATEGIES[name], **mine})
                 run_dir = runs / f"B-{budget:.0e}" / f"seed-{seed}" / name
                 if not finished(run_dir):
                     todo.append((budget, name, cfg, run_dir))
@@ -73,10 +109,8 @@ def run_grid(config: Path, runs: Path, budgets: list[float], seeds: list[int], s
             for budget, name, cfg, run_dir in todo:
                 print(f"== budget {budget:.0e}, seed {seed}: {name} ==", flush=True)
                 t0 = time.time()
-                rows = run_text(cfg, run_dir, url, log=lambda message: print("  ", message, flush=True))
-                if rows and (rows[-1]["iteration"] >= cfg.iterations or rows[-1]["flops_remaining"] <
-                             6.0 * rows[-1]["n_params"] * cfg.text.tokens_per_step):
-                    (run_dir / "done.json").write_text(json.dumps({"seconds": time.time() - t0}) + "\n")
+                mark_done(run_dir, cfg, run_text(cfg, run_dir, url, log=lambda message: print("  ", message,
+                                                                                          flush=True)), t0)
 
 
 def summarise(run_dir: Path) -> dict:
@@ -95,7 +129,7 @@ def summarise(run_dir: Path) -> dict:
             "actions": actions, "reasons": [r["planner"]["reason"] for r in rows[1:]]}
 
 
-def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path) -> Path:
+def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path, calibration: dict | None = None) -> Path:
     from explorer.report import fmt, mean_ci
 
     out.mkdir(parents=True, exist_ok=True)
@@ -113,7 +147,13 @@ def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path) ->
              "planner's, same seed: positive means the planner is better.", "",
              "| budget (FLOPs) | strategy | n | held-out ppl | Δ log ppl (planner better) | rounds | final size "
              "| tokens trained | unique tokens |", "|---:|---|---:|---:|---:|---:|---|---:|---:|"]
-    summary: dict = {}
+    if calibration:
+        lines[2:2] = [f"The planner's R* = {calibration['r_star']:g} (text.repeat_decay) was fitted to its own run on the "
+                      f"target alone, seed {calibration['seed']} (not compared), budget {calibration['budget']:.0e}: "
+                      f"{calibration['points']} evaluations from its steepest fall to its lowest held-out loss, after "
+                      f"{calibration['overfit_after_passes']:g} passes over the target; rmse {calibration['rmse']:g} "
+                      f"(`explorer plan --repeats {calibration['run']}`).", ""]
+    summary: dict = {"calibration": calibration} if calibration else {}
     decisions = ["# Decisions of the planner (first seed of each budget)", ""]
     for budget, seeds in results.items():
         names = [n for n in STRATEGIES if any(n in s for s in seeds.values())]
@@ -153,9 +193,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES, choices=list(STRATEGIES),
                         help="compute-optimal is not run by default: under the prior law its D_opt (millions of "
                              "tokens) always exceeds the web's, so it decides as always-acquire")
+    parser.add_argument("--calibration-seed", type=int, default=CALIBRATION_SEED,
+                        help="seed of the run on the target alone that the planner's R* (text.repeat_decay) is "
+                             "fitted to, at the largest budget; -1: none, the planner keeps the config's R*")
     args = parser.parse_args(argv)
     overrides = text_bench_setup(args)
-    run_grid(args.config, args.runs, args.budgets, args.seeds, args.strategies, overrides)
+    calibration = None
+    if args.calibration_seed >= 0:
+        if args.calibration_seed in args.seeds:
+            parser.error("--calibration-seed must not be one of the compared --seeds")
+        calibration = calibrate(args.config, args.runs, args.calibration_seed, max(args.budgets), overrides)
+    run_grid(args.config, args.runs, args.budgets, args.seeds, args.strategies, overrides,
+             calibration and calibration["r_star"])
     results: dict[float, dict[int, dict[str, dict]]] = {}
     for budget in args.budgets:
         for seed in args.seeds:
@@ -163,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = args.runs / f"B-{budget:.0e}" / f"seed-{seed}" / name
                 if finished(run_dir):
                     results.setdefault(budget, {}).setdefault(seed, {})[name] = summarise(run_dir)
-    report = write_report(results, args.out)
+    report = write_report(results, args.out, calibration)
     write_machine(args.out, "python bench/exp_planner.py " + " ".join(argv or sys.argv[1:]))
     print(report.read_text())
     return 0

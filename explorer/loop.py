@@ -289,7 +289,8 @@ class AcquisitionLoop:
                "mean_image_reward": float(rewards.mean()) if len(rewards) else None,
                "accept_threshold": round(threshold, 6) if cfg.reward.accept == "value" else None,
                "acquired_total": len(self.learner.mixture.acquired),
-               "ssl_loss": float(np.mean(losses)) if losses else None, "learner_step": self.learner.step}
+               "ssl_loss": float(np.mean(losses)) if losses else None, "learner_step": self.learner.step,
+               "policy_stats": dict(getattr(self.policy, "stats", None) or {})}  # LLM policies: seconds, KL, clean-up
         if self.iteration % cfg.train.eval_every == 0 or self.iteration == cfg.iterations:
             row.update(self.evaluate())
         row["seconds"] = round(time.time() - t0, 2)

@@ -260,7 +260,8 @@ class TextAcquisitionLoop:
                                    acquisition=self.expected_round(),
                                    first_round_extra=0.0 if self.background_fetched else self._background_cost(),
                                    rounds_left=iterations_left, size_table=self.sizes,
-                                   max_train_tokens=iterations_left * tc.tokens_per_iteration)
+                                   max_train_tokens=iterations_left * tc.tokens_per_iteration,
+                                   r_star=tc.repeat_decay)
         if tc.strategy == "compute_optimal":
             return decide(self.law, budget, tokens, params, grow_factor=tc.grow_factor, size_table=self.sizes)
         if tc.strategy == "grow":  # compute goes to the model: the largest size allowed, never a query
@@ -378,7 +379,8 @@ class TextAcquisitionLoop:
                 "accepted": len(accepted), "accepted_urls": [urls[j] for j in accepted],
                 "precision_fetched": self.truth.precision(urls),
                 "precision_accepted": self.truth.precision([urls[j] for j in accepted]),
-                "mean_doc_reward": round(float(rewards.mean()), 6) if len(rewards) else None}
+                "mean_doc_reward": round(float(rewards.mean()), 6) if len(rewards) else None,
+                "policy_stats": dict(getattr(self.policy, "stats", None) or {})}  # LLM policies: seconds, KL, clean-up
 
     def _record_accepted(self, docs, accepted, rewards, queries, queries_of, sig) -> None:
         if not len(accepted):
