@@ -71,8 +71,9 @@ def calibrate(config: Path, runs: Path, seed: int, budget: float, overrides: dic
                                "text.strategy": "train", "text.tokens_per_iteration": CALIBRATION_TOKENS})
     if not finished(run_dir):
         print(f"== calibration: seed {seed}, budget {budget:.0e}, target alone ==", flush=True)
+        t0 = time.time()
         with local_text_engine_for(cfg, progress=True, error_log=runs / "engine.log") as url:
-            mark_done(run_dir, cfg, run_text(cfg, run_dir, url, log=lambda message: print("  ", message, flush=True)))
+            mark_done(run_dir, cfg, run_text(cfg, run_dir, url, log=lambda message: print("  ", message, flush=True)), t0)
     fit = repeat_decay_from_run(run_dir)
     print(format_repeat_fit(fit, run_dir), flush=True)
     return {"seed": seed, "budget": budget, "run": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT)
