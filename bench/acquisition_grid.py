@@ -36,8 +36,11 @@ CONDITIONS = {
     "gp-softmax": ("gp", {"acquisition": "softmax", "explore_first": 16}),
     "gp-ucb": ("gp", {"acquisition": "ucb", "explore_first": 16}),
     "oracle": ("oracle", {}),
-    "ppo": ("ppo", {}),
+    "llm-prompt": ("llm-prompt", {}),  # Gemma 3 270M from the prompt alone: the ablation of PPO
+    "ppo": ("ppo", {}),  # the same LM and prompt, LoRA adapters tuned with PPO
     "hybrid": ("hybrid", {}),
+    "ppo-tiny": ("ppo", {"model": "tiny"}),  # the byte-level LM trained from scratch (before Gemma)
+    "hybrid-tiny": ("hybrid", {"model": "tiny"}),
 }
 DEFAULT_RUNS = ROOT / "runs" / "bench-acquisition"
 

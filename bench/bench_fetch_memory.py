@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from bench.machine import write_machine
+    from bench.machine import finish_report
     from explorer.fetch import FetchConfig
     from tests.explorer.fault_server import png_bytes
 
@@ -91,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         budget = "-" if r["budget_mib"] is None else f"{r['budget_mib']:.0f}"
         lines.append(f"| {name} | {budget} | {r['ok']}/{N_IMAGES} | {r['before_mib']:.0f} | {r['peak_mib']:.0f} "
                      f"| {r['held_mib']:.0f} |")
-    (args.out / "report.md").write_text("\n".join(lines) + "\n")
-    write_machine(args.out, "python bench/bench_fetch_memory.py " + " ".join(argv or sys.argv[1:]))
-    print("\n".join(lines))
+    finish_report(args.out, lines, "python bench/bench_fetch_memory.py " + " ".join(argv or sys.argv[1:]))
     return 0
 
 

@@ -30,6 +30,14 @@ def write_machine(out: Path, command: str) -> None:
     (out / "machine.json").write_text(json.dumps({**machine_info(), "command": command}, indent=1) + "\n")
 
 
+def finish_report(out: Path, lines: list[str], command: str) -> None:
+    """out/report.md from `lines`, machine.json beside it, and the report on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_machine(out, command)
+    print("\n".join(lines))
+
+
 def write_rows(out: Path, name: str, rows: list[dict]) -> None:
     """rows -> out/name.csv (the union of the rows' keys, in first-seen order) and out/name.json."""
     import csv
