@@ -116,9 +116,13 @@ def summarise(run_dir: Path) -> dict:
                 if line.strip()] if (run_dir / "accepted.jsonl").exists() else []
     relevant = sum(1 for a in accepted if a["relevant"])
     start = rows[0]["tokens_available"]
+    fetched = [(r["valid"], r["precision_fetched"]) for r in rows[1:] if r.get("valid")]
+    valid = sum(v for v, _ in fetched)
     return {"perplexity": rows[-1]["eval_perplexity"], "log_ppl": math.log(rows[-1]["eval_perplexity"]),
             "documents": len(accepted), "relevant": relevant,
             "precision": relevant / len(accepted) if accepted else math.nan,
+            # before acceptance: the topic's share of the new documents the queries found (the policy's part)
+            "precision_fetched": sum(v * p for v, p in fetched) / valid if valid else math.nan,
             "tokens_acquired": rows[-1]["tokens_available"] - start,
             "tokens_trained": rows[-1]["tokens_trained"], "train_flops": rows[-1]["flops"]["train"],
             "acquisition_flops": sum(rows[-1]["flops"][k] for k in ("query", "fetch", "score")),
@@ -140,7 +144,8 @@ def write_report(per_seed: dict[int, dict], rates: dict[int, tuple], out: Path) 
     out.mkdir(parents=True, exist_ok=True)
     names = [n for n in CONDITIONS if any(n in s for s in per_seed.values())]
     with (out / "runs.csv").open("w", newline="") as f:
-        fields = ["seed", "condition", "perplexity", "documents", "relevant", "precision", "tokens_acquired",
+        fields = ["seed", "condition", "perplexity", "documents", "relevant", "precision", "precision_fetched",
+                  "tokens_acquired",
                   "tokens_trained", "train_flops", "acquisition_flops", "seconds"]
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -154,8 +159,8 @@ def write_report(per_seed: dict[int, dict], rates: dict[int, tuple], out: Path) 
              f"target topic's share of the web a run can acquire from, {fmt(*mean_ci(base)[:2])} "
              f"({', '.join(f'{rates[s][1]} of {rates[s][2]}' for s in per_seed)} documents).", "",
              "| condition | n | held-out ppl | Δ log ppl vs target only | per seed | Δ log ppl vs random "
-             "| documents accepted | on topic | precision | precision / base rate | tokens acquired |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| documents accepted | on topic | precision | precision / base rate | precision fetched | tokens acquired |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     summary = {"base_rate": mean_ci(base)[:2]}
     for name in names:
         mine = [s[name] for s in per_seed.values() if name in s]
@@ -163,7 +168,7 @@ def write_report(per_seed: dict[int, dict], rates: dict[int, tuple], out: Path) 
         row = {"n": len(mine), "perplexity": ppl[:2]}
         cells = [f"| {name} | {len(mine)} | {fmt(*ppl[:2], 1)}"]
         if name == "target-only":
-            cells.append("| | | | | | | | |")
+            cells.append("| | | | | | | | | |")
         else:
             diffs, d = paired(per_seed, name, "target-only")
             vs_random = paired(per_seed, name, "random")[1] if name != "random" else None
@@ -175,6 +180,7 @@ def write_report(per_seed: dict[int, dict], rates: dict[int, tuple], out: Path) 
                       f"| {fmt(*mean_ci(m['documents'] for m in mine)[:2], 0)}",
                       f"| {fmt(*mean_ci(m['relevant'] for m in mine)[:2], 0)}",
                       f"| {fmt(*precision[:2])} | {fmt(*ratio[:2], 1)}",
+                      f"| {fmt(*mean_ci(m['precision_fetched'] for m in mine)[:2])}",
                       f"| {fmt(*mean_ci(m['tokens_acquired'] for m in mine)[:2], 0)} |"]
             row.update({"delta_log_ppl": d[:2], "per_seed": diffs.tolist(), "precision": precision[:2],
                         "precision_over_base": ratio[:2],
@@ -183,15 +189,19 @@ def write_report(per_seed: dict[int, dict], rates: dict[int, tuple], out: Path) 
         summary[name] = row
     ratio = "random" in names and "gp" in names
     lines += ["", "Per seed: documents accepted (on topic) = precision / base rate"
-              + ("; and gp's on-topic documents over random's:" if ratio else ":"), "",
+              + ("; gp's on-topic documents over random's, and gp's precision over random's before acceptance "
+                 "(of every new document its queries found: the policy's part, value acceptance aside):"
+                 if ratio else ":"), "",
               "| seed | base rate | " + " | ".join(n for n in names if n != "target-only")
-              + (" | gp / random on topic |" if ratio else " |"),
-              "|---:|---:|" + "---:|" * (len(names) - 1) + ("---:|" if ratio else "")]
+              + (" | gp / random on topic | gp / random precision fetched |" if ratio else " |"),
+              "|---:|---:|" + "---:|" * (len(names) - 1) + ("---:|---:|" if ratio else "")]
     for seed, conds in per_seed.items():
         cells = [f"{conds[n]['documents']} ({conds[n]['relevant']}) = {conds[n]['precision'] / rates[seed][0]:.1f}x"
                  if n in conds and conds[n]["documents"] else "0" for n in names if n != "target-only"]
         if ratio and "gp" in conds and "random" in conds:
             cells.append(f"{conds['gp']['relevant'] / max(1, conds['random']['relevant']):.1f}x")
+            cells.append(f"{conds['gp']['precision_fetched']:.3f} / {conds['random']['precision_fetched']:.3f} = "
+                         f"{conds['gp']['precision_fetched'] / conds['random']['precision_fetched']:.1f}x")
         lines.append(f"| {seed} | {rates[seed][0]:.3f} | " + " | ".join(cells) + " |")
     first = next(iter(per_seed.values()))
     lines += ["", f"Every run trained {first[names[0]]['tokens_trained']:,} tokens "
