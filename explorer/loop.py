@@ -146,6 +146,8 @@ class AcquisitionLoop:
         self.vocab = agent.load_vocabulary(cfg, self.corpus)
         self.truth = agent.ground_truth(cfg, self.corpus)
         self.policy = agent.build_agent_policy(cfg, self.vocab, self.corpus, self.truth)
+        if hasattr(self.policy, "use_generation_cache"):  # LLM policies: a replay reads what they wrote
+            self.policy.use_generation_cache(self.run_dir / "cache" / "generations")
         self.learner = self._learner(None if resume else base_checkpoint, pretrain=not resume)
         self.backend = self._backend(engine_url)
         self.iteration = 0

@@ -79,6 +79,8 @@ class TextAcquisitionLoop:
         self.truth = TopicTruth(self.corpus, tc.topic)
         self.vocab = text_vocabulary(cfg, self.corpus)
         self.policy = build_text_policy(cfg, self.vocab, self.corpus)
+        if hasattr(self.policy, "use_generation_cache"):  # LLM policies: a replay reads what they wrote
+            self.policy.use_generation_cache(self.run_dir / "cache" / "generations")
         from explorer.text_encoder import default_encoder
         self.encoder = default_encoder()
         self.tokenizer = self._tokenizer()

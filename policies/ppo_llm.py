@@ -38,10 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -332,6 +335,7 @@ class LLMQueryPolicy(VocabularyPolicy):
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad],
                                           lr=cfg.learning_rate)
         self.cleanup: dict[str, int] = {}
+        self.generation_cache: Path | None = getattr(self, "generation_cache", None)
         self.moments = ppo.RunningMoments()
         self.rollout: Rollout | None = None
         self.stats: dict[str, float] = {}
@@ -414,15 +418,50 @@ class LLMQueryPolicy(VocabularyPolicy):
     def _encode_prompt(self, text: str) -> torch.Tensor:
         return torch.tensor([self._prompt_ids(text)])
 
+    def use_generation_cache(self, folder: str | Path | None) -> None:
+        """Keep every sampled batch in `folder` (the loop: RUN_DIR/cache/generations), keyed by what
+        determines it (model, trainable weights, prompt, n, sampling settings, generator state); a run
+        that asks again, such as `explorer replay`, reads the batch and the generator state after it
+        instead of generating."""
+        self.generation_cache = None if folder is None else Path(folder)
+
+    def _generation_key(self, prompt: torch.Tensor, n: int) -> str:
+        cfg = self.config
+        parts = [cfg.model_path or cfg.model, prompt.tolist(), n, cfg.max_query_tokens, cfg.temperature, self.banned]
+        digest = hashlib.sha256(json.dumps(parts).encode())
+        digest.update(self.generator.get_state().numpy().tobytes())
+        for p in self.model.lm.parameters():  # the weights PPO changes (adapters; all of the tiny LM)
+            if p.requires_grad:
+                digest.update(p.detach().numpy().tobytes())
+        return digest.hexdigest()[:32]
+
+    def _generate(self, prompt: torch.Tensor, n: int) -> torch.Tensor:
+        """n responses to `prompt`: from the generation cache when it has them, else sampled (and kept)."""
+        cfg, tok = self.config, self.tokenizer
+        cache = getattr(self, "generation_cache", None)
+        path = None if cache is None else cache / f"{self._generation_key(prompt, n)}.pt"
+        if path is not None and path.exists():
+            kept = torch.load(path, weights_only=True)
+            self.generator.set_state(kept["generator"])
+            self.stats["cached_generations"] = self.stats.get("cached_generations", 0) + 1
+            return kept["responses"]
+        with torch_threads(cfg.compute_threads):
+            responses = sample_responses(self.model.lm, prompt, n, cfg.max_query_tokens, cfg.temperature,
+                                         self.generator, tok.stops, tok.pad, self.banned)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")  # a killed run leaves no half-written batch
+            torch.save({"responses": responses, "generator": self.generator.get_state()}, partial)
+            partial.replace(path)
+        return responses
+
     def _sample(self, prompt_text: str, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str | None]]:
         """(1, P) prompt, (n, T) sampled responses and their query texts (None: invalid)."""
         cfg, tok = self.config, self.tokenizer
         prompt = self._encode_prompt(prompt_text)
         self.model.eval()
         t0 = time.perf_counter()
-        with torch_threads(cfg.compute_threads):
-            responses = sample_responses(self.model.lm, prompt, n, cfg.max_query_tokens, cfg.temperature,
-                                         self.generator, tok.stops, tok.pad, self.banned)
+        responses = self._generate(prompt, n)
         self.stats["generate_seconds"] = round(self.stats.get("generate_seconds", 0.0) + time.perf_counter() - t0, 3)
         mask = response_mask(responses, tok.stops)
         raw = [tok.decode([i for i, m in zip(row.tolist(), keep.tolist()) if m and i != tok.eos])

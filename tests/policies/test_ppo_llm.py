@@ -203,6 +203,27 @@ def test_state_round_trip_gives_identical_next_proposals(name, hybrid_kwargs):
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), original.model.parameters()))
 
 
+def test_a_kept_generation_is_read_back_instead_of_sampled(tmp_path, monkeypatch):
+    import policies.ppo_llm as ppo_llm
+
+    recorded, replayed = (build_policy("ppo", concepts=CONCEPTS, seed=4, **FAST) for _ in range(2))
+    for policy in (recorded, replayed):
+        policy.use_generation_cache(tmp_path)
+    batch = recorded.propose(4)
+    assert len(list(tmp_path.glob("*.pt"))) == 1 and "cached_generations" not in recorded.stats
+
+    def no_sampling(*args, **kwargs):  # the fault: sampling would now be an error
+        raise AssertionError("sampled")
+
+    monkeypatch.setattr(ppo_llm, "sample_responses", no_sampling)
+    assert [q.text for q in replayed.propose(4)] == [q.text for q in batch]
+    assert replayed.stats["cached_generations"] == 1
+    assert torch.equal(replayed.generator.get_state(), recorded.generator.get_state())  # as if it had sampled
+    recorded.update(batch, [letter_reward(q) for q in batch])  # new weights, new prompt: a new batch
+    with pytest.raises(AssertionError, match="sampled"):
+        recorded.propose(4)
+
+
 def test_same_seed_same_queries_other_seed_other_queries():
     runs = [play(build_policy("ppo", concepts=CONCEPTS, seed=s, **FAST), rounds=2, n=4) for s in (0, 0, 1)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
