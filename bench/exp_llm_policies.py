@@ -42,7 +42,10 @@ def curves(run_dir: Path) -> dict | None:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][1:]
     relevant = np.cumsum([round((r.get("precision_accepted") or 0.0) * r["accepted"]) for r in rows])
     stats = [r.get("policy_stats") or {} for r in rows]
-    return {"iterations": len(rows), "relevant": relevant.tolist(),
+    control = json.loads((run_dir.parent / "target-only.json").read_text())["eval_knn_accuracy"]
+    knn = rows[-1].get("eval_knn_accuracy") if rows else None
+    return {"iterations": len(rows), "relevant": relevant.tolist(), "accepted": sum(r["accepted"] for r in rows),
+            "knn": knn, "delta_knn": None if knn is None else knn - control,
             "reward": [float(np.mean(r["query_rewards"])) for r in rows],
             "generate_s": [s.get("generate_seconds") for s in stats], "ppo_s": [s.get("ppo_seconds") for s in stats],
             "kl": [s.get("kl_to_reference") for s in stats], "seconds": [r.get("seconds") for r in rows],
@@ -102,6 +105,16 @@ def main(argv: list[str] | None = None) -> int:
             d = mean_ci(diffs)
             lines.append(f"| {a} − {b} | {d[2]} | {fmt(d[0], d[1], 0)} | {' / '.join(f'{x:+d}' for x in diffs)} |")
             summary["pairs"][f"{a} - {b}"] = {"mean_ci": d[:2], "per_seed": diffs}
+    lines += ["", "At the last iteration: accepted images, their precision, kNN accuracy of the encoder and its "
+              "paired difference from the same seed's target-only control (equal SSL steps):", "",
+              "| condition | n | accepted | relevant | precision | kNN acc | Δ kNN vs target only |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, seeds in runs.items():
+        cs = list(seeds.values())
+        lines.append(f"| {name} | {len(cs)} | {fmt(*mean_ci(c['accepted'] for c in cs)[:2], 0)} "
+                     f"| {fmt(*mean_ci(c['relevant'][-1] for c in cs)[:2], 0)} "
+                     f"| {fmt(*mean_ci(c['relevant'][-1] / c['accepted'] for c in cs if c['accepted'])[:2], 2)} "
+                     f"| {fmt(*mean_ci(c['knn'] for c in cs)[:2], 4)} | {fmt(*mean_ci(c['delta_knn'] for c in cs)[:2], 4)} |")
     llm = [n for n in runs if n in ("llm-prompt", "ppo", "hybrid")]
     if llm:
         lines += ["", "Cost per iteration (the loop's own timing, `policy_stats` in metrics.jsonl) and the KL of "
