@@ -313,6 +313,7 @@ class LLMQueryPolicy(VocabularyPolicy):
         super().__init__(concepts, seed)
         self.config = LLMPolicyConfig(**config)
         self.concept_index = {c: i for i, c in enumerate(self.concepts)}
+        self.generation_cache: Path | None = None  # set by use_generation_cache; kept when state is loaded
         self._build(warmup=True)
 
     # ------------------------------------------------------------ model
@@ -335,7 +336,6 @@ class LLMQueryPolicy(VocabularyPolicy):
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad],
                                           lr=cfg.learning_rate)
         self.cleanup: dict[str, int] = {}
-        self.generation_cache: Path | None = getattr(self, "generation_cache", None)
         self.moments = ppo.RunningMoments()
         self.rollout: Rollout | None = None
         self.stats: dict[str, float] = {}
@@ -438,7 +438,7 @@ class LLMQueryPolicy(VocabularyPolicy):
     def _generate(self, prompt: torch.Tensor, n: int) -> torch.Tensor:
         """n responses to `prompt`: from the generation cache when it has them, else sampled (and kept)."""
         cfg, tok = self.config, self.tokenizer
-        cache = getattr(self, "generation_cache", None)
+        cache = self.generation_cache
         path = None if cache is None else cache / f"{self._generation_key(prompt, n)}.pt"
         if path is not None and path.exists():
             kept = torch.load(path, weights_only=True)
