@@ -242,15 +242,37 @@ def response_mask(tokens: torch.Tensor, stops: int | Sequence[int]) -> torch.Ten
     return ((is_stop.cumsum(dim=1) - is_stop) == 0).float()
 
 
+def left_padded(prompts: Sequence[torch.Tensor], n: int, pad: int) -> dict[str, torch.Tensor]:
+    """Model inputs for n copies of each (1, P_g) prompt in one batch: left-padded ids, the attention
+    mask that hides the padding, and position ids that start at 0 on each prompt's first token."""
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.full((len(prompts) * n, width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for g, prompt in enumerate(prompts):
+        ids[g * n:(g + 1) * n, width - prompt.shape[1]:] = prompt
+        mask[g * n:(g + 1) * n, width - prompt.shape[1]:] = 1
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+
+
 @torch.no_grad()
-def sample_responses(lm: nn.Module, prompt: torch.Tensor, n: int, max_tokens: int, temperature: float,
-                     generator: torch.Generator, stops: int | Sequence[int], pad: int,
+def sample_responses(lm: nn.Module, prompts: torch.Tensor | Sequence[torch.Tensor], n: int, max_tokens: int,
+                     temperature: float, generator: torch.Generator, stops: int | Sequence[int], pad: int,
                      banned: Sequence[int]) -> torch.Tensor:
-    """n sampled continuations (n, max_tokens) of the (1, P) prompt, PAD after each stop token."""
+    """n sampled continuations of each (1, P) prompt, PAD after each stop token: (G * n, max_tokens),
+    grouped by prompt. Several prompts are sampled in one left-padded batch (one decoding pass for
+    all, not one per prompt); a single prompt runs unpadded."""
+    if isinstance(prompts, torch.Tensor):
+        prompts = [prompts]
     stops = torch.as_tensor(stops).reshape(-1)
-    out = lm(input_ids=prompt.expand(n, -1), use_cache=True, logits_to_keep=1)
-    tokens = torch.full((n, max_tokens), pad, dtype=torch.long)
-    done = torch.zeros(n, dtype=torch.bool)
+    batch = len(prompts) * n
+    if len(prompts) == 1:
+        inputs = {"input_ids": prompts[0].expand(n, -1)}
+    else:
+        inputs = left_padded(prompts, n, pad)
+    mask = inputs.get("attention_mask")
+    out = lm(**inputs, use_cache=True, logits_to_keep=1)
+    tokens = torch.full((batch, max_tokens), pad, dtype=torch.long)
+    done = torch.zeros(batch, dtype=torch.bool)
     for t in range(max_tokens):
         logits = out.logits[:, -1].float() / temperature
         logits[:, list(banned)] = float("-inf")
@@ -259,7 +281,11 @@ def sample_responses(lm: nn.Module, prompt: torch.Tensor, n: int, max_tokens: in
         done |= torch.isin(nxt, stops)
         if done.all():
             break
-        out = lm(input_ids=tokens[:, t:t + 1], cache=out.cache, use_cache=True)
+        step = {"input_ids": tokens[:, t:t + 1]}
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
+            step.update(attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1)
+        out = lm(**step, cache=out.cache, use_cache=True)
     return tokens
 
 
@@ -425,9 +451,10 @@ class LLMQueryPolicy(VocabularyPolicy):
         instead of generating."""
         self.generation_cache = None if folder is None else Path(folder)
 
-    def _generation_key(self, prompt: torch.Tensor, n: int) -> str:
+    def _generation_key(self, prompts: list[torch.Tensor], n: int) -> str:
         cfg = self.config
-        parts = [cfg.model_path or cfg.model, prompt.tolist(), n, cfg.max_query_tokens, cfg.temperature, self.banned]
+        ids = prompts[0].tolist() if len(prompts) == 1 else [p.tolist() for p in prompts]
+        parts = [cfg.model_path or cfg.model, ids, n, cfg.max_query_tokens, cfg.temperature, self.banned]
         digest = hashlib.sha256(json.dumps(parts).encode())
         digest.update(self.generator.get_state().numpy().tobytes())
         for p in self.model.lm.parameters():  # the weights PPO changes (adapters; all of the tiny LM)
@@ -435,18 +462,19 @@ class LLMQueryPolicy(VocabularyPolicy):
                 digest.update(p.detach().numpy().tobytes())
         return digest.hexdigest()[:32]
 
-    def _generate(self, prompt: torch.Tensor, n: int) -> torch.Tensor:
-        """n responses to `prompt`: from the generation cache when it has them, else sampled (and kept)."""
+    def _generate(self, prompts: list[torch.Tensor], n: int) -> torch.Tensor:
+        """n responses to each prompt, grouped by prompt: from the generation cache when it has them,
+        else sampled (and kept)."""
         cfg, tok = self.config, self.tokenizer
         cache = self.generation_cache
-        path = None if cache is None else cache / f"{self._generation_key(prompt, n)}.pt"
+        path = None if cache is None else cache / f"{self._generation_key(prompts, n)}.pt"
         if path is not None and path.exists():
             kept = torch.load(path, weights_only=True)
             self.generator.set_state(kept["generator"])
             self.stats["cached_generations"] = self.stats.get("cached_generations", 0) + 1
             return kept["responses"]
         with torch_threads(cfg.compute_threads):
-            responses = sample_responses(self.model.lm, prompt, n, cfg.max_query_tokens, cfg.temperature,
+            responses = sample_responses(self.model.lm, prompts, n, cfg.max_query_tokens, cfg.temperature,
                                          self.generator, tok.stops, tok.pad, self.banned)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -455,26 +483,27 @@ class LLMQueryPolicy(VocabularyPolicy):
             partial.replace(path)
         return responses
 
-    def _sample(self, prompt_text: str, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str | None]]:
-        """(1, P) prompt, (n, T) sampled responses and their query texts (None: invalid)."""
+    def _sample(self, prompt_texts: list[str], n: int) -> tuple[list[torch.Tensor], torch.Tensor, list[str | None]]:
+        """The (1, P_g) prompts, n sampled responses to each (G * n, T), grouped by prompt, and their
+        query texts (None: invalid)."""
         cfg, tok = self.config, self.tokenizer
-        prompt = self._encode_prompt(prompt_text)
+        prompts = [self._encode_prompt(text) for text in prompt_texts]
         self.model.eval()
         t0 = time.perf_counter()
-        responses = self._generate(prompt, n)
+        responses = self._generate(prompts, n)
         self.stats["generate_seconds"] = round(self.stats.get("generate_seconds", 0.0) + time.perf_counter() - t0, 3)
         mask = response_mask(responses, tok.stops)
         raw = [tok.decode([i for i, m in zip(row.tolist(), keep.tolist()) if m and i != tok.eos])
                for row, keep in zip(responses, mask)]
         if not cfg.pretrained:
-            return prompt, responses, [query_text(r) for r in raw]
+            return prompts, responses, [query_text(r) for r in raw]
         texts = []
         for r in raw:
             text, verdict = clean_query(r)
             self.cleanup[verdict] = self.cleanup.get(verdict, 0) + 1
             texts.append(text)
         self.stats["cleanup"] = dict(self.cleanup)  # the run's counts so far, by verdict
-        return prompt, responses, texts
+        return prompts, responses, texts
 
     def _evaluate(self, rollout: Rollout, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probabilities (B, T) of the rollout's responses (and values when `model` is a QueryLM)."""
@@ -525,7 +554,7 @@ class LLMQueryPolicy(VocabularyPolicy):
     def propose(self, n: int) -> list[Query]:
         self._check_batch(n)
         self.stats = {}  # this batch's: generation and PPO seconds, the update's losses
-        prompt, responses, texts = self._sample(self.prompt(), n)
+        prompts, responses, texts = self._sample([self.prompt()], n)
         issued = set(self.log.texts)
         queries, invalid, duplicate = [], [], []
         stand_ins = iter(rank_untried_first(np.zeros(len(self.concepts)), self.log.tried, n, self.rng))
@@ -535,7 +564,7 @@ class LLMQueryPolicy(VocabularyPolicy):
             self.cleanup["duplicate"] = self.cleanup.get("duplicate", 0) + duplicate[-1]
             queries.append(self._query(text) if text is not None else self._stand_in(stand_ins))
             issued.add(queries[-1].text)
-        self.rollout = self._score_samples(Rollout(queries, [prompt], [n], responses, list(range(n)),
+        self.rollout = self._score_samples(Rollout(queries, prompts, [n], responses, list(range(n)),
                                                    invalid, duplicate))
         return queries
 
@@ -700,8 +729,8 @@ class HybridPolicy(LLMQueryPolicy):
         self.stats = {}
         seeds = self.bandit.propose(n)
         k = self.config.candidates_per_query
-        groups = [self._sample(self._expand_prompt(s.text), k) for s in seeds]
-        texts = [self._expansion(seed.text, sample) for seed, (_, _, samples) in zip(seeds, groups) for sample in samples]
+        prompts, responses, samples = self._sample([self._expand_prompt(s.text) for s in seeds], k)
+        texts = [self._expansion(seeds[row // k].text, sample) for row, sample in enumerate(samples)]
         candidates = {s.text: s for s in seeds}
         candidates.update((t, self._query(t)) for t in texts if t is not None and t not in candidates)
         chosen = self._rank(list(candidates), n)
@@ -712,8 +741,7 @@ class HybridPolicy(LLMQueryPolicy):
             query_index.append(position.pop(text, -1) if text is not None else -1)
             if text is None or query_index[-1] >= 0:
                 rows.append(row)
-        rollout = Rollout(queries, [g[0] for g in groups], [k] * len(groups),
-                          torch.cat([g[1] for g in groups]), query_index, [t is None for t in texts],
+        rollout = Rollout(queries, prompts, [k] * len(prompts), responses, query_index, [t is None for t in texts],
                           [t in issued_before for t in texts])
         self.rollout = self._score_samples(rollout.select(rows))
         return queries
