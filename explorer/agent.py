@@ -161,15 +161,16 @@ def build_agent_policy(cfg: ExperimentConfig, vocab: ConceptVocabulary, corpus: 
     return make_policy(cfg, vocab, corpus.root if corpus else None, relevance)
 
 
-def build_learner(cfg: ExperimentConfig, target: TargetSet) -> MoCoLearner:
-    """The learner on a mixture of the target's acquire split; an unset `learner.total_steps` is the
-    run's own step count, so that the lr and momentum schedules end where the run ends."""
+def build_learner(cfg: ExperimentConfig, target: TargetSet, store=None) -> MoCoLearner:
+    """The learner on a mixture of the target's acquire split (accepted images kept in `store`, by
+    default in memory); an unset `learner.total_steps` is the run's own step count, so that the lr
+    and momentum schedules end where the run ends."""
     acquire, _ = target.part("acquire")
     learner_cfg = cfg.learner
     if learner_cfg.total_steps is None:
         steps = cfg.train.pretrain_steps + cfg.iterations * cfg.train.steps_per_iteration
         learner_cfg = dataclasses.replace(learner_cfg, total_steps=max(steps, learner_cfg.warmup_steps, 1))
-    return MoCoLearner(learner_cfg, mixture=TrainingMixture(acquire, cfg.mixture))
+    return MoCoLearner(learner_cfg, mixture=TrainingMixture(acquire, cfg.mixture, store=store))
 
 
 def write_json(path: Path, obj) -> None:

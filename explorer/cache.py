@@ -6,6 +6,8 @@ Layout under `root` (every write is a temp file + `os.replace`, so a crash never
                               body_sha256, size  (key = sha256 of the canonical request)
     blobs/ab/<sha256>         the body, stored once however many requests returned it
     quarantine/               entries whose body no longer matches its sha256
+    evicted/ab/<sha256>       an empty marker: this body was evicted by the run's disk budget
+                              (explorer/disk.py); its answers read as misses, not as corruption
 
 Modes (`CacheMode`), shared by the search client and the fetcher:
     readwrite  use a cached answer when there is one, else go to the network and store the answer
@@ -78,6 +80,7 @@ class ResponseCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self._hits = self._misses = self._corrupt = 0
         self._quarantined: dict[str, Path] = {}  # key -> where its metadata went
+        self._evicted: set[str] = set()  # keys whose body the disk budget evicted
 
     @staticmethod
     def request_key(method: str, url: str, params: dict | None = None, json_body=None) -> str:
@@ -91,6 +94,21 @@ class ResponseCache:
 
     def _blob_path(self, sha: str) -> Path:
         return self.root / "blobs" / sha[:2] / sha
+
+    def _evicted_path(self, sha: str) -> Path:
+        return self.root / "evicted" / sha[:2] / sha
+
+    def evict_body(self, sha: str) -> int:
+        """Delete the body `sha` (the answers that returned it stay, marked as evicted); returns the
+        bytes freed (0 when it was not there)."""
+        blob = self._blob_path(sha)
+        try:
+            size = blob.stat().st_size
+        except FileNotFoundError:
+            return 0
+        atomic_write_bytes(self._evicted_path(sha), b"")  # marker first: a kill in between is a plain miss
+        blob.unlink(missing_ok=True)
+        return size
 
     def __contains__(self, key) -> bool:
         return isinstance(key, str) and self._meta_path(key).is_file()
@@ -114,12 +132,16 @@ class ResponseCache:
 
     def get(self, key: str) -> CachedResponse | None:
         """The recorded answer, or None on a miss or a corrupted entry (which is quarantined)."""
-        meta_path = self._meta_path(key)
+        meta_path, sha = self._meta_path(key), None
         try:
             meta = json.loads(meta_path.read_bytes())
             sha = meta["body_sha256"]
             body = self._blob_path(sha).read_bytes()
         except FileNotFoundError:
+            if sha is not None and self._evicted_path(sha).exists():  # (then the blob was what was missing)
+                self._misses += 1
+                self._evicted.add(key)
+                return None
             if meta_path.is_file():  # metadata without its blob: the blob was lost or quarantined
                 self._quarantine(key, meta_path, blob=None)
                 return None
@@ -147,6 +169,9 @@ class ResponseCache:
                 f"cached answer for {description} is corrupted and was moved to "
                 f"{self._quarantined[key]} (cache {self.root}); re-record it online"
             )
+        if key in self._evicted:
+            raise CacheMiss(f"the cached body of {description} was evicted by the run's disk budget (disk.max_gb; "
+                            f"cache {self.root}): this part of the run cannot be replayed exactly")
         raise CacheMiss(f"no cached answer for {description} in cache {self.root} (key {key})")
 
     def _quarantine(self, key: str, meta_path: Path, blob: Path | None) -> None:

@@ -154,7 +154,8 @@ def _daemon(args) -> int:
     from explorer.daemon import run_daemon
 
     return run_daemon(args.config, args.out, forever=args.forever, progress=not args.quiet,
-                      status_port=args.status_port, keep_checkpoints=args.keep_checkpoints)
+                      status_port=args.status_port, keep_checkpoints=args.keep_checkpoints,
+                      max_disk_gb=args.max_disk_gb)
 
 
 def _status(args) -> int:
@@ -295,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Runs the acquisition loop in RUN_DIR until the config's iterations are done "
                                     "(or forever with --forever). If RUN_DIR holds a checkpoint, resumes exactly "
                                     "where it stopped (CONFIG may then be omitted). SIGTERM/SIGINT stop it at the "
-                                    "next safe point with exit code 0.")
+                                    "next safe point with exit code 0. With a disk budget (disk.max_gb) rejected "
+                                    "image bodies are evicted first; when the folder still does not fit, or the disk "
+                                    "is full, it stops with exit code 3 and a resumable state.")
     dm.add_argument("config", type=Path, nargs="?", default=None, help="YAML config (omit to resume RUN_DIR)")
     dm.add_argument("--out", type=Path, required=True, help="run folder (RUN_DIR)")
     dm.add_argument("--forever", action="store_true", help="ignore the iteration budget; run until stopped")
@@ -304,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--quiet", action="store_true")
     dm.add_argument("--keep-checkpoints", type=_positive_int, default=3, metavar="K",
                     help="keep the last K checkpoint directories (RUN_DIR/checkpoints/iter-NNNNNN)")
+    dm.add_argument("--max-disk-gb", type=float, default=None, metavar="GB",
+                    help="set the run folder's disk budget (disk.max_gb), also when resuming; kept in its config.yaml")
     dm.set_defaults(func=_daemon)
 
     st = sub.add_parser("status", formatter_class=fmt, help="progress, rates and last errors of a run folder")

@@ -22,6 +22,7 @@ from explorer.scoring import RewardConfig
 from explorer.target import TargetConfig
 from explorer.text_sources import DEFAULT_TARGET_TOPIC
 from learners.budget import REPEAT_DECAY
+from explorer.disk import DiskConfig
 from learners.mixture import MixtureConfig
 from learners.moco import MoCoConfig
 
@@ -197,6 +198,8 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     text: TextConfig = field(default_factory=TextConfig)
     """Used when modality is text; `corpus` is then a text corpus (explorer.text_corpus)."""
+    disk: DiskConfig = field(default_factory=DiskConfig)
+    """The run folder's disk budget (image runs; explorer/disk.py)."""
 
     def __post_init__(self):
         if self.iterations < 0:

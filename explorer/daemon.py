@@ -10,6 +10,7 @@ between iterations); the interrupted iteration is abandoned and the process exit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sqlite3
@@ -20,7 +21,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from explorer.checkpoints import has_checkpoint
-from explorer.config import load_config
+from explorer.config import load_config, save_config
+from explorer.disk import DiskConfig, folder_usage, format_usage
 from explorer.ledger import LEDGER, RunLedger
 from explorer.loop import AcquisitionLoop
 from explorer.runs import read_metrics
@@ -39,8 +41,12 @@ def _recorded_port(run_dir: Path) -> int:
     return urlsplit(json.loads(path.read_text()).get("url", "")).port or 0
 
 
+EXIT_STOPPED = 3  # the disk budget is spent or the disk is full; the state is resumable
+
+
 def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, progress: bool = False,
-               status_port: int | None = None, keep_checkpoints: int = 3, log=print) -> int:
+               status_port: int | None = None, keep_checkpoints: int = 3, max_disk_gb: float | None = None,
+               log=print) -> int:
     run_dir = Path(run_dir)
     resuming = has_checkpoint(run_dir)
     if resuming:
@@ -49,8 +55,13 @@ def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, pro
         raise FileNotFoundError(f"{run_dir} has no checkpoint to resume and no config was given")
     else:
         cfg = load_config(config)
-    server = status = loop = None
     run_dir.mkdir(parents=True, exist_ok=True)
+    if max_disk_gb is not None and max_disk_gb != cfg.disk.max_gb:
+        cfg = dataclasses.replace(cfg, disk=DiskConfig(max_gb=max_disk_gb))
+        if resuming:  # a later resume without the option keeps the new budget
+            save_config(cfg, run_dir / "config.yaml")
+        _event(run_dir, "disk_budget", max_gb=max_disk_gb)
+    server = status = loop = None
     if cfg.search.backend == "local" and not cfg.search.url:
         from explorer.cli import open_local_engine
         from explorer.corpus import default_corpus_dir
@@ -78,6 +89,10 @@ def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, pro
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        if loop.stopped_by:
+            _event(run_dir, "stopped", iteration=loop.iteration, reason=loop.stopped_by)
+            log(f"stopped at iteration {loop.iteration}: {loop.stopped_by}")
+            return EXIT_STOPPED
         _event(run_dir, "stop" if loop.stop_requested else "done", iteration=loop.iteration)
         log(f"{'stopped' if loop.stop_requested else 'finished'} at iteration {loop.iteration}; "
             f"checkpoints in {run_dir / 'checkpoints'}")
@@ -109,6 +124,10 @@ def status_summary(run_dir: Path) -> dict:
                                                         "eval_linear_probe_accuracy")} if evals else None,
                    recent_search_errors=[e for r in rows[-5:] for e in r.get("search_errors", [])][-3:],
                    recent_rejected=totals["recent_rejected"])
+    out["disk"] = {"usage": folder_usage(run_dir), "max_bytes": cfg.disk.max_bytes}
+    if (run_dir / LEDGER).exists():
+        with RunLedger(run_dir / LEDGER, readonly=True) as ledger:
+            out["disk"]["evicted"], out["disk"]["evicted_bytes"] = ledger.evictions()
     events = run_dir / "daemon.jsonl"
     if events.exists():
         out["last_event"] = json.loads(events.read_text().splitlines()[-1])
@@ -155,6 +174,10 @@ def run_status(run_dir: Path) -> str:
         lines.append(f"last 5 iterations: rejected {s['recent_rejected'] or 'none'}; "
                      f"search errors: {len(s['recent_search_errors'])}")
         lines += [f"  {e}" for e in s["recent_search_errors"]]
+    disk = s["disk"]
+    lines.append(f"disk: {format_usage(disk['usage'], disk['max_bytes'])}"
+                 + (f"; {disk['evicted']} rejected bodies evicted ({disk['evicted_bytes'] / 2**20:.1f} MiB)"
+                    if disk.get("evicted") else ""))
     if "last_event" in s:
         ev = s["last_event"]
         lines.append(f"daemon: last event {ev['event']!r} at "

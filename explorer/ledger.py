@@ -6,6 +6,8 @@ Tables (every row carries the iteration that wrote it):
     results     each search result: the query's position, its rank, the image URL
     fetches     each fetched URL of an iteration: `decoded`, `already_accepted` or the rejection reason
     accepted    each accepted item: url, sha256, reward, hidden relevance (None without ground truth)
+    evicted     bodies the disk budget deleted (explorer/disk.py): sha256, the last iteration that had
+                fetched it, bytes, time; kept across resumes (a deleted file stays deleted)
 
 The acquisition loop commits an iteration here before it writes the checkpoint that covers it,
 and on resume deletes the rows of iterations after the checkpoint, so the ledger always agrees
@@ -41,6 +43,9 @@ CREATE TABLE IF NOT EXISTS fetches (iteration INTEGER NOT NULL, url TEXT NOT NUL
 CREATE TABLE IF NOT EXISTS accepted (iteration INTEGER NOT NULL, url TEXT NOT NULL, sha256 TEXT NOT NULL,
     reward REAL NOT NULL, relevant INTEGER, PRIMARY KEY (iteration, url));
 CREATE INDEX IF NOT EXISTS accepted_sha256 ON accepted (sha256);
+CREATE INDEX IF NOT EXISTS fetches_sha256 ON fetches (sha256);
+CREATE TABLE IF NOT EXISTS evicted (sha256 TEXT PRIMARY KEY, iteration INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    time REAL NOT NULL);
 """
 
 
@@ -115,7 +120,31 @@ class RunLedger:
             for row in metrics:
                 self._insert(row, (), (), (), [a for a in accepted if a["iteration"] == row["iteration"]])
 
+    def record_evicted(self, rows: Iterable[tuple[str, int, int, float]]) -> None:
+        """(sha256, last iteration that fetched it, bytes, time) of evicted bodies; then the WAL is
+        folded into the database and truncated, so what the ledger adds on disk is its new rows."""
+        with _transaction(self.db):
+            self.db.executemany("INSERT OR REPLACE INTO evicted VALUES (?, ?, ?, ?)", rows)
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # (a reader in the way makes it partial, not fail)
+
     # -- reading ------------------------------------------------------------------------
+    def rejected_bodies(self) -> list[tuple[str, int]]:
+        """(sha256, last iteration that fetched it) of every fetched body never accepted and still
+        on disk as far as the ledger knows, least recently fetched first: what the disk budget evicts."""
+        return self.db.execute(
+            "SELECT f.sha256, MAX(f.iteration) AS last FROM fetches f LEFT JOIN evicted e ON e.sha256 = f.sha256 "
+            "WHERE f.sha256 IS NOT NULL AND f.sha256 NOT IN (SELECT sha256 FROM accepted) "
+            "GROUP BY f.sha256 HAVING MAX(e.iteration) IS NULL OR MAX(f.iteration) > MAX(e.iteration) "
+            "ORDER BY last, MIN(f.rowid)").fetchall()
+
+    def evictions(self) -> tuple[int, int]:
+        """(bodies evicted, bytes freed) so far."""
+        try:
+            n, freed = self.db.execute("SELECT COUNT(*), TOTAL(bytes) FROM evicted").fetchone()
+        except sqlite3.OperationalError:  # a ledger from before the table, opened read-only
+            return 0, 0
+        return n, int(freed)
+
     def last_iteration(self) -> int | None:
         return self.db.execute("SELECT MAX(iteration) FROM iterations").fetchone()[0]
 

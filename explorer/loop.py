@@ -9,19 +9,27 @@
     accepted.jsonl     every accepted item: iteration, url, query, reward, sha256
     ledger.sqlite      queries, results, fetch statuses, accepted items, iterations (explorer/ledger.py)
     cache/             every search answer and fetched body (content-addressed)
+    acquired/          the accepted images, as webdataset tar shards + index.jsonl (learners/shards.py);
+                       the learner's batches read them from here
     checkpoints/       iter-NNNNNN/: learner + policy + loop position after that iteration, the last
                        K kept (explorer/checkpoints.py; older runs have a single checkpoint.pt)
     tensorboard/       scalars per iteration
 
-Each finished iteration is written in this order: accepted.jsonl, metrics.jsonl, one ledger
-transaction, the checkpoint, TensorBoard. A resume loads the newest complete checkpoint and cuts
-everything else back to it, so a crash anywhere in between loses at most the unfinished iteration.
-(A replay writes replay-metrics.jsonl and replay-accepted.jsonl and nothing else.)
+Each finished iteration is written in this order: accepted.jsonl, the accepted images to acquired/,
+metrics.jsonl, one ledger transaction, the checkpoint, TensorBoard. A checkpoint holds the learner,
+the policy and the position in acquired/, not the images, so its size does not grow with them.
+A resume loads the newest complete checkpoint and cuts everything else back to it (shards
+included), so a crash anywhere in between loses at most the unfinished iteration. (A replay
+writes replay-metrics.jsonl and replay-accepted.jsonl; its shards go to a temporary folder that
+is removed when it closes.)
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,12 +43,16 @@ from explorer.baselines import evaluate_learner
 from explorer.cache import CacheMode, ResponseCache
 from explorer.checkpoints import load_latest_checkpoint, write_checkpoint
 from explorer.config import ExperimentConfig, save_config
+from explorer.disk import DiskBudgetExceeded, enforce_budget, folder_usage, is_disk_full
 from explorer.fetch import allow_origin, fetch_images
 from explorer.ledger import LEDGER, FetchRecord, RunLedger
 from explorer.scoring import BackgroundSample, TargetIndex, dedupe_within, image_signature, near_duplicates
 from explorer.search import SearchBackend, SearchError, build_backend, search_many
 from explorer.target import load_target
 from learners.moco import MoCoLearner
+from learners.shards import ShardStore
+
+ACQUIRED = "acquired"  # the run folder's shards of accepted images
 
 
 # Seeds the draw of background queries apart from the policy's own stream (same run seed).
@@ -49,6 +61,15 @@ BACKGROUND_STREAM = 0xB6
 
 def _stack(images: list[torch.Tensor], size: int) -> torch.Tensor:
     return torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def background_seed(cfg: ExperimentConfig) -> int:
@@ -132,6 +153,7 @@ class AcquisitionLoop:
         self.keep_checkpoints = keep_checkpoints
         self.base_scores = dict(base_scores) if base_scores and base_checkpoint is not None else None
         self.stop_requested = False  # set from a signal handler; honoured at the next safe point
+        self.stopped_by: str | None = None  # why run() stopped early (disk budget, full disk), if it did
         checkpoint = load_latest_checkpoint(self.run_dir) if resume else None
         self.resumed_from = checkpoint.path if checkpoint else None  # the checkpoint it continues from
         resume = checkpoint is not None
@@ -148,6 +170,8 @@ class AcquisitionLoop:
         self.policy = agent.build_agent_policy(cfg, self.vocab, self.corpus, self.truth)
         if hasattr(self.policy, "use_generation_cache"):  # LLM policies: a replay reads what they wrote
             self.policy.use_generation_cache(self.run_dir / "cache" / "generations")
+        self._replay_dir = Path(tempfile.mkdtemp(prefix=".replay-acquired-", dir=self.run_dir)) if replay else None
+        self.store = ShardStore(self._replay_dir or self.run_dir / ACQUIRED, cfg.fetch.image_size)
         self.learner = self._learner(None if resume else base_checkpoint, pretrain=not resume)
         self.backend = self._backend(engine_url)
         self.iteration = 0
@@ -196,7 +220,7 @@ class AcquisitionLoop:
         return cand.images
 
     def _learner(self, base_checkpoint: Path | None, pretrain: bool = True) -> MoCoLearner:
-        learner = agent.build_learner(self.cfg, self.target)
+        learner = agent.build_learner(self.cfg, self.target, store=self.store)
         if base_checkpoint is not None:  # the shared starting point of runs that are compared
             state = torch.load(base_checkpoint, map_location="cpu", weights_only=True)
             learner.load_state_dict(state)
@@ -255,8 +279,20 @@ class AcquisitionLoop:
         keep &= ~near_duplicates(sig, self.probe_test_sig, rc.decontaminate_threshold)
         return np.sort(chosen[keep])
 
+    def _check_disk(self) -> dict:
+        """The run folder's size by part before an iteration (for `explorer status` and the soak
+        test), held to `disk.max_gb` when there is one: rejected bodies are evicted first, and
+        DiskBudgetExceeded stops the run when that is not enough (explorer/disk.py)."""
+        if self.mode is CacheMode.REPLAY:
+            return {}
+        if self.cfg.disk.max_gb is None:
+            return {"disk": folder_usage(self.run_dir)}
+        done = enforce_budget(self.run_dir, self.cfg.disk, self.cache, self.ledger)
+        return {"disk": done["usage"], "evicted": done["evicted"], "evicted_bytes": done["freed"]}
+
     def step(self) -> dict:
         cfg, t0 = self.cfg, time.time()
+        disk = self._check_disk()
         self.iteration += 1
         queries = self.policy.propose(cfg.policy.queries_per_iteration)
         answers, cand = self.search_and_fetch([q.text for q in queries])
@@ -274,7 +310,7 @@ class AcquisitionLoop:
                          "fetches": cand.fetches,
                          "accepted": self._record_accepted(cand, accepted, rewards, queries)}
         if len(accepted):
-            self.learner.mixture.add_accepted(cand.images[accepted])
+            self.learner.mixture.add_accepted(cand.images[accepted], self._pending["accepted"])
         self.background_sample.add(img.clone() for img in cand.images)  # later iterations contrast with it
         losses = self.learner.train_steps(self.learner.mixture, cfg.train.steps_per_iteration, progress=self.progress)
         self.refresh_index()
@@ -290,9 +326,11 @@ class AcquisitionLoop:
                "precision_accepted": self.truth.precision([cand.urls[j] for j in accepted]) if self.truth else None,
                "mean_image_reward": float(rewards.mean()) if len(rewards) else None,
                "accept_threshold": round(threshold, 6) if cfg.reward.accept == "value" else None,
-               "acquired_total": len(self.learner.mixture.acquired),
+               "acquired_total": len(self.learner.mixture),
                "ssl_loss": float(np.mean(losses)) if losses else None, "learner_step": self.learner.step,
-               "policy_stats": dict(getattr(self.policy, "stats", None) or {})}  # LLM policies: seconds, KL, clean-up
+               "policy_stats": dict(getattr(self.policy, "stats", None) or {}),  # LLM policies: seconds, KL, clean-up
+               "rss_bytes": resident_bytes(),
+               **disk}  # the folder's size by part before the iteration; with a budget, what was evicted for it
         if self.iteration % cfg.train.eval_every == 0 or self.iteration == cfg.iterations:
             row.update(self.evaluate())
         row["seconds"] = round(time.time() - t0, 2)
@@ -322,9 +360,10 @@ class AcquisitionLoop:
         return evaluate_learner(self.learner, self.target, self.cfg.train.knn_k)
 
     def state_dict(self) -> dict:
+        """Learner (its mixture: a position in acquired/), policy, background sample, iteration. What
+        was accepted is not in it: `load_state_dict` reads it back from acquired/."""
         return {"iteration": self.iteration, "learner": self.learner.state_dict(),
-                "policy": self.policy.state_dict(), "accepted_sig": torch.from_numpy(self.accepted_sig),
-                "accepted_sha": sorted(self.accepted_sha),
+                "policy": self.policy.state_dict(),
                 "background": {**self.background_sample.state_dict(),
                                "items": _stack(self.background_sample.items, self.cfg.fetch.image_size)}}
 
@@ -332,11 +371,19 @@ class AcquisitionLoop:
         self.iteration = int(state["iteration"])
         self.learner.load_state_dict(state["learner"])
         self.policy.load_state_dict(state["policy"])
-        self.accepted_sig = state["accepted_sig"].numpy()
-        self.accepted_sha = set(state["accepted_sha"])
+        self._reload_accepted()
         if "background" in state:  # checkpoints of earlier versions: the first sample stays
             self.background_sample.load_state_dict({**state["background"],
                                                     "items": list(state["background"]["items"])})
+
+    def _reload_accepted(self, chunk: int = 4096) -> None:
+        """The keys and near-duplicate signatures of everything accepted, from acquired/ (read a
+        chunk at a time: the signatures are kept, the images are not)."""
+        store = self.store
+        self.accepted_sha = set(store.keys[:len(store)])
+        sigs = [image_signature(store.read(torch.arange(i, min(i + chunk, len(store)))))
+                for i in range(0, len(store), chunk)]
+        self.accepted_sig = np.concatenate(sigs) if sigs else np.zeros((0, 0), np.float32)
 
     def _truncate_logs(self) -> None:
         truncate_logs(self.run_dir, map(self._log_name, ("metrics.jsonl", "accepted.jsonl")), self.iteration)
@@ -386,10 +433,13 @@ class AcquisitionLoop:
 
     def close(self) -> None:
         """Close the ledger and the TensorBoard writer (the run folder stays as it is)."""
-        for resource in (self.scalars, self.ledger):
+        for resource in (self.scalars, self.ledger, self.store):
             if resource is not None:
                 resource.close()
         self.scalars = self.ledger = None
+        if self._replay_dir is not None:
+            shutil.rmtree(self._replay_dir, ignore_errors=True)
+            self._replay_dir = None
 
     # -- the whole run --------------------------------------------------------------------
     def run(self, until: int | None = None, log=print) -> list[dict]:
@@ -410,13 +460,31 @@ class AcquisitionLoop:
             saved = self.iteration
             try:
                 row = self.step()
+                self._finish(row, metrics)
             except StopRequested:
                 self.iteration = saved  # the checkpoint on disk is the one after `saved`
                 log(f"stopped during iteration {saved + 1}; it will be redone on resume")
                 break
+            except DiskBudgetExceeded as e:
+                self.iteration, self.stopped_by = saved, str(e)
+                log(f"stopped before iteration {saved + 1}: {e}")
+                break
+            except Exception as e:
+                if not is_disk_full(e):
+                    raise
+                self.iteration = saved
+                self.stopped_by = (f"the disk is full ({e}); iteration {saved + 1} was abandoned and the checkpoint of "
+                                   f"iteration {saved} is complete: free space, then resume")
+                log(f"stopped: {self.stopped_by}")
+                break
             rows.append(row)
-            self._finish(row, metrics)
             log(_summary(row))
+        else:  # every iteration done: the finished folder is held to the budget too
+            try:
+                self._check_disk()
+            except DiskBudgetExceeded as e:
+                self.stopped_by = str(e)
+                log(f"finished, but {e}")
         return rows
 
 

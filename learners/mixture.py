@@ -12,7 +12,8 @@ duplicate in a contrastive batch is a false negative), and the batch is shuffled
 contiguous shard of it (one rank's, under DDP) holds both kinds.
 
 Accepted images go into one pool, bounded by `capacity` (reservoir or FIFO eviction); there is no
-"newest" part that could go stale when an iteration accepts nothing.
+"newest" part that could go stale when an iteration accepts nothing. The images themselves live in
+a store (on disk in a run folder, learners/shards.py); the pool holds their item numbers.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import hashlib
+
 import torch
+
+from learners.shards import MemoryStore, ShardStore
 
 POOL_POLICIES = ("reservoir", "fifo")
 
@@ -51,6 +56,13 @@ def _check_images(images: torch.Tensor, side: int | None = None) -> None:
         raise ValueError(f"expected {side}x{side} images, got {tuple(images.shape[2:])}")
 
 
+def target_fingerprint(target: torch.Tensor) -> str:
+    """sha256 of the target images' shape and bytes: a resume checks it trains on the same target."""
+    digest = hashlib.sha256(str(tuple(target.shape)).encode())
+    digest.update(target.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def acquired_count(target_batch: int, n_target: int, n_acquired: int, cap: float) -> int:
     """Acquired images added to a batch of `target_batch` target images (see the module docstring)."""
     proportional = round(target_batch * n_acquired / n_target)
@@ -58,45 +70,75 @@ def acquired_count(target_batch: int, n_target: int, n_acquired: int, cap: float
 
 
 class TrainingMixture:
-    """The target images and the pool of accepted images, all uint8 (N, 3, S, S) on the CPU."""
+    """The target images (uint8 (N, 3, S, S) on the CPU) and the pool of accepted images.
 
-    def __init__(self, target: torch.Tensor, config: MixtureConfig | None = None):
+    Accepted images are kept in a store (learners/shards.py): on disk in a run folder (`ShardStore`),
+    else in memory (`MemoryStore`). The pool is a list of store item numbers, so memory holds
+    item numbers, not images; a batch reads its acquired images from the store. The pool is not
+    saved: it is the reservoir (or FIFO) run over the store's items in the order they were
+    appended, with the seeded generator, so `load_state_dict` rebuilds it from the store's
+    position alone and a checkpoint does not grow with what was acquired."""
+
+    def __init__(self, target: torch.Tensor, config: MixtureConfig | None = None,
+                 store: MemoryStore | ShardStore | None = None):
         _check_images(target)
         if len(target) == 0:
             raise ValueError("the target set is empty")
         self.config = config or MixtureConfig()
         self.side = target.shape[2]
         self.target = target.cpu().contiguous()
-        self.acquired = torch.empty(0, 3, self.side, self.side, dtype=torch.uint8)
+        self.store = store if store is not None else MemoryStore(self.side)
+        if self.store.side != self.side:
+            raise ValueError(f"the store holds {self.store.side}px images, the target {self.side}px")
+        self._reset_pool()
+
+    def _reset_pool(self) -> None:
+        self.pool = torch.zeros(0, dtype=torch.long)  # store item numbers
         self.seen = 0  # images ever offered to the pool (the reservoir's stream length)
+        self.position = 0  # store items this mixture has admitted; anything after it is void
         self.generator = torch.Generator().manual_seed(self.config.seed)
 
-    def add_accepted(self, images: torch.Tensor) -> None:
-        """Add accepted images to the pool (evicting by the pool policy beyond capacity)."""
+    @property
+    def acquired(self) -> torch.Tensor:
+        """The pool's images, read from the store (all of them: for inspection and tests)."""
+        return self.store.read(self.pool)
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def add_accepted(self, images: torch.Tensor, records: list[dict] | None = None) -> None:
+        """Write accepted images (and their records, see learners/shards.py) to the store and
+        offer them to the pool (evicting by the pool policy beyond capacity)."""
         _check_images(images, self.side)
-        images = images.cpu().contiguous()
+        if len(self.store) != self.position:  # items of an abandoned attempt (a crash, a fresh start)
+            self.store.truncate(self.position)
+        ids = self.store.append(images.cpu().contiguous(), records)
+        self._admit(ids)
+
+    def _admit(self, ids: torch.Tensor) -> None:
+        self.position += len(ids)
         capacity = self.config.capacity
         if self.config.pool_policy == "fifo":
-            self.acquired = torch.cat([self.acquired, images])[-capacity:] if capacity else self.acquired[:0]
-            self.seen += len(images)
+            self.pool = torch.cat([self.pool, ids])[-capacity:] if capacity else self.pool[:0]
+            self.seen += len(ids)
             return
         # Reservoir sampling: every image offered so far stays with equal chance capacity / seen.
-        room = max(capacity - len(self.acquired), 0)
-        self.acquired = torch.cat([self.acquired, images[:room]])
-        self.seen += len(images[:room])
-        rest = images[room:]
+        room = max(capacity - len(self.pool), 0)
+        self.pool = torch.cat([self.pool, ids[:room]])
+        self.seen += len(ids[:room])
+        rest = ids[room:]
         if len(rest) == 0:
             return
         stream_position = self.seen + torch.arange(1, len(rest) + 1, dtype=torch.float64)
         slots = (torch.rand(len(rest), generator=self.generator, dtype=torch.float64) * stream_position).long()
         self.seen += len(rest)
         for i in (slots < capacity).nonzero().flatten().tolist():  # in stream order: later ones win
-            self.acquired[slots[i]] = rest[i]
+            self.pool[slots[i]] = rest[i]
 
     def batch_sizes(self, target_batch: int) -> tuple[int, int]:
         """(target images, acquired images) in a batch built around `target_batch` target images."""
         n_target = min(target_batch, len(self.target))
-        return n_target, acquired_count(target_batch, len(self.target), len(self.acquired), self.config.acquired_cap)
+        return n_target, acquired_count(target_batch, len(self.target), len(self.pool), self.config.acquired_cap)
 
     def sample(self, target_batch: int, generator: torch.Generator, multiple_of: int = 1) -> torch.Tensor:
         """A shuffled uint8 batch: `target_batch` target images (all of them if fewer) plus the
@@ -108,24 +150,55 @@ class TrainingMixture:
             raise ValueError(f"{len(self.target)} target images do not make a batch for {multiple_of} shards")
         parts = [self.target[torch.randperm(len(self.target), generator=generator)[:n_target]]]
         if n_acquired:
-            parts.append(self.acquired[torch.randperm(len(self.acquired), generator=generator)[:n_acquired]])
+            parts.append(self.store.read(self.pool[torch.randperm(len(self.pool), generator=generator)[:n_acquired]]))
         batch = torch.cat(parts)
         return batch[torch.randperm(len(batch), generator=generator)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": dataclasses.asdict(self.config), "target": self.target, "acquired": self.acquired,
-                "seen": self.seen, "generator": self.generator.get_state()}
+        """Config, the target's fingerprint and the store's state: a `ShardStore`'s is its position
+        (a few numbers); a `MemoryStore`'s is its images, and then the target is saved too. The pool
+        is rebuilt from it on load."""
+        state = {"config": dataclasses.asdict(self.config), "target_sha256": target_fingerprint(self.target),
+                 "store": self.store.state_dict(), "position": self.position}
+        if not self.store.persistent:  # all in memory, all in the state: `from_state_dict` rebuilds it alone
+            state["target"] = self.target
+        return state
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "TrainingMixture":
+        """A mixture rebuilt from the state of an in-memory one (it holds the target and the images)."""
+        if "target" not in state:
+            raise ValueError("this mixture's images are in a run folder's shards: build it with its target and "
+                             "ShardStore, then load_state_dict")
         mixture = cls(state["target"], MixtureConfig(**state["config"]))
         mixture.load_state_dict(state)
         return mixture
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in ("target", "acquired"):
-            _check_images(state[name])
-        self.target, self.acquired = state["target"], state["acquired"]
-        self.side = self.target.shape[2]
-        self.seen = int(state["seen"])
-        self.generator.set_state(state["generator"])
+        if "acquired" in state:  # the layout before stores: every image in the state itself
+            self._load_legacy(state)
+            return
+        if state["target_sha256"] != target_fingerprint(self.target):
+            raise ValueError("this checkpoint was trained on another target set (its fingerprint differs)")
+        if int(state["position"]):
+            self.store.load_state_dict(state["store"])
+        self.store.truncate(int(state["position"]))  # (position 0: a base checkpoint, whatever its store)
+        self._reset_pool()
+        start = 0
+        for size in self.store.batches:  # admit in the order (and batches) of the run: same pool, same draws
+            if start + size > state["position"]:
+                break
+            self._admit(torch.arange(start, start + size))
+            start += size
+        if self.position != int(state["position"]):
+            raise ValueError(f"the store's batches end at item {self.position}, not at {state['position']}")
+
+    def _load_legacy(self, state: dict[str, Any]) -> None:
+        """A state saved with its images (base checkpoints from before stores)."""
+        _check_images(state["target"])
+        if len(state["acquired"]):
+            raise ValueError("this checkpoint keeps its acquired images inside it (a run from before shard "
+                             "stores); resume it with the version that wrote it, or start the run again")
+        self.target, self.side = state["target"], state["target"].shape[2]
+        self.store.truncate(0)
+        self._reset_pool()

@@ -370,10 +370,10 @@ class MoCoLearner:
         self.step = int(state["step"])
         self.generator.set_state(state["generator"])
         if state["mixture"] is not None:
-            if self.mixture is None:
-                self.mixture = TrainingMixture.from_state_dict(state["mixture"])
-            else:
+            if self.mixture is not None:
                 self.mixture.load_state_dict(state["mixture"])
+            elif "target" in state["mixture"]:  # an in-memory mixture saved whole
+                self.mixture = TrainingMixture.from_state_dict(state["mixture"])
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a checkpoint atomically: a temp file in the same folder, then os.replace."""
@@ -381,7 +381,8 @@ class MoCoLearner:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> "MoCoLearner":
-        """A learner rebuilt from a checkpoint's own config, with its state (and mixture) restored."""
+        """A learner rebuilt from a checkpoint's own config, with its state restored, and its mixture
+        when that was in memory (a run's mixture over shards is rebuilt by the run: explorer/loop.py)."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         learner = cls(MoCoConfig.from_dict(state["config"]), device=device)
         learner.load_state_dict(state)

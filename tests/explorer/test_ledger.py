@@ -12,8 +12,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from explorer.checkpoints import CHECKPOINTS, checkpoint_dir, load_latest_checkpoint
 from explorer.daemon import status_summary
 from explorer.ledger import LEDGER, FetchRecord, RunLedger
-from explorer.loop import DECISION_KEYS, AcquisitionLoop
+from explorer.config import load_config
+from explorer.loop import ACQUIRED, DECISION_KEYS, AcquisitionLoop
 from explorer.runs import read_metrics
+from learners.shards import ShardStore
 
 
 def quiet(line):
@@ -70,7 +72,9 @@ def assert_ledger_matches_logs(run_dir):
             assert statuses == row["rejected"]
         assert db.execute("SELECT iteration, url, sha256, reward FROM accepted ORDER BY rowid").fetchall() == \
             [(a["iteration"], a["url"], a["sha256"], a["reward"]) for a in accepted]
-    assert sorted(load_latest_checkpoint(run_dir).state["accepted_sha"]) == sorted(a["sha256"] for a in accepted)
+    store = ShardStore(run_dir / ACQUIRED, load_config(run_dir / "config.yaml").fetch.image_size)
+    assert store.keys == [a["sha256"] for a in accepted]
+    assert load_latest_checkpoint(run_dir).state["learner"]["mixture"]["position"] == len(accepted)
     return rows
 
 

@@ -14,11 +14,12 @@ import torch
 from explorer import agent
 from explorer.checkpoints import load_latest_checkpoint
 from explorer.ledger import LEDGER
-from explorer.loop import AcquisitionLoop
+from explorer.loop import ACQUIRED, AcquisitionLoop
 from explorer.runs import read_metrics
 from explorer.scoring import RewardConfig
 from explorer.validate import to_pipeline_tensor, validate_image
 from learners.mixture import acquired_count
+from learners.shards import ShardStore
 
 
 def cached_image(run_dir, sha256: str, fetch) -> torch.Tensor:
@@ -139,8 +140,9 @@ def test_accepted_images_are_the_learners_pool_and_training_batches_draw_them(ti
     assert accepted
     images = torch.stack([cached_image(tmp_path, a["sha256"], cfg.fetch) for a in accepted])
     assert torch.equal(mixture.acquired, images)
-    saved = load_latest_checkpoint(tmp_path).state["learner"]["mixture"]["acquired"]
-    assert torch.equal(saved, images)
+    assert load_latest_checkpoint(tmp_path).state["learner"]["mixture"]["position"] == len(images)
+    stored = ShardStore(tmp_path / ACQUIRED, cfg.fetch.image_size)  # what the checkpoint's position points at
+    assert torch.equal(stored.read(torch.arange(len(stored))), images)
 
     key = lambda image: image.numpy().tobytes()
     target = {key(x) for x in mixture.target}

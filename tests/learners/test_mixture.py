@@ -98,11 +98,13 @@ def test_an_iteration_that_accepts_nothing_changes_nothing():
 
 
 def test_state_round_trip_continues_identically():
-    mixture = TrainingMixture(torch.randint(0, 255, (30, 3, 4, 4), dtype=torch.uint8),
-                              MixtureConfig(capacity=8, seed=3))
+    target = torch.randint(0, 255, (30, 3, 4, 4), dtype=torch.uint8)
+    mixture = TrainingMixture(target, MixtureConfig(capacity=8, seed=3))
     for _ in range(4):
         mixture.add_accepted(torch.randint(0, 255, (6, 3, 4, 4), dtype=torch.uint8))
-    restored = TrainingMixture.from_state_dict(mixture.state_dict())
+    restored = TrainingMixture(target, MixtureConfig(capacity=8, seed=3))
+    restored.load_state_dict(mixture.state_dict())
+    assert torch.equal(mixture.acquired, restored.acquired)  # the reservoir rebuilt with the same draws
     extra = torch.randint(0, 255, (20, 3, 4, 4), dtype=torch.uint8)
     mixture.add_accepted(extra)
     restored.add_accepted(extra)
