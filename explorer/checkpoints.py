@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from learners.checkpoint import fsync_dir
+
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
@@ -52,14 +54,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_synced(path: Path, write) -> None:
     with open(path, "wb") as f:
         write(f)
@@ -83,11 +77,11 @@ def write_checkpoint(run_dir: Path, iteration: int, state: dict, keep: int = 3) 
         marker = {"iteration": iteration, "time": round(time.time(), 3),
                   "files": {STATE: {"sha256": _sha256(tmp / STATE), "bytes": (tmp / STATE).stat().st_size}}}
         _write_synced(tmp / MARKER, lambda f: f.write(json.dumps(marker).encode()))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a skipped (corrupt) checkpoint of the iteration that was just redone
             _remove(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -23,3 +23,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory, so that the names created or renamed in it survive a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from learners.checkpoint import fsync_dir
+
 INDEX = "index.jsonl"
 SHARD_BYTES = 256 << 20  # a shard is closed once it holds this many bytes
 BLOCK = tarfile.BLOCKSIZE
@@ -106,14 +108,6 @@ def _npy_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ShardStore:
     """Accepted images in append-only tar shards under `folder` (see the module docstring)."""
 
@@ -183,7 +177,7 @@ class ShardStore:
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
 
     def _cut_tails(self) -> None:
         """Shards end where their last committed item ends; shards with no committed item go."""
@@ -195,7 +189,7 @@ class ShardStore:
                 path.unlink()
             elif shard not in self._closed and path.stat().st_size != last[shard]:
                 os.truncate(path, last[shard])
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
 
     def _close_files(self) -> None:
         for f in self._files.values():
