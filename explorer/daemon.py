@@ -51,6 +51,9 @@ def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, pro
     resuming = has_checkpoint(run_dir)
     if resuming:
         cfg = load_config(run_dir / "config.yaml")  # the run's own config, not a changed file
+    elif config is None and (run_dir / "config.yaml").exists():  # stopped before its first checkpoint
+        cfg = load_config(run_dir / "config.yaml")
+        log(f"{run_dir} has no checkpoint yet: starting it again from its config.yaml")
     elif config is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint to resume and no config was given")
     else:

@@ -124,3 +124,22 @@ def test_a_full_disk_mid_fetch_abandons_the_iteration_and_resumes_exactly(straig
     loop.run(log=lambda s: None)
     loop.close()
     assert decisions(run_dir) == decisions(straight)
+
+
+def test_the_daemon_exits_3_on_its_budget_and_resumes_with_a_larger_one(tiny_experiment, tmp_path):
+    """`explorer daemon --max-disk-gb`: too small a budget stops the daemon with exit code 3, an
+    event and a status line; resuming with a larger one (kept in the run's config.yaml) finishes."""
+    from explorer.config import load_config, save_config
+    from explorer.daemon import EXIT_STOPPED, run_daemon, run_status
+
+    config, run_dir = tmp_path / "tiny.yaml", tmp_path / "run"
+    save_config(tiny_experiment(**RUN), config)
+    lines = []
+    assert run_daemon(config, run_dir, max_disk_gb=1e-6, log=lines.append) == EXIT_STOPPED
+    assert any("nothing else may be evicted" in line for line in lines)
+    assert json.loads((run_dir / "daemon.jsonl").read_text().splitlines()[-1])["event"] == "stopped"
+    assert "disk: " in run_status(run_dir) and "budget" in run_status(run_dir)
+
+    assert run_daemon(None, run_dir, max_disk_gb=1.0, log=lines.append) == 0
+    assert load_config(run_dir / "config.yaml").disk.max_gb == 1.0
+    assert [r["iteration"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2, 3]
