@@ -31,7 +31,8 @@ from bench.acquisition_grid import ROOT, add_grid_arguments, run_grid_from_args 
 from bench.machine import finish_report  # noqa: E402
 
 CONDITIONS = ["random", "gp-ucb", "llm-prompt", "ppo", "hybrid", "ppo-tiny", "hybrid-tiny"]
-PAIRS = [("ppo", "random"), ("ppo", "llm-prompt"), ("llm-prompt", "random"), ("hybrid", "random")]
+PAIRS = [("ppo", "random"), ("ppo", "llm-prompt"), ("llm-prompt", "random"), ("hybrid", "random"),
+         ("hybrid", "gp-ucb")]  # hybrid minus the GP alone: what the LM's rewordings add
 
 
 def curves(run_dir: Path) -> dict | None:
