@@ -39,6 +39,7 @@ CONDITIONS = {
     "llm-prompt": ("llm-prompt", {}),  # Gemma 3 270M from the prompt alone: the ablation of PPO
     "ppo": ("ppo", {}),  # the same LM and prompt, LoRA adapters tuned with PPO
     "hybrid": ("hybrid", {}),
+    "hybrid-prompt": ("hybrid", {"ppo_updates": 0}),  # the same GP + Gemma rewrites, never updated
     "ppo-tiny": ("ppo", {"model": "tiny"}),  # the byte-level LM trained from scratch (before Gemma)
     "hybrid-tiny": ("hybrid", {"model": "tiny"}),
 }

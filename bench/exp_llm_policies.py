@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.acquisition_grid import ROOT, add_grid_arguments, run_grid_from_args  # noqa: E402
 from bench.machine import finish_report  # noqa: E402
 
-CONDITIONS = ["random", "gp-ucb", "llm-prompt", "ppo", "hybrid", "ppo-tiny", "hybrid-tiny"]
+CONDITIONS = ["random", "gp-ucb", "llm-prompt", "ppo", "hybrid", "hybrid-prompt", "ppo-tiny", "hybrid-tiny"]
 PAIRS = [("ppo", "random"), ("ppo", "llm-prompt"), ("llm-prompt", "random"), ("hybrid", "random"),
-         ("hybrid", "gp-ucb")]  # hybrid minus the GP alone: what the LM's rewordings add
+         ("hybrid", "gp-ucb"),  # hybrid minus the GP alone: what the LM's rewordings add
+         ("hybrid", "hybrid-prompt")]  # hybrid minus its never-updated twin: what PPO adds to it
 
 
 def curves(run_dir: Path) -> dict | None:
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"| {fmt(*mean_ci(c['relevant'][-1] for c in cs)[:2], 0)} "
                      f"| {fmt(*mean_ci(c['relevant'][-1] / c['accepted'] for c in cs if c['accepted'])[:2], 2)} "
                      f"| {fmt(*mean_ci(c['knn'] for c in cs)[:2], 4)} | {fmt(*mean_ci(c['delta_knn'] for c in cs)[:2], 4)} |")
-    llm = [n for n in runs if n in ("llm-prompt", "ppo", "hybrid")]
+    llm = [n for n in runs if n in ("llm-prompt", "ppo", "hybrid", "hybrid-prompt")]
     if llm:
         lines += ["", "Cost per iteration (the loop's own timing, `policy_stats` in metrics.jsonl) and the KL of "
                   "ppo's samples to the reference after its update:", "",
