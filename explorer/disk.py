@@ -106,6 +106,7 @@ def enforce_budget(run_dir: Path, config: DiskConfig, cache, ledger) -> dict:
     if usage["total"] > budget:
         raise DiskBudgetExceeded(
             f"the run folder {run_dir} uses {format_usage(usage, budget)} after evicting {evicted} rejected bodies "
-            f"({freed / 2**20:.1f} MiB); nothing else may be evicted. The last checkpoint is complete: raise the budget "
+            f"({freed / 2**20:.1f} MiB); nothing else may be evicted. The last checkpoint is complete: "
+            f"raise the budget "
             f"(explorer daemon --out {run_dir} --max-disk-gb N) or free space, and resume")
     return {"usage": usage, "evicted": evicted, "freed": freed}

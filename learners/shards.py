@@ -113,9 +113,12 @@ class ShardStore:
 
     persistent = True
 
-    def __init__(self, folder: str | Path, side: int, shard_bytes: int = SHARD_BYTES):
-        self.folder, self.side, self.shard_bytes = Path(folder), side, shard_bytes
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def __init__(self, folder: str | Path, side: int, shard_bytes: int = SHARD_BYTES, *, readonly: bool = False):
+        """`readonly`: a reader beside a running writer (inspection, tests); it reads the committed
+        items and never cuts or writes anything."""
+        self.folder, self.side, self.shard_bytes, self.readonly = Path(folder), side, shard_bytes, readonly
+        if not readonly:
+            self.folder.mkdir(parents=True, exist_ok=True)
         self.keys: list[str] = []
         self.batches: list[int] = []
         self._shard = np.zeros(0, np.int32)   # per item: shard number
@@ -125,7 +128,8 @@ class ShardStore:
         self._closed: set[int] = set()        # shards that hold their end-of-archive blocks
         self._files: dict[int, object] = {}
         self._load_index()
-        self._cut_tails()
+        if not readonly:
+            self._cut_tails()
 
     # ------------------------------------------------------------------ layout
     def shard_path(self, shard: int) -> Path:
@@ -160,7 +164,7 @@ class ShardStore:
         self._rewrite_index_if_torn(path, len(rows))
 
     def _rewrite_index_if_torn(self, path: Path, n: int) -> None:
-        if path.exists() and len(path.read_text().splitlines()) != n:
+        if not self.readonly and path.exists() and len(path.read_text().splitlines()) != n:
             self._write_index(self._rows(0, n))
 
     def _rows(self, start: int, stop: int) -> list[dict]:
@@ -201,6 +205,7 @@ class ShardStore:
         """Write `images` (uint8 (N, 3, S, S)) with their `records` (JSON-able dicts with a
         `sha256`, the item's key) as one committed batch; returns their item numbers."""
         _check_images(images, self.side)
+        self._check_writable()
         records = records or [{"sha256": f"item-{len(self) + i:09d}"} for i in range(len(images))]
         if len(records) != len(images):
             raise ValueError(f"{len(images)} images but {len(records)} records")
@@ -242,7 +247,6 @@ class ShardStore:
         self._size = np.concatenate([self._size, [r["size"] for r in rows]]).astype(np.int64)
         self._end = np.concatenate([self._end, [r["end"] for r in rows]]).astype(np.int64)
         self.batches.append(len(rows))
-        self._files.pop(int(rows[0]["shard"]), None)  # a reader of a grown file reopens it
 
     def _close_shard(self, shard: int, end: int) -> None:
         """End a full shard with the tar end-of-archive blocks; the next append starts a new one."""
@@ -258,6 +262,7 @@ class ShardStore:
         """Keep only the first n items (a resume goes back to its checkpoint's position)."""
         if n >= len(self):
             return
+        self._check_writable()
         rows = self._rows(0, n)
         self._write_index(rows)  # first: a kill after this leaves tails that opening cuts
         self.keys = self.keys[:n]
@@ -266,6 +271,10 @@ class ShardStore:
         self.batches = _cut_batches(self.batches, n)
         self._closed = set(range(int(self._shard[-1]))) if n else set()
         self._cut_tails()
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise PermissionError(f"{self.folder} was opened read-only")
 
     # ------------------------------------------------------------------ read
     def _file(self, shard: int):

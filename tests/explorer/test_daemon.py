@@ -140,7 +140,8 @@ def assert_same_shards(run_dir, unbroken_dir) -> None:
     """acquired/ of a stopped-and-resumed run holds the same items, in the same order and bytes, as
     the run that never stopped: nothing an interrupted iteration wrote survived."""
     side = load_config(run_dir / "config.yaml").fetch.image_size
-    mine, theirs = ShardStore(run_dir / ACQUIRED, side), ShardStore(unbroken_dir / ACQUIRED, side)
+    mine = ShardStore(run_dir / ACQUIRED, side, readonly=True)
+    theirs = ShardStore(unbroken_dir / ACQUIRED, side, readonly=True)
     assert len(mine) > 0 and mine.keys == theirs.keys and mine.batches == theirs.batches
     assert torch.equal(mine.read(torch.arange(len(mine))), theirs.read(torch.arange(len(theirs))))
 
@@ -186,7 +187,8 @@ def test_sigterm_mid_iteration_exits_cleanly_loses_nothing_and_resumes(tiny_expe
     accepted = accepted_log(run_dir)
     assert sum(r["accepted"] for r in rows[1:]) == len(accepted) > 0
     assert [a["url"] for a in accepted] == [u for r in rows[1:] for u in r["accepted_urls"]]
-    assert ShardStore(run_dir / ACQUIRED, load_config(run_dir / "config.yaml").fetch.image_size).keys == \
+    side = load_config(run_dir / "config.yaml").fetch.image_size
+    assert ShardStore(run_dir / ACQUIRED, side, readonly=True).keys == \
         [a["sha256"] for a in accepted]  # the shards end where the checkpoint does
     with RunLedger(run_dir / LEDGER) as ledger:
         assert ledger.metrics() == rows

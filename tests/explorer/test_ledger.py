@@ -72,7 +72,7 @@ def assert_ledger_matches_logs(run_dir):
             assert statuses == row["rejected"]
         assert db.execute("SELECT iteration, url, sha256, reward FROM accepted ORDER BY rowid").fetchall() == \
             [(a["iteration"], a["url"], a["sha256"], a["reward"]) for a in accepted]
-    store = ShardStore(run_dir / ACQUIRED, load_config(run_dir / "config.yaml").fetch.image_size)
+    store = ShardStore(run_dir / ACQUIRED, load_config(run_dir / "config.yaml").fetch.image_size, readonly=True)
     assert store.keys == [a["sha256"] for a in accepted]
     assert load_latest_checkpoint(run_dir).state["learner"]["mixture"]["position"] == len(accepted)
     return rows

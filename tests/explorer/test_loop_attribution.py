@@ -141,7 +141,7 @@ def test_accepted_images_are_the_learners_pool_and_training_batches_draw_them(ti
     images = torch.stack([cached_image(tmp_path, a["sha256"], cfg.fetch) for a in accepted])
     assert torch.equal(mixture.acquired, images)
     assert load_latest_checkpoint(tmp_path).state["learner"]["mixture"]["position"] == len(images)
-    stored = ShardStore(tmp_path / ACQUIRED, cfg.fetch.image_size)  # what the checkpoint's position points at
+    stored = ShardStore(tmp_path / ACQUIRED, cfg.fetch.image_size, readonly=True)  # where the position points
     assert torch.equal(stored.read(torch.arange(len(stored))), images)
 
     key = lambda image: image.numpy().tobytes()

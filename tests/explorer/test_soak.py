@@ -82,7 +82,7 @@ def test_daemon_soak_flat_checkpoints_bounded_memory_and_exact_kill_resume(tiny_
 
     # checkpoints: flat while the shards grow
     sizes = [(checkpoint_dir(run_dir, i) / STATE).stat().st_size for i in range(2, SOAK_ITERATIONS + 1)]
-    store = ShardStore(run_dir / ACQUIRED, 32)
+    store = ShardStore(run_dir / ACQUIRED, 32, readonly=True)
     accepted = [sum(r["accepted"] for r in rows[1:i + 1]) for i in range(SOAK_ITERATIONS + 1)]
     assert len(store) >= accepted[SOAK_ITERATIONS] > 3 * accepted[2] > 0  # acquired data grew a lot
     assert max(sizes) <= (1 + CHECKPOINT_TOLERANCE) * min(sizes), sizes

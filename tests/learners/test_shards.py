@@ -15,7 +15,8 @@ from learners.shards import INDEX, ShardStore
 
 def _images(n, start=0, side=4):
     """n distinct images: the id start..start+n-1 written in two pixels, the rest random."""
-    images = torch.randint(0, 255, (n, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(start))
+    generator = torch.Generator().manual_seed(start)
+    images = torch.randint(0, 255, (n, 3, side, side), dtype=torch.uint8, generator=generator)
     ids = torch.arange(start, start + n)
     images[:, 0, 0, 0], images[:, 0, 0, 1] = ids // 256, ids % 256
     return images
@@ -70,6 +71,21 @@ def test_a_torn_append_is_dropped_on_open(tmp_path):
     assert torch.equal(ShardStore(tmp_path, 4).read(torch.arange(15)), torch.cat([_images(5, b * 5) for b in range(3)]))
 
 
+def test_a_readonly_reader_beside_a_writer_cuts_nothing(tmp_path):
+    """A reader opened while a writer is mid-append (bytes past the last committed item) reads the
+    committed items and leaves the writer's tail alone; it cannot write."""
+    store = ShardStore(tmp_path, 4)
+    _fill(store, 1, 5)
+    with open(store.shard_path(0), "ab") as f:
+        f.write(b"\0" * 1024)  # the writer's uncommitted tail
+    size = store.shard_path(0).stat().st_size
+    reader = ShardStore(tmp_path, 4, readonly=True)
+    assert len(reader) == 5 and torch.equal(reader.read(torch.arange(5)), _images(5))
+    assert store.shard_path(0).stat().st_size == size
+    with pytest.raises(PermissionError, match="read-only"):
+        reader.append(_images(1, 5), _records(1, 5))
+
+
 def test_truncate_goes_back_to_a_position(tmp_path):
     store = ShardStore(tmp_path, 4, shard_bytes=8 << 10)
     _fill(store, 4, 6)
@@ -116,6 +132,7 @@ def test_a_shard_mixture_checkpoints_a_position_and_resumes_identically(tmp_path
 def test_a_mixture_refuses_a_checkpoint_of_another_target(tmp_path):
     mixture = _shard_mixture(tmp_path / "a")
     mixture.add_accepted(_images(3), _records(3))
-    other = TrainingMixture(_images(40, 20_000), MixtureConfig(capacity=16, seed=5), store=ShardStore(tmp_path / "a", 4))
+    other = TrainingMixture(_images(40, 20_000), MixtureConfig(capacity=16, seed=5),
+                            store=ShardStore(tmp_path / "a", 4))
     with pytest.raises(ValueError, match="another target"):
         other.load_state_dict(mixture.state_dict())
