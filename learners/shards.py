@@ -15,7 +15,8 @@ An `append` is a commit: the members are written and fsynced, then the manifest 
 written and fsynced. Only items in the manifest are ever read (by the offset it records), so a
 tail written by a process killed mid-append is never seen; opening the store cuts every shard back
 to the end of its last committed item. `truncate(n)` drops everything after the first n items
-(a resume goes back to the position its checkpoint recorded). The checkpoint holds that position,
+(a resume goes back to the position its checkpoint recorded; that position, not the manifest,
+decides what counts, so a kill between two manifest lines of one append leaves nothing half-used). The checkpoint holds that position,
 not the images: its size does not grow with what was acquired.
 
 `MemoryStore` is the same interface in memory, for mixtures that belong to no run folder (tests,
