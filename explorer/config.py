@@ -17,12 +17,12 @@ from typing import Any
 
 import yaml
 
+from explorer.disk import DiskConfig
 from explorer.fetch import FetchConfig
 from explorer.scoring import RewardConfig
 from explorer.target import TargetConfig
 from explorer.text_sources import DEFAULT_TARGET_TOPIC
 from learners.budget import REPEAT_DECAY
-from explorer.disk import DiskConfig
 from learners.mixture import MixtureConfig
 from learners.moco import MoCoConfig
 

@@ -1,8 +1,9 @@
 """A run folder's disk budget: what it uses, what may be evicted, and when the run must stop.
 
-`disk.max_gb` (default: no budget) bounds the whole run folder. After every finished iteration
-(its checkpoint written) the loop measures the folder; over the budget it evicts the bodies of
-fetched images that were never accepted, oldest iteration first, until it fits. Search answers,
+`disk.max_gb` (default: no budget) bounds the whole run folder. Before every iteration (so after
+the last one's checkpoint) and once after the run's last iteration, the loop measures the folder;
+over the budget it evicts the bodies of fetched images that were never accepted, least recently
+fetched first, until it fits. Search answers,
 accepted bodies (and the shards of accepted images), checkpoints, logs and the ledger are never
 evicted. When the folder still does not fit, the run stops with `DiskBudgetExceeded`: the
 checkpoint of the last iteration is complete, so `explorer daemon --out RUN_DIR` resumes once the
@@ -106,7 +107,6 @@ def enforce_budget(run_dir: Path, config: DiskConfig, cache, ledger) -> dict:
     if usage["total"] > budget:
         raise DiskBudgetExceeded(
             f"the run folder {run_dir} uses {format_usage(usage, budget)} after evicting {evicted} rejected bodies "
-            f"({freed / 2**20:.1f} MiB); nothing else may be evicted. The last checkpoint is complete: "
-            f"raise the budget "
-            f"(explorer daemon --out {run_dir} --max-disk-gb N) or free space, and resume")
+            f"({freed / 2**20:.1f} MiB); nothing else may be evicted. The last checkpoint is complete: raise "
+            f"the budget (explorer daemon --out {run_dir} --max-disk-gb N) or free space, and resume")
     return {"usage": usage, "evicted": evicted, "freed": freed}

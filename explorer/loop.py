@@ -380,7 +380,7 @@ class AcquisitionLoop:
         """The keys and near-duplicate signatures of everything accepted, from acquired/ (read a
         chunk at a time: the signatures are kept, the images are not)."""
         store = self.store
-        self.accepted_sha = set(store.keys[:len(store)])
+        self.accepted_sha = set(store.keys)
         sigs = [image_signature(store.read(torch.arange(i, min(i + chunk, len(store)))))
                 for i in range(0, len(store), chunk)]
         self.accepted_sig = np.concatenate(sigs) if sigs else np.zeros((0, 0), np.float32)

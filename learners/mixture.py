@@ -19,10 +19,9 @@ a store (on disk in a run folder, learners/shards.py); the pool holds their item
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from typing import Any
-
-import hashlib
 
 import torch
 
@@ -186,8 +185,6 @@ class TrainingMixture:
         self._reset_pool()
         start = 0
         for size in self.store.batches:  # admit in the order (and batches) of the run: same pool, same draws
-            if start + size > state["position"]:
-                break
             self._admit(torch.arange(start, start + size))
             start += size
         if self.position != int(state["position"]):

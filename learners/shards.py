@@ -48,7 +48,8 @@ def _check_images(images: torch.Tensor, side: int) -> None:
 
 class MemoryStore:
     """Accepted images in one in-memory tensor (no run folder). Items are numbered 0, 1, ...; `batches`
-    holds the number of items of each `append`, the order in which the mixture admitted them."""
+    holds the number of items of each `append`, the order in which the mixture admitted them (the
+    records are not kept: nothing outside a run folder reads them)."""
 
     persistent = False
 
@@ -56,7 +57,6 @@ class MemoryStore:
         self.side = side
         self.images = torch.empty(0, 3, side, side, dtype=torch.uint8)
         self.batches: list[int] = []
-        self.keys: list[str] = []
 
     def __len__(self) -> int:
         return len(self.images)
@@ -65,7 +65,6 @@ class MemoryStore:
         _check_images(images, self.side)
         first = len(self.images)
         self.images = torch.cat([self.images, images.cpu()])
-        self.keys += [(r or {}).get("sha256", "") for r in (records or [None] * len(images))]
         self.batches.append(len(images))
         return torch.arange(first, len(self.images))
 
@@ -73,16 +72,15 @@ class MemoryStore:
         return self.images[ids]
 
     def truncate(self, n: int) -> None:
-        self.images, self.keys = self.images[:n], self.keys[:n]
+        self.images = self.images[:n]
         self.batches = _cut_batches(self.batches, n)
 
     def state_dict(self) -> dict:
-        return {"images": self.images, "batches": list(self.batches), "keys": list(self.keys)}
+        return {"images": self.images, "batches": list(self.batches)}
 
     def load_state_dict(self, state: dict) -> None:
         _check_images(state["images"], self.side)
         self.images, self.batches = state["images"], list(state["batches"])
-        self.keys = list(state.get("keys", [""] * len(self.images)))
 
 
 def _cut_batches(batches: list[int], n: int) -> list[int]:
@@ -144,13 +142,13 @@ class ShardStore:
 
     def _load_index(self) -> None:
         path = self.folder / INDEX
+        lines = path.read_text().splitlines() if path.exists() else []
         rows = []
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:  # a line torn by a kill mid-write can only be the last one
-                    break
+        for line in lines:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line torn by a kill mid-write can only be the last one
+                break
         self.keys = [r["key"] for r in rows]
         self._shard = np.array([r["shard"] for r in rows], np.int32)
         self._offset = np.array([r["offset"] for r in rows], np.int64)
@@ -162,11 +160,8 @@ class ShardStore:
                 self.batches.append(0)
             self.batches[-1] += 1
         self._closed = set(range(int(self._shard[-1]))) if len(rows) else set()  # all but the last
-        self._rewrite_index_if_torn(path, len(rows))
-
-    def _rewrite_index_if_torn(self, path: Path, n: int) -> None:
-        if not self.readonly and path.exists() and len(path.read_text().splitlines()) != n:
-            self._write_index(self._rows(0, n))
+        if len(rows) != len(lines) and not self.readonly:  # drop the torn line for good
+            self._write_index(self._rows(0, len(rows)))
 
     def _rows(self, start: int, stop: int) -> list[dict]:
         firsts = set(np.cumsum([0, *self.batches]).tolist())
