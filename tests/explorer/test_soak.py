@@ -23,8 +23,8 @@ KILL_AFTER = 8  # SIGKILL once this iteration's checkpoint is complete (and the 
 REFERENCE_ITERATIONS = 12  # the uninterrupted run the killed one is compared with
 CHECKPOINT_TOLERANCE = 0.05  # checkpoint bytes: max / min over iterations 2.. (the issue's +-5%)
 # Resident memory may rise this much over the resumed process's iterations. Not zero: measured with
-# bench/bench_daemon_storage.py, the loop's native memory grows while Python-level allocations stay
-# flat, more slowly the longer it runs, and half as much with MALLOC_ARENA_MAX=2 (allocator arenas).
+# bench/bench_daemon_storage.py, the loop's resident memory grows, more slowly the longer it runs,
+# and about half as much with MALLOC_ARENA_MAX=2 (allocator arenas).
 # It fails on a leak of more than ~10 MiB per iteration.
 RSS_GROWTH_BOUND = 128 << 20
 
