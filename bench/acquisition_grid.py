@@ -62,9 +62,9 @@ def seeded(cfg, seed: int):
 
 def _base(cfg, seed_dir: Path) -> Path:
     """The seed's base encoder, pretrained once, and its scores (base.json)."""
-    from explorer.agent import build_learner
-    from explorer.baselines import evaluate_learner, pretrain_base
-    from explorer.target import load_target
+    from explorer.run.agent import build_learner
+    from explorer.run.baselines import evaluate_learner, pretrain_base
+    from explorer.score.target import load_target
 
     path = seed_dir / "base.pt"
     if not path.exists():
@@ -81,7 +81,7 @@ def _base(cfg, seed_dir: Path) -> Path:
 
 def _controls(cfg, base: Path, seed_dir: Path) -> None:
     """pixels.json, pixels-centred.json and target-only.json beside the seed's runs."""
-    from explorer.baselines import continue_from_base, pixel_scores
+    from explorer.run.baselines import continue_from_base, pixel_scores
 
     if not (seed_dir / "pixels-centred.json").exists():
         scores = pixel_scores(cfg)
@@ -102,10 +102,10 @@ def run_grid(config: Path, out: Path, seeds: list[int], conditions: list[str],
              overrides: dict | None = None) -> list[Path]:
     """Runs what is missing; returns every run folder of the grid. `overrides`: dotted config fields
     set on top of the config file (as `explorer run --set` does)."""
-    from explorer.config import load_config, save_config
-    from explorer.demo import _ensure_corpus
-    from explorer.loop import AcquisitionLoop
-    from explorer.runs import local_engine_for
+    from explorer.run.config import load_config, save_config
+    from explorer.run.demo import _ensure_corpus
+    from explorer.run.experiment import local_engine_for
+    from explorer.run.loop import AcquisitionLoop
 
     base_cfg = load_config(config, overrides)
     _ensure_corpus(base_cfg)

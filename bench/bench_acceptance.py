@@ -37,7 +37,7 @@ PERCENTILES = (1, 5, 10, 25, 50)
 def sample_source(corpus, source: str, n: int, size: int, seed: int = 0):
     import torch
 
-    from explorer.validate import decode_batch
+    from explorer.acquire.validate import decode_batch
 
     rows = np.flatnonzero(np.asarray(corpus.hidden["source"]) == source)
     rows = np.random.default_rng(seed).permutation(rows)[: 2 * n]
@@ -46,15 +46,15 @@ def sample_source(corpus, source: str, n: int, size: int, seed: int = 0):
 
 
 def background_sample(cfg, corpus, learner_size: int):
-    """The images of the background queries a run of `cfg` would draw (explorer.loop), searched
+    """The images of the background queries a run of `cfg` would draw (explorer.run.loop), searched
     in-process on the local engine's ranking; (images, their corpus rows)."""
     import torch
 
-    from explorer.agent import load_vocabulary
-    from explorer.corpus import _default_encoder
-    from explorer.engine import HybridIndex
-    from explorer.loop import background_queries
-    from explorer.validate import decode_batch
+    from explorer.acquire.validate import decode_batch
+    from explorer.run.agent import load_vocabulary
+    from explorer.run.loop import background_queries
+    from explorer.web.corpus import _default_encoder
+    from explorer.web.engine import HybridIndex
 
     ranking = HybridIndex(corpus, _default_encoder())
     rows: dict[int, None] = {}
@@ -81,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from explorer.agent import build_learner, open_corpus
-    from explorer.baselines import pretrain_base
-    from explorer.config import load_config
-    from explorer.scoring import TargetIndex
-    from explorer.target import load_target
+    from explorer.run.agent import build_learner, open_corpus
+    from explorer.run.baselines import pretrain_base
+    from explorer.run.config import load_config
+    from explorer.score.reward import TargetIndex
+    from explorer.score.target import load_target
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)

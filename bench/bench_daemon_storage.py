@@ -40,8 +40,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.machine import machine_info  # noqa: E402
-from explorer.disk import folder_usage  # noqa: E402
-from explorer.loop import resident_bytes  # noqa: E402
+from explorer.run.disk import folder_usage  # noqa: E402
+from explorer.run.loop import resident_bytes  # noqa: E402
 from learners.mixture import MixtureConfig, TrainingMixture  # noqa: E402
 from learners.shards import ShardStore  # noqa: E402
 
@@ -85,7 +85,7 @@ def measure_store(side: int, items: int, batch: int, folder: Path) -> dict:
 def memory_per_item(store: ShardStore, mixture: TrainingMixture) -> dict:
     """Bytes of memory an accepted item costs a run, by structure: the store's index (key string and
     list slot, offsets), the mixture's pool entry, and the loop's duplicate filters (the key in a set
-    of keys, its 16x16 float32 near-duplicate signature: explorer/scoring.py image_signature)."""
+    of keys, its 16x16 float32 near-duplicate signature: explorer/score/reward.py image_signature)."""
     n = len(store)
     index = (sys.getsizeof(store.keys) + sum(sys.getsizeof(k) for k in store.keys)
              + sum(a.nbytes for a in (store._shard, store._offset, store._size, store._end))) / n
@@ -182,7 +182,7 @@ def report(stores: list[dict], run: dict, weeks: list[dict], checkpoint_bytes: f
                          f"{', '.join(f'{g:+.0f}' for g in k['growth_by_third_mib'])} | {k['acquired']} |")
     lines += ["", "The checkpoint does not grow with what was accepted (its mixture state is a position); the shards "
               "grow with accepted images only; the cache grows with every fetched body, and a disk budget "
-              "(`disk.max_gb`) bounds the folder by evicting rejected bodies first (explorer/disk.py)."]
+              "(`disk.max_gb`) bounds the folder by evicting rejected bodies first (explorer/run/disk.py)."]
     return "\n".join(lines) + "\n"
 
 
@@ -192,11 +192,11 @@ def soak_child(iterations: int, threads: int) -> None:
     torch.set_num_threads(threads)
     from conftest import TINY_EXPERIMENT
 
-    from explorer.config import ExperimentConfig, from_dict
-    from explorer.corpus import CorpusSpec, build_corpus
-    from explorer.engine import HybridIndex, SearchServer
-    from explorer.loop import AcquisitionLoop
-    from explorer.text_encoder import default_encoder
+    from explorer.run.config import ExperimentConfig, from_dict
+    from explorer.run.loop import AcquisitionLoop
+    from explorer.web.corpus import CorpusSpec, build_corpus
+    from explorer.web.engine import HybridIndex, SearchServer
+    from explorer.web.text_encoder import default_encoder
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = build_corpus(Path(tmp) / "corpus", CorpusSpec(limit_per_source=150), progress=False)

@@ -1,6 +1,6 @@
 """Fetcher throughput over loopback: fetch + validate + decode to uint8 (3, 32, 32), images/s.
 
-A loopback server (tests/explorer/fault_server.py) serves N real Fashion-MNIST test images as
+A loopback server (tests/explorer/acquire/fault_server.py) serves N real Fashion-MNIST test images as
 28x28 PNGs and M real openclipart PNGs (RGBA, ~200-1000 px). For each concurrency setting the
 script fetches every URL without a cache, then prints images/s and MB/s. It also prints the
 decode-only rate (validate + to_pipeline_tensor, no HTTP) and the rate of a cached replay, which
@@ -22,11 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test server lives in tests/
 
-from explorer.cache import ResponseCache  # noqa: E402
-from explorer.fetch import FetchConfig, allow_origin, fetch_images  # noqa: E402
-from explorer.validate import decode_batch  # noqa: E402
-from tests.explorer.fault_server import (  # noqa: E402
-    FaultServer, Route, clipart_pngs, fashion_images, png_bytes,
+from explorer.acquire.cache import ResponseCache  # noqa: E402
+from explorer.acquire.fetch import FetchConfig, allow_origin, fetch_images  # noqa: E402
+from explorer.acquire.validate import decode_batch  # noqa: E402
+from tests.explorer.acquire.fault_server import (  # noqa: E402
+    FaultServer,
+    Route,
+    clipart_pngs,
+    fashion_images,
+    png_bytes,
 )
 
 

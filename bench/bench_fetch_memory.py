@@ -38,8 +38,8 @@ def _status_kib(field: str) -> int:
 def _fetch_in_child(body: bytes, budget: int, out) -> None:
     import torch  # noqa: F401  (the first decode would import it: ~0.5 GB that is not the fetch's)
 
-    from explorer.fetch import FetchConfig, allow_origin, fetch_images
-    from tests.explorer.fault_server import FaultServer, Route
+    from explorer.acquire.fetch import FetchConfig, allow_origin, fetch_images
+    from tests.explorer.acquire.fault_server import FaultServer, Route
 
     with FaultServer({f"/{i}.png": Route(body=body) for i in range(N_IMAGES)}) as srv:
         cfg = allow_origin(FetchConfig(max_bytes=len(body), respect_robots=False, decode_budget_bytes=budget,
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from bench.machine import finish_report
-    from explorer.fetch import FetchConfig
-    from tests.explorer.fault_server import png_bytes
+    from explorer.acquire.fetch import FetchConfig
+    from tests.explorer.acquire.fault_server import png_bytes
 
     pattern = np.indices((SIDE, SIDE)).sum(axis=0) % 251  # compresses to ~0.25 MB, decodes to 48 MiB
     body = png_bytes(np.stack([pattern, pattern[::-1], pattern.T], axis=-1).astype(np.uint8))

@@ -1,4 +1,4 @@
-"""Time the k-NN image reward: faiss (explorer.scoring.knn_reward) vs a naive torch version.
+"""Time the k-NN image reward: faiss (explorer.score.reward.knn_reward) vs a naive torch version.
 
 Random unit candidates are rewarded against random unit targets (default 60k x 512, the size
 of a Fashion-MNIST-scale target set). For each candidate count the script prints wall time and
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import loglog_plot, write_machine, write_rows  # noqa: E402
-from explorer.scoring import TargetIndex, knn_reward  # noqa: E402
+from explorer.score.reward import TargetIndex, knn_reward  # noqa: E402
 
 
 def naive_knn_reward(candidates: torch.Tensor, targets: torch.Tensor, k: int,
@@ -99,7 +99,7 @@ def main() -> None:
         rows[-1]["faiss_loglog_slope"] = round(float(slope), 3)
     write_rows(args.out, "results", rows)
     naive = [r for r in rows if r["naive_torch_s"] is not None]
-    loglog_plot(args.out / "scaling.png", {"faiss (explorer.scoring.knn_reward)": ([r["candidates"] for r in rows],
+    loglog_plot(args.out / "scaling.png", {"faiss (explorer.score.reward.knn_reward)": ([r["candidates"] for r in rows],
                                                                                 [r["faiss_s"] for r in rows]),
                                            "naive torch": ([r["candidates"] for r in naive],
                                                            [r["naive_torch_s"] for r in naive])},

@@ -42,14 +42,14 @@ def measure(name: str, batch: int, rounds: int, threads: int, vocabulary: int) -
     torch.set_num_threads(threads)
     import numpy as np
 
-    from explorer.vocabulary import cached_wordnet, query_nouns
-    from policies.base import build_policy
+    from explorer.web.vocabulary import cached_wordnet, query_nouns
+    from policies import build_policy
 
     nouns = query_nouns(cached_wordnet(), max_words=2, exclude_proper=True)
     concepts = sorted(np.random.default_rng(0).choice(nouns, size=min(vocabulary, len(nouns)), replace=False).tolist())
     options = {"target_description": "product photos of clothes, shoes and bags on a plain background"}
     if name == "hybrid":
-        from explorer.text_encoder import default_encoder
+        from explorer.web.text_encoder import default_encoder
         options["embeddings"] = default_encoder().encode(concepts)
     t0 = time.perf_counter()
     policy = build_policy(name, concepts=concepts, seed=0, **options)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from explorer.text_sources import load_wikipedia_leads
+from explorer.web.text_sources import load_wikipedia_leads
 from learners.lm import LM_SIZES, LMConfig, LMLearner, LMShape, build_optimizer, non_embedding_params
 from learners.text_data import PackedTextStream
 from learners.tokenizer import TokenizerConfig, train_tokenizer

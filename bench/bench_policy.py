@@ -13,8 +13,8 @@ refits the GP and predicts all N concepts. With `--sklearn-reference` it also ti
 from __future__ import annotations
 
 import argparse
-import sys
 import os
+import sys
 import time
 from pathlib import Path
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import httpx
 
-from explorer.corpus import WebCorpus, default_corpus_dir
-from explorer.engine import HybridIndex, SearchServer
-from explorer.fetch import FetchConfig, allow_origin, fetch_images
-from explorer.text_encoder import default_encoder
+from explorer.acquire.fetch import FetchConfig, allow_origin, fetch_images
+from explorer.web.corpus import WebCorpus, default_corpus_dir
+from explorer.web.engine import HybridIndex, SearchServer
+from explorer.web.text_encoder import default_encoder
 
 
 def _queries(corpus: WebCorpus, n: int) -> list[str]:

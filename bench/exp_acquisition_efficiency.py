@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None, *, section: str = "efficiency", name: st
     add_grid_arguments(parser, "--runs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / name)
     args = parser.parse_args(argv)
-    from explorer.report import write_report
+    from explorer.analysis.report import write_report
 
     run_dirs = run_grid_from_args(args)
     report = write_report(run_dirs, args.out, title=title, sections=(section,))

@@ -47,7 +47,7 @@ DEFAULT_RUNS = ROOT / "runs" / "bench-data-value"
 
 def web_pool(cfg, source: str) -> np.ndarray:
     """Corpus rows a source draws from (the hidden truth decides what is of the target's kind)."""
-    from explorer.agent import ground_truth, open_corpus
+    from explorer.run.agent import ground_truth, open_corpus
 
     corpus = open_corpus(cfg)
     truth = ground_truth(cfg, corpus)
@@ -60,10 +60,10 @@ def draw_images(cfg, source: str, n: int, seed: int):
     """n decodable web images of `source`, none a copy of a probe_test image; uint8 (n, 3, S, S)."""
     import torch
 
-    from explorer.agent import open_corpus
-    from explorer.scoring import image_signature, near_duplicates
-    from explorer.target import load_target
-    from explorer.validate import decode_batch
+    from explorer.acquire.validate import decode_batch
+    from explorer.run.agent import open_corpus
+    from explorer.score.reward import image_signature, near_duplicates
+    from explorer.score.target import load_target
 
     corpus = open_corpus(cfg)
     pool = np.random.default_rng(10_000 + seed).permutation(web_pool(cfg, source))
@@ -93,11 +93,10 @@ def conditions(sources: list[str], sizes: list[int], compare_size: int) -> list[
 def run_grid(config: Path, out: Path, seeds: list[int], sources: list[str], sizes: list[int],
              compare_size: int, overrides: dict | None = None) -> list[dict]:
     """Runs what is missing (results cached as JSON per run); returns every run's scores."""
-    from explorer.baselines import continue_from_base
-    from explorer.config import load_config
-    from explorer.demo import _ensure_corpus
-
     from bench.acquisition_grid import _base  # one base per seed, as the policy grid's
+    from explorer.run.baselines import continue_from_base
+    from explorer.run.config import load_config
+    from explorer.run.demo import _ensure_corpus
 
     base_cfg = load_config(config, overrides)
     _ensure_corpus(base_cfg)
@@ -137,7 +136,7 @@ def paired(rows: list[dict], name: str, key: str) -> tuple[float, float, float, 
 
 
 def write_report(rows: list[dict], out: Path, pixels: dict) -> Path:
-    from explorer.report import fmt, mean_ci
+    from explorer.analysis.report import fmt, mean_ci
 
     out.mkdir(parents=True, exist_ok=True)
     with (out / "runs.csv").open("w", newline="") as f:
@@ -200,13 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from explorer.baselines import pixel_scores
-    from explorer.cli import _parse_overrides
-    from explorer.config import load_config
+    from explorer.run.baselines import pixel_scores
+    from explorer.run.config import load_config, parse_overrides
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    overrides = _parse_overrides(args.set)
+    overrides = parse_overrides(args.set)
     rows = run_grid(args.config, args.runs, args.seeds, args.sources, args.sizes, args.compare_size, overrides)
     report = write_report(rows, args.out, pixel_scores(load_config(args.config, overrides)))
     write_machine(args.out, " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]))

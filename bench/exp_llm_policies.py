@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "llm_policies")
     parser.add_argument("--report-only", action="store_true", help="report the runs there are; run nothing")
     args = parser.parse_args(argv)
-    from explorer.report import fmt, mean_ci
+    from explorer.analysis.report import fmt, mean_ci
 
     if not args.report_only:
         run_grid_from_args(args)

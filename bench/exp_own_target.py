@@ -42,7 +42,7 @@ def export_folder(root: Path, per_class: int = 200) -> Path:
     """The user's folder: `per_class` test images of each footwear class as PNGs, in class folders."""
     from PIL import Image
 
-    from explorer.sources import FASHION_MNIST_DIR
+    from explorer.web.sources import FASHION_MNIST_DIR
 
     if (root / "README.txt").exists():
         return root
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from explorer.report import read_run, write_report
+    from explorer.analysis.report import read_run, write_report
 
     torch.set_num_threads(args.threads)
     t0 = time.time()

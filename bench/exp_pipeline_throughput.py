@@ -1,9 +1,9 @@
 """Experiment 3 - throughput of the acquisition pipeline against its bound, with the time per stage.
 
 The pipeline is what one loop iteration does to search results: loopback HTTP fetch from the
-local engine's /image endpoint + validate + decode to uint8 (3, 32, 32) (explorer.fetch), embed
+local engine's /image endpoint + validate + decode to uint8 (3, 32, 32) (explorer.acquire.fetch), embed
 with the MoCo-v3 encoder (MoCoLearner.embed) and the k-NN reward against the target embeddings
-(explorer.scoring, faiss). The bound is the encoder forward pass alone on the same images and
+(explorer.score.reward, faiss). The bound is the encoder forward pass alone on the same images and
 batch size: no pipeline that embeds every candidate can beat it.
 
 Measurements over the same N corpus images (a seeded sample of the default corpus, so
@@ -57,7 +57,7 @@ def _start_engine(port: int) -> subprocess.Popen:
 
 def _urls(port: int, n: int, seed: int) -> tuple[list[str], list[str]]:
     """n image URLs sampled from the default corpus, and each image's source dataset."""
-    from explorer.corpus import WebCorpus, default_corpus_dir
+    from explorer.web.corpus import WebCorpus, default_corpus_dir
 
     corpus = WebCorpus(default_corpus_dir())
     keys = np.random.default_rng(seed).choice(len(corpus), size=n, replace=False)
@@ -66,10 +66,10 @@ def _urls(port: int, n: int, seed: int) -> tuple[list[str], list[str]]:
 
 
 def _learner_and_index():
-    from explorer.agent import build_learner
-    from explorer.config import load_config
-    from explorer.scoring import TargetIndex
-    from explorer.target import load_target
+    from explorer.run.agent import build_learner
+    from explorer.run.config import load_config
+    from explorer.score.reward import TargetIndex
+    from explorer.score.target import load_target
 
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     target = load_target(cfg.target)
@@ -81,7 +81,7 @@ def _stages(urls, batch, fetch_cfg, learner, index, cfg) -> dict[str, float]:
     """Sequential: seconds spent in each stage over all batches."""
     import torch
 
-    from explorer.fetch import fetch_images
+    from explorer.acquire.fetch import fetch_images
 
     spent = {"fetch+validate+decode": 0.0, "embed": 0.0, "knn reward": 0.0}
     for start in range(0, len(urls), batch):
@@ -103,7 +103,7 @@ def _transfer_and_decode(urls: list[str], sources: list[str]) -> tuple[dict[str,
     alone from bodies in memory (one thread), and the decode seconds per image source."""
     import httpx
 
-    from explorer.validate import to_pipeline_tensor, validate_image
+    from explorer.acquire.validate import to_pipeline_tensor, validate_image
 
     t = time.perf_counter()
     with httpx.Client() as client:
@@ -120,8 +120,8 @@ def _transfer_and_decode(urls: list[str], sources: list[str]) -> tuple[dict[str,
 
 
 def _fetcher_by_concurrency(urls: list[str], levels: list[int]) -> dict[str, float]:
-    """images/s of fetch + validate + decode (explorer.fetch) at each concurrency."""
-    from explorer.fetch import FetchConfig, allow_origin, fetch_images
+    """images/s of fetch + validate + decode (explorer.acquire.fetch) at each concurrency."""
+    from explorer.acquire.fetch import FetchConfig, allow_origin, fetch_images
 
     rates = {}
     for level in levels:
@@ -136,7 +136,7 @@ def _overlapped_batches(urls: list[str], batch: int, fetch_cfg):
     """Decoded images of consecutive batches, with the next batch's fetch always in flight in a thread."""
     import torch
 
-    from explorer.fetch import fetch_images
+    from explorer.acquire.fetch import fetch_images
 
     starts = list(range(0, len(urls), batch))
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from explorer.fetch import FetchConfig, allow_origin, fetch_images
+    from explorer.acquire.fetch import FetchConfig, allow_origin, fetch_images
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -62,9 +62,9 @@ def finished(run_dir: Path) -> bool:
 def calibrate(config: Path, runs: Path, seed: int, budget: float, overrides: dict) -> dict:
     """The planner's R*, fitted to its own run on the target alone (`explorer plan --repeats`): seed
     `seed` (not one of the compared seeds), the largest budget, evaluated every CALIBRATION_TOKENS."""
-    from explorer.config import load_config
-    from explorer.plan import format_repeat_fit, repeat_decay_from_run
-    from explorer.text_runs import local_text_engine_for
+    from explorer.analysis.plan import format_repeat_fit, repeat_decay_from_run
+    from explorer.run.config import load_config
+    from explorer.run.text_experiment import local_text_engine_for
 
     run_dir = runs / "calibration" / f"seed-{seed}"
     cfg = load_config(config, {**OVERRIDES, **overrides, "seed": seed, "text.flop_budget": budget,
@@ -91,8 +91,8 @@ def mark_done(run_dir: Path, cfg, rows: list[dict], t0: float | None = None) -> 
 
 def run_grid(config: Path, runs: Path, budgets: list[float], seeds: list[int], strategies: list[str],
              overrides: dict, r_star: float | None = None) -> None:
-    from explorer.config import load_config
-    from explorer.text_runs import local_text_engine_for
+    from explorer.run.config import load_config
+    from explorer.run.text_experiment import local_text_engine_for
 
     for seed in seeds:
         todo = []
@@ -131,7 +131,7 @@ def summarise(run_dir: Path) -> dict:
 
 
 def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path, calibration: dict | None = None) -> Path:
-    from explorer.report import fmt, mean_ci
+    from explorer.analysis.report import fmt, mean_ci
 
     out.mkdir(parents=True, exist_ok=True)
     with (out / "runs.csv").open("w", newline="") as f:

@@ -54,8 +54,8 @@ def source_counts(cfg, corpus, vocab) -> tuple[np.ndarray, list[str]]:
     """(concepts, sources) counts of each concept's top-n local results by hidden source (cached)."""
     from tqdm import tqdm
 
-    from explorer.engine import HybridIndex
-    from explorer.text_encoder import default_encoder
+    from explorer.web.engine import HybridIndex
+    from explorer.web.text_encoder import default_encoder
 
     n = cfg.search.results_per_query
     sources = sorted(set(np.asarray(corpus.hidden["source"]).tolist()))
@@ -125,10 +125,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "policy_simulation")
     args = parser.parse_args(argv)
 
-    from explorer.agent import concept_embeddings, load_vocabulary
-    from explorer.config import load_config
-    from explorer.corpus import WebCorpus, default_corpus_dir
-    from explorer.demo import _ensure_corpus
+    from explorer.run.agent import concept_embeddings, load_vocabulary
+    from explorer.run.config import load_config
+    from explorer.run.demo import _ensure_corpus
+    from explorer.web.corpus import WebCorpus, default_corpus_dir
     from policies import build_policy
 
     cfg = load_config(args.config)

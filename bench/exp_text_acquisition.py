@@ -63,8 +63,8 @@ def finished(run_dir: Path, iterations: int) -> bool:
 
 def run_grid(config: Path, runs: Path, seeds: list[int], conditions: list[str], overrides: dict) -> None:
     """Every (seed, condition) run that is missing; one local engine per seed serves all of them."""
-    from explorer.config import load_config
-    from explorer.text_runs import local_text_engine_for
+    from explorer.run.config import load_config
+    from explorer.run.text_experiment import local_text_engine_for
 
     for seed in seeds:
         todo = []
@@ -85,7 +85,7 @@ def run_grid(config: Path, runs: Path, seeds: list[int], conditions: list[str], 
 
 def run_text(cfg, run_dir: Path, engine_url: str, log=print) -> list[dict]:
     """One text run into `run_dir`: resumed from its checkpoint, or started over if it was cut before one."""
-    from explorer.text_runs import run_text_experiment
+    from explorer.run.text_experiment import run_text_experiment
 
     resume = (run_dir / "checkpoint.pt").exists()
     if not resume and run_dir.exists():
@@ -96,9 +96,9 @@ def run_text(cfg, run_dir: Path, engine_url: str, log=print) -> list[dict]:
 def web_base_rate(config: Path, seed: int, overrides: dict) -> tuple[float, int, int]:
     """(share of the target topic among web documents a run can acquire, on-topic count, web size):
     the web minus the target and held-out documents of this seed's split."""
-    from explorer.config import load_config
-    from explorer.text_agent import open_text_corpus
-    from explorer.text_corpus import split_text_target
+    from explorer.run.config import load_config
+    from explorer.run.text_agent import open_text_corpus
+    from explorer.web.text_corpus import split_text_target
 
     cfg = load_config(config, {**overrides, "seed": seed})
     corpus = open_text_corpus(cfg)
@@ -132,14 +132,14 @@ def summarise(run_dir: Path) -> dict:
 
 def paired(per_seed: dict[int, dict], name: str, reference: str, key: str = "log_ppl") -> tuple[np.ndarray, tuple]:
     """Per seed `reference` - `name` (positive: `name` is better), and its mean, 95% half-width, n."""
-    from explorer.report import mean_ci
+    from explorer.analysis.report import mean_ci
 
     diffs = np.array([s[reference][key] - s[name][key] for s in per_seed.values() if name in s and reference in s])
     return diffs, mean_ci(diffs)
 
 
 def write_report(per_seed: dict[int, dict], rates: dict[int, tuple], out: Path) -> Path:
-    from explorer.report import fmt, mean_ci
+    from explorer.analysis.report import fmt, mean_ci
 
     out.mkdir(parents=True, exist_ok=True)
     names = [n for n in CONDITIONS if any(n in s for s in per_seed.values())]
@@ -267,10 +267,10 @@ def text_bench_setup(args: argparse.Namespace) -> dict:
     """Sets torch's threads; returns the --set overrides."""
     import torch
 
-    from explorer.cli import _parse_overrides
+    from explorer.run.config import parse_overrides
 
     torch.set_num_threads(args.threads)
-    return _parse_overrides(args.set)
+    return parse_overrides(args.set)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
     args = parser.parse_args(argv)
 
-    from explorer.config import load_config
+    from explorer.run.config import load_config
 
     overrides = text_bench_setup(args)
     run_grid(args.config, args.runs, args.seeds, args.conditions, overrides)

@@ -8,14 +8,14 @@ import sys
 import time
 from pathlib import Path
 
-from explorer.corpus import default_corpus_dir
+from explorer.web.corpus import default_corpus_dir
 
 DEFAULT_PORT = 8765
 
 
 def _corpus_build(args) -> int:
-    from explorer.captions import CaptionNoise
-    from explorer.corpus import CorpusSpec, build_corpus
+    from explorer.web.captions import CaptionNoise
+    from explorer.web.corpus import CorpusSpec, build_corpus
 
     spec = CorpusSpec(sources=tuple(args.sources.split(",")), limit_per_source=args.limit_per_source,
                       seed=args.seed, noise=CaptionNoise(wrong=args.wrong_captions),
@@ -30,23 +30,15 @@ def _corpus_build(args) -> int:
 def _corpus_info(args) -> int:
     import json
 
-    from explorer.corpus import WebCorpus
+    from explorer.web.corpus import WebCorpus
 
     print(json.dumps(WebCorpus(args.corpus).meta, indent=2))
     return 0
 
 
-def open_local_engine(corpus_dir: Path, port: int = 0, min_score: float = 0.25, error_log: Path | None = None):
-    """Load a corpus, index it and start the engine on 127.0.0.1 (a started `SearchServer`)."""
-    from explorer.corpus import WebCorpus
-    from explorer.engine import HybridIndex, SearchServer
-    from explorer.text_encoder import default_encoder
-
-    index = HybridIndex(WebCorpus(corpus_dir), default_encoder(), min_score=min_score)
-    return SearchServer(index, port=port, error_log=error_log).start()
-
-
 def _serve(args) -> int:
+    from explorer.web.engine import open_local_engine
+
     server = open_local_engine(args.corpus, args.port, args.min_score)
     print(f"serving {args.corpus} at {server.url}  (try {server.url}/search?q=sneaker&format=json); Ctrl-C stops")
     try:
@@ -60,8 +52,9 @@ def _serve(args) -> int:
 
 
 def _search(args) -> int:
-    from explorer.cache import ResponseCache
-    from explorer.search import SearchError, build_backend
+    from explorer.acquire.cache import ResponseCache
+    from explorer.acquire.search import SearchError, build_backend
+    from explorer.web.engine import open_local_engine
 
     server = None
     url = args.url
@@ -92,7 +85,7 @@ def _search(args) -> int:
 
 def _truth_lookup(corpus_dir: Path):
     """Evaluation only: the hidden source/class of a local-engine image URL."""
-    from explorer.corpus import WebCorpus
+    from explorer.web.corpus import WebCorpus
 
     corpus = WebCorpus(corpus_dir)
 
@@ -100,18 +93,6 @@ def _truth_lookup(corpus_dir: Path):
         i = corpus.index_of.get(url.rsplit("/", 1)[-1])
         return "?" if i is None else f"{corpus.hidden['source'][i]}:{corpus.hidden['class_name'][i]}"
     return lookup
-
-
-def _parse_overrides(pairs: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"--set takes KEY=VALUE (e.g. policy.name=random), got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
-    return out
 
 
 def _positive_int(text: str) -> int:
@@ -122,10 +103,10 @@ def _positive_int(text: str) -> int:
 
 
 def _run(args) -> int:
-    from explorer.config import load_config
-    from explorer.runs import default_run_dir, run_experiment
+    from explorer.run.config import load_config, parse_overrides
+    from explorer.run.experiment import default_run_dir, run_experiment
 
-    overrides = _parse_overrides(args.set)
+    overrides = parse_overrides(args.set)
     if args.target:
         overrides["target.name"] = str(args.target.resolve())
         for size in ("target.acquire_size", "target.probe_train_size"):  # a folder is split by fractions
@@ -139,7 +120,7 @@ def _run(args) -> int:
 
 
 def _replay(args) -> int:
-    from explorer.runs import replay_run
+    from explorer.run.experiment import replay_run
 
     diffs = replay_run(args.run_dir, progress=not args.quiet)
     if diffs:
@@ -151,7 +132,7 @@ def _replay(args) -> int:
 
 
 def _daemon(args) -> int:
-    from explorer.daemon import run_daemon
+    from explorer.run.daemon import run_daemon
 
     return run_daemon(args.config, args.out, forever=args.forever, progress=not args.quiet,
                       status_port=args.status_port, keep_checkpoints=args.keep_checkpoints,
@@ -159,14 +140,14 @@ def _daemon(args) -> int:
 
 
 def _status(args) -> int:
-    from explorer.daemon import run_status
+    from explorer.run.daemon import run_status
 
     print(run_status(args.run_dir))
     return 0
 
 
 def _report(args) -> int:
-    from explorer.report import write_report
+    from explorer.analysis.report import write_report
 
     out = args.out or Path(args.run_dirs[0]) / "report"
     report = write_report(args.run_dirs, out, title=args.title)
@@ -176,7 +157,13 @@ def _report(args) -> int:
 
 
 def _plan(args) -> int:
-    from explorer.plan import format_plan, format_repeat_fit, load_observations, plan_from_runs, repeat_decay_from_run
+    from explorer.analysis.plan import (
+        format_plan,
+        format_repeat_fit,
+        load_observations,
+        plan_from_runs,
+        repeat_decay_from_run,
+    )
 
     if args.repeats is not None:
         print(format_repeat_fit(repeat_decay_from_run(args.repeats), args.repeats))
@@ -191,8 +178,8 @@ def _plan(args) -> int:
 
 
 def _sweep(args) -> int:
-    from explorer.plan import format_plan, plan_from_runs
-    from explorer.sweep import load_sweep_config, run_sweep, sweep_summary
+    from explorer.analysis.plan import format_plan, plan_from_runs
+    from explorer.analysis.sweep import load_sweep_config, run_sweep, sweep_summary
     from learners.budget import FitConfig
 
     cfg = load_sweep_config(args.config)
@@ -213,7 +200,7 @@ def _sweep(args) -> int:
 
 
 def _demo(args) -> int:
-    from explorer.demo import run_demo
+    from explorer.run.demo import run_demo
 
     return run_demo(args.config, args.out, progress=not args.quiet)
 

@@ -60,7 +60,7 @@ class MoCoConfig:
     weight_decay: float = 0.1  # not applied to biases and norm weights (1-d parameters)
     warmup_steps: int = 50
     # Length of the lr and momentum schedules (later steps keep the end values). None: a run derives
-    # it from the steps it will take (explorer.agent.build_learner); a learner needs it set.
+    # it from the steps it will take (explorer.run.agent.build_learner); a learner needs it set.
     total_steps: int | None = None
     # Target images per global batch (acquired images come on top: learners/mixture.py); split over DDP ranks.
     batch_size: int = 128
@@ -382,7 +382,7 @@ class MoCoLearner:
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> "MoCoLearner":
         """A learner rebuilt from a checkpoint's own config, with its state restored, and its mixture
-        when that was in memory (a run's mixture over shards is rebuilt by the run: explorer/loop.py)."""
+        when that was in memory (a run's mixture over shards is rebuilt by the run: explorer/run/loop.py)."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         learner = cls(MoCoConfig.from_dict(state["config"]), device=device)
         learner.load_state_dict(state)

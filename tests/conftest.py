@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory):
     """150 real items from each installed source, built once per test session."""
-    from explorer.corpus import CorpusSpec, build_corpus
+    from explorer.web.corpus import CorpusSpec, build_corpus
 
     return build_corpus(tmp_path_factory.mktemp("corpus"), CorpusSpec(limit_per_source=150), progress=False)
 
@@ -22,8 +22,8 @@ def small_corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def engine(small_corpus):
     """The local search engine over `small_corpus`, on 127.0.0.1, for the whole session."""
-    from explorer.engine import HybridIndex, SearchServer
-    from explorer.text_encoder import default_encoder
+    from explorer.web.engine import HybridIndex, SearchServer
+    from explorer.web.text_encoder import default_encoder
 
     server = SearchServer(HybridIndex(small_corpus, default_encoder())).start()
     yield server
@@ -45,7 +45,7 @@ TINY_EXPERIMENT = {
 @pytest.fixture(scope="session")
 def tiny_experiment(small_corpus):
     """`tiny_experiment(**changes)`: a 2-iteration experiment on `small_corpus` with a tiny learner."""
-    from explorer.config import ExperimentConfig, from_dict
+    from explorer.run.config import ExperimentConfig, from_dict
 
     return lambda **changes: from_dict(ExperimentConfig, {**TINY_EXPERIMENT, "corpus": str(small_corpus.root),
                                                           **changes})

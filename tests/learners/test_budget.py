@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from explorer.plan import format_plan, load_observations, plan_from_runs, repeat_decay_from_run
+from explorer.analysis.plan import format_plan, load_observations, plan_from_runs, repeat_decay_from_run
 from learners.budget import (
     AcquisitionRound,
     ScalingLaw,
@@ -225,7 +225,7 @@ def test_a_small_r_star_turns_training_on_repeats_into_acquiring():
 
 
 def test_repeat_decay_from_run_reads_a_target_only_run_and_refuses_others(tmp_path):
-    from explorer.config import PRIOR_LAW
+    from explorer.run.config import PRIOR_LAW
 
     trained, loss = _repeat_curve(4.0)
     (tmp_path / "config.yaml").write_text("modality: text\n")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from explorer.text_sources import load_wikipedia_leads, split_target_text
+from explorer.web.text_sources import load_wikipedia_leads, split_target_text
 from learners.lm import LM_SIZES, LMConfig, LMLearner, LMShape, build_lm, non_embedding_params
 from learners.spikes import SpikeConfig
 from learners.text_data import PackedTextStream

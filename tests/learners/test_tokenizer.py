@@ -2,9 +2,14 @@ import random
 
 import pytest
 
-from explorer.text_sources import load_wikipedia_leads, split_target_text, wikipedia_topics
-from learners.tokenizer import (TextTokenizer, TokenizerConfig, load_mistral_tokenizer, mistral_tokenizer_path,
-                                train_tokenizer)
+from explorer.web.text_sources import load_wikipedia_leads, split_target_text, wikipedia_topics
+from learners.tokenizer import (
+    TextTokenizer,
+    TokenizerConfig,
+    load_mistral_tokenizer,
+    mistral_tokenizer_path,
+    train_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")

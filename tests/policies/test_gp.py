@@ -5,7 +5,7 @@ import pytest
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
 
-from explorer.text_encoder import default_encoder
+from explorer.web.text_encoder import default_encoder
 from policies import Query, build_policy
 from policies.gp import GPConfig, fit_gp, gp_posterior, latest_distinct
 from policies.random_policy import QueryLog

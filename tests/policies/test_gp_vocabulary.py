@@ -6,8 +6,8 @@ clothing, footwear or bag (the target's kind), and relevant queries yield like r
 import numpy as np
 import pytest
 
-from explorer.text_encoder import default_encoder
-from explorer.vocabulary import ConceptVocabulary
+from explorer.web.text_encoder import default_encoder
+from explorer.web.vocabulary import ConceptVocabulary
 from policies import build_policy
 
 KIND = {"clothing", "footwear", "bag", "garment", "apparel", "wear"}

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from explorer.text_encoder import default_encoder
+from explorer.web.text_encoder import default_encoder
 from policies import POLICIES, Query, QueryPolicy, build_policy
 
 CONCEPTS = ["shoe", "boot", "sandal", "sneaker", "slipper", "coat", "dress", "shirt", "trousers",

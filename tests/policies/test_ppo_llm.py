@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from explorer.loop import AcquisitionLoop
+from explorer.run.loop import AcquisitionLoop
 from policies import Query, QueryPolicy, build_policy, ppo
-from policies.ppo_llm import INVALID_QUERY_PENALTY, ByteTokenizer, LLMPolicyConfig, clean_query, query_text, response_mask
+from policies.llm_models import ByteTokenizer, clean_query, query_text, response_mask
+from policies.ppo_llm import LLMPolicyConfig
+from policies.ppo_update import INVALID_QUERY_PENALTY
 
 CONCEPTS = ["shoe", "boot", "sandal", "sneaker", "slipper", "coat", "dress", "shirt", "trousers",
             "bag", "dog", "cat", "horse", "car", "truck", "tractor", "banana", "apple", "bread",
@@ -231,7 +233,7 @@ def test_same_seed_same_queries_other_seed_other_queries():
 
 @pytest.fixture(scope="module")
 def hybrid_kwargs():
-    from explorer.text_encoder import default_encoder
+    from explorer.web.text_encoder import default_encoder
 
     encode = default_encoder().encode
     return {"embeddings": encode(CONCEPTS), "text_encoder": encode, "gp": {"explore_first": 4},
@@ -295,7 +297,7 @@ def test_policy_runs_in_the_acquisition_loop(name, iterations, tiny_experiment, 
     assert len(queries) == 4 * iterations and all(isinstance(q, str) and q for q in queries)
     vocabulary = set(loop.vocab.concepts)
     assert any(q not in vocabulary for q in queries)  # free text reached the search engine
-    from explorer.checkpoints import load_latest_checkpoint
+    from explorer.run.checkpoints import load_latest_checkpoint
 
     state = load_latest_checkpoint(tmp_path).state["policy"]
     assert state["policy"] == name and len(state["log"]["rewards"]) == 4 * iterations

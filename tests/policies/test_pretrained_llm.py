@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from policies.base import build_policy
+from policies import build_policy
 
 pytestmark = pytest.mark.slow
 

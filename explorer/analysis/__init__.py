@@ -1,0 +1,1 @@
+"""After the runs: reports and plots, the LM isoFLOP sweep, and the compute planner."""

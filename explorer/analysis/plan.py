@@ -1,0 +1,145 @@
+"""`explorer plan`: from finished text runs to what the next FLOPs should buy.
+
+Observations are runs with `n_params` (non-embedding), `tokens` and final `loss`, given as a list of
+dicts or a JSON / CSV file of them. `plan_from_runs` fits the scaling law with bootstrap intervals,
+splits the budget compute-optimally and decides: acquire text, grow the model, or train.
+`format_plan` renders the result for a terminal. `repeat_decay_from_run` fits the planner's R*
+(how fast repeated tokens lose their worth) to a text run that trained on its target alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from learners.budget import (
+    Decision,
+    FitConfig,
+    LawFit,
+    LawIntervals,
+    RepeatFit,
+    bootstrap_intervals,
+    decide,
+    fit_repeat_decay,
+    fit_scaling_law,
+)
+from learners.flops import ModelShape
+
+OBSERVATION_KEYS = ("n_params", "tokens", "loss")
+
+
+def load_observations(source: str | Path | Iterable[Mapping]) -> list[dict[str, float]]:
+    """Runs as dicts with n_params, tokens, loss: from a list, a .json (list or {"runs": [...]}) or a .csv."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.suffix.lower() == ".csv":
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            data = json.loads(path.read_text())
+            rows = data["runs"] if isinstance(data, dict) else data
+    else:
+        rows = list(source)
+    runs = []
+    for i, row in enumerate(rows):
+        missing = [k for k in OBSERVATION_KEYS if k not in row]
+        if missing:
+            raise KeyError(f"run {i} lacks {missing}; every run needs {', '.join(OBSERVATION_KEYS)}")
+        runs.append({k: float(row[k]) for k in OBSERVATION_KEYS})
+    return runs
+
+
+@dataclass(kw_only=True, frozen=True)
+class Plan:
+    fit: LawFit
+    intervals: LawIntervals | None  # None when bootstrapping was switched off
+    budget_flops: float
+    tokens_available: float
+    current_params: float
+    n_opt: float  # compute-optimal non-embedding parameters for the budget
+    d_opt: float  # compute-optimal tokens for the budget
+    decision: Decision
+
+
+def plan_from_runs(observations: str | Path | Iterable[Mapping], budget_flops: float, tokens_available: float,
+                   *, current_params: float | None = None, n_resamples: int = 100, level: float = 0.8,
+                   seed: int = 0, fit_config: FitConfig | None = None, grow_factor: float = 2.0,
+                   size_table: dict[str, ModelShape] | None = None) -> Plan:
+    """Fit, bootstrap (`n_resamples` = 0 skips it) and decide for `budget_flops` of remaining compute.
+
+    `current_params` defaults to the largest model among the runs (the one most recently grown to).
+    """
+    runs = load_observations(observations)
+    n, d, loss = (np.array([r[k] for r in runs]) for k in OBSERVATION_KEYS)
+    fit = fit_scaling_law(n, d, loss, fit_config)
+    intervals = None
+    if n_resamples > 0:
+        intervals = bootstrap_intervals(n, d, loss, fit.law, n_resamples=n_resamples, level=level, seed=seed)
+    current = float(n.max()) if current_params is None else float(current_params)
+    n_opt, d_opt = (float(x) for x in fit.law.compute_optimal(budget_flops))
+    decision = decide(fit.law, budget_flops, tokens_available, current, grow_factor=grow_factor,
+                      size_table=size_table)
+    return Plan(fit=fit, intervals=intervals, budget_flops=float(budget_flops),
+                tokens_available=float(tokens_available), current_params=current, n_opt=n_opt, d_opt=d_opt,
+                decision=decision)
+
+
+def _interval(plan: Plan, name: str) -> str:
+    if plan.intervals is None:
+        return ""
+    low, high = plan.intervals.bounds[name]
+    return f"  [{low:.4g}, {high:.4g}]"
+
+
+def format_plan(plan: Plan) -> str:
+    """A readable multi-line summary: the law with intervals, the optimal split, the decision."""
+    law = plan.fit.law
+    level = ""
+    if plan.intervals is not None:
+        level = f" ({plan.intervals.level:.0%} bootstrap CI, {plan.intervals.n_resamples} resamples)"
+    lines = [f"scaling law L(N, D) = E + A/N^alpha + B/D^beta from {plan.fit.n_observations} runs{level}:"]
+    for name, value in law.as_dict().items():
+        lines.append(f"  {name:<6} = {value:.4g}{_interval(plan, name)}")
+    lines += [
+        f"  N_opt ~ C^{law.n_exponent:.3f}{_interval(plan, 'n_exponent')},"
+        f"  D_opt ~ C^{law.d_exponent:.3f}{_interval(plan, 'd_exponent')}",
+        f"budget {plan.budget_flops:.3g} FLOPs: N_opt = {plan.n_opt:.3g} params, D_opt = {plan.d_opt:.3g} tokens "
+        f"({plan.d_opt / plan.n_opt:.1f} tokens/param), predicted loss {float(law.loss(plan.n_opt, plan.d_opt)):.3f}",
+        f"have: {plan.current_params:.3g} params, {plan.tokens_available:.3g} tokens",
+        f"decision: {plan.decision.action} -> N = {plan.decision.n_target:.3g}, D = {plan.decision.d_target:.3g}",
+        f"  {plan.decision.reason}",
+    ]
+    return "\n".join(lines)
+
+
+def repeat_decay_from_run(run_dir: str | Path) -> RepeatFit:
+    """R* for `text.repeat_decay`, fitted to a text run (`metrics.jsonl`, `config.yaml`) that only
+    trained: one LM size, no acquisition, so every evaluation after the first pass saw repeats.
+    Its law's beta shapes the curve (`learners.budget.fit_repeat_decay`)."""
+    from explorer.run.config import load_config
+
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        raise FileNotFoundError(f"{metrics}: no metrics; give the folder of a text run")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not rows or "tokens_available" not in rows[0]:
+        raise ValueError(f"{metrics}: not a text run (rows lack tokens_available)")
+    unique, sizes = {r["tokens_available"] for r in rows}, {r["lm_size"] for r in rows}
+    if len(unique) > 1 or len(sizes) > 1:
+        raise ValueError(f"{run_dir}: its text grew ({min(unique)} -> {max(unique)} tokens) or its LM changed size "
+                         f"({', '.join(sorted(sizes))}); fit R* to a run on the target alone (text.strategy: train)")
+    beta = load_config(run_dir / "config.yaml").text.law["beta"]
+    return fit_repeat_decay(float(unique.pop()), [r["tokens_trained"] for r in rows],
+                            [r["eval_loss"] for r in rows], beta=beta)
+
+
+def format_repeat_fit(fit: RepeatFit, run_dir: str | Path) -> str:
+    return (f"R* = {fit.r_star:.3g} (text.repeat_decay) from {run_dir}: held-out loss = "
+            f"{fit.offset:.4g} + {fit.scale:.4g}·D'^(-beta) over {fit.points} evaluations, its steepest fall to its lowest "
+            f"(after {fit.overfit_after:.1f} passes over the target; later ones overfit), rmse {fit.rmse:.4f}")

@@ -1,0 +1,222 @@
+"""`explorer daemon`: the acquisition loop as a long-running, resumable process; `explorer status`.
+
+State lives in the run folder (see explorer/run/loop.py): after every finished iteration the ledger
+(SQLite, WAL) commits it and then a complete checkpoint directory is added atomically (the last K
+kept); on resume the newest complete checkpoint is loaded and logs and ledger rows written after it
+are cut, so a killed daemon restarts exactly where its last checkpoint left it. SIGTERM / SIGINT set a flag that the loop
+honours at its next safe point (after search+fetch, before an iteration writes its logs, or
+between iterations); the interrupted iteration is abandoned and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import sqlite3
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from explorer.run.checkpoints import has_checkpoint
+from explorer.run.config import load_config, save_config
+from explorer.run.disk import DiskConfig, folder_usage, format_usage
+from explorer.run.ledger import LEDGER, RunLedger, read_metrics
+from explorer.run.loop import AcquisitionLoop
+
+
+def _event(run_dir: Path, kind: str, **fields) -> None:
+    with open(run_dir / "daemon.jsonl", "a") as f:
+        f.write(json.dumps({"time": round(time.time(), 3), "event": kind, **fields}) + "\n")
+
+
+def _recorded_port(run_dir: Path) -> int:
+    """The local engine's port in the recorded backend: a resumed run keeps its URLs (and cache keys)."""
+    path = run_dir / "backend.json"
+    if not path.exists():
+        return 0
+    return urlsplit(json.loads(path.read_text()).get("url", "")).port or 0
+
+
+EXIT_STOPPED = 3  # the disk budget is spent or the disk is full; the state is resumable
+
+
+def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, progress: bool = False,
+               status_port: int | None = None, keep_checkpoints: int = 3, max_disk_gb: float | None = None,
+               log=print) -> int:
+    run_dir = Path(run_dir)
+    resuming = has_checkpoint(run_dir)
+    if resuming:
+        cfg = load_config(run_dir / "config.yaml")  # the run's own config, not a changed file
+    elif config is None and (run_dir / "config.yaml").exists():  # stopped before its first checkpoint
+        cfg = load_config(run_dir / "config.yaml")
+        log(f"{run_dir} has no checkpoint yet: starting it again from its config.yaml")
+    elif config is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint to resume and no config was given")
+    else:
+        cfg = load_config(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if max_disk_gb is not None and max_disk_gb != cfg.disk.max_gb:
+        cfg = dataclasses.replace(cfg, disk=DiskConfig(max_gb=max_disk_gb))
+        if resuming:  # a later resume without the option keeps the new budget
+            save_config(cfg, run_dir / "config.yaml")
+        _event(run_dir, "disk_budget", max_gb=max_disk_gb)
+    server = status = loop = None
+    if cfg.search.backend == "local" and not cfg.search.url:
+        from explorer.web.corpus import default_corpus_dir
+        from explorer.web.engine import open_local_engine
+
+        server = open_local_engine(Path(cfg.corpus) if cfg.corpus else default_corpus_dir(),
+                                   port=_recorded_port(run_dir) if resuming else 0,
+                                   error_log=run_dir / "engine.log")
+    try:
+        loop = AcquisitionLoop(cfg, run_dir, engine_url=server.url if server else None, progress=progress,
+                               resume=resuming, keep_checkpoints=keep_checkpoints)
+        if status_port is not None:
+            status = StatusServer(run_dir, status_port)
+            log(f"status at {status.url}")
+
+        def request_stop(signum, frame):
+            loop.stop_requested = True
+            log(f"received {signal.Signals(signum).name}: stopping at the next safe point")
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        _event(run_dir, "resume" if resuming else "start", iteration=loop.iteration,
+               checkpoint=str(loop.resumed_from) if loop.resumed_from else None)
+        log(f"{'resumed' if resuming else 'started'} {run_dir} at iteration {loop.iteration}")
+        try:
+            until = float("inf") if forever else cfg.iterations
+            loop.run(until=until, log=lambda line: (log(line), _event(run_dir, "iteration", summary=line)))
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if loop.stopped_by:
+            _event(run_dir, "stopped", iteration=loop.iteration, reason=loop.stopped_by)
+            log(f"stopped at iteration {loop.iteration}: {loop.stopped_by}")
+            return EXIT_STOPPED
+        _event(run_dir, "stop" if loop.stop_requested else "done", iteration=loop.iteration)
+        log(f"{'stopped' if loop.stop_requested else 'finished'} at iteration {loop.iteration}; "
+            f"checkpoints in {run_dir / 'checkpoints'}")
+    finally:
+        if loop:
+            loop.close()
+        for running in (status, server):
+            if running:
+                running.stop()
+    return 0
+
+
+def status_summary(run_dir: Path) -> dict:
+    """Progress, rates, budget left, last evaluation and last errors of a run folder (read-only)."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    rows, totals = _progress(run_dir)
+    out = {"run_dir": str(run_dir), "name": cfg.name, "policy": cfg.policy.name,
+           "iterations_done": len(rows), "iterations_budget": cfg.iterations}
+    if rows:
+        hours = max(totals["seconds"] / 3600, 1e-9)
+        last, evals = rows[-1], [r for r in rows if "eval_knn_accuracy" in r]
+        out.update(iterations_per_hour=len(rows) / hours,
+                   fetches_per_second=totals["fetched"] / hours / 3600,
+                   accepted_total=totals["accepted_total"], queries_issued=totals["queries_issued"],
+                   last_iteration={k: last.get(k) for k in ("iteration", "ssl_loss", "accepted",
+                                                            "precision_accepted", "time")},
+                   last_eval={k: evals[-1][k] for k in ("iteration", "eval_knn_accuracy",
+                                                        "eval_linear_probe_accuracy")} if evals else None,
+                   recent_search_errors=[e for r in rows[-5:] for e in r.get("search_errors", [])][-3:],
+                   recent_rejected=totals["recent_rejected"])
+    out["disk"] = {"usage": folder_usage(run_dir), "max_bytes": cfg.disk.max_bytes}
+    if (run_dir / LEDGER).exists():
+        with RunLedger(run_dir / LEDGER, readonly=True) as ledger:
+            out["disk"]["evicted"], out["disk"]["evicted_bytes"] = ledger.evictions()
+    events = run_dir / "daemon.jsonl"
+    if events.exists():
+        out["last_event"] = json.loads(events.read_text().splitlines()[-1])
+    return out
+
+
+def _progress(run_dir: Path) -> tuple[list[dict], dict]:
+    """Rows of the finished iterations (>= 1) and their totals (see `RunLedger.summary`): from the
+    ledger when the run has one, else from metrics.jsonl."""
+    if (run_dir / LEDGER).exists():
+        with RunLedger(run_dir / LEDGER, readonly=True) as ledger:
+            return [r for r in ledger.metrics() if r["iteration"] > 0], ledger.summary(recent=5)
+    metrics = run_dir / "metrics.jsonl"
+    rows = [r for r in read_metrics(metrics) if r["iteration"] > 0] if metrics.exists() else []
+    return rows, _log_totals(rows)
+
+
+def _log_totals(rows: list[dict]) -> dict:
+    """`RunLedger.summary` computed from metrics rows, for run folders without a ledger."""
+    rejected: dict[str, int] = {}
+    for r in rows[-5:]:
+        for k, v in r.get("rejected", {}).items():
+            rejected[k] = rejected.get(k, 0) + v
+    return {"seconds": sum(r["seconds"] for r in rows), "fetched": sum(r["fetched"] for r in rows),
+            "accepted_total": sum(r["accepted"] for r in rows),
+            "queries_issued": sum(len(r.get("queries", [])) for r in rows), "recent_rejected": rejected}
+
+
+def run_status(run_dir: Path) -> str:
+    """`status_summary` as text for `explorer status`."""
+    s = status_summary(run_dir)
+    lines = [f"run: {s['run_dir']}  ({s['name']}, policy {s['policy']})",
+             f"iterations: {s['iterations_done']} of {s['iterations_budget']}"]
+    if s["iterations_done"]:
+        last = s["last_iteration"]
+        lines += [f"rates: {s['iterations_per_hour']:.1f} iterations/h, {s['fetches_per_second']:.1f} fetches/s, "
+                  f"{s['queries_issued']} queries issued, {s['accepted_total']} images accepted",
+                  f"last iteration {last['iteration']}: loss {last['ssl_loss']:.3f}, {last['accepted']} accepted, "
+                  f"precision {last['precision_accepted']}"]
+        if s["last_eval"]:
+            ev = s["last_eval"]
+            lines.append(f"last eval (iteration {ev['iteration']}): kNN {ev['eval_knn_accuracy']:.3f}, "
+                         f"probe {ev['eval_linear_probe_accuracy']:.3f}")
+        lines.append(f"last 5 iterations: rejected {s['recent_rejected'] or 'none'}; "
+                     f"search errors: {len(s['recent_search_errors'])}")
+        lines += [f"  {e}" for e in s["recent_search_errors"]]
+    disk = s["disk"]
+    lines.append(f"disk: {format_usage(disk['usage'], disk['max_bytes'])}"
+                 + (f"; {disk['evicted']} rejected bodies evicted ({disk['evicted_bytes'] / 2**20:.1f} MiB)"
+                    if disk.get("evicted") else ""))
+    if "last_event" in s:
+        ev = s["last_event"]
+        lines.append(f"daemon: last event {ev['event']!r} at "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ev['time']))}")
+    return "\n".join(lines)
+
+
+class StatusServer:
+    """Read-only `GET /status` (JSON of `status_summary`) on 127.0.0.1, in a background thread."""
+
+    def __init__(self, run_dir: Path, port: int = 0):
+        run_dir = Path(run_dir)
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                if self.path.split("?")[0] != "/status":
+                    code, body = 404, {"error": "only GET /status"}
+                else:
+                    try:
+                        code, body = 200, status_summary(run_dir)
+                    except (OSError, ValueError, KeyError, sqlite3.Error) as e:  # a run folder being created
+                        code, body = 503, {"error": f"{type(e).__name__}: {e}"}
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/status"
+        threading.Thread(target=self.httpd.serve_forever, name="status", daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

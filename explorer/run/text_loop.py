@@ -1,0 +1,532 @@
+"""The text acquisition loop: plan -> propose -> search -> fetch -> reward -> update policy -> accept
+-> train the LM -> held-out perplexity -> log (run and replayed by `explorer.run.text_experiment`).
+One `TextAcquisitionLoop` is one run folder:
+
+    config.yaml        the fully resolved config
+    backend.json       the search backend as recorded (replay rebuilds it on the cache alone)
+    tokenizer.model    the SentencePiece model, trained on the target set (replay and resume reuse it)
+    metrics.jsonl      one line per iteration (0 = after pretraining on the target), with FLOPs
+                       spent per category and the planner's decision and reason
+    accepted.jsonl     every accepted document: iteration, url, title, queries, reward, relevant
+    cache/             every search answer and fetched document (content-addressed)
+    checkpoint.pt      LM (with its data cursor), policy, FLOP ledger and loop position
+
+Each iteration first asks the planner (`text.strategy`; `learners.budget.plan_with_costs` by
+default) what the remaining FLOPs should buy: `acquire` runs the queries; `grow_model` restarts the
+LM at a larger table size on the same documents; `train` only trains. A run stops after
+`iterations` or once `text.flop_budget` is spent; the last iteration trains only the steps the budget
+still pays for. Evaluation FLOPs are logged but not charged to the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from explorer.acquire.cache import CacheMode, ResponseCache
+from explorer.acquire.documents import TEXT_BACKEND_FOR, build_text_backend, fetch_documents
+from explorer.acquire.fetch import allow_origin
+from explorer.acquire.search import SearchBackend, SearchError, search_many
+from explorer.run.config import ExperimentConfig, save_config
+from explorer.run.loop import StopRequested, background_queries, background_seed, record_background, truncate_logs
+from explorer.run.text_agent import TopicTruth, build_text_policy, lm_embeddings, open_text_corpus, text_vocabulary
+from explorer.score.reward import BackgroundSample, TargetIndex, dedupe_within, near_duplicates
+from explorer.web.text_corpus import document_key, document_text, split_text_target, text_sha256
+from learners.budget import AcquisitionRound, Decision, ScalingLaw, decide, plan_with_costs
+from learners.checkpoint import atomic_torch_save
+from learners.flops import FlopLedger, ModelShape, forward_flops, training_flops
+from learners.lm import LM_SIZES, LMConfig, LMLearner, non_embedding_params
+from learners.text_data import PackedTextStream
+from learners.tokenizer import TextTokenizer, TokenizerConfig, train_tokenizer
+
+
+def model_shape(size: str) -> ModelShape:
+    """An LM_SIZES entry as the planner's shape."""
+    s = LM_SIZES[size]
+    return ModelShape(d_model=s.hidden_size, n_layers=s.num_layers, n_heads=s.num_heads,
+                      ffn_dim=s.intermediate_size, n_kv_heads=s.num_kv_heads)
+
+
+def size_table(max_size: str) -> dict[str, ModelShape]:
+    """LM_SIZES up to `max_size`, as the planner's shapes."""
+    return {n: model_shape(n) for n in list(LM_SIZES)[:list(LM_SIZES).index(max_size) + 1]}
+
+
+class TextAcquisitionLoop:
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, engine_url: str | None = None,
+                 replay: bool = False, progress: bool = True, resume: bool = False):
+        if cfg.modality != "text":
+            raise ValueError(f"TextAcquisitionLoop needs modality: text, got {cfg.modality!r}")
+        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.stop_requested = False  # set from a signal handler; honoured at the next safe point
+        checkpoint = self.run_dir / "checkpoint.pt"
+        resume = resume and checkpoint.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.mode = CacheMode.REPLAY if replay else CacheMode.READWRITE
+        self.cache = ResponseCache(self.run_dir / "cache")
+        tc = cfg.text
+        self.corpus = open_text_corpus(cfg, progress)
+        self.target = split_text_target(self.corpus.documents(), tc.topic, holdout_fraction=tc.holdout_fraction,
+                                        target_fraction=tc.target_fraction, seed=cfg.seed)
+        self.truth = TopicTruth(self.corpus, tc.topic)
+        self.vocab = text_vocabulary(cfg, self.corpus)
+        self.policy = build_text_policy(cfg, self.vocab, self.corpus)
+        if hasattr(self.policy, "use_generation_cache"):  # LLM policies: a replay reads what they wrote
+            self.policy.use_generation_cache(self.run_dir / "cache" / "generations")
+        from explorer.web.text_encoder import default_encoder
+        self.encoder = default_encoder()
+        self.tokenizer = self._tokenizer()
+        train_texts = [document_text(d) for d in self.target.train]
+        self.stream = PackedTextStream(self.tokenizer.encode_batch(train_texts), seq_len=tc.seq_len,
+                                       eos_id=self.tokenizer.eos_id, seed=cfg.seed)
+        eval_docs = self.target.holdout[:tc.eval_documents]
+        self.eval_tokens = self.tokenizer.encode_batch([document_text(d) for d in eval_docs])
+        self.lm_size = tc.lm_size
+        self.learner = self._learner(self.lm_size, self._schedule_steps(self.lm_size, grown=False))
+        self.ledger = FlopLedger()
+        self.law = ScalingLaw(**tc.law)
+        self.sizes = size_table(tc.max_lm_size)
+        self.backend = self._backend(engine_url)
+        self._known_documents(train_texts)
+        self.iteration, self.pretrained, self.tokens_trained = 0, False, 0
+        self.rounds: list[tuple[float, int]] = []  # (FLOPs, tokens accepted) of every acquisition round
+        self.background_sample = BackgroundSample(cfg.reward.background_size, background_seed(cfg))
+        self._minilm_rows: dict[str, np.ndarray] = {}  # MiniLM rows of the background's documents
+        self.background_fetched = False  # fetched before the first round: a run that never queries never pays
+        if resume:
+            self.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+            self._truncate_logs()
+        elif not replay:
+            save_config(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / "backend.json").write_text(json.dumps(self.backend.describe(), indent=2))
+        self.index: TargetIndex | None = None
+        spent = dict(self.ledger.spent)
+        self.refresh_reference()
+        if resume:  # the checkpoint's ledger already paid for embedding the background under this state
+            self.ledger.spent = spent
+
+    def ensure_background(self) -> None:
+        """The background sample, fetched once, before the first acquisition round."""
+        if self.background_fetched:
+            return
+        self.background_sample.add(self._fetch_background())  # accepted_sha is still empty: nothing filtered
+        self.background_fetched = True
+        self.refresh_reference()
+
+    # -- parts ------------------------------------------------------------------------------
+    def _known_documents(self, train_texts: list[str]) -> None:
+        """Exact copies (text sha256) of target and held-out documents are never acquired; MiniLM
+        near-copies of held-out documents are dropped too (decontamination of the perplexity set)."""
+        self.target_sha = {text_sha256(t) for t in train_texts}
+        self.holdout_sha = {text_sha256(document_text(d)) for d in self.target.holdout}
+        self.holdout_sig = self._corpus_embeddings(self.target.holdout)  # (H, 384) MiniLM
+        self.accepted_sha: set[str] = set()
+        self.accepted_sig = np.zeros((0, self.holdout_sig.shape[1]), np.float32)
+
+    def _tokenizer(self) -> TextTokenizer:
+        """The run's tokenizer file when there is one (resume, replay), else trained on the target."""
+        path = self.run_dir / "tokenizer.model"
+        if path.exists():
+            return TextTokenizer.load(path)
+        texts = [document_text(d) for d in self.target.train]
+        tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=self.cfg.text.tokenizer_vocab))
+        if self.mode is not CacheMode.REPLAY:
+            tokenizer.save(path)
+        return tokenizer
+
+    @property
+    def steps_per_iteration(self) -> int:
+        tc = self.cfg.text
+        return math.ceil(tc.tokens_per_iteration / tc.tokens_per_step)
+
+    def _schedule_steps(self, size: str, grown: bool) -> int:
+        """The LR schedule's length: the steps a model of `size` can still take. A fresh run's model
+        has pretraining and every iteration; a model grown mid-run the iterations left from the current
+        one. Fewer when the budget (left, charged to this size's training alone) ends them first."""
+        tc = self.cfg.text
+        pretrain = 0 if grown else math.ceil(tc.pretrain_tokens / tc.tokens_per_step)
+        left = self.cfg.iterations - (self.iteration - 1 if grown else 0)
+        budget = self.remaining_flops() if grown else tc.flop_budget
+        affordable = int(budget // training_flops(model_shape(size).non_embedding_params, tc.tokens_per_step))
+        return max(1, min(pretrain + left * self.steps_per_iteration, affordable))
+
+    def _learner(self, size: str, total: int) -> LMLearner:
+        tc = self.cfg.text
+        self.schedule_steps = total
+        config = LMConfig(size=size, vocab_size=self.tokenizer.vocab_size, seq_len=tc.seq_len,
+                          batch_size=tc.batch_size, lr=tc.lr, min_lr=tc.lr / 10, warmup=min(tc.warmup_steps, total),
+                          total_steps=total, seed=self.cfg.seed)
+        return LMLearner(config)
+
+    @property
+    def n_params(self) -> int:
+        return non_embedding_params(self.learner.model)
+
+    def _backend(self, engine_url: str | None) -> SearchBackend:
+        sc = self.cfg.search
+        if self.mode is CacheMode.REPLAY:
+            recorded = json.loads((self.run_dir / "backend.json").read_text())
+            return build_text_backend("replay", cache=self.cache, recorded=recorded)
+        if sc.backend not in TEXT_BACKEND_FOR:
+            raise ValueError(f"text runs search with {', '.join(TEXT_BACKEND_FOR)}; got {sc.backend!r}")
+        url = sc.url or engine_url
+        if url is None:
+            raise ValueError("search.url is not set and no local engine was started for this run")
+        options = dict(sc.options)
+        if sc.backend == "local":
+            options.setdefault("per_page", sc.results_per_query)
+        return build_text_backend(TEXT_BACKEND_FOR[sc.backend], cache=self.cache, mode=self.mode, url=url, **options)
+
+    def _corpus_embeddings(self, docs: list[dict]) -> np.ndarray:
+        """MiniLM rows of documents the corpus already embedded (target and held-out sets)."""
+        rows = [self.corpus.index_of[document_key(d["title"])] for d in docs]
+        return self.corpus.caption_embeddings()[rows]
+
+    def _target_embeddings(self) -> np.ndarray:
+        if self.cfg.text.reward_encoder == "minilm":
+            return self._corpus_embeddings(self.target.train)
+        return lm_embeddings(self.learner.model, self.stream_documents(len(self.target.train)), self.cfg.text.seq_len)
+
+    def refresh_reference(self) -> None:
+        """Embed the target and the background under the reward encoder: neighbours and scale."""
+        target = self._target_embeddings()
+        if self.index is None:
+            self.index = TargetIndex(target)
+        else:
+            self.index.refresh(target)
+        self.background = TargetIndex(self._background_embeddings()) if len(self.background_sample) else None
+        self.calibration = self.cfg.reward.calibrate(self.index, self.background)
+
+    def _background_embeddings(self) -> np.ndarray:
+        """The background sample under the reward encoder (each embedding counted as scoring). MiniLM
+        does not change, so its rows are kept and only new items are embedded."""
+        items = self.background_sample.items
+        if self.cfg.text.reward_encoder != "minilm":
+            return self.embed(items)[0]
+        missing = [t for t in dict.fromkeys(items) if t not in self._minilm_rows]
+        if missing:
+            self._minilm_rows.update(zip(missing, self.embed(missing)[0]))
+        self._minilm_rows = {t: self._minilm_rows[t] for t in items}
+        return np.stack([self._minilm_rows[t] for t in items])
+
+    def _fetch_background(self) -> list[str]:
+        """The web sample the reward contrasts with (`reward.background_queries`; see
+        `explorer.run.loop.background_queries`), fetched through the run's cache so a replay
+        reads the same documents; its queries and fetches are counted in the FLOP ledger."""
+        texts = background_queries(self.cfg, self.vocab) if self.cfg.reward.background_size else []
+        if not texts:
+            return []
+        answers, docs, _, rejected = self.search_and_fetch(texts)
+        record_background(self.run_dir, self.mode, texts, answers, rejected,
+                          self.truth.precision([d.url for d in docs]), valid=len(docs))
+        return [d.text for d in docs]
+
+    def stream_documents(self, n: int) -> list[list[int]]:
+        """The first n documents' tokens of the training stream (the target set comes first)."""
+        state = self.stream.state_dict()
+        bounds = np.cumsum([0] + state["lengths"].tolist()[:n])
+        flat = state["tokens"].tolist()
+        return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(reward embeddings, MiniLM signatures for duplicate tests) of fetched documents; counts FLOPs."""
+        sig = self.encoder.encode(texts) if texts else np.zeros((0, self.holdout_sig.shape[1]), np.float32)
+        self.ledger.add_scoring(len(texts))
+        if self.cfg.text.reward_encoder == "minilm":
+            return sig, sig
+        tokens = [t[:self.cfg.text.seq_len] for t in self.tokenizer.encode_batch(texts)]
+        self.ledger.add("score", forward_flops(self.n_params, sum(map(len, tokens))))
+        return lm_embeddings(self.learner.model, tokens, self.cfg.text.seq_len), sig
+
+    # -- one iteration ------------------------------------------------------------------------
+    def remaining_flops(self) -> float:
+        """The budget left to the agent (evaluation is logged but not charged: `FlopLedger.charged`)."""
+        return self.ledger.remaining(self.cfg.text.flop_budget)
+
+    def plan(self) -> Decision:
+        """The planner's decision, or the configured fixed strategy (`text.strategy`)."""
+        tc = self.cfg.text
+        budget, tokens, params = self.remaining_flops(), float(self.stream.num_tokens), float(self.n_params)
+        if tc.strategy == "planner":
+            iterations_left = self.cfg.iterations - self.iteration + 1  # this one included
+            return plan_with_costs(self.law, budget, unique_tokens=tokens, current_params=params,
+                                   trained_tokens=self.learner.step * tc.tokens_per_step,
+                                   acquisition=self.expected_round(),
+                                   first_round_extra=0.0 if self.background_fetched else self._background_cost(),
+                                   rounds_left=iterations_left, size_table=self.sizes,
+                                   max_train_tokens=iterations_left * tc.tokens_per_iteration,
+                                   r_star=tc.repeat_decay)
+        if tc.strategy == "compute_optimal":
+            return decide(self.law, budget, tokens, params, grow_factor=tc.grow_factor, size_table=self.sizes)
+        if tc.strategy == "grow":  # compute goes to the model: the largest size allowed, never a query
+            name, shape = list(self.sizes.items())[-1]
+            if shape.non_embedding_params > params:
+                return Decision(action="grow_model", n_target=float(shape.non_embedding_params), d_target=tokens,
+                                reason=f"fixed strategy grow: the largest size allowed, {name}")
+            return Decision(action="train", n_target=params, d_target=tokens,
+                            reason=f"fixed strategy grow: already {name}, the largest size allowed")
+        return Decision(action="acquire" if tc.strategy == "acquire" else "train", n_target=params,
+                        d_target=tokens, reason=f"fixed strategy {tc.strategy}")
+
+    def expected_round(self) -> AcquisitionRound:
+        """What the next round costs and adds: the mean of the run's rounds, or before any round an
+        optimistic bound (every result requested is new, accepted and of the target's mean length)."""
+        if self.rounds:
+            flops, tokens = np.asarray(self.rounds, float).mean(axis=0)
+            return AcquisitionRound(flops=float(flops), tokens=float(tokens))
+        results = self.cfg.policy.queries_per_iteration * self.cfg.search.results_per_query
+        return AcquisitionRound(flops=self._search_cost(self.cfg.policy.queries_per_iteration),
+                                tokens=results * self.stream.num_tokens / max(1, len(self.target.train)),
+                                measured=False)
+
+    def _search_cost(self, n_queries: int) -> float:
+        """Queries and the scoring of every result they ask for (fetching is a rounding error)."""
+        costs = self.ledger.costs
+        return costs.query_flops(n_queries) + costs.score_flops(n_queries * self.cfg.search.results_per_query)
+
+    def _background_cost(self) -> float:
+        return self._search_cost(self.cfg.reward.background_queries) if self.cfg.reward.background_size else 0.0
+
+    def _acquisition_flops(self) -> float:
+        return sum(self.ledger.spent[k] for k in ("query", "fetch", "score"))
+
+    def affordable_steps(self) -> int:
+        """This iteration's training steps: the configured number, or fewer when the budget ends."""
+        per_step = training_flops(self.n_params, self.cfg.text.tokens_per_step)
+        return min(self.steps_per_iteration, int(self.remaining_flops() // per_step))
+
+    def grow(self, decision: Decision) -> str:
+        """Restart the LM at the planned size on the same documents (no function-preserving growth)."""
+        name = next(n for n, s in self.sizes.items() if s.non_embedding_params == int(decision.n_target))
+        self.lm_size, self.learner = name, self._learner(name, self._schedule_steps(name, grown=True))
+        return name
+
+    def search_and_fetch(self, texts: list[str]) -> tuple[list, list, list[list[int]], dict[str, int]]:
+        """(answers, valid new documents, per document the queries that found it, rejections)."""
+        answers = search_many(self.backend, texts, self.cfg.search.results_per_query,
+                              concurrency=self.cfg.search.concurrency)
+        url_queries: dict[str, list[int]] = {}
+        for qi, a in enumerate(answers):
+            for r in [] if isinstance(a, SearchError) else a:
+                url_queries.setdefault(r.image_url, []).append(qi)
+        results = fetch_documents(list(url_queries), allow_origin(self.cfg.fetch, getattr(self.backend, "url", None)),
+                                  self.cache, self.mode, min_chars=self.cfg.text.min_chars, progress=self.progress)
+        self.ledger.add_queries(len(texts))
+        self.ledger.add_fetch(sum(r.n_bytes for r in results), len(results))
+        rejected: dict[str, int] = {}
+        docs, seen = [], set()
+        for r in results:
+            status = r.status if not r.ok else (
+                "known_target" if r.sha256 in self.target_sha else "held_out" if r.sha256 in self.holdout_sha
+                else "duplicate" if r.sha256 in self.accepted_sha or r.sha256 in seen else "ok")
+            if status == "ok":
+                docs.append(r)
+                seen.add(r.sha256)
+            else:
+                rejected[status] = rejected.get(status, 0) + 1
+        return answers, docs, [url_queries[r.url] for r in docs], rejected
+
+    def accept(self, rewards: np.ndarray, sig: np.ndarray) -> np.ndarray:
+        """Indices of accepted documents: reward selection, then near-duplicate filters (within the
+        batch and against everything accepted so far)."""
+        rc = self.cfg.reward
+        chosen = np.flatnonzero(rc.accept_mask(rewards, self.calibration)) if len(rewards) else np.zeros(0, int)
+        if len(chosen) == 0:
+            return chosen
+        chosen = chosen[np.argsort(-rewards[chosen], kind="stable")]  # best first for the greedy dedupe
+        keep = dedupe_within(sig[chosen], rc.dedupe_threshold)
+        if len(self.accepted_sig):
+            keep &= ~near_duplicates(sig[chosen], self.accepted_sig, rc.dedupe_threshold)
+        return np.sort(chosen[keep])
+
+    def acquire(self) -> dict:
+        cfg = self.cfg
+        self.ensure_background()
+        queries = self.policy.propose(cfg.policy.queries_per_iteration)
+        answers, docs, queries_of, rejected = self.search_and_fetch([q.text for q in queries])
+        self._check_stop()
+        rewards_emb, sig = self.embed([d.text for d in docs])
+        fresh = ~near_duplicates(sig, self.holdout_sig, cfg.reward.decontaminate_threshold)
+        if not fresh.all():
+            rejected["held_out"] = rejected.get("held_out", 0) + int((~fresh).sum())
+            docs = [d for d, f in zip(docs, fresh) if f]
+            queries_of = [q for q, f in zip(queries_of, fresh) if f]
+            rewards_emb, sig = rewards_emb[fresh], sig[fresh]
+        rewards = (cfg.reward.image_rewards(rewards_emb, self.index, self.background) if len(docs)
+                   else np.zeros(0, np.float32))
+        q_rewards = cfg.reward.query_rewards(rewards, queries_of, len(queries), self.calibration,
+                                             cfg.search.results_per_query)
+        self.policy.update(queries, q_rewards)
+        accepted = self.accept(rewards, sig)
+        self._check_stop()  # last safe point: from here on the iteration writes its logs
+        self._record_accepted(docs, accepted, rewards, queries, queries_of, sig)
+        self.background_sample.add(d.text for d in docs)  # later iterations contrast with what this one fetched
+        if cfg.reward.background_size and cfg.text.reward_encoder == "minilm":
+            self._minilm_rows.update((d.text, row) for d, row in zip(docs, sig))  # (the LM's after training)
+            self.refresh_reference()
+        urls = [d.url for d in docs]
+        return {"queries": [q.text for q in queries], "query_rewards": [round(float(r), 6) for r in q_rewards],
+                "results": [0 if isinstance(a, SearchError) else len(a) for a in answers],
+                "search_errors": [str(a) for a in answers if isinstance(a, SearchError)],
+                "results_skipped": int(getattr(self.backend, "skipped", 0)),  # run total: results with no url
+                "fetched": len(docs) + sum(rejected.values()), "valid": len(docs), "rejected": rejected,
+                "accepted": len(accepted), "accepted_urls": [urls[j] for j in accepted],
+                "precision_fetched": self.truth.precision(urls),
+                "precision_accepted": self.truth.precision([urls[j] for j in accepted]),
+                "mean_doc_reward": round(float(rewards.mean()), 6) if len(rewards) else None,
+                "policy_stats": dict(getattr(self.policy, "stats", None) or {})}  # LLM policies: seconds, KL, clean-up
+
+    def _record_accepted(self, docs, accepted, rewards, queries, queries_of, sig) -> None:
+        if not len(accepted):
+            return
+        self.accepted_sig = np.concatenate([self.accepted_sig, sig[accepted]])
+        self.stream.add_documents(self.tokenizer.encode_batch([docs[j].text for j in accepted]))
+        with open(self.run_dir / ("replay-accepted.jsonl" if self.mode is CacheMode.REPLAY else "accepted.jsonl"),
+                  "a") as f:
+            for j in accepted:
+                self.accepted_sha.add(docs[j].sha256)
+                f.write(json.dumps({"iteration": self.iteration, "url": docs[j].url,
+                                    "title": docs[j].text.split("\n", 1)[0][:200], "sha256": docs[j].sha256,
+                                    "queries": [queries[q].text for q in queries_of[j]],
+                                    "reward": round(float(rewards[j]), 6),
+                                    "relevant": self.truth.relevant(docs[j].url)}) + "\n")
+
+    def train(self, steps: int) -> dict:
+        losses = self.learner.train_steps(self.stream, steps, progress=False) if steps else []
+        tokens = steps * self.cfg.text.tokens_per_step
+        self.ledger.add_training(self.n_params, tokens)
+        self.tokens_trained += tokens
+        if self.cfg.text.reward_encoder == "lm":  # the reward's reference moves with the LM
+            self.refresh_reference()
+        return {"train_loss": round(float(np.mean(losses)), 6) if losses else None}
+
+    def evaluate(self) -> dict:
+        """Held-out perplexity on the target topic (documents never trained on)."""
+        ppl = self.learner.evaluate_perplexity(self.eval_tokens, eos_id=self.tokenizer.eos_id)
+        self.ledger.add("eval", forward_flops(self.n_params, sum(len(t) + 1 for t in self.eval_tokens)))
+        return {"eval_perplexity": round(ppl, 4), "eval_loss": round(math.log(ppl), 6)}
+
+    def _status(self) -> dict:
+        return {"lm_size": self.lm_size, "n_params": self.n_params, "learner_step": self.learner.step,
+                "tokens_available": self.stream.num_tokens, "documents": self.stream.num_documents,
+                "tokens_trained": self.tokens_trained, "flops": {k: float(v) for k, v in self.ledger.spent.items()},
+                "flops_total": self.ledger.total, "flop_budget": self.cfg.text.flop_budget,
+                "flops_remaining": self.remaining_flops()}
+
+    def pretrain(self) -> dict:
+        """Iteration 0: the target alone, before any query."""
+        t0 = time.time()
+        row = {"iteration": 0, **self.train(math.ceil(self.cfg.text.pretrain_tokens / self.cfg.text.tokens_per_step))}
+        self.pretrained = True
+        return {**row, **self.evaluate(), **self._status(), "seconds": round(time.time() - t0, 2)}
+
+    def step(self) -> dict:
+        t0 = time.time()
+        self.iteration += 1
+        decision = self.plan()
+        row: dict = {"iteration": self.iteration, "planner_action": decision.action,
+                     "planner": {**asdict(decision), "budget_flops": self.remaining_flops()}}
+        if decision.action == "grow_model":
+            row["grew_from"], row["grew_to"] = self.lm_size, self.grow(decision)
+        if decision.action == "acquire":
+            self.ensure_background()  # a one-time cost, not a round's
+            spent, tokens = self._acquisition_flops(), self.stream.num_tokens
+            row.update(self.acquire())
+            self.rounds.append((self._acquisition_flops() - spent, self.stream.num_tokens - tokens))
+        row.update(self.train(self.affordable_steps()))
+        row.update(self.evaluate())
+        row.update(self._status())
+        row["seconds"] = round(time.time() - t0, 2)
+        row["time"] = round(time.time(), 3)
+        return row
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "pretrained": self.pretrained, "tokens_trained": self.tokens_trained,
+                "lm_size": self.lm_size, "schedule_steps": self.schedule_steps, "learner": self.learner.state_dict(), "stream": self.stream.state_dict(),
+                "policy": self.policy.state_dict(), "ledger": self.ledger.state_dict(),
+                "accepted_sha": sorted(self.accepted_sha), "accepted_sig": torch.from_numpy(self.accepted_sig),
+                "background": self.background_sample.state_dict(), "background_fetched": self.background_fetched,
+                "rounds": torch.tensor(self.rounds, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration, self.pretrained = int(state["iteration"]), bool(state["pretrained"])
+        self.tokens_trained = int(state["tokens_trained"])
+        if state["lm_size"] != self.lm_size:
+            self.lm_size, self.learner = state["lm_size"], self._learner(
+                state["lm_size"], int(state.get("schedule_steps") or self._schedule_steps(state["lm_size"], grown=True)))
+        self.learner.load_state_dict(state["learner"])
+        self.stream.load_state_dict(state["stream"])
+        self.learner.data = self.stream  # one cursor: the learner's and the loop's
+        self.policy.load_state_dict(state["policy"])
+        self.ledger.load_state_dict(state["ledger"])
+        self.accepted_sha = set(state["accepted_sha"])
+        self.accepted_sig = state["accepted_sig"].numpy()
+        self.rounds = [tuple(r) for r in state["rounds"].tolist()] if "rounds" in state else []
+        if "background" in state:  # (checkpoints of earlier versions fetched it before pretraining)
+            self.background_sample.load_state_dict(state["background"])
+        self.background_fetched = bool(state.get("background_fetched", "background" in state))
+
+    def save_checkpoint(self) -> None:
+        atomic_torch_save(self.state_dict(), self.run_dir / "checkpoint.pt")
+
+    def _truncate_logs(self) -> None:
+        truncate_logs(self.run_dir, ("metrics.jsonl", "accepted.jsonl"), self.iteration)
+
+    def _check_stop(self) -> None:
+        if self.stop_requested:
+            raise StopRequested(f"stop requested during iteration {self.iteration}")
+
+    # -- the whole run -----------------------------------------------------------------------------
+    def _write(self, metrics: Path, row: dict, log) -> None:
+        with open(metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.mode is not CacheMode.REPLAY:
+            self.save_checkpoint()
+        log(summary(row))
+
+    def run(self, until: int | None = None, log=print) -> list[dict]:
+        """Iterate until `until` iterations (default: the config's), the FLOP budget is spent or a
+        stop is requested; an interrupted iteration is abandoned and redone on resume."""
+        replay = self.mode is CacheMode.REPLAY
+        metrics = self.run_dir / ("replay-metrics.jsonl" if replay else "metrics.jsonl")
+        rows = []
+        if not self.pretrained:
+            for name in (metrics.name, "replay-accepted.jsonl" if replay else "accepted.jsonl"):
+                (self.run_dir / name).unlink(missing_ok=True)
+            rows.append(self.pretrain())
+            self._write(metrics, rows[-1], log)
+        until = self.cfg.iterations if until is None else until
+        with tqdm(total=until, initial=self.iteration, desc="text run", unit="iter", disable=not self.progress) as bar:
+            while self.iteration < until and not self.stop_requested:
+                if self.affordable_steps() == 0:
+                    log(f"FLOP budget {self.cfg.text.flop_budget:.3g} spent after iteration {self.iteration}")
+                    break
+                saved = self.iteration
+                try:
+                    row = self.step()
+                except StopRequested:
+                    self.iteration = saved
+                    log(f"stopped during iteration {saved + 1}; it will be redone on resume")
+                    break
+                rows.append(row)
+                self._write(metrics, row, log)
+                bar.update(1)
+                bar.set_postfix(ppl=row["eval_perplexity"], plan=row["planner_action"])
+        return rows
+
+
+def summary(row: dict) -> str:
+    acquired = (f"{len(row['queries'])} queries, {row['valid']}/{row['fetched']} documents, {row['accepted']} accepted"
+                + (f" (precision {row['precision_accepted']:.2f})" if row.get("precision_accepted") is not None else "")
+                + ", ") if "queries" in row else ""
+    plan = f"plan {row['planner_action']}: " if "planner_action" in row else "pretrain: "
+    return (f"iter {row['iteration']}: {plan}{acquired}loss {row['train_loss']}, ppl {row['eval_perplexity']:.1f}, "
+            f"{row['flops_total']:.3g} FLOPs, {row['seconds']:.0f}s")
