@@ -4,7 +4,10 @@ The model is a `transformers` LLaMA (RMSNorm, SwiGLU, RoPE, optional grouped-que
 with `moe=True`, a Mixtral with top-1 routing over `num_experts` experts (Switch-style: one expert
 per token, so compute per token matches the dense model of the same shape). `LMLearner` trains it
 with AdamW (no decay on norm weights), linear warmup + cosine decay, gradient clipping, gradient
-accumulation and bf16 autocast on CUDA.
+accumulation and bf16 autocast on CUDA. Under torchrun (WORLD_SIZE > 1) the model is wrapped in
+DistributedDataParallel (learners/distributed.py): every rank reads the same global batch from its
+own copy of the stream and trains on its rows, so `batch_size` is the global batch whatever the
+number of ranks, and the cursor, weights and checkpoints are the same on every rank.
 
 Fault handling, as Gopher and PaLM describe: a step whose loss or gradient norm is not finite never
 touches the weights or the optimizer; a sustained loss spike (`learners.spikes`) restores the newest
@@ -14,6 +17,7 @@ the batches seen since that snapshot are skipped. Every such event lands in `LML
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, PreTrainedModel
 
 from learners.checkpoint import atomic_torch_save
+from learners.distributed import default_device, distributed_setup, global_mean, rank_rows
 from learners.losses import warmup_cosine_lr
 from learners.spikes import SpikeConfig, SpikeDetector, rollback_target
 from learners.text_data import PackedTextStream
@@ -165,20 +170,28 @@ def _cpu_clone(obj: Any) -> Any:
     return obj
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 class LMLearner:
     """Trains a causal LM on a `PackedTextStream`; see the module docstring for fault handling."""
 
     def __init__(self, config: LMConfig, device: torch.device | str | None = None):
         self.config = config
         self.device = torch.device(device) if device is not None else default_device()
+        self.rank, self.world_size = distributed_setup(self.device)
+        if config.batch_size % self.world_size:
+            raise ValueError(f"batch_size {config.batch_size} does not split over {self.world_size} ranks")
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
             torch.manual_seed(config.seed)
             self.model = build_lm(config).to(self.device)
-        self.trainable = torch.compile(self.model) if config.compile else self.model
+        self.trainable: torch.nn.Module = self.model
+        self.ddp = None
+        if self.world_size > 1:  # gradients averaged over ranks, each with its rows of the global batch
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # top-1 routing may leave an expert without tokens (and gradient) in a batch
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
+                                                                 find_unused_parameters=config.moe)
+            self.trainable = self.ddp
+        if config.compile:
+            self.trainable = torch.compile(self.trainable)
         self.optimizer = build_optimizer(self.model, config)
         self.step = 0  # optimizer updates applied
         self.detector = SpikeDetector(config.spikes)
@@ -224,15 +237,21 @@ class LMLearner:
             self.snapshots.pop()
 
     def _accumulate_gradients(self, data: PackedTextStream) -> float:
+        """Gradients of grad_accum micro-batches of the global batch; returns the mean loss over all
+        ranks, so that every rank takes the same skip / rollback decision."""
         cfg = self.config
         losses = []
-        for _ in range(cfg.grad_accum):
-            batch = data.next_batch(cfg.batch_size).to(self.device, non_blocking=True)
-            with self._autocast():
-                loss = self._loss(batch)
-            (loss / cfg.grad_accum).backward()
+        for i in range(cfg.grad_accum):
+            batch = rank_rows(data.next_batch(cfg.batch_size), self.rank, self.world_size)
+            batch = batch.to(self.device, non_blocking=True)
+            last = i == cfg.grad_accum - 1  # DDP averages gradients once, after the last micro-batch
+            sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    loss = self._loss(batch)
+                (loss / cfg.grad_accum).backward()
             losses.append(loss.detach().float())
-        return float(torch.stack(losses).mean())
+        return global_mean(float(torch.stack(losses).mean()), self.world_size, self.device)
 
     def train_step(self, data: PackedTextStream) -> float:
         """One optimizer step (grad_accum micro-batches); returns its mean loss, possibly non-finite."""

@@ -3,8 +3,9 @@
 `MoCoV3` is the module (the structure of moco-v3's `moco/builder.py`); `MoCoLearner` trains it
 continually on a `TrainingMixture` with AdamW (or LARS), warmup-cosine lr and cosine momentum, and
 embeds images with the online backbone for the scorer. Under torchrun (WORLD_SIZE > 1) the module
-is wrapped in DistributedDataParallel; every rank draws the same global batch from the same
-generator and trains on its own shard, so the RNG state (and a checkpoint) is the same on all ranks.
+is wrapped in DistributedDataParallel (learners/distributed.py); every rank draws the same global
+batch from the same generator and trains on its own shard, so the RNG state (and a checkpoint) is the
+same on all ranks.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from learners.augment import AugmentConfig, apply_view, sample_view_params
 from learners.backbones import create_backbone, normalization, split_backbone
 from learners.checkpoint import atomic_torch_save
+from learners.distributed import default_device, distributed_setup
 from learners.losses import cosine_momentum, mocov3_infonce, warmup_cosine_lr
 from learners.mixture import TrainingMixture
 
@@ -235,21 +237,6 @@ def build_optimizer(model: MoCoV3, config: MoCoConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
-def _distributed_setup(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); joins the torchrun process group when WORLD_SIZE > 1."""
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 class MoCoLearner:
     """Trains `MoCoV3` continually and embeds images with its online backbone."""
 
@@ -260,7 +247,7 @@ class MoCoLearner:
                              "from train.pretrain_steps + iterations * train.steps_per_iteration)")
         self.config = config
         self.device = torch.device(device) if device is not None else default_device()
-        self.rank, self.world_size = _distributed_setup(self.device)
+        self.rank, self.world_size = distributed_setup(self.device)
         if config.batch_size % self.world_size:
             raise ValueError(f"batch_size {config.batch_size} does not split over {self.world_size} ranks")
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG

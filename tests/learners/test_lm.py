@@ -1,4 +1,9 @@
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +14,8 @@ from learners.lm import LM_SIZES, LMConfig, LMLearner, LMShape, build_lm, non_em
 from learners.spikes import SpikeConfig
 from learners.text_data import PackedTextStream
 from learners.tokenizer import TokenizerConfig, train_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
 
 SEQ_LEN = 32
 TINY = LMShape(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1)
@@ -174,3 +181,46 @@ def test_state_dict_round_trip_resumes_identically(corpus, tmp_path):
 def test_config_validation(bad, message):
     with pytest.raises(ValueError, match=message):
         LMConfig(**bad)
+
+
+LM_DDP_WORKER = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    sys.path.insert(0, sys.argv[2])
+    from tests.learners.test_lm import ddp_case
+    params, losses = ddp_case()
+    torch.save({"params": params, "losses": losses}, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
+    dist.destroy_process_group()
+""")
+
+
+def ddp_case(steps: int = 3) -> tuple[torch.Tensor, list[float]]:
+    """`steps` steps of a tiny LM (global batch 4, two micro-batches per step) on seeded token documents."""
+    shape = LMShape(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2)
+    config = LMConfig(shape=shape, vocab_size=64, seq_len=16, batch_size=4, grad_accum=2, warmup=1,
+                      total_steps=10, seed=0)
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, 64, size=int(n)).tolist() for n in rng.integers(10, 40, size=30)]
+    stream = PackedTextStream(docs, seq_len=16, eos_id=0, seed=0)
+    learner = LMLearner(config, device="cpu")
+    losses = learner.train_steps(stream, steps)
+    return torch.cat([p.detach().flatten() for p in learner.model.parameters()]), losses
+
+
+def test_lm_under_torchrun_matches_one_process(tmp_path):
+    """Two gloo ranks end with identical weights, and with the weights one process reaches on the same
+    global batches: `batch_size` means the global batch whatever the number of ranks."""
+    script = tmp_path / "worker.py"
+    script.write_text(LM_DDP_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path), str(REPO)], env=env, cwd=REPO, timeout=180,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(rank0["params"], rank1["params"])
+    assert rank0["losses"] == rank1["losses"]  # the mean over ranks: the same skip / rollback decisions
+    params, losses = ddp_case()
+    assert not torch.equal(params, ddp_case(steps=0)[0])  # it trained
+    torch.testing.assert_close(rank0["params"], params, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(rank0["losses"], losses, rtol=1e-5)
+
