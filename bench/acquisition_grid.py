@@ -105,7 +105,7 @@ def run_grid(config: Path, out: Path, seeds: list[int], conditions: list[str],
     from explorer.run.config import load_config, save_config
     from explorer.run.demo import _ensure_corpus
     from explorer.run.experiment import local_engine_for
-    from explorer.run.loop import AcquisitionLoop
+    from explorer.run.image import ImageLoop
 
     base_cfg = load_config(config, overrides)
     _ensure_corpus(base_cfg)
@@ -127,7 +127,7 @@ def run_grid(config: Path, out: Path, seeds: list[int], conditions: list[str],
                 run_cfg = _condition(cfg, name, seed)
                 run_dir.mkdir(parents=True, exist_ok=True)
                 save_config(run_cfg, run_dir / "config.yaml")
-                loop = AcquisitionLoop(run_cfg, run_dir, engine_url=url, base_checkpoint=base, progress=False,
+                loop = ImageLoop(run_cfg, run_dir, engine_url=url, base_checkpoint=base, progress=False,
                                        resume=True, base_scores=json.loads((seed_dir / "base.json").read_text()))
                 loop.run(log=lambda msg: print(msg, flush=True))
     return run_dirs

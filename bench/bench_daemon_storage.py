@@ -193,7 +193,7 @@ def soak_child(iterations: int, threads: int) -> None:
     from conftest import TINY_EXPERIMENT
 
     from explorer.run.config import ExperimentConfig, from_dict
-    from explorer.run.loop import AcquisitionLoop
+    from explorer.run.image import ImageLoop
     from explorer.web.corpus import CorpusSpec, build_corpus
     from explorer.web.engine import HybridIndex, SearchServer
     from explorer.web.text_encoder import default_encoder
@@ -204,7 +204,7 @@ def soak_child(iterations: int, threads: int) -> None:
         cfg = from_dict(ExperimentConfig, {**TINY_EXPERIMENT, "corpus": str(corpus.root), "iterations": iterations,
                                            "train": {**TINY_EXPERIMENT["train"], "eval_every": 10**6},
                                            "reward": {"background_size": 48}})
-        loop = AcquisitionLoop(cfg, Path(tmp) / "run", engine_url=server.url, progress=False)
+        loop = ImageLoop(cfg, Path(tmp) / "run", engine_url=server.url, progress=False)
         rss, accepted = [], []
         for k in range(1, iterations + 1):
             rows = loop.run(until=k, log=lambda s: None)

@@ -64,7 +64,7 @@ def calibrate(config: Path, runs: Path, seed: int, budget: float, overrides: dic
     `seed` (not one of the compared seeds), the largest budget, evaluated every CALIBRATION_TOKENS."""
     from explorer.analysis.plan import format_repeat_fit, repeat_decay_from_run
     from explorer.run.config import load_config
-    from explorer.run.text_experiment import local_text_engine_for
+    from explorer.run.experiment import local_engine_for
 
     run_dir = runs / "calibration" / f"seed-{seed}"
     cfg = load_config(config, {**OVERRIDES, **overrides, "seed": seed, "text.flop_budget": budget,
@@ -72,7 +72,7 @@ def calibrate(config: Path, runs: Path, seed: int, budget: float, overrides: dic
     if not finished(run_dir):
         print(f"== calibration: seed {seed}, budget {budget:.0e}, target alone ==", flush=True)
         t0 = time.time()
-        with local_text_engine_for(cfg, progress=True, error_log=runs / "engine.log") as url:
+        with local_engine_for(cfg, progress=True, error_log=runs / "engine.log") as url:
             mark_done(run_dir, cfg, run_text(cfg, run_dir, url, log=lambda message: print("  ", message, flush=True)), t0)
     fit = repeat_decay_from_run(run_dir)
     print(format_repeat_fit(fit, run_dir), flush=True)
@@ -92,7 +92,7 @@ def mark_done(run_dir: Path, cfg, rows: list[dict], t0: float | None = None) -> 
 def run_grid(config: Path, runs: Path, budgets: list[float], seeds: list[int], strategies: list[str],
              overrides: dict, r_star: float | None = None) -> None:
     from explorer.run.config import load_config
-    from explorer.run.text_experiment import local_text_engine_for
+    from explorer.run.experiment import local_engine_for
 
     for seed in seeds:
         todo = []
@@ -106,7 +106,7 @@ def run_grid(config: Path, runs: Path, budgets: list[float], seeds: list[int], s
                     todo.append((budget, name, cfg, run_dir))
         if not todo:
             continue
-        with local_text_engine_for(todo[0][2], progress=True, error_log=runs / "engine.log") as url:
+        with local_engine_for(todo[0][2], progress=True, error_log=runs / "engine.log") as url:
             for budget, name, cfg, run_dir in todo:
                 print(f"== budget {budget:.0e}, seed {seed}: {name} ==", flush=True)
                 t0 = time.time()

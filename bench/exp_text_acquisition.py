@@ -64,7 +64,7 @@ def finished(run_dir: Path, iterations: int) -> bool:
 def run_grid(config: Path, runs: Path, seeds: list[int], conditions: list[str], overrides: dict) -> None:
     """Every (seed, condition) run that is missing; one local engine per seed serves all of them."""
     from explorer.run.config import load_config
-    from explorer.run.text_experiment import local_text_engine_for
+    from explorer.run.experiment import local_engine_for
 
     for seed in seeds:
         todo = []
@@ -75,7 +75,7 @@ def run_grid(config: Path, runs: Path, seeds: list[int], conditions: list[str], 
                 todo.append((name, cfg, run_dir))
         if not todo:
             continue
-        with local_text_engine_for(todo[0][1], progress=True, error_log=runs / "engine.log") as url:
+        with local_engine_for(todo[0][1], progress=True, error_log=runs / "engine.log") as url:
             for name, cfg, run_dir in todo:
                 print(f"== seed {seed}: {name} ==", flush=True)
                 t0 = time.time()
@@ -85,12 +85,12 @@ def run_grid(config: Path, runs: Path, seeds: list[int], conditions: list[str], 
 
 def run_text(cfg, run_dir: Path, engine_url: str, log=print) -> list[dict]:
     """One text run into `run_dir`: resumed from its checkpoint, or started over if it was cut before one."""
-    from explorer.run.text_experiment import run_text_experiment
+    from explorer.run.experiment import run_experiment
 
     resume = (run_dir / "checkpoint.pt").exists()
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir)
-    return run_text_experiment(cfg, run_dir, engine_url=engine_url, progress=False, resume=resume, log=log)
+    return run_experiment(cfg, run_dir, engine_url=engine_url, progress=False, resume=resume, log=log)
 
 
 def web_base_rate(config: Path, seed: int, overrides: dict) -> tuple[float, int, int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,7 +172,3 @@ def build_learner(cfg: ExperimentConfig, target: TargetSet, store=None) -> MoCoL
     return MoCoLearner(learner_cfg, mixture=TrainingMixture(acquire, cfg.mixture, store=store))
 
 
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)

@@ -10,6 +10,7 @@ between iterations); the interrupted iteration is abandoned and the process exit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
@@ -23,8 +24,8 @@ from urllib.parse import urlsplit
 from explorer.run.checkpoints import has_checkpoint
 from explorer.run.config import load_config, save_config
 from explorer.run.disk import DiskConfig, folder_usage, format_usage
+from explorer.run.experiment import ENGINE_LOG, build_loop, local_engine_for
 from explorer.run.ledger import LEDGER, RunLedger, read_metrics
-from explorer.run.loop import AcquisitionLoop
 
 
 def _event(run_dir: Path, kind: str, **fields) -> None:
@@ -63,19 +64,15 @@ def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, pro
         if resuming:  # a later resume without the option keeps the new budget
             save_config(cfg, run_dir / "config.yaml")
         _event(run_dir, "disk_budget", max_gb=max_disk_gb)
-    server = status = loop = None
-    if cfg.search.backend == "local" and not cfg.search.url:
-        from explorer.web.corpus import default_corpus_dir
-        from explorer.web.engine import open_local_engine
-
-        server = open_local_engine(Path(cfg.corpus) if cfg.corpus else default_corpus_dir(),
-                                   port=_recorded_port(run_dir) if resuming else 0,
-                                   error_log=run_dir / "engine.log")
-    try:
-        loop = AcquisitionLoop(cfg, run_dir, engine_url=server.url if server else None, progress=progress,
-                               resume=resuming, keep_checkpoints=keep_checkpoints)
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(local_engine_for(cfg, run_dir / ENGINE_LOG,
+                                                   port=_recorded_port(run_dir) if resuming else 0))
+        loop = build_loop(cfg, run_dir, engine_url=url, progress=progress, resume=resuming,
+                          keep_checkpoints=keep_checkpoints)
+        stack.callback(loop.close)
         if status_port is not None:
             status = StatusServer(run_dir, status_port)
+            stack.callback(status.stop)
             log(f"status at {status.url}")
 
         def request_stop(signum, frame):
@@ -98,13 +95,15 @@ def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, pro
         _event(run_dir, "stop" if loop.stop_requested else "done", iteration=loop.iteration)
         log(f"{'stopped' if loop.stop_requested else 'finished'} at iteration {loop.iteration}; "
             f"checkpoints in {run_dir / 'checkpoints'}")
-    finally:
-        if loop:
-            loop.close()
-        for running in (status, server):
-            if running:
-                running.stop()
     return 0
+
+
+# What `explorer status` shows of the last iteration and the last evaluation, per modality.
+STATUS_KEYS = {"image": {"last": ("iteration", "ssl_loss", "accepted", "precision_accepted", "time"),
+                         "eval": ("iteration", "eval_knn_accuracy", "eval_linear_probe_accuracy")},
+               "text": {"last": ("iteration", "planner_action", "train_loss", "accepted", "precision_accepted",
+                                 "flops_total", "flops_remaining", "time"),
+                        "eval": ("iteration", "eval_perplexity")}}
 
 
 def status_summary(run_dir: Path) -> dict:
@@ -112,18 +111,17 @@ def status_summary(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     rows, totals = _progress(run_dir)
-    out = {"run_dir": str(run_dir), "name": cfg.name, "policy": cfg.policy.name,
+    keys = STATUS_KEYS[cfg.modality]
+    out = {"run_dir": str(run_dir), "name": cfg.name, "modality": cfg.modality, "policy": cfg.policy.name,
            "iterations_done": len(rows), "iterations_budget": cfg.iterations}
     if rows:
         hours = max(totals["seconds"] / 3600, 1e-9)
-        last, evals = rows[-1], [r for r in rows if "eval_knn_accuracy" in r]
+        last, evals = rows[-1], [r for r in rows if keys["eval"][1] in r]
         out.update(iterations_per_hour=len(rows) / hours,
                    fetches_per_second=totals["fetched"] / hours / 3600,
                    accepted_total=totals["accepted_total"], queries_issued=totals["queries_issued"],
-                   last_iteration={k: last.get(k) for k in ("iteration", "ssl_loss", "accepted",
-                                                            "precision_accepted", "time")},
-                   last_eval={k: evals[-1][k] for k in ("iteration", "eval_knn_accuracy",
-                                                        "eval_linear_probe_accuracy")} if evals else None,
+                   last_iteration={k: last.get(k) for k in keys["last"]},
+                   last_eval={k: evals[-1][k] for k in keys["eval"]} if evals else None,
                    recent_search_errors=[e for r in rows[-5:] for e in r.get("search_errors", [])][-3:],
                    recent_rejected=totals["recent_rejected"])
     out["disk"] = {"usage": folder_usage(run_dir), "max_bytes": cfg.disk.max_bytes}
@@ -158,21 +156,26 @@ def _log_totals(rows: list[dict]) -> dict:
             "queries_issued": sum(len(r.get("queries", [])) for r in rows), "recent_rejected": rejected}
 
 
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
 def run_status(run_dir: Path) -> str:
     """`status_summary` as text for `explorer status`."""
     s = status_summary(run_dir)
-    lines = [f"run: {s['run_dir']}  ({s['name']}, policy {s['policy']})",
+    lines = [f"run: {s['run_dir']}  ({s['name']}, {s['modality']}, policy {s['policy']})",
              f"iterations: {s['iterations_done']} of {s['iterations_budget']}"]
     if s["iterations_done"]:
-        last = s["last_iteration"]
-        lines += [f"rates: {s['iterations_per_hour']:.1f} iterations/h, {s['fetches_per_second']:.1f} fetches/s, "
-                  f"{s['queries_issued']} queries issued, {s['accepted_total']} images accepted",
-                  f"last iteration {last['iteration']}: loss {last['ssl_loss']:.3f}, {last['accepted']} accepted, "
-                  f"precision {last['precision_accepted']}"]
+        last, unit = s["last_iteration"], "images" if s["modality"] == "image" else "documents"
+        lines.append(f"rates: {s['iterations_per_hour']:.1f} iterations/h, {s['fetches_per_second']:.1f} fetches/s, "
+                     f"{s['queries_issued']} queries issued, {s['accepted_total']} {unit} accepted")
+        lines.append("last iteration: " + ", ".join(f"{k} {_fmt(v)}" for k, v in last.items() if k != "time"))
         if s["last_eval"]:
             ev = s["last_eval"]
-            lines.append(f"last eval (iteration {ev['iteration']}): kNN {ev['eval_knn_accuracy']:.3f}, "
-                         f"probe {ev['eval_linear_probe_accuracy']:.3f}")
+            lines.append(f"last eval (iteration {ev['iteration']}): "
+                         + ", ".join(f"{k.removeprefix('eval_')} {_fmt(v)}" for k, v in ev.items() if k != "iteration"))
         lines.append(f"last 5 iterations: rejected {s['recent_rejected'] or 'none'}; "
                      f"search errors: {len(s['recent_search_errors'])}")
         lines += [f"  {e}" for e in s["recent_search_errors"]]

@@ -165,7 +165,7 @@ class RunLedger:
         last = self.last_iteration() or 0
         rejected = dict(self.db.execute(
             "SELECT status, COUNT(*) FROM fetches WHERE iteration > ? AND status NOT IN "
-            "('decoded', 'already_accepted') GROUP BY status ORDER BY status", (last - recent,)).fetchall())
+            "('decoded', 'already_accepted', 'valid') GROUP BY status ORDER BY status", (last - recent,)).fetchall())
         return {"iterations_done": done, "seconds": seconds, "fetched": int(fetched), "accepted_total": int(accepted),
                 "queries_issued": self.count("queries"), "accepted_items": self.count("accepted"),
                 "recent_rejected": rejected}

@@ -470,6 +470,26 @@ class RewardConfig:
             mask[best] = True
         return mask
 
+    def select(self, rewards: np.ndarray, calibration: RewardCalibration | None, signatures,
+               accepted: np.ndarray, held_out: np.ndarray | None = None) -> np.ndarray:
+        """Indices of the candidates to accept, in order: `accept_mask`, then near-duplicate filters
+        within the batch (best first), against `accepted` (signatures of everything accepted so far)
+        and against `held_out` (signatures of an evaluation split, at `decontaminate_threshold`).
+        `signatures(indices)` gives the candidates' near-duplicate signatures (N, D) unit rows,
+        computed only for those the reward chose. Both modalities accept through here."""
+        rewards = np.asarray(rewards)
+        chosen = np.flatnonzero(self.accept_mask(rewards, calibration)) if len(rewards) else np.zeros(0, int)
+        if len(chosen) == 0:
+            return chosen
+        chosen = chosen[np.argsort(-rewards[chosen], kind="stable")]  # best first for the greedy dedupe
+        sig = signatures(chosen)
+        keep = dedupe_within(sig, self.dedupe_threshold)
+        if len(accepted):
+            keep &= ~near_duplicates(sig, accepted, self.dedupe_threshold)
+        if held_out is not None and len(held_out):
+            keep &= ~near_duplicates(sig, held_out, self.decontaminate_threshold)
+        return np.sort(chosen[keep])
+
 
 def image_signature(images: torch.Tensor, side: int = 16) -> np.ndarray:
     """uint8 (N, 3, S, S) -> (N, side*side) unit vectors of mean-centred grey pixels.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from explorer.run.loop import AcquisitionLoop
+from explorer.run.image import ImageLoop
 from policies import Query, QueryPolicy, build_policy, ppo
 from policies.llm_models import ByteTokenizer, clean_query, query_text, response_mask
 from policies.ppo_llm import LLMPolicyConfig
@@ -290,7 +290,7 @@ def test_policy_runs_in_the_acquisition_loop(name, iterations, tiny_experiment, 
         options.update(gp={"explore_first": 2}, candidates_per_query=2)
     policy = {"name": name, "queries_per_iteration": 4, "options": options}
     cfg = tiny_experiment(policy=policy, iterations=iterations)
-    loop = AcquisitionLoop(cfg, tmp_path, engine_url=engine.url, progress=False)
+    loop = ImageLoop(cfg, tmp_path, engine_url=engine.url, progress=False)
     rows = loop.run(log=lambda line: None)
     assert [r["iteration"] for r in rows] == list(range(iterations + 1))
     queries = [q for r in rows[1:] for q in r["queries"]]

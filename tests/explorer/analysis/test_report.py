@@ -8,7 +8,7 @@ import pytest
 
 from explorer.analysis.report import find_runs, mean_ci, read_run, write_report
 from explorer.cli import main
-from explorer.run.loop import AcquisitionLoop
+from explorer.run.image import ImageLoop
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -27,7 +27,7 @@ def two_seeds(tmp_path_factory, tiny_experiment, engine):
     root = tmp_path_factory.mktemp("grid")
     for seed in (0, 1):
         cfg = tiny_experiment(seed=seed, policy={"name": "random", "queries_per_iteration": 4})
-        AcquisitionLoop(cfg, root / f"seed-{seed}" / "random", engine_url=engine.url,
+        ImageLoop(cfg, root / f"seed-{seed}" / "random", engine_url=engine.url,
                         progress=False).run(log=lambda s: None)
     return root
 

@@ -15,8 +15,11 @@ from explorer.run.checkpoints import checkpoint_dir, load_latest_checkpoint
 from explorer.run.config import load_config, save_config
 from explorer.run.daemon import run_status
 from explorer.run.experiment import read_metrics
+from explorer.run.image import ACQUIRED, ImageLoop
 from explorer.run.ledger import LEDGER, RunLedger
-from explorer.run.loop import ACQUIRED, DECISION_KEYS, AcquisitionLoop, compare_decisions
+from explorer.run.loop import compare_decisions
+
+DECISION_KEYS = ImageLoop.DECISION_KEYS
 from learners.shards import ShardStore
 
 
@@ -28,14 +31,14 @@ def test_crash_between_log_and_checkpoint_then_resume_is_exact(tiny_experiment, 
     cfg = tiny_experiment()
     quiet = {"progress": False}
     straight = tmp_path / "straight"
-    AcquisitionLoop(cfg, straight, engine_url=engine.url, **quiet).run(log=lambda s: None)
+    ImageLoop(cfg, straight, engine_url=engine.url, **quiet).run(log=lambda s: None)
 
     crashed = tmp_path / "crashed"
-    AcquisitionLoop(cfg, crashed, engine_url=engine.url, **quiet).run(until=1, log=lambda s: None)
-    AcquisitionLoop(cfg, crashed, engine_url=engine.url, resume=True, **quiet).run(until=2, log=lambda s: None)
+    ImageLoop(cfg, crashed, engine_url=engine.url, **quiet).run(until=1, log=lambda s: None)
+    ImageLoop(cfg, crashed, engine_url=engine.url, resume=True, **quiet).run(until=2, log=lambda s: None)
     # A crash after iteration 2 wrote its logs and ledger rows but before its checkpoint was complete:
     (checkpoint_dir(crashed, 2) / "COMPLETE").unlink()
-    resumed = AcquisitionLoop(cfg, crashed, engine_url=engine.url, resume=True, **quiet)
+    resumed = ImageLoop(cfg, crashed, engine_url=engine.url, resume=True, **quiet)
     assert resumed.iteration == 1 and resumed.resumed_from == checkpoint_dir(crashed, 1)
     assert [r["iteration"] for r in read_metrics(crashed / "metrics.jsonl")] == [0, 1]  # stale line dropped
     assert resumed.ledger.last_iteration() == 1  # stale ledger rows dropped
@@ -64,7 +67,7 @@ def unbroken(tiny_experiment, engine, tmp_path_factory):
     """The reference for the daemon tests: the same config run to the end in this process, never
     stopped; and the torch thread count it ran with (the daemons get the same, for equal floats)."""
     run_dir = tmp_path_factory.mktemp("unbroken")
-    loop = AcquisitionLoop(tiny_experiment(iterations=DAEMON_ITERATIONS), run_dir, engine_url=engine.url,
+    loop = ImageLoop(tiny_experiment(iterations=DAEMON_ITERATIONS), run_dir, engine_url=engine.url,
                            progress=False)
     try:
         loop.run(log=lambda s: None)
@@ -121,7 +124,7 @@ def assert_same_as_unbroken(run_dir, unbroken_dir) -> None:
     weights of a stopped-and-resumed run equal those of the run that never stopped."""
     rows, reference = read_metrics(run_dir / "metrics.jsonl"), read_metrics(unbroken_dir / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == list(range(DAEMON_ITERATIONS + 1))
-    assert compare_decisions(hostless(reference), hostless(rows)) == []
+    assert compare_decisions(hostless(reference), hostless(rows), DECISION_KEYS) == []
     assert sum(r["accepted"] for r in rows[1:]) > 0  # the comparison covers accepted items
     strip = lambda log: [(a["iteration"], urlsplit(a["url"]).path, a["sha256"], a["reward"]) for a in log]
     assert strip(accepted_log(run_dir)) == strip(accepted_log(unbroken_dir))

@@ -10,8 +10,10 @@ import pytest
 from explorer.acquire.cache import CacheMiss, ResponseCache
 from explorer.run.disk import GB, DiskConfig, enforce_budget, folder_usage
 from explorer.run.experiment import read_metrics
+from explorer.run.image import ImageLoop
 from explorer.run.ledger import LEDGER, RunLedger
-from explorer.run.loop import DECISION_KEYS, AcquisitionLoop
+
+DECISION_KEYS = ImageLoop.DECISION_KEYS
 
 QUIET = {"progress": False}
 # more results and a stricter acceptance than the tiny default: most fetched bodies are rejected
@@ -36,7 +38,7 @@ def accepted_shas(run_dir) -> list[str]:
 def straight(tiny_experiment, engine, tmp_path_factory):
     """A 3-iteration run with no budget: the reference for decisions and sizes."""
     run_dir = tmp_path_factory.mktemp("straight")
-    loop = AcquisitionLoop(tiny_experiment(**RUN), run_dir, engine_url=engine.url, **QUIET)
+    loop = ImageLoop(tiny_experiment(**RUN), run_dir, engine_url=engine.url, **QUIET)
     loop.run(log=lambda s: None)
     loop.close()
     return run_dir
@@ -67,7 +69,7 @@ def test_eviction_removes_rejected_bodies_oldest_first_and_keeps_what_replay_and
     assert searches and all(cache._blob_path(m["body_sha256"]).exists() for m in searches)  # search answers stay
     # an evicted body is a plain miss that names the budget, not a corruption
     with pytest.raises(CacheMiss, match="evicted by the run's disk budget"):
-        AcquisitionLoop(load_run_config(run_dir), run_dir, replay=True, **QUIET).run(log=lambda s: None)
+        ImageLoop(load_run_config(run_dir), run_dir, replay=True, **QUIET).run(log=lambda s: None)
     assert not (run_dir / "cache" / "quarantine").exists()
 
 
@@ -80,11 +82,11 @@ def load_run_config(run_dir):
 def test_a_budget_that_cannot_be_met_stops_cleanly_and_resumes_exactly(straight, tiny_experiment, engine, tmp_path):
     run_dir = tmp_path / "run"
     cfg = tiny_experiment(**RUN)
-    first = AcquisitionLoop(cfg, run_dir, engine_url=engine.url, **QUIET)
+    first = ImageLoop(cfg, run_dir, engine_url=engine.url, **QUIET)
     first.run(until=1, log=lambda s: None)
     first.close()
     tight = tiny_experiment(**RUN, disk={"max_gb": folder_usage(run_dir)["total"] * 0.5 / GB})
-    loop = AcquisitionLoop(tight, run_dir, engine_url=engine.url, resume=True, **QUIET)
+    loop = ImageLoop(tight, run_dir, engine_url=engine.url, resume=True, **QUIET)
     lines = []
     loop.run(log=lines.append)
     loop.close()
@@ -93,7 +95,7 @@ def test_a_budget_that_cannot_be_met_stops_cleanly_and_resumes_exactly(straight,
     assert [r["iteration"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1]
     assert not list(run_dir.rglob(".tmp*"))  # no half-written file
 
-    loop = AcquisitionLoop(cfg, run_dir, engine_url=engine.url, resume=True, **QUIET)  # the budget raised
+    loop = ImageLoop(cfg, run_dir, engine_url=engine.url, resume=True, **QUIET)  # the budget raised
     loop.run(log=lambda s: None)
     loop.close()
     assert decisions(run_dir) == decisions(straight)
@@ -103,7 +105,7 @@ def test_a_full_disk_mid_fetch_abandons_the_iteration_and_resumes_exactly(straig
                                                                           tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     cfg = tiny_experiment(**RUN)
-    loop = AcquisitionLoop(cfg, run_dir, engine_url=engine.url, **QUIET)
+    loop = ImageLoop(cfg, run_dir, engine_url=engine.url, **QUIET)
     loop.run(until=1, log=lambda s: None)
     put, calls = ResponseCache.put, []
 
@@ -120,7 +122,7 @@ def test_a_full_disk_mid_fetch_abandons_the_iteration_and_resumes_exactly(straig
     assert [r["iteration"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1]
     assert not list(run_dir.rglob(".tmp*"))
 
-    loop = AcquisitionLoop(cfg, run_dir, engine_url=engine.url, resume=True, **QUIET)
+    loop = ImageLoop(cfg, run_dir, engine_url=engine.url, resume=True, **QUIET)
     loop.run(log=lambda s: None)
     loop.close()
     assert decisions(run_dir) == decisions(straight)

@@ -13,8 +13,10 @@ from explorer.run.checkpoints import CHECKPOINTS, checkpoint_dir, load_latest_ch
 from explorer.run.config import load_config
 from explorer.run.daemon import status_summary
 from explorer.run.experiment import read_metrics
+from explorer.run.image import ACQUIRED, ImageLoop
 from explorer.run.ledger import LEDGER, FetchRecord, RunLedger
-from explorer.run.loop import ACQUIRED, DECISION_KEYS, AcquisitionLoop
+
+DECISION_KEYS = ImageLoop.DECISION_KEYS
 from learners.shards import ShardStore
 
 
@@ -84,13 +86,13 @@ def resumed_run(tiny_experiment, engine, tmp_path_factory):
     after it logged, before its checkpoint was whole) and the run resumes and redoes it."""
     cfg = tiny_experiment(iterations=3)
     run_dir = tmp_path_factory.mktemp("run")
-    first = AcquisitionLoop(cfg, run_dir, engine_url=engine.url, progress=False, keep_checkpoints=2)
+    first = ImageLoop(cfg, run_dir, engine_url=engine.url, progress=False, keep_checkpoints=2)
     first_rows = first.run(log=quiet)
     first.close()
     seen = {"first_rows": first_rows, "first_ledger_agrees": assert_ledger_matches_logs(run_dir) == first_rows,
             "first_checkpoints": sorted(p.name for p in (run_dir / CHECKPOINTS).iterdir())}
     (checkpoint_dir(run_dir, 3) / "COMPLETE").unlink()
-    resumed = AcquisitionLoop(cfg, run_dir, engine_url=engine.url, progress=False, keep_checkpoints=2, resume=True)
+    resumed = ImageLoop(cfg, run_dir, engine_url=engine.url, progress=False, keep_checkpoints=2, resume=True)
     seen.update(resumed_at=resumed.iteration, ledger_cut_to=resumed.ledger.last_iteration(),
                 metrics_cut_to=read_metrics(run_dir / "metrics.jsonl")[-1]["iteration"])
     resumed.run(log=quiet)
@@ -170,21 +172,21 @@ class SimulatedCrash(Exception):
 def test_a_crash_after_the_ledger_commit_before_the_checkpoint_is_cut_back_on_resume(
         tiny_experiment, engine, tmp_path, monkeypatch):
     cfg = tiny_experiment()
-    save = AcquisitionLoop.save_checkpoint
+    save = ImageLoop.save_checkpoint
 
     def crash_at_iteration_2(loop):
         if loop.iteration == 2:
             raise SimulatedCrash
         return save(loop)
-    monkeypatch.setattr(AcquisitionLoop, "save_checkpoint", crash_at_iteration_2)
-    loop = AcquisitionLoop(cfg, tmp_path, engine_url=engine.url, progress=False)
+    monkeypatch.setattr(ImageLoop, "save_checkpoint", crash_at_iteration_2)
+    loop = ImageLoop(cfg, tmp_path, engine_url=engine.url, progress=False)
     with pytest.raises(SimulatedCrash):
         loop.run(log=quiet)
     loop.close()
     monkeypatch.undo()
     with RunLedger(tmp_path / LEDGER, readonly=True) as ledger:
         assert ledger.last_iteration() == 2  # committed before the checkpoint that never came
-    resumed = AcquisitionLoop(cfg, tmp_path, engine_url=engine.url, progress=False, resume=True)
+    resumed = ImageLoop(cfg, tmp_path, engine_url=engine.url, progress=False, resume=True)
     assert resumed.iteration == resumed.ledger.last_iteration() == 1
     resumed.run(log=quiet)
     resumed.close()

@@ -12,14 +12,15 @@ import pytest
 from explorer.run.checkpoints import load_latest_checkpoint
 from explorer.run.config import ConfigError, ExperimentConfig, load_config
 from explorer.run.experiment import read_metrics, replay_run
-from explorer.run.loop import AcquisitionLoop, background_queries, compare_decisions
+from explorer.run.image import ImageLoop
+from explorer.run.loop import background_queries, compare_decisions
 from explorer.score.reward import knn_reward, leave_one_out_rewards
 
 
 @pytest.fixture(scope="module")
 def recorded_run(tiny_experiment, engine, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    loop = AcquisitionLoop(tiny_experiment(), run_dir, engine_url=engine.url, progress=False)
+    loop = ImageLoop(tiny_experiment(), run_dir, engine_url=engine.url, progress=False)
     rows = loop.run(log=lambda line: None)
     return run_dir, rows
 
@@ -76,7 +77,7 @@ def test_the_background_is_the_seeds_draw_shared_by_every_policy(recorded_run, t
     run_dir, rows = recorded_run
     recorded = json.loads((run_dir / "background.json").read_text())
     cfg = tiny_experiment(policy={"name": "random", "queries_per_iteration": 4})
-    loop = AcquisitionLoop(cfg, tmp_path / "random", engine_url=engine.url, progress=False)
+    loop = ImageLoop(cfg, tmp_path / "random", engine_url=engine.url, progress=False)
     assert recorded["queries"] == background_queries(cfg, loop.vocab)  # the gp run drew what random draws
     assert len(recorded["queries"]) == cfg.reward.background_queries
     assert recorded["decoded"] == len(loop.background_sample) == len(loop.background) > 0
@@ -97,10 +98,10 @@ def test_accept_drops_copies_of_probe_test_earlier_accepts_and_batch_mates(tiny_
     import numpy as np
     import torch
 
-    from explorer.run.loop import Candidates
+    from explorer.run.image import Candidates
     from explorer.score.reward import image_signature
 
-    loop = AcquisitionLoop(tiny_experiment(), tmp_path, engine_url=engine.url, progress=False)
+    loop = ImageLoop(tiny_experiment(), tmp_path, engine_url=engine.url, progress=False)
     probe = loop.target.part("probe_test")[0]
     acquire = loop.target.part("acquire")[0]
     earlier, new, other = acquire[0], acquire[1], acquire[2]
@@ -142,8 +143,8 @@ def test_replay_makes_identical_decisions_without_network(recorded_run, monkeypa
 def test_compare_decisions_reports_a_changed_query():
     a = [{"iteration": 1, "queries": ["boot"], "query_rewards": [0.5], "accepted_urls": [], "ssl_loss": 1.0}]
     b = [{**a[0], "queries": ["bag"]}]
-    assert compare_decisions(a, a) == []
-    assert "queries differs" in compare_decisions(a, b)[0]
+    assert compare_decisions(a, a, ImageLoop.DECISION_KEYS) == []
+    assert "queries differs" in compare_decisions(a, b, ImageLoop.DECISION_KEYS)[0]
 
 
 def test_replay_of_a_missing_query_names_it(recorded_run, tmp_path):

@@ -1,4 +1,4 @@
-"""What one iteration of `AcquisitionLoop.step()` credits and keeps, recomputed from the run folder:
+"""What one iteration of `ImageLoop.step()` credits and keeps, recomputed from the run folder:
 each query's reward from the images *it* returned (ledger results and fetches, the run's cache),
 and the learner's pool and training batches from the accepted log."""
 
@@ -15,8 +15,8 @@ from explorer.acquire.validate import to_pipeline_tensor, validate_image
 from explorer.run import agent
 from explorer.run.checkpoints import load_latest_checkpoint
 from explorer.run.experiment import read_metrics
+from explorer.run.image import ACQUIRED, ImageLoop
 from explorer.run.ledger import LEDGER
-from explorer.run.loop import ACQUIRED, AcquisitionLoop
 from explorer.score.reward import RewardConfig
 from learners.mixture import acquired_count
 from learners.shards import ShardStore
@@ -62,7 +62,7 @@ def test_query_rewards_credit_each_query_with_the_images_it_returned(tiny_experi
         image_rewards.append(rewards.copy())
         return rewards
     monkeypatch.setattr(RewardConfig, "image_rewards", spy)
-    loop = AcquisitionLoop(cfg, tmp_path, engine_url=engine.url, progress=False)
+    loop = ImageLoop(cfg, tmp_path, engine_url=engine.url, progress=False)
     scorer = agent.build_learner(cfg, loop.target)  # embeds with the weights of before each step
     k, requested = cfg.reward.k, cfg.search.results_per_query
     distinct_rewards = set()
@@ -121,7 +121,7 @@ def test_accepted_images_are_the_learners_pool_and_training_batches_draw_them(ti
     bodies named by accepted.jsonl's sha256, decoded), the checkpoint holds the same pool, and every
     training batch of the iteration carries the mixture's share of them on top of target images."""
     cfg = tiny_experiment(target={"limit": 300, "acquire_size": 30})  # a small target: every accept is drawn
-    loop = AcquisitionLoop(cfg, tmp_path, engine_url=engine.url, progress=False)
+    loop = ImageLoop(cfg, tmp_path, engine_url=engine.url, progress=False)
     mixture = loop.learner.mixture
     drawn = []  # (iteration, uint8 batch) of every training step after pretraining
     sample = mixture.sample

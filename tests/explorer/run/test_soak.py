@@ -12,7 +12,9 @@ import torch
 from explorer.run.checkpoints import CHECKPOINTS, STATE, checkpoint_dir
 from explorer.run.config import save_config
 from explorer.run.experiment import read_metrics
-from explorer.run.loop import ACQUIRED, DECISION_KEYS, AcquisitionLoop
+from explorer.run.image import ACQUIRED, ImageLoop
+
+DECISION_KEYS = ImageLoop.DECISION_KEYS
 from learners.shards import ShardStore
 from tests.explorer.run.test_daemon import daemon_env, hostless, start_daemon, stop, wait_until
 
@@ -46,7 +48,7 @@ def decisions(rows, upto):
 
 def test_daemon_soak_flat_checkpoints_bounded_memory_and_exact_kill_resume(tiny_experiment, engine, tmp_path):
     reference = tmp_path / "reference"
-    loop = AcquisitionLoop(soak_config(tiny_experiment, REFERENCE_ITERATIONS), reference, engine_url=engine.url,
+    loop = ImageLoop(soak_config(tiny_experiment, REFERENCE_ITERATIONS), reference, engine_url=engine.url,
                            progress=False)
     try:
         loop.run(log=lambda s: None)

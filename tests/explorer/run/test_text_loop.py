@@ -7,10 +7,11 @@ import math
 import numpy as np
 import pytest
 
+from explorer.run.checkpoints import has_checkpoint
 from explorer.run.config import PRIOR_LAW, ExperimentConfig, from_dict, load_config
+from explorer.run.experiment import local_engine_for, replay_run, run_experiment
+from explorer.run.text import TextLoop
 from explorer.run.text_agent import lm_embeddings
-from explorer.run.text_experiment import local_text_engine_for, replay_text_run, run_text_experiment
-from explorer.run.text_loop import TextAcquisitionLoop
 from explorer.web.text_corpus import TextCorpus, TextCorpusSpec, build_text_corpus, document_text, text_sha256
 
 TOPIC = "Biology and health sciences"
@@ -39,7 +40,7 @@ def tiny_text(corpus, **changes) -> ExperimentConfig:
 @pytest.fixture(scope="module")
 def recorded_run(text_corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("text-run")
-    run_text_experiment(tiny_text(text_corpus), run_dir, progress=False, log=lambda _: None)
+    run_experiment(tiny_text(text_corpus), run_dir, progress=False, log=lambda _: None)
     return run_dir
 
 
@@ -61,24 +62,26 @@ def test_two_iterations_write_flops_decisions_and_finite_perplexity(recorded_run
     accepted = [json.loads(line) for line in (recorded_run / "accepted.jsonl").read_text().splitlines()]
     assert len(accepted) == sum(r["accepted"] for r in rows[1:]) > 0
     assert rows[2]["tokens_available"] > rows[0]["tokens_available"]  # accepted text joined the stream
-    assert (recorded_run / "tokenizer.model").exists() and (recorded_run / "checkpoint.pt").exists()
+    assert (recorded_run / "tokenizer.model").exists() and has_checkpoint(recorded_run)
 
 
 def test_replay_from_the_cache_makes_the_same_decisions(recorded_run):
-    assert replay_text_run(recorded_run, progress=False, log=lambda _: None) == []
+    assert replay_run(recorded_run, progress=False, log=lambda _: None) == []
     assert len(_metrics(recorded_run / "replay-metrics.jsonl")) == 3
 
 
 def test_resume_after_a_stop_continues(text_corpus, tmp_path):
     cfg = tiny_text(text_corpus, iterations=2)
-    with local_text_engine_for(cfg) as url:
-        first = TextAcquisitionLoop(cfg, tmp_path, engine_url=url, progress=False)
+    with local_engine_for(cfg) as url:
+        first = TextLoop(cfg, tmp_path, engine_url=url, progress=False)
         first.run(until=1, log=lambda _: None)  # as if stopped after iteration 1
-        step, spent = first.learner.step, first.ledger.total
-        resumed = TextAcquisitionLoop(cfg, tmp_path, engine_url=url, progress=False, resume=True)
-        assert resumed.iteration == 1 and resumed.learner.step == step and resumed.ledger.total == spent
+        step, spent = first.learner.step, first.flops.total
+        first.close()
+        resumed = TextLoop(cfg, tmp_path, engine_url=url, progress=False, resume=True)
+        assert resumed.iteration == 1 and resumed.learner.step == step and resumed.flops.total == spent
         assert resumed.stream.num_tokens == first.stream.num_tokens
         resumed.run(log=lambda _: None)
+        resumed.close()
     rows = _metrics(tmp_path / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [0, 1, 2] and rows[2]["learner_step"] > step
     assert rows[2]["flops_total"] > spent
@@ -88,7 +91,7 @@ def test_planner_grows_the_model_when_parameter_limited(text_corpus, tmp_path):
     # any dataset is enough under this law: the planner asks for a bigger model
     cfg = tiny_text(text_corpus, iterations=1, text={"law": PARAMETER_LIMITED, "max_lm_size": "micro",
                                                      "flop_budget": 1.0e16, "strategy": "compute_optimal"})
-    rows = run_text_experiment(cfg, tmp_path, progress=False, log=lambda _: None)
+    rows = run_experiment(cfg, tmp_path, progress=False, log=lambda _: None)
     assert rows[1]["planner_action"] == "grow_model" and rows[1]["grew_to"] == "micro"
     assert rows[1]["n_params"] > rows[0]["n_params"] and "queries" not in rows[1]
 
@@ -117,8 +120,8 @@ def top_k_cosine(candidates: np.ndarray, targets: np.ndarray, k: int) -> np.ndar
 def test_lm_hidden_states_as_the_reward_encoder(text_corpus, tmp_path):
     cfg = tiny_text(text_corpus, iterations=1, text={"reward_encoder": "lm"})
     quiet = lambda _: None  # noqa: E731
-    with local_text_engine_for(cfg) as url:
-        loop = TextAcquisitionLoop(cfg, tmp_path, engine_url=url, progress=False)
+    with local_engine_for(cfg) as url:
+        loop = TextLoop(cfg, tmp_path, engine_url=url, progress=False)
         loop.run(until=0, log=quiet)  # pretraining only
         lm = copy.deepcopy(loop.learner.model)  # the LM that scores iteration 1's documents
         tok, seq_len, k = loop.tokenizer, cfg.text.seq_len, cfg.reward.k
@@ -151,7 +154,7 @@ def test_lm_hidden_states_as_the_reward_encoder(text_corpus, tmp_path):
 @pytest.mark.parametrize("policy", ["random", "oracle"])
 def test_same_policies_drive_the_text_loop(text_corpus, tmp_path, policy):
     cfg = tiny_text(text_corpus, iterations=1, policy={"name": policy, "queries_per_iteration": 3})
-    rows = run_text_experiment(cfg, tmp_path, progress=False, log=lambda _: None)
+    rows = run_experiment(cfg, tmp_path, progress=False, log=lambda _: None)
     assert len(rows[1]["queries"]) == 3 and rows[1]["fetched"] > 0
     if policy == "oracle":  # knows which concepts find the topic: most of what it fetches is on topic
         assert rows[1]["precision_fetched"] > 0.5
@@ -162,7 +165,7 @@ def test_run_stops_when_the_flop_budget_is_spent(text_corpus, tmp_path):
 
     messages = []
     cfg = tiny_text(text_corpus, iterations=3, text={"flop_budget": 3.0e10, "strategy": "acquire"})
-    rows = run_text_experiment(cfg, tmp_path, progress=False, log=messages.append)
+    rows = run_experiment(cfg, tmp_path, progress=False, log=messages.append)
     step = training_flops(rows[0]["n_params"], cfg.text.tokens_per_step)
     assert [r["iteration"] for r in rows] == [0, 1] and rows[1]["flops_remaining"] < step
     assert "budget" in messages[-1] and "spent" in messages[-1]
@@ -185,7 +188,7 @@ def test_fixed_strategies_override_the_planner(text_corpus, tmp_path, strategy):
     law = PARAMETER_LIMITED if strategy == "acquire" else dict(PRIOR_LAW)
     cfg = tiny_text(text_corpus, iterations=2, text={"strategy": strategy, "law": law, "max_lm_size": "micro",
                                                      "flop_budget": 1.0e16})
-    rows = run_text_experiment(cfg, tmp_path, progress=False, log=lambda _: None)
+    rows = run_experiment(cfg, tmp_path, progress=False, log=lambda _: None)
     actions = [r["planner_action"] for r in rows[1:]]
     if strategy == "train":
         assert actions == ["train", "train"] and not any("queries" in r for r in rows)
@@ -207,12 +210,12 @@ def test_the_planner_acquires_only_when_the_run_can_use_the_tokens(text_corpus, 
     target once, so new documents cannot lower the loss: it trains. With 32x the training the same
     bound says a round pays, and the second decision is made on the first round's measurement."""
     short = tiny_text(text_corpus, iterations=2, text={"strategy": "planner"})
-    rows = run_text_experiment(short, tmp_path / "short", progress=False, log=lambda _: None)
+    rows = run_experiment(short, tmp_path / "short", progress=False, log=lambda _: None)
     assert [r["planner_action"] for r in rows[1:]] == ["train", "train"]
     assert "no round measured yet" in rows[1]["planner"]["reason"] and "does not pay" in rows[1]["planner"]["reason"]
     long = tiny_text(text_corpus, iterations=2, text={"strategy": "planner", "pretrain_tokens": 4096,
                                                       "tokens_per_iteration": 4096})
-    rows = run_text_experiment(long, tmp_path / "long", progress=False, log=lambda _: None)
+    rows = run_experiment(long, tmp_path / "long", progress=False, log=lambda _: None)
     assert rows[1]["planner_action"] == "acquire" and "no round measured yet" in rows[1]["planner"]["reason"]
     assert "no round measured" not in rows[2]["planner"]["reason"] and "a round costs" in rows[2]["planner"]["reason"]
 
@@ -231,10 +234,10 @@ def test_the_loop_runs_on_documents_served_as_html(text_corpus, tmp_path):
     import httpx
 
     cfg = tiny_text(text_corpus, iterations=1, search={"results_per_query": 6, "serve_html": True})
-    with local_text_engine_for(cfg) as url:
+    with local_engine_for(cfg) as url:
         page = httpx.get(f"{url}/doc/{text_corpus.keys[0]}")
         assert page.headers["content-type"].startswith("text/html") and b"<nav>" in page.content
-        loop = TextAcquisitionLoop(cfg, tmp_path, engine_url=url, progress=False)
+        loop = TextLoop(cfg, tmp_path, engine_url=url, progress=False)
         rows = loop.run(log=lambda _: None)
     assert rows[1]["valid"] > 0 and "bad_content_type" not in rows[1]["rejected"]
     known = {text_sha256(document_text(d)) for d in text_corpus.documents()}

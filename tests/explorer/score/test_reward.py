@@ -250,6 +250,25 @@ def test_accept_by_value_takes_what_clears_the_targets_percentile_and_nothing_el
         config.accept_mask(rewards, None)
 
 
+def test_select_keeps_the_best_of_near_copies_and_drops_copies_of_accepted_and_held_out_items():
+    calibration = RewardCalibration(np.linspace(0.5, 1.0, 101))
+    config = RewardConfig(accept="value", accept_percentile=10, dedupe_threshold=0.95, decontaminate_threshold=0.95)
+    e = np.eye(4, dtype=np.float32)
+    sig = np.stack([e[0], e[0], e[1], e[2], e[3], e[3]])  # 0 and 1 are copies, as are 4 and 5
+    rewards = np.array([0.6, 0.9, 0.8, 0.7, 0.3, 0.2])  # 4 and 5 do not clear the threshold
+    asked = []
+
+    def signatures(rows):
+        asked.append(sorted(rows.tolist()))
+        return sig[rows]
+
+    assert config.select(rewards, calibration, signatures, np.zeros((0, 4))).tolist() == [1, 2, 3]
+    assert asked == [[0, 1, 2, 3]]  # signatures only of what the reward chose
+    # against what was accepted before (item 2's copy) and a held-out split (item 3's copy)
+    assert config.select(rewards, calibration, signatures, e[1:2], held_out=e[2:3]).tolist() == [1]
+    assert config.select(np.zeros(0), calibration, signatures, np.zeros((0, 4))).tolist() == []
+
+
 def test_query_yield_counts_what_a_query_found_per_result_asked_for():
     calibration = RewardCalibration(np.array([0.1, 0.2, 0.3, 0.4]))
     config = RewardConfig(query="yield")

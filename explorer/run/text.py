@@ -1,15 +1,13 @@
-"""The text acquisition loop: plan -> propose -> search -> fetch -> reward -> update policy -> accept
--> train the LM -> held-out perplexity -> log (run and replayed by `explorer.run.text_experiment`).
-One `TextAcquisitionLoop` is one run folder:
+"""The text modality's loop: plan -> propose -> search -> fetch -> reward -> update policy -> accept
+-> train the LM -> held-out perplexity -> log, on the run plane of `explorer.run.loop.RunLoop` (the
+run folder, ledger, checkpoints, disk budget, stopping and resume are described there). Besides the
+shared files, a text run folder holds
 
-    config.yaml        the fully resolved config
-    backend.json       the search backend as recorded (replay rebuilds it on the cache alone)
     tokenizer.model    the SentencePiece model, trained on the target set (replay and resume reuse it)
-    metrics.jsonl      one line per iteration (0 = after pretraining on the target), with FLOPs
-                       spent per category and the planner's decision and reason
-    accepted.jsonl     every accepted document: iteration, url, title, queries, reward, relevant
-    cache/             every search answer and fetched document (content-addressed)
-    checkpoint.pt      LM (with its data cursor), policy, FLOP ledger and loop position
+
+and its metrics rows carry the FLOPs spent per category and the planner's decision and reason. A
+checkpoint holds the LM (with its data cursor and the accepted documents' tokens), the policy, the
+FLOP ledger and the loop position; iteration 0 (pretraining on the target) is checkpointed too.
 
 Each iteration first asks the planner (`text.strategy`; `learners.budget.plan_with_costs` by
 default) what the remaining FLOPs should buy: `acquire` runs the queries; `grow_model` restarts the
@@ -28,19 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from explorer.acquire.cache import CacheMode, ResponseCache
+from explorer.acquire.cache import CacheMode
 from explorer.acquire.documents import TEXT_BACKEND_FOR, build_text_backend, fetch_documents
 from explorer.acquire.fetch import allow_origin
 from explorer.acquire.search import SearchBackend, SearchError, search_many
-from explorer.run.config import ExperimentConfig, save_config
-from explorer.run.loop import StopRequested, background_queries, background_seed, record_background, truncate_logs
+from explorer.run.config import ExperimentConfig
+from explorer.run.ledger import FetchRecord
+from explorer.run.loop import RunLoop, background_queries, background_seed, record_background, resident_bytes
 from explorer.run.text_agent import TopicTruth, build_text_policy, lm_embeddings, open_text_corpus, text_vocabulary
-from explorer.score.reward import BackgroundSample, TargetIndex, dedupe_within, near_duplicates
+from explorer.score.reward import BackgroundSample, TargetIndex, near_duplicates
 from explorer.web.text_corpus import document_key, document_text, split_text_target, text_sha256
 from learners.budget import AcquisitionRound, Decision, ScalingLaw, decide, plan_with_costs
-from learners.checkpoint import atomic_torch_save
 from learners.flops import FlopLedger, ModelShape, forward_flops, training_flops
 from learners.lm import LM_SIZES, LMConfig, LMLearner, non_embedding_params
 from learners.text_data import PackedTextStream
@@ -59,18 +56,24 @@ def size_table(max_size: str) -> dict[str, ModelShape]:
     return {n: model_shape(n) for n in list(LM_SIZES)[:list(LM_SIZES).index(max_size) + 1]}
 
 
-class TextAcquisitionLoop:
+class TextLoop(RunLoop):
+    """Acquires documents for a target topic and trains the LM on them (see the module docstring)."""
+
+    DECISION_KEYS = ("queries", "query_rewards", "accepted_urls", "planner_action", "lm_size", "train_loss")
+    TENSORBOARD_TAGS = {"eval_perplexity": "eval/perplexity", "train_loss": "train/loss",
+                        "precision_fetched": "acquire/precision_fetched",
+                        "precision_accepted": "acquire/precision_accepted", "accepted": "acquire/accepted",
+                        "fetched": "acquire/fetched", "valid": "acquire/valid", "flops_total": "budget/flops_total",
+                        "tokens_available": "data/tokens_available", "seconds": "time/seconds_per_iteration"}
+    checkpoint_start = True  # pretraining is iteration 0, and worth keeping
+
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, engine_url: str | None = None,
-                 replay: bool = False, progress: bool = True, resume: bool = False):
+                 replay: bool = False, progress: bool = True, resume: bool = False, keep_checkpoints: int = 3):
         if cfg.modality != "text":
-            raise ValueError(f"TextAcquisitionLoop needs modality: text, got {cfg.modality!r}")
-        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
-        self.stop_requested = False  # set from a signal handler; honoured at the next safe point
-        checkpoint = self.run_dir / "checkpoint.pt"
-        resume = resume and checkpoint.exists()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.mode = CacheMode.REPLAY if replay else CacheMode.READWRITE
-        self.cache = ResponseCache(self.run_dir / "cache")
+            raise ValueError(f"TextLoop needs modality: text, got {cfg.modality!r}")
+        checkpoint = self._open_run(cfg, run_dir, replay=replay, progress=progress, resume=resume,
+                                    keep_checkpoints=keep_checkpoints)
+        resume = checkpoint is not None
         tc = cfg.text
         self.corpus = open_text_corpus(cfg, progress)
         self.target = split_text_target(self.corpus.documents(), tc.topic, holdout_fraction=tc.holdout_fraction,
@@ -90,27 +93,26 @@ class TextAcquisitionLoop:
         self.eval_tokens = self.tokenizer.encode_batch([document_text(d) for d in eval_docs])
         self.lm_size = tc.lm_size
         self.learner = self._learner(self.lm_size, self._schedule_steps(self.lm_size, grown=False))
-        self.ledger = FlopLedger()
+        self.flops = FlopLedger()
         self.law = ScalingLaw(**tc.law)
         self.sizes = size_table(tc.max_lm_size)
         self.backend = self._backend(engine_url)
         self._known_documents(train_texts)
-        self.iteration, self.pretrained, self.tokens_trained = 0, False, 0
+        self.pretrained, self.tokens_trained = False, 0
         self.rounds: list[tuple[float, int]] = []  # (FLOPs, tokens accepted) of every acquisition round
         self.background_sample = BackgroundSample(cfg.reward.background_size, background_seed(cfg))
         self._minilm_rows: dict[str, np.ndarray] = {}  # MiniLM rows of the background's documents
         self.background_fetched = False  # fetched before the first round: a run that never queries never pays
         if resume:
-            self.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-            self._truncate_logs()
-        elif not replay:
-            save_config(cfg, self.run_dir / "config.yaml")
-            (self.run_dir / "backend.json").write_text(json.dumps(self.backend.describe(), indent=2))
+            self.load_state_dict(checkpoint.state)
+            self._resume_logs()
+        else:
+            self._record_start(self.backend)
         self.index: TargetIndex | None = None
-        spent = dict(self.ledger.spent)
+        spent = dict(self.flops.spent)
         self.refresh_reference()
         if resume:  # the checkpoint's ledger already paid for embedding the background under this state
-            self.ledger.spent = spent
+            self.flops.spent = spent
 
     def ensure_background(self) -> None:
         """The background sample, fetched once, before the first acquisition round."""
@@ -238,17 +240,17 @@ class TextAcquisitionLoop:
     def embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(reward embeddings, MiniLM signatures for duplicate tests) of fetched documents; counts FLOPs."""
         sig = self.encoder.encode(texts) if texts else np.zeros((0, self.holdout_sig.shape[1]), np.float32)
-        self.ledger.add_scoring(len(texts))
+        self.flops.add_scoring(len(texts))
         if self.cfg.text.reward_encoder == "minilm":
             return sig, sig
         tokens = [t[:self.cfg.text.seq_len] for t in self.tokenizer.encode_batch(texts)]
-        self.ledger.add("score", forward_flops(self.n_params, sum(map(len, tokens))))
+        self.flops.add("score", forward_flops(self.n_params, sum(map(len, tokens))))
         return lm_embeddings(self.learner.model, tokens, self.cfg.text.seq_len), sig
 
     # -- one iteration ------------------------------------------------------------------------
     def remaining_flops(self) -> float:
         """The budget left to the agent (evaluation is logged but not charged: `FlopLedger.charged`)."""
-        return self.ledger.remaining(self.cfg.text.flop_budget)
+        return self.flops.remaining(self.cfg.text.flop_budget)
 
     def plan(self) -> Decision:
         """The planner's decision, or the configured fixed strategy (`text.strategy`)."""
@@ -288,14 +290,14 @@ class TextAcquisitionLoop:
 
     def _search_cost(self, n_queries: int) -> float:
         """Queries and the scoring of every result they ask for (fetching is a rounding error)."""
-        costs = self.ledger.costs
+        costs = self.flops.costs
         return costs.query_flops(n_queries) + costs.score_flops(n_queries * self.cfg.search.results_per_query)
 
     def _background_cost(self) -> float:
         return self._search_cost(self.cfg.reward.background_queries) if self.cfg.reward.background_size else 0.0
 
     def _acquisition_flops(self) -> float:
-        return sum(self.ledger.spent[k] for k in ("query", "fetch", "score"))
+        return sum(self.flops.spent[k] for k in ("query", "fetch", "score"))
 
     def affordable_steps(self) -> int:
         """This iteration's training steps: the configured number, or fewer when the budget ends."""
@@ -318,14 +320,17 @@ class TextAcquisitionLoop:
                 url_queries.setdefault(r.image_url, []).append(qi)
         results = fetch_documents(list(url_queries), allow_origin(self.cfg.fetch, getattr(self.backend, "url", None)),
                                   self.cache, self.mode, min_chars=self.cfg.text.min_chars, progress=self.progress)
-        self.ledger.add_queries(len(texts))
-        self.ledger.add_fetch(sum(r.n_bytes for r in results), len(results))
+        self.flops.add_queries(len(texts))
+        self.flops.add_fetch(sum(r.n_bytes for r in results), len(results))
         rejected: dict[str, int] = {}
         docs, seen = [], set()
+        self._fetches = []  # the ledger's record of every fetched URL
         for r in results:
             status = r.status if not r.ok else (
                 "known_target" if r.sha256 in self.target_sha else "held_out" if r.sha256 in self.holdout_sha
                 else "duplicate" if r.sha256 in self.accepted_sha or r.sha256 in seen else "ok")
+            # (a document's sha256 is of its text, not of the cached body: the disk budget never evicts it)
+            self._fetches.append(FetchRecord(r.url, "valid" if status == "ok" else status))
             if status == "ok":
                 docs.append(r)
                 seen.add(r.sha256)
@@ -335,16 +340,8 @@ class TextAcquisitionLoop:
 
     def accept(self, rewards: np.ndarray, sig: np.ndarray) -> np.ndarray:
         """Indices of accepted documents: reward selection, then near-duplicate filters (within the
-        batch and against everything accepted so far)."""
-        rc = self.cfg.reward
-        chosen = np.flatnonzero(rc.accept_mask(rewards, self.calibration)) if len(rewards) else np.zeros(0, int)
-        if len(chosen) == 0:
-            return chosen
-        chosen = chosen[np.argsort(-rewards[chosen], kind="stable")]  # best first for the greedy dedupe
-        keep = dedupe_within(sig[chosen], rc.dedupe_threshold)
-        if len(self.accepted_sig):
-            keep &= ~near_duplicates(sig[chosen], self.accepted_sig, rc.dedupe_threshold)
-        return np.sort(chosen[keep])
+        batch and against everything accepted so far; held-out copies were dropped before scoring)."""
+        return self.cfg.reward.select(rewards, self.calibration, lambda rows: sig[rows], self.accepted_sig)
 
     def acquire(self) -> dict:
         cfg = self.cfg
@@ -366,7 +363,10 @@ class TextAcquisitionLoop:
         self.policy.update(queries, q_rewards)
         accepted = self.accept(rewards, sig)
         self._check_stop()  # last safe point: from here on the iteration writes its logs
-        self._record_accepted(docs, accepted, rewards, queries, queries_of, sig)
+        self._pending = {"concepts": [None if q.concept is None else self.vocab.concepts[q.concept] for q in queries],
+                         "results": [[] if isinstance(a, SearchError) else [r.image_url for r in a] for a in answers],
+                         "fetches": self._fetches,
+                         "accepted": self._record_accepted(docs, accepted, rewards, queries, queries_of, sig)}
         self.background_sample.add(d.text for d in docs)  # later iterations contrast with what this one fetched
         if cfg.reward.background_size and cfg.text.reward_encoder == "minilm":
             self._minilm_rows.update((d.text, row) for d, row in zip(docs, sig))  # (the LM's after training)
@@ -383,25 +383,25 @@ class TextAcquisitionLoop:
                 "mean_doc_reward": round(float(rewards.mean()), 6) if len(rewards) else None,
                 "policy_stats": dict(getattr(self.policy, "stats", None) or {})}  # LLM policies: seconds, KL, clean-up
 
-    def _record_accepted(self, docs, accepted, rewards, queries, queries_of, sig) -> None:
+    def _record_accepted(self, docs, accepted, rewards, queries, queries_of, sig) -> list[dict]:
+        """Append the accepted documents to accepted.jsonl and the LM's stream; returns their records."""
         if not len(accepted):
-            return
+            return []
         self.accepted_sig = np.concatenate([self.accepted_sig, sig[accepted]])
         self.stream.add_documents(self.tokenizer.encode_batch([docs[j].text for j in accepted]))
-        with open(self.run_dir / ("replay-accepted.jsonl" if self.mode is CacheMode.REPLAY else "accepted.jsonl"),
-                  "a") as f:
-            for j in accepted:
-                self.accepted_sha.add(docs[j].sha256)
-                f.write(json.dumps({"iteration": self.iteration, "url": docs[j].url,
-                                    "title": docs[j].text.split("\n", 1)[0][:200], "sha256": docs[j].sha256,
-                                    "queries": [queries[q].text for q in queries_of[j]],
-                                    "reward": round(float(rewards[j]), 6),
-                                    "relevant": self.truth.relevant(docs[j].url)}) + "\n")
+        records = [{"iteration": self.iteration, "url": docs[j].url, "title": docs[j].text.split("\n", 1)[0][:200],
+                    "sha256": docs[j].sha256, "queries": [queries[q].text for q in queries_of[j]],
+                    "reward": round(float(rewards[j]), 6), "relevant": self.truth.relevant(docs[j].url)}
+                   for j in accepted]
+        self.accepted_sha.update(r["sha256"] for r in records)
+        with open(self.run_dir / self._log_name("accepted.jsonl"), "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        return records
 
     def train(self, steps: int) -> dict:
         losses = self.learner.train_steps(self.stream, steps, progress=False) if steps else []
         tokens = steps * self.cfg.text.tokens_per_step
-        self.ledger.add_training(self.n_params, tokens)
+        self.flops.add_training(self.n_params, tokens)
         self.tokens_trained += tokens
         if self.cfg.text.reward_encoder == "lm":  # the reward's reference moves with the LM
             self.refresh_reference()
@@ -410,14 +410,14 @@ class TextAcquisitionLoop:
     def evaluate(self) -> dict:
         """Held-out perplexity on the target topic (documents never trained on)."""
         ppl = self.learner.evaluate_perplexity(self.eval_tokens, eos_id=self.tokenizer.eos_id)
-        self.ledger.add("eval", forward_flops(self.n_params, sum(len(t) + 1 for t in self.eval_tokens)))
+        self.flops.add("eval", forward_flops(self.n_params, sum(len(t) + 1 for t in self.eval_tokens)))
         return {"eval_perplexity": round(ppl, 4), "eval_loss": round(math.log(ppl), 6)}
 
     def _status(self) -> dict:
         return {"lm_size": self.lm_size, "n_params": self.n_params, "learner_step": self.learner.step,
                 "tokens_available": self.stream.num_tokens, "documents": self.stream.num_documents,
-                "tokens_trained": self.tokens_trained, "flops": {k: float(v) for k, v in self.ledger.spent.items()},
-                "flops_total": self.ledger.total, "flop_budget": self.cfg.text.flop_budget,
+                "tokens_trained": self.tokens_trained, "flops": {k: float(v) for k, v in self.flops.spent.items()},
+                "flops_total": self.flops.total, "flop_budget": self.cfg.text.flop_budget,
                 "flops_remaining": self.remaining_flops()}
 
     def pretrain(self) -> dict:
@@ -429,6 +429,7 @@ class TextAcquisitionLoop:
 
     def step(self) -> dict:
         t0 = time.time()
+        disk = self._check_disk()
         self.iteration += 1
         decision = self.plan()
         row: dict = {"iteration": self.iteration, "planner_action": decision.action,
@@ -443,6 +444,7 @@ class TextAcquisitionLoop:
         row.update(self.train(self.affordable_steps()))
         row.update(self.evaluate())
         row.update(self._status())
+        row.update(rss_bytes=resident_bytes(), **disk)
         row["seconds"] = round(time.time() - t0, 2)
         row["time"] = round(time.time(), 3)
         return row
@@ -451,7 +453,7 @@ class TextAcquisitionLoop:
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "pretrained": self.pretrained, "tokens_trained": self.tokens_trained,
                 "lm_size": self.lm_size, "schedule_steps": self.schedule_steps, "learner": self.learner.state_dict(), "stream": self.stream.state_dict(),
-                "policy": self.policy.state_dict(), "ledger": self.ledger.state_dict(),
+                "policy": self.policy.state_dict(), "ledger": self.flops.state_dict(),
                 "accepted_sha": sorted(self.accepted_sha), "accepted_sig": torch.from_numpy(self.accepted_sig),
                 "background": self.background_sample.state_dict(), "background_fetched": self.background_fetched,
                 "rounds": torch.tensor(self.rounds, dtype=torch.float64)}
@@ -466,7 +468,7 @@ class TextAcquisitionLoop:
         self.stream.load_state_dict(state["stream"])
         self.learner.data = self.stream  # one cursor: the learner's and the loop's
         self.policy.load_state_dict(state["policy"])
-        self.ledger.load_state_dict(state["ledger"])
+        self.flops.load_state_dict(state["ledger"])
         self.accepted_sha = set(state["accepted_sha"])
         self.accepted_sig = state["accepted_sig"].numpy()
         self.rounds = [tuple(r) for r in state["rounds"].tolist()] if "rounds" in state else []
@@ -474,53 +476,20 @@ class TextAcquisitionLoop:
             self.background_sample.load_state_dict(state["background"])
         self.background_fetched = bool(state.get("background_fetched", "background" in state))
 
-    def save_checkpoint(self) -> None:
-        atomic_torch_save(self.state_dict(), self.run_dir / "checkpoint.pt")
+    # -- the run plane's hooks ---------------------------------------------------------------------
+    def needs_start(self) -> bool:
+        return not self.pretrained
 
-    def _truncate_logs(self) -> None:
-        truncate_logs(self.run_dir, ("metrics.jsonl", "accepted.jsonl"), self.iteration)
+    def start_row(self) -> dict:
+        return self.pretrain()
 
-    def _check_stop(self) -> None:
-        if self.stop_requested:
-            raise StopRequested(f"stop requested during iteration {self.iteration}")
+    def finished_early(self) -> str | None:
+        if self.affordable_steps() == 0:
+            return f"FLOP budget {self.cfg.text.flop_budget:.3g} spent after iteration {self.iteration}"
+        return None
 
-    # -- the whole run -----------------------------------------------------------------------------
-    def _write(self, metrics: Path, row: dict, log) -> None:
-        with open(metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.mode is not CacheMode.REPLAY:
-            self.save_checkpoint()
-        log(summary(row))
-
-    def run(self, until: int | None = None, log=print) -> list[dict]:
-        """Iterate until `until` iterations (default: the config's), the FLOP budget is spent or a
-        stop is requested; an interrupted iteration is abandoned and redone on resume."""
-        replay = self.mode is CacheMode.REPLAY
-        metrics = self.run_dir / ("replay-metrics.jsonl" if replay else "metrics.jsonl")
-        rows = []
-        if not self.pretrained:
-            for name in (metrics.name, "replay-accepted.jsonl" if replay else "accepted.jsonl"):
-                (self.run_dir / name).unlink(missing_ok=True)
-            rows.append(self.pretrain())
-            self._write(metrics, rows[-1], log)
-        until = self.cfg.iterations if until is None else until
-        with tqdm(total=until, initial=self.iteration, desc="text run", unit="iter", disable=not self.progress) as bar:
-            while self.iteration < until and not self.stop_requested:
-                if self.affordable_steps() == 0:
-                    log(f"FLOP budget {self.cfg.text.flop_budget:.3g} spent after iteration {self.iteration}")
-                    break
-                saved = self.iteration
-                try:
-                    row = self.step()
-                except StopRequested:
-                    self.iteration = saved
-                    log(f"stopped during iteration {saved + 1}; it will be redone on resume")
-                    break
-                rows.append(row)
-                self._write(metrics, row, log)
-                bar.update(1)
-                bar.set_postfix(ppl=row["eval_perplexity"], plan=row["planner_action"])
-        return rows
+    def summary(self, row: dict) -> str:
+        return summary(row)
 
 
 def summary(row: dict) -> str:
