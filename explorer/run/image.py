@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from explorer.acquire.cache import CacheMode
 from explorer.acquire.fetch import allow_origin, fetch_images
 from explorer.acquire.search import SearchBackend, SearchError, build_backend, search_many
 from explorer.run import agent
@@ -139,17 +138,7 @@ class ImageLoop(RunLoop):
         return learner
 
     def _backend(self, engine_url: str | None) -> SearchBackend:
-        sc = self.cfg.search
-        if self.mode is CacheMode.REPLAY:
-            recorded = json.loads((self.run_dir / "backend.json").read_text())
-            return build_backend("replay", cache=self.cache, recorded=recorded)
-        url = sc.url or engine_url
-        if url is None:
-            raise ValueError("search.url is not set and no local engine was started for this run")
-        options = dict(sc.options)
-        if sc.backend == "local":
-            options.setdefault("per_page", sc.results_per_query)
-        return build_backend(sc.backend, cache=self.cache, mode=self.mode, url=url, **options)
+        return self._open_backend(build_backend, self.cfg.search.backend, engine_url)
 
     # -- one iteration ------------------------------------------------------------------
     def search_and_fetch(self, texts: list[str]) -> tuple[list, Candidates]:

@@ -155,6 +155,22 @@ class RunLoop:
         self.iteration = 0
         return checkpoint
 
+    def _open_backend(self, build, name: str, engine_url: str | None):
+        """The run's search backend, built by the modality's registry (`build(name, ...)`): in a
+        replay, the recorded one on the cache alone; else `search.backend` at `search.url` or the
+        local engine's URL."""
+        sc = self.cfg.search
+        if self.mode is CacheMode.REPLAY:
+            recorded = json.loads((self.run_dir / "backend.json").read_text())
+            return build("replay", cache=self.cache, recorded=recorded)
+        url = sc.url or engine_url
+        if url is None:
+            raise ValueError("search.url is not set and no local engine was started for this run")
+        options = dict(sc.options)
+        if sc.backend == "local":
+            options.setdefault("per_page", sc.results_per_query)
+        return build(name, cache=self.cache, mode=self.mode, url=url, **options)
+
     def _record_start(self, backend, **extra) -> None:
         """A fresh run folder's config.yaml and backend.json (and `extra` JSON files by name)."""
         if self.mode is CacheMode.REPLAY:

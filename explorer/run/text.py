@@ -172,19 +172,10 @@ class TextLoop(RunLoop):
         return non_embedding_params(self.learner.model)
 
     def _backend(self, engine_url: str | None) -> SearchBackend:
-        sc = self.cfg.search
-        if self.mode is CacheMode.REPLAY:
-            recorded = json.loads((self.run_dir / "backend.json").read_text())
-            return build_text_backend("replay", cache=self.cache, recorded=recorded)
-        if sc.backend not in TEXT_BACKEND_FOR:
-            raise ValueError(f"text runs search with {', '.join(TEXT_BACKEND_FOR)}; got {sc.backend!r}")
-        url = sc.url or engine_url
-        if url is None:
-            raise ValueError("search.url is not set and no local engine was started for this run")
-        options = dict(sc.options)
-        if sc.backend == "local":
-            options.setdefault("per_page", sc.results_per_query)
-        return build_text_backend(TEXT_BACKEND_FOR[sc.backend], cache=self.cache, mode=self.mode, url=url, **options)
+        name = self.cfg.search.backend
+        if self.mode is not CacheMode.REPLAY and name not in TEXT_BACKEND_FOR:
+            raise ValueError(f"text runs search with {', '.join(TEXT_BACKEND_FOR)}; got {name!r}")
+        return self._open_backend(build_text_backend, TEXT_BACKEND_FOR.get(name, name), engine_url)
 
     def _corpus_embeddings(self, docs: list[dict]) -> np.ndarray:
         """MiniLM rows of documents the corpus already embedded (target and held-out sets)."""

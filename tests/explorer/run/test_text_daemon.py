@@ -1,14 +1,19 @@
 """The daemon runs text configs with the image side's guarantees: SIGTERM at a safe point, SIGKILL
 at any point, and a resume that ends with the decisions of a run that never stopped."""
 
+import dataclasses
+import errno
 import signal
 
 import pytest
 import torch
 
+from explorer.acquire.cache import ResponseCache
 from explorer.run.checkpoints import checkpoint_dir, load_latest_checkpoint
 from explorer.run.config import save_config
 from explorer.run.daemon import run_status, status_summary
+from explorer.run.disk import DiskConfig, folder_usage
+from explorer.run.experiment import local_engine_for
 from explorer.run.ledger import LEDGER, RunLedger, read_metrics
 from explorer.run.loop import compare_decisions
 from explorer.run.text import TextLoop
@@ -79,3 +84,59 @@ def test_text_daemon_stopped_or_killed_resumes_to_the_same_decisions(text_corpus
     assert status["modality"] == "text" and status["last_eval"]["eval_perplexity"] > 0
     assert "documents accepted" in run_status(run_dir)
     assert (run_dir / "tensorboard").is_dir()
+
+
+def test_text_crash_between_log_and_checkpoint_then_resume_is_exact(text_corpus, unbroken_text,  # noqa: F811
+                                                                    tmp_path):
+    cfg, crashed = tiny_text(text_corpus, iterations=ITERATIONS), tmp_path / "crashed"
+    with local_engine_for(cfg) as url:
+        loop = TextLoop(cfg, crashed, engine_url=url, progress=False)
+        loop.run(until=2, log=lambda _: None)
+        loop.close()
+        # A crash after iteration 2 wrote its logs and ledger rows but before its checkpoint was complete:
+        (checkpoint_dir(crashed, 2) / "COMPLETE").unlink()
+        resumed = TextLoop(cfg, crashed, engine_url=url, progress=False, resume=True)
+        assert resumed.iteration == 1 and resumed.resumed_from == checkpoint_dir(crashed, 1)
+        assert [r["iteration"] for r in read_metrics(crashed / "metrics.jsonl")] == [0, 1]  # stale line dropped
+        assert resumed.ledger.last_iteration() == 1  # stale ledger rows dropped
+        resumed.run(log=lambda _: None)
+        resumed.close()
+    assert_same_as_unbroken_text(crashed, unbroken_text[0])
+
+
+def test_text_disk_budget_and_a_full_disk_stop_cleanly_and_resume_exactly(text_corpus, unbroken_text,  # noqa: F811
+                                                                          tmp_path, monkeypatch):
+    """Both stops of the image side, for text: a budget the folder cannot meet (text runs evict
+    nothing), then a full disk on the 5th cache write of an iteration; each leaves the checkpoint of
+    the last finished iteration, and the run, resumed, ends as the unbroken one."""
+    cfg, run_dir = tiny_text(text_corpus, iterations=ITERATIONS), tmp_path / "run"
+    with local_engine_for(cfg) as url:
+        loop = TextLoop(cfg, run_dir, engine_url=url, progress=False)
+        loop.run(until=1, log=lambda _: None)
+        loop.close()
+        tight = dataclasses.replace(cfg, disk=DiskConfig(max_gb=folder_usage(run_dir)["total"] * 0.5 / 2**30))
+        loop = TextLoop(tight, run_dir, engine_url=url, progress=False, resume=True)
+        loop.run(log=lambda _: None)
+        loop.close()
+        assert loop.iteration == 1 and "nothing else may be evicted" in loop.stopped_by
+
+        put, calls = ResponseCache.put, []
+
+        def fill_up(self, key, response):
+            calls.append(key)
+            if len(calls) == 5:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return put(self, key, response)
+        monkeypatch.setattr(ResponseCache, "put", fill_up)
+        loop = TextLoop(cfg, run_dir, engine_url=url, progress=False, resume=True)
+        loop.run(log=lambda _: None)
+        loop.close()
+        monkeypatch.setattr(ResponseCache, "put", put)
+        assert len(calls) >= 5 and loop.iteration == 1 and "the disk is full" in loop.stopped_by
+        assert [r["iteration"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1]
+        assert not list(run_dir.rglob(".tmp*"))
+
+        loop = TextLoop(cfg, run_dir, engine_url=url, progress=False, resume=True)
+        loop.run(log=lambda _: None)
+        loop.close()
+    assert_same_as_unbroken_text(run_dir, unbroken_text[0])
