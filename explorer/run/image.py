@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from explorer.acquire.fetch import allow_origin, fetch_images
-from explorer.acquire.search import SearchBackend, SearchError, build_backend, search_many
+from explorer.acquire.fetch import fetch_images
+from explorer.acquire.search import SearchBackend, build_backend
 from explorer.run import agent
 from explorer.run.baselines import evaluate_learner
 from explorer.run.config import ExperimentConfig
@@ -142,15 +142,8 @@ class ImageLoop(RunLoop):
 
     # -- one iteration ------------------------------------------------------------------
     def search_and_fetch(self, texts: list[str]) -> tuple[list, Candidates]:
-        answers = search_many(self.backend, texts, self.cfg.search.results_per_query,
-                              concurrency=self.cfg.search.concurrency)
-        url_queries: dict[str, list[int]] = {}
-        for qi, a in enumerate(answers):
-            for r in [] if isinstance(a, SearchError) else a:
-                url_queries.setdefault(r.image_url, []).append(qi)
-        urls = list(url_queries)
-        results = fetch_images(urls, allow_origin(self.cfg.fetch, getattr(self.backend, "url", None)),
-                               self.cache, self.mode, progress=self.progress)
+        answers, url_queries = self._search(texts)
+        results = fetch_images(list(url_queries), self._fetch_config(), self.cache, self.mode, progress=self.progress)
         ok = [r for r in results if r.ok and r.sha256 not in self.accepted_sha]
         rejected: dict[str, int] = {}
         for r in results:
@@ -184,20 +177,14 @@ class ImageLoop(RunLoop):
         threshold = self.calibration.threshold(cfg.reward.accept_percentile)
         accepted = self.accept(cand, rewards)
         self._check_stop()  # last safe point: from here on the iteration writes its logs
-        self._pending = {"concepts": [None if q.concept is None else self.vocab.concepts[q.concept] for q in queries],
-                         "results": [[] if isinstance(a, SearchError) else [r.image_url for r in a] for a in answers],
-                         "fetches": cand.fetches,
-                         "accepted": self._record_accepted(cand, accepted, rewards, queries)}
+        query_log = self._query_log(queries, q_rewards, answers)
+        self._pending.update(fetches=cand.fetches, accepted=self._record_accepted(cand, accepted, rewards, queries))
         if len(accepted):
             self.learner.mixture.add_accepted(cand.images[accepted], self._pending["accepted"])
         self.background_sample.add(img.clone() for img in cand.images)  # later iterations contrast with it
         losses = self.learner.train_steps(self.learner.mixture, cfg.train.steps_per_iteration, progress=self.progress)
         self.refresh_index()
-        row = {"iteration": self.iteration, "queries": [q.text for q in queries],
-               "query_rewards": [round(float(r), 6) for r in q_rewards],
-               "results": [0 if isinstance(a, SearchError) else len(a) for a in answers],
-               "search_errors": [str(a) for a in answers if isinstance(a, SearchError)],
-               "results_skipped": int(getattr(self.backend, "skipped", 0)),  # run total: results with no url
+        row = {"iteration": self.iteration, **query_log,
                "fetched": len(cand.urls) + sum(cand.rejected.values()), "decoded": len(cand.urls),
                "rejected": cand.rejected, "accepted": len(accepted),
                "accepted_urls": [cand.urls[j] for j in accepted],

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from explorer.acquire.cache import CacheMode, ResponseCache
-from explorer.acquire.search import SearchError
+from explorer.acquire.fetch import FetchConfig, allow_origin
+from explorer.acquire.search import SearchError, search_many
 from explorer.run.checkpoints import LoadedCheckpoint, load_latest_checkpoint, write_checkpoint
 from explorer.run.config import ExperimentConfig, save_config
 from explorer.run.disk import DiskBudgetExceeded, enforce_budget, folder_usage, is_disk_full
@@ -170,6 +171,30 @@ class RunLoop:
         if sc.backend == "local":
             options.setdefault("per_page", sc.results_per_query)
         return build(name, cache=self.cache, mode=self.mode, url=url, **options)
+
+    def _search(self, texts: list[str]) -> tuple[list, dict[str, list[int]]]:
+        """Every query's answer (results, or a SearchError) and, per result URL in first-seen order,
+        the queries that returned it; the URLs are what the modality fetches next."""
+        answers = search_many(self.backend, texts, self.cfg.search.results_per_query,
+                              concurrency=self.cfg.search.concurrency)
+        url_queries: dict[str, list[int]] = {}
+        for qi, a in enumerate(answers):
+            for r in [] if isinstance(a, SearchError) else a:
+                url_queries.setdefault(r.image_url, []).append(qi)
+        return answers, url_queries
+
+    def _fetch_config(self) -> FetchConfig:
+        """The fetch settings, with the search engine's own host allowed (a local engine serves the items)."""
+        return allow_origin(self.cfg.fetch, getattr(self.backend, "url", None))
+
+    def _query_log(self, queries, q_rewards, answers) -> dict:
+        """The iteration's queries for the ledger (`_pending`) and its metrics row, both modalities alike."""
+        self._pending = {"concepts": [None if q.concept is None else self.vocab.concepts[q.concept] for q in queries],
+                         "results": [[] if isinstance(a, SearchError) else [r.image_url for r in a] for a in answers]}
+        return {"queries": [q.text for q in queries], "query_rewards": [round(float(r), 6) for r in q_rewards],
+                "results": [0 if isinstance(a, SearchError) else len(a) for a in answers],
+                "search_errors": [str(a) for a in answers if isinstance(a, SearchError)],
+                "results_skipped": int(getattr(self.backend, "skipped", 0))}  # run total: results with no url
 
     def _record_start(self, backend, **extra) -> None:
         """A fresh run folder's config.yaml and backend.json (and `extra` JSON files by name)."""

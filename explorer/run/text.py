@@ -29,8 +29,7 @@ import torch
 
 from explorer.acquire.cache import CacheMode
 from explorer.acquire.documents import TEXT_BACKEND_FOR, build_text_backend, fetch_documents
-from explorer.acquire.fetch import allow_origin
-from explorer.acquire.search import SearchBackend, SearchError, search_many
+from explorer.acquire.search import SearchBackend
 from explorer.run.config import ExperimentConfig
 from explorer.run.ledger import FetchRecord
 from explorer.run.loop import RunLoop, background_queries, background_seed, record_background, resident_bytes
@@ -303,14 +302,9 @@ class TextLoop(RunLoop):
 
     def search_and_fetch(self, texts: list[str]) -> tuple[list, list, list[list[int]], dict[str, int]]:
         """(answers, valid new documents, per document the queries that found it, rejections)."""
-        answers = search_many(self.backend, texts, self.cfg.search.results_per_query,
-                              concurrency=self.cfg.search.concurrency)
-        url_queries: dict[str, list[int]] = {}
-        for qi, a in enumerate(answers):
-            for r in [] if isinstance(a, SearchError) else a:
-                url_queries.setdefault(r.image_url, []).append(qi)
-        results = fetch_documents(list(url_queries), allow_origin(self.cfg.fetch, getattr(self.backend, "url", None)),
-                                  self.cache, self.mode, min_chars=self.cfg.text.min_chars, progress=self.progress)
+        answers, url_queries = self._search(texts)
+        results = fetch_documents(list(url_queries), self._fetch_config(), self.cache, self.mode,
+                                  min_chars=self.cfg.text.min_chars, progress=self.progress)
         self.flops.add_queries(len(texts))
         self.flops.add_fetch(sum(r.n_bytes for r in results), len(results))
         rejected: dict[str, int] = {}
@@ -354,19 +348,15 @@ class TextLoop(RunLoop):
         self.policy.update(queries, q_rewards)
         accepted = self.accept(rewards, sig)
         self._check_stop()  # last safe point: from here on the iteration writes its logs
-        self._pending = {"concepts": [None if q.concept is None else self.vocab.concepts[q.concept] for q in queries],
-                         "results": [[] if isinstance(a, SearchError) else [r.image_url for r in a] for a in answers],
-                         "fetches": self._fetches,
-                         "accepted": self._record_accepted(docs, accepted, rewards, queries, queries_of, sig)}
+        query_log = self._query_log(queries, q_rewards, answers)
+        self._pending.update(fetches=self._fetches,
+                             accepted=self._record_accepted(docs, accepted, rewards, queries, queries_of, sig))
         self.background_sample.add(d.text for d in docs)  # later iterations contrast with what this one fetched
         if cfg.reward.background_size and cfg.text.reward_encoder == "minilm":
             self._minilm_rows.update((d.text, row) for d, row in zip(docs, sig))  # (the LM's after training)
             self.refresh_reference()
         urls = [d.url for d in docs]
-        return {"queries": [q.text for q in queries], "query_rewards": [round(float(r), 6) for r in q_rewards],
-                "results": [0 if isinstance(a, SearchError) else len(a) for a in answers],
-                "search_errors": [str(a) for a in answers if isinstance(a, SearchError)],
-                "results_skipped": int(getattr(self.backend, "skipped", 0)),  # run total: results with no url
+        return {**query_log,
                 "fetched": len(docs) + sum(rejected.values()), "valid": len(docs), "rejected": rejected,
                 "accepted": len(accepted), "accepted_urls": [urls[j] for j in accepted],
                 "precision_fetched": self.truth.precision(urls),
