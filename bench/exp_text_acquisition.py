@@ -85,9 +85,10 @@ def run_grid(config: Path, runs: Path, seeds: list[int], conditions: list[str], 
 
 def run_text(cfg, run_dir: Path, engine_url: str, log=print) -> list[dict]:
     """One text run into `run_dir`: resumed from its checkpoint, or started over if it was cut before one."""
+    from explorer.run.checkpoints import has_checkpoint
     from explorer.run.experiment import run_experiment
 
-    resume = (run_dir / "checkpoint.pt").exists()
+    resume = has_checkpoint(run_dir)
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir)
     return run_experiment(cfg, run_dir, engine_url=engine_url, progress=False, resume=resume, log=log)
