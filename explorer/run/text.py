@@ -215,7 +215,7 @@ class TextLoop(RunLoop):
         texts = background_queries(self.cfg, self.vocab) if self.cfg.reward.background_size else []
         if not texts:
             return []
-        answers, docs, _, rejected = self.search_and_fetch(texts)
+        answers, docs, _, rejected, _ = self.search_and_fetch(texts)
         record_background(self.run_dir, self.mode, texts, answers, rejected,
                           self.truth.precision([d.url for d in docs]), valid=len(docs))
         return [d.text for d in docs]
@@ -300,8 +300,9 @@ class TextLoop(RunLoop):
         self.lm_size, self.learner = name, self._learner(name, self._schedule_steps(name, grown=True))
         return name
 
-    def search_and_fetch(self, texts: list[str]) -> tuple[list, list, list[list[int]], dict[str, int]]:
-        """(answers, valid new documents, per document the queries that found it, rejections)."""
+    def search_and_fetch(self, texts: list[str]) -> tuple[list, list, list[list[int]], dict[str, int], list]:
+        """(answers, valid new documents, per document the queries that found it, rejections, and the
+        ledger's record of every fetched URL)."""
         answers, url_queries = self._search(texts)
         results = fetch_documents(list(url_queries), self._fetch_config(), self.cache, self.mode,
                                   min_chars=self.cfg.text.min_chars, progress=self.progress)
@@ -309,19 +310,19 @@ class TextLoop(RunLoop):
         self.flops.add_fetch(sum(r.n_bytes for r in results), len(results))
         rejected: dict[str, int] = {}
         docs, seen = [], set()
-        self._fetches = []  # the ledger's record of every fetched URL
+        fetches = []
         for r in results:
             status = r.status if not r.ok else (
                 "known_target" if r.sha256 in self.target_sha else "held_out" if r.sha256 in self.holdout_sha
                 else "duplicate" if r.sha256 in self.accepted_sha or r.sha256 in seen else "ok")
             # (a document's sha256 is of its text, not of the cached body: the disk budget never evicts it)
-            self._fetches.append(FetchRecord(r.url, "valid" if status == "ok" else status))
+            fetches.append(FetchRecord(r.url, "valid" if status == "ok" else status))
             if status == "ok":
                 docs.append(r)
                 seen.add(r.sha256)
             else:
                 rejected[status] = rejected.get(status, 0) + 1
-        return answers, docs, [url_queries[r.url] for r in docs], rejected
+        return answers, docs, [url_queries[r.url] for r in docs], rejected, fetches
 
     def accept(self, rewards: np.ndarray, sig: np.ndarray) -> np.ndarray:
         """Indices of accepted documents: reward selection, then near-duplicate filters (within the
@@ -332,7 +333,7 @@ class TextLoop(RunLoop):
         cfg = self.cfg
         self.ensure_background()
         queries = self.policy.propose(cfg.policy.queries_per_iteration)
-        answers, docs, queries_of, rejected = self.search_and_fetch([q.text for q in queries])
+        answers, docs, queries_of, rejected, fetches = self.search_and_fetch([q.text for q in queries])
         self._check_stop()
         rewards_emb, sig = self.embed([d.text for d in docs])
         fresh = ~near_duplicates(sig, self.holdout_sig, cfg.reward.decontaminate_threshold)
@@ -349,7 +350,7 @@ class TextLoop(RunLoop):
         accepted = self.accept(rewards, sig)
         self._check_stop()  # last safe point: from here on the iteration writes its logs
         query_log = self._query_log(queries, q_rewards, answers)
-        self._pending.update(fetches=self._fetches,
+        self._pending.update(fetches=fetches,
                              accepted=self._record_accepted(docs, accepted, rewards, queries, queries_of, sig))
         self.background_sample.add(d.text for d in docs)  # later iterations contrast with what this one fetched
         if cfg.reward.background_size and cfg.text.reward_encoder == "minilm":
