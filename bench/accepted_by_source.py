@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("grid", nargs="?", type=Path, default=ROOT / "runs" / "bench-acquisition")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "acquisition_efficiency")
     args = parser.parse_args(argv)
-    from explorer.run.agent import open_corpus
     from explorer.run.config import load_config
+    from explorer.run.image import open_corpus
 
     run_dirs = sorted(p.parent for p in args.grid.glob("seed-*/*/accepted.jsonl"))
     if not run_dirs:

@@ -62,8 +62,8 @@ def seeded(cfg, seed: int):
 
 def _base(cfg, seed_dir: Path) -> Path:
     """The seed's base encoder, pretrained once, and its scores (base.json)."""
-    from explorer.run.agent import build_learner
-    from explorer.run.baselines import evaluate_learner, pretrain_base
+    from explorer.run.baselines import pretrain_base
+    from explorer.run.image import build_learner, evaluate_learner
     from explorer.score.target import load_target
 
     path = seed_dir / "base.pt"

@@ -51,14 +51,14 @@ def background_sample(cfg, corpus, learner_size: int):
     import torch
 
     from explorer.acquire.validate import decode_batch
-    from explorer.run.agent import load_vocabulary
+    from explorer.run.image import image_vocabulary
     from explorer.run.loop import background_queries
     from explorer.web.corpus import _default_encoder
     from explorer.web.engine import HybridIndex
 
     ranking = HybridIndex(corpus, _default_encoder())
     rows: dict[int, None] = {}
-    for text in background_queries(cfg, load_vocabulary(cfg, corpus)):
+    for text in background_queries(cfg, image_vocabulary(cfg, corpus)):
         hits, _ = ranking.search(text, 0, cfg.search.results_per_query)
         rows.update(dict.fromkeys(int(h.item) for h in hits))
     if not rows:
@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from explorer.run.agent import build_learner, open_corpus
     from explorer.run.baselines import pretrain_base
     from explorer.run.config import load_config
+    from explorer.run.image import build_learner, open_corpus
     from explorer.score.reward import TargetIndex
     from explorer.score.target import load_target
 

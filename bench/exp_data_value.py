@@ -47,7 +47,7 @@ DEFAULT_RUNS = ROOT / "runs" / "bench-data-value"
 
 def web_pool(cfg, source: str) -> np.ndarray:
     """Corpus rows a source draws from (the hidden truth decides what is of the target's kind)."""
-    from explorer.run.agent import ground_truth, open_corpus
+    from explorer.run.image import ground_truth, open_corpus
 
     corpus = open_corpus(cfg)
     truth = ground_truth(cfg, corpus)
@@ -61,7 +61,7 @@ def draw_images(cfg, source: str, n: int, seed: int):
     import torch
 
     from explorer.acquire.validate import decode_batch
-    from explorer.run.agent import open_corpus
+    from explorer.run.image import open_corpus
     from explorer.score.reward import image_signature, near_duplicates
     from explorer.score.target import load_target
 

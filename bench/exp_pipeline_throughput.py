@@ -66,8 +66,8 @@ def _urls(port: int, n: int, seed: int) -> tuple[list[str], list[str]]:
 
 
 def _learner_and_index():
-    from explorer.run.agent import build_learner
     from explorer.run.config import load_config
+    from explorer.run.image import build_learner
     from explorer.score.reward import TargetIndex
     from explorer.score.target import load_target
 

@@ -125,16 +125,17 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "policy_simulation")
     args = parser.parse_args(argv)
 
-    from explorer.run.agent import concept_embeddings, load_vocabulary
+    from explorer.run.assembly import concept_embeddings
     from explorer.run.config import load_config
     from explorer.run.demo import _ensure_corpus
+    from explorer.run.image import image_vocabulary
     from explorer.web.corpus import WebCorpus, default_corpus_dir
     from policies import build_policy
 
     cfg = load_config(args.config)
     _ensure_corpus(cfg)
     corpus = WebCorpus(Path(cfg.corpus) if cfg.corpus else default_corpus_dir())
-    vocab = load_vocabulary(cfg, corpus)
+    vocab = image_vocabulary(cfg, corpus)
     counts, sources = source_counts(cfg, corpus, vocab)
     embeddings = {"name": concept_embeddings(vocab, corpus.root, glosses=False),
                   "gloss": concept_embeddings(vocab, corpus.root, glosses=True)}

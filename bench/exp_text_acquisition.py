@@ -98,7 +98,7 @@ def web_base_rate(config: Path, seed: int, overrides: dict) -> tuple[float, int,
     """(share of the target topic among web documents a run can acquire, on-topic count, web size):
     the web minus the target and held-out documents of this seed's split."""
     from explorer.run.config import load_config
-    from explorer.run.text_agent import open_text_corpus
+    from explorer.run.text import open_text_corpus
     from explorer.web.text_corpus import split_text_target
 
     cfg = load_config(config, {**overrides, "seed": seed})

@@ -151,6 +151,31 @@ def non_embedding_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
 
 
+@torch.no_grad()
+def lm_embeddings(model, token_lists: Sequence[Sequence[int]], max_tokens: int, batch_size: int = 16) -> np.ndarray:
+    """(N, H) unit rows: the LM's last hidden states, mean-pooled over each document's first
+    `max_tokens` tokens. Right padding is safe under causal attention: real tokens never see it."""
+    body = model.model  # the decoder stack without the LM head
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(token_lists), batch_size):
+        chunk = [list(t[:max_tokens]) or [0] for t in token_lists[start:start + batch_size]]
+        ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, tokens in enumerate(chunk):
+            ids[j, :len(tokens)] = torch.tensor(tokens)
+            mask[j, :len(tokens)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (B, T, H)
+        weights = mask.unsqueeze(-1).float()
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        out.append(F.normalize(pooled, dim=-1).cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, model.config.hidden_size), np.float32)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: LMConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},

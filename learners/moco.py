@@ -62,7 +62,7 @@ class MoCoConfig:
     weight_decay: float = 0.1  # not applied to biases and norm weights (1-d parameters)
     warmup_steps: int = 50
     # Length of the lr and momentum schedules (later steps keep the end values). None: a run derives
-    # it from the steps it will take (explorer.run.agent.build_learner); a learner needs it set.
+    # it from the steps it will take (explorer.run.image.build_learner); a learner needs it set.
     total_steps: int | None = None
     # Target images per global batch (acquired images come on top: learners/mixture.py); split over DDP ranks.
     batch_size: int = 128

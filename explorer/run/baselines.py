@@ -14,31 +14,17 @@ from pathlib import Path
 
 import torch
 
-from explorer.run.agent import build_learner
 from explorer.run.config import ExperimentConfig
-from explorer.score.evaluation import evaluate_embeddings, pixel_baselines
+from explorer.run.image import build_learner, evaluate_learner
+from explorer.score.evaluation import eval_metrics, pixel_baselines
 from explorer.score.target import TargetSet, load_target
-from learners.moco import MoCoLearner
-
-
-def _rounded(scores: dict[str, float]) -> dict[str, float]:
-    return {f"eval_{name}": round(float(value), 4) for name, value in scores.items()}
-
-
-def evaluate_learner(learner: MoCoLearner, target: TargetSet, k: int) -> dict[str, float]:
-    """kNN (cosine, k) and linear-probe accuracy of the learner's embeddings on the target's labelled
-    probe split, as {'eval_knn_accuracy', 'eval_linear_probe_accuracy'}; {} for a target without labels."""
-    (tx, ty), (vx, vy) = target.part("probe_train"), target.part("probe_test")
-    if not len(ty) or not len(vy) or (ty < 0).any() or (vy < 0).any():
-        return {}  # a target without labels: nothing to evaluate
-    return _rounded(evaluate_embeddings(learner.embed(tx), ty, learner.embed(vx), vy, k=k))
 
 
 def pixel_scores(cfg: ExperimentConfig, target: TargetSet | None = None) -> dict[str, dict[str, float]]:
     """{'pixels': ..., 'pixels_centred': ...}: the same evaluation on raw grey pixels."""
     target = target or load_target(cfg.target)
     (tx, ty), (vx, vy) = target.part("probe_train"), target.part("probe_test")
-    return {name: _rounded(scores) for name, scores in pixel_baselines(tx, ty, vx, vy, k=cfg.train.knn_k).items()}
+    return {name: eval_metrics(scores) for name, scores in pixel_baselines(tx, ty, vx, vy, k=cfg.train.knn_k).items()}
 
 
 def pretrain_base(cfg: ExperimentConfig, path: Path, *, progress: bool = False, log=print) -> Path:

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 from explorer.run.config import ExperimentConfig, load_config
-from explorer.run.image import ImageLoop
+from explorer.run.image import ImageLoop, open_corpus
 from explorer.run.ledger import read_metrics
 from explorer.run.loop import RunLoop, compare_decisions
-from explorer.run.text import TextLoop
+from explorer.run.text import TextLoop, open_text_corpus
 
 ENGINE_LOG = "engine.log"  # the local engine's request errors, in the run folder
 LOOPS = {"image": ImageLoop, "text": TextLoop}  # modality -> its loop
@@ -27,9 +27,7 @@ def build_loop(cfg: ExperimentConfig, run_dir: Path, **options) -> RunLoop:
 def open_web(cfg: ExperimentConfig, progress: bool = False):
     """The corpus the local engine serves for a config: its image corpus or its text web."""
     if cfg.modality == "text":
-        from explorer.run.text_agent import open_text_corpus
         return open_text_corpus(cfg, progress)
-    from explorer.run.agent import open_corpus
     return open_corpus(cfg)
 
 

@@ -1,7 +1,9 @@
-"""The image modality's loop: propose -> search -> fetch/validate -> score -> update policy -> accept
--> train MoCo-v3 -> evaluate -> log, on the run plane of `explorer.run.loop.RunLoop` (the run
-folder, ledger, checkpoints, disk budget, stopping and resume are described there). Besides the
-shared files, an image run folder holds
+"""The image modality: its parts (the image web, the target set, the hidden truth, MoCo-v3 and its
+evaluation) and its loop, on `explorer.run.loop.RunLoop` (the acquisition round, run folder,
+ledger, checkpoints, disk budget, stopping and resume are described there): search round ->
+train MoCo-v3 -> refresh the reward's reference -> evaluate -> log. Fetched images are decoded and
+validated, embedded by the current encoder for the reward, and accepted ones are written to shards.
+Besides the shared files, an image run folder holds
 
     run.json           the shared base checkpoint the run started from, if any
     acquired/          the accepted images, as webdataset tar shards + index.jsonl (learners/shards.py);
@@ -14,11 +16,11 @@ writes its shards to a temporary folder that is removed when it closes.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +28,15 @@ import torch
 
 from explorer.acquire.fetch import fetch_images
 from explorer.acquire.search import SearchBackend, build_backend
-from explorer.run import agent
-from explorer.run.baselines import evaluate_learner
+from explorer.run.assembly import HiddenTruth, digest, load_vocabulary, make_policy
 from explorer.run.config import ExperimentConfig
 from explorer.run.ledger import FetchRecord
-from explorer.run.loop import RunLoop, background_queries, background_seed, record_background, resident_bytes
+from explorer.run.loop import Candidates, RunLoop, background_seed, resident_bytes
+from explorer.score.evaluation import eval_metrics, evaluate_embeddings
 from explorer.score.reward import BackgroundSample, TargetIndex, image_signature
-from explorer.score.target import load_target
+from explorer.score.target import TargetSet, load_target
+from explorer.web.corpus import WebCorpus, default_corpus_dir
+from learners.mixture import TrainingMixture
 from learners.moco import MoCoLearner
 from learners.shards import ShardStore
 
@@ -43,16 +47,72 @@ def _stack(images: list[torch.Tensor], size: int) -> torch.Tensor:
     return torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
 
 
-@dataclass
-class Candidates:
-    """This iteration's fetched images that decoded, with their provenance."""
+# -- the modality's parts ------------------------------------------------------------------------
+def open_corpus(cfg: ExperimentConfig) -> WebCorpus:
+    return WebCorpus(cfg.corpus or default_corpus_dir())
 
-    urls: list[str]
-    sha256: list[str]
-    images: torch.Tensor                 # uint8 (M, 3, S, S)
-    queries_of: list[list[int]]          # per image: indices of the queries that found it
-    rejected: dict[str, int] = field(default_factory=dict)
-    fetches: list[FetchRecord] = field(default_factory=list)  # every fetched URL with its status
+
+def image_vocabulary(cfg: ExperimentConfig, corpus: WebCorpus | None):
+    """The vocabulary of `explorer.run.assembly.load_vocabulary` over the image web's captions."""
+    return load_vocabulary(cfg, corpus.root if corpus else None, lambda: corpus.distinct_captions)
+
+
+@dataclass
+class GroundTruth(HiddenTruth):
+    """The image web's hidden truth: an item is relevant when its hidden source ('fashion-mnist')
+    or class ('animals') is of the target's kind."""
+
+    corpus: WebCorpus
+    relevant_kinds: frozenset
+
+    @property
+    def name(self) -> str:
+        return digest(sorted(self.relevant_kinds))
+
+    def is_relevant(self, i: int) -> bool:
+        h = self.corpus.hidden
+        return bool(h["source"][i] in self.relevant_kinds or h["class_name"][i] in self.relevant_kinds)
+
+
+def ground_truth(cfg: ExperimentConfig, corpus: WebCorpus | None) -> GroundTruth | None:
+    """The local web's hidden truth about the target's kind, or None where there is none to read."""
+    kinds = cfg.target.relevant
+    if kinds is None and cfg.target.name == "fashion-mnist":
+        kinds = ("fashion-mnist",)
+    if corpus is None or not kinds:
+        return None
+    return GroundTruth(corpus, frozenset(kinds))
+
+
+def target_description(cfg: ExperimentConfig) -> str:
+    """What the target is, in words, for an LLM policy's prompt (`policy.options.target_description`
+    overrides it): Fashion-MNIST's own description, or the target folder's name and its class subfolders."""
+    if cfg.target.name == "fashion-mnist":
+        return "product photos of clothes, shoes and bags on a plain background"
+    folder = Path(cfg.target.name)
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())[:10] if folder.is_dir() else []
+    return f"images like {folder.name}" + (f" ({', '.join(classes)})" if classes else "")
+
+
+def build_learner(cfg: ExperimentConfig, target: TargetSet, store=None) -> MoCoLearner:
+    """The learner on a mixture of the target's acquire split (accepted images kept in `store`, by
+    default in memory); an unset `learner.total_steps` is the run's own step count, so that the lr
+    and momentum schedules end where the run ends."""
+    acquire, _ = target.part("acquire")
+    learner_cfg = cfg.learner
+    if learner_cfg.total_steps is None:
+        steps = cfg.train.pretrain_steps + cfg.iterations * cfg.train.steps_per_iteration
+        learner_cfg = dataclasses.replace(learner_cfg, total_steps=max(steps, learner_cfg.warmup_steps, 1))
+    return MoCoLearner(learner_cfg, mixture=TrainingMixture(acquire, cfg.mixture, store=store))
+
+
+def evaluate_learner(learner: MoCoLearner, target: TargetSet, k: int) -> dict[str, float]:
+    """kNN (cosine, k) and linear-probe accuracy of the learner's embeddings on the target's labelled
+    probe split, as {'eval_knn_accuracy', 'eval_linear_probe_accuracy'}; {} for a target without labels."""
+    (tx, ty), (vx, vy) = target.part("probe_train"), target.part("probe_test")
+    if not len(ty) or not len(vy) or (ty < 0).any() or (vy < 0).any():
+        return {}  # a target without labels: nothing to evaluate
+    return eval_metrics(evaluate_embeddings(learner.embed(tx), ty, learner.embed(vx), vy, k=k))
 
 
 class ImageLoop(RunLoop):
@@ -76,11 +136,12 @@ class ImageLoop(RunLoop):
                                     keep_checkpoints=keep_checkpoints)
         resume = checkpoint is not None
         self.base_scores = dict(base_scores) if base_scores and base_checkpoint is not None else None
-        self.corpus = agent.open_corpus(cfg) if cfg.search.backend == "local" or cfg.corpus else None
+        self.corpus = open_corpus(cfg) if cfg.search.backend == "local" or cfg.corpus else None
         self.target = load_target(cfg.target)
-        self.vocab = agent.load_vocabulary(cfg, self.corpus)
-        self.truth = agent.ground_truth(cfg, self.corpus)
-        self.policy = agent.build_agent_policy(cfg, self.vocab, self.corpus, self.truth)
+        self.vocab = image_vocabulary(cfg, self.corpus)
+        self.truth = ground_truth(cfg, self.corpus)
+        self.policy = make_policy(cfg, self.vocab, self.corpus.root if self.corpus else None, self.truth,
+                                  target_description(cfg))
         if hasattr(self.policy, "use_generation_cache"):  # LLM policies: a replay reads what they wrote
             self.policy.use_generation_cache(self.run_dir / "cache" / "generations")
         self._replay_dir = Path(tempfile.mkdtemp(prefix=".replay-acquired-", dir=self.run_dir)) if replay else None
@@ -88,7 +149,7 @@ class ImageLoop(RunLoop):
         self.learner = self._learner(None if resume else base_checkpoint, pretrain=not resume)
         self.backend = self._backend(engine_url)
         self.accepted_sig = np.zeros((0, 0), np.float32)
-        self.probe_test_sig = image_signature(self.target.part("probe_test")[0])
+        self.held_out_sig = image_signature(self.target.part("probe_test")[0])  # no copy of it is accepted
         self.accepted_sha: set[str] = set()
         self.background_sample = BackgroundSample(cfg.reward.background_size, background_seed(cfg))
         if not resume or "background" not in checkpoint.state:  # (a checkpoint holds the reservoir)
@@ -115,21 +176,8 @@ class ImageLoop(RunLoop):
                            if len(self.background_sample) else None)
         self.calibration = self.cfg.reward.calibrate(self.index, self.background)
 
-    def _fetch_background(self) -> torch.Tensor | list:
-        """The first web sample the reward contrasts with: the decoded results of
-        `reward.background_queries` vocabulary concepts drawn with the run's seed (the same for every
-        policy of a seed), searched and fetched through the run's cache, so a replay gets the same
-        images back."""
-        texts = background_queries(self.cfg, self.vocab) if self.cfg.reward.background_size else []
-        if not texts:
-            return []
-        answers, cand = self.search_and_fetch(texts)
-        record_background(self.run_dir, self.mode, texts, answers, cand.rejected,
-                          self.truth.precision(cand.urls) if self.truth else None, decoded=len(cand.urls))
-        return cand.images
-
     def _learner(self, base_checkpoint: Path | None, pretrain: bool = True) -> MoCoLearner:
-        learner = agent.build_learner(self.cfg, self.target, store=self.store)
+        learner = build_learner(self.cfg, self.target, store=self.store)
         if base_checkpoint is not None:  # the shared starting point of runs that are compared
             state = torch.load(base_checkpoint, map_location="cpu", weights_only=True)
             learner.load_state_dict(state)
@@ -140,9 +188,9 @@ class ImageLoop(RunLoop):
     def _backend(self, engine_url: str | None) -> SearchBackend:
         return self._open_backend(build_backend, self.cfg.search.backend, engine_url)
 
-    # -- one iteration ------------------------------------------------------------------
-    def search_and_fetch(self, texts: list[str]) -> tuple[list, Candidates]:
-        answers, url_queries = self._search(texts)
+    # -- one acquisition round: the modality's part -------------------------------------------
+    def fetch_candidates(self, url_queries: dict[str, list[int]], n_queries: int) -> Candidates:
+        """Fetch and decode every result URL; images accepted before come back as `already_accepted`."""
         results = fetch_images(list(url_queries), self._fetch_config(), self.cache, self.mode, progress=self.progress)
         ok = [r for r in results if r.ok and r.sha256 not in self.accepted_sha]
         rejected: dict[str, int] = {}
@@ -151,71 +199,42 @@ class ImageLoop(RunLoop):
                 rejected[r.status] = rejected.get(r.status, 0) + 1
         fetches = [FetchRecord(r.url, r.status if not r.ok else "already_accepted" if r.sha256 in self.accepted_sha
                                else "decoded", r.sha256) for r in results]
-        s = self.cfg.fetch.image_size
-        images = torch.stack([r.image for r in ok]) if ok else torch.empty(0, 3, s, s, dtype=torch.uint8)
-        return answers, Candidates([r.url for r in ok], [r.sha256 for r in ok], images,
-                                   [url_queries[r.url] for r in ok], rejected, fetches)
+        images = _stack([r.image for r in ok], self.cfg.fetch.image_size)
+        return Candidates([r.url for r in ok], [r.sha256 for r in ok], images,
+                          [url_queries[r.url] for r in ok], rejected, fetches)
 
-    def accept(self, cand: Candidates, rewards: np.ndarray) -> np.ndarray:
-        """Indices of accepted candidates: reward selection, then near-duplicate filters (within
-        the batch, against everything accepted so far, and against the probe test split)."""
-        return self.cfg.reward.select(rewards, self.calibration, lambda rows: image_signature(cand.images[rows]),
-                                      self.accepted_sig, held_out=self.probe_test_sig)
+    def embed_candidates(self, cand: Candidates) -> tuple[Candidates, np.ndarray]:
+        """The current encoder's embeddings of every decoded image."""
+        return cand, self.learner.embed(cand.items) if len(cand) else np.zeros((0, self.index.dim), np.float32)
+
+    def signatures(self, cand: Candidates, rows: np.ndarray) -> np.ndarray:
+        """Pixel signatures (`image_signature`): computed only for the images the reward chose."""
+        return image_signature(cand.items[rows])
+
+    def keep_accepted(self, cand: Candidates, accepted: np.ndarray, records: list[dict]) -> None:
+        self.learner.mixture.add_accepted(cand.items[accepted], records)  # written to acquired/
+
+    def background_items(self, cand: Candidates):
+        return (img.clone() for img in cand.items)  # rows of their own, not views of the batch
 
     def step(self) -> dict:
         cfg, t0 = self.cfg, time.time()
         disk = self._check_disk()
         self.iteration += 1
-        queries = self.policy.propose(cfg.policy.queries_per_iteration)
-        answers, cand = self.search_and_fetch([q.text for q in queries])
-        self._check_stop()
-        emb = self.learner.embed(cand.images) if len(cand.urls) else np.zeros((0, self.index.dim), np.float32)
-        rewards = cfg.reward.image_rewards(emb, self.index, self.background) if len(emb) else np.zeros(0, np.float32)
-        q_rewards = cfg.reward.query_rewards(rewards, cand.queries_of, len(queries), self.calibration,
-                                             cfg.search.results_per_query)
-        self.policy.update(queries, q_rewards)
-        threshold = self.calibration.threshold(cfg.reward.accept_percentile)
-        accepted = self.accept(cand, rewards)
-        self._check_stop()  # last safe point: from here on the iteration writes its logs
-        query_log = self._query_log(queries, q_rewards, answers)
-        self._pending.update(fetches=cand.fetches, accepted=self._record_accepted(cand, accepted, rewards, queries))
-        if len(accepted):
-            self.learner.mixture.add_accepted(cand.images[accepted], self._pending["accepted"])
-        self.background_sample.add(img.clone() for img in cand.images)  # later iterations contrast with it
+        row = {"iteration": self.iteration, **self.acquire()}
+        threshold = self.calibration.threshold(cfg.reward.accept_percentile)  # the one the round accepted by
         losses = self.learner.train_steps(self.learner.mixture, cfg.train.steps_per_iteration, progress=self.progress)
         self.refresh_index()
-        row = {"iteration": self.iteration, **query_log,
-               "fetched": len(cand.urls) + sum(cand.rejected.values()), "decoded": len(cand.urls),
-               "rejected": cand.rejected, "accepted": len(accepted),
-               "accepted_urls": [cand.urls[j] for j in accepted],
-               "precision_fetched": self.truth.precision(cand.urls) if self.truth else None,
-               "precision_accepted": self.truth.precision([cand.urls[j] for j in accepted]) if self.truth else None,
-               "mean_image_reward": float(rewards.mean()) if len(rewards) else None,
-               "accept_threshold": round(threshold, 6) if cfg.reward.accept == "value" else None,
-               "acquired_total": len(self.learner.mixture),
-               "ssl_loss": float(np.mean(losses)) if losses else None, "learner_step": self.learner.step,
-               "policy_stats": dict(getattr(self.policy, "stats", None) or {}),  # LLM policies: seconds, KL, clean-up
-               "rss_bytes": resident_bytes(),
-               **disk}  # the folder's size by part before the iteration; with a budget, what was evicted for it
+        row.update({"accept_threshold": round(threshold, 6) if cfg.reward.accept == "value" else None,
+                    "acquired_total": len(self.learner.mixture),
+                    "ssl_loss": float(np.mean(losses)) if losses else None, "learner_step": self.learner.step,
+                    "rss_bytes": resident_bytes(),
+                    **disk})  # the folder's size by part before the iteration; with a budget, what was evicted for it
         if self.iteration % cfg.train.eval_every == 0 or self.iteration == cfg.iterations:
             row.update(self.evaluate())
         row["seconds"] = round(time.time() - t0, 2)
         row["time"] = round(time.time(), 3)
         return row
-
-    def _record_accepted(self, cand: Candidates, accepted: np.ndarray, rewards: np.ndarray, queries) -> list[dict]:
-        """Append the accepted items to accepted.jsonl; returns their records."""
-        if not len(accepted):
-            return []
-        new = image_signature(cand.images[accepted])
-        self.accepted_sig = new if not len(self.accepted_sig) else np.concatenate([self.accepted_sig, new])
-        records = [{"iteration": self.iteration, "url": cand.urls[j], "sha256": cand.sha256[j],
-                    "queries": [queries[q].text for q in cand.queries_of[j]], "reward": round(float(rewards[j]), 6),
-                    "relevant": self.truth.relevant(cand.urls[j]) if self.truth else None} for j in accepted]
-        self.accepted_sha.update(r["sha256"] for r in records)
-        with open(self.run_dir / self._log_name("accepted.jsonl"), "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        return records
 
     def evaluate(self) -> dict:
         """kNN (k=train.knn_k, cosine) and linear-probe accuracy on the target's labelled split."""

@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ from explorer.acquire.search import SearchError, search_many
 from explorer.run.checkpoints import LoadedCheckpoint, load_latest_checkpoint, write_checkpoint
 from explorer.run.config import ExperimentConfig, save_config
 from explorer.run.disk import DiskBudgetExceeded, enforce_budget, folder_usage, is_disk_full
-from explorer.run.ledger import LEDGER, RunLedger, read_metrics
+from explorer.run.ledger import LEDGER, FetchRecord, RunLedger, read_metrics
 
 # Seeds the draw of background queries apart from the policy's own stream (same run seed).
 BACKGROUND_STREAM = 0xB6
@@ -88,6 +90,35 @@ def record_background(run_dir: Path, mode: CacheMode, texts: list[str], answers:
                       "similarity to the target", stacklevel=3)
 
 
+@dataclass
+class Candidates:
+    """One search round's fetched items that the modality can use (decoded images, valid new
+    documents), with their provenance."""
+
+    urls: list[str]
+    sha256: list[str]
+    items: object                        # images: uint8 tensor (M, 3, S, S); text: M strings
+    queries_of: list[list[int]]          # per item: indices of the queries that found it
+    rejected: dict[str, int] = field(default_factory=dict)   # fetched but unusable, by reason
+    fetches: list[FetchRecord] = field(default_factory=list)  # every fetched URL with its status
+    signatures: np.ndarray | None = None  # near-duplicate signatures (M, D), where scoring computed them
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    def subset(self, keep: np.ndarray, reason: str) -> Candidates:
+        """The items where `keep` (M,) is true; the others are counted as rejected for `reason`."""
+        keep = np.asarray(keep, bool)
+        rows = np.flatnonzero(keep)
+        rejected = dict(self.rejected)
+        if (~keep).any():
+            rejected[reason] = rejected.get(reason, 0) + int((~keep).sum())
+        items = self.items[rows] if hasattr(self.items, "shape") else [self.items[j] for j in rows]
+        return Candidates([self.urls[j] for j in rows], [self.sha256[j] for j in rows], items,
+                          [self.queries_of[j] for j in rows], rejected, self.fetches,
+                          None if self.signatures is None else self.signatures[rows])
+
+
 class StopRequested(Exception):
     """A signal asked the loop to stop; the current iteration is abandoned."""
 
@@ -126,15 +157,21 @@ def compare_decisions(recorded: list[dict], replayed: list[dict], keys) -> list[
     return diffs
 
 
-class RunLoop:
-    """One run folder and the iterations written to it. A modality's loop calls `_open_run` first
-    and implements `start_row` (iteration 0), `step` (one iteration's metrics row), `state_dict` /
-    `load_state_dict`, `summary(row)`, and sets `iteration` and `_pending` (the ledger rows of the
-    iteration in progress)."""
+class RunLoop(ABC):
+    """One run folder, the acquisition round and the iterations written to the folder: the one
+    loop both modalities run. A modality (`explorer.run.image.ImageLoop`, `explorer.run.text.TextLoop`)
+    calls `_open_run` first, builds its parts (corpus and target, vocabulary, hidden truth, policy,
+    learner, backend, background sample) and implements the methods under "what a modality
+    implements": how fetched bodies become candidates, how they are embedded for the reward, where
+    accepted items go, iteration 0, one iteration (`step`, which calls `acquire` for a search round),
+    the evaluation, the state and the log line."""
 
     DECISION_KEYS: tuple[str, ...] = ()  # metrics keys a replay must reproduce
     TENSORBOARD_TAGS: dict[str, str] = {}  # metrics key -> TensorBoard tag
     checkpoint_start = False  # whether iteration 0 is checkpointed (when building it is costly)
+    USABLE = "decoded"  # the metrics key of a round's usable items ("decoded" images, "valid" documents)
+    MEAN_REWARD = "mean_image_reward"  # the metrics key of their mean reward
+    held_out_sig: np.ndarray | None = None  # signatures an accepted item must not copy (an evaluation split)
 
     def _open_run(self, cfg: ExperimentConfig, run_dir: Path, *, replay: bool, progress: bool, resume: bool,
                   keep_checkpoints: int) -> LoadedCheckpoint | None:
@@ -210,16 +247,121 @@ class RunLoop:
         self._truncate_logs()
         self._cut_ledger()
 
+    # -- the acquisition round, both modalities alike ------------------------------------------
+    def search_and_fetch(self, texts: list[str]) -> tuple[list, Candidates]:
+        """Search `texts`, then fetch and convert every result URL once: (answers, candidates)."""
+        answers, url_queries = self._search(texts)
+        return answers, self.fetch_candidates(url_queries, len(texts))
+
+    def _fetch_background(self) -> list:
+        """The first web sample the reward contrasts with: the results of `reward.background_queries`
+        vocabulary concepts drawn with the run's seed (`background_queries`: the same for every
+        policy of a seed), fetched through the run's cache, so a replay gets the same items back."""
+        texts = background_queries(self.cfg, self.vocab) if self.cfg.reward.background_size else []
+        if not texts:
+            return []
+        answers, cand = self.search_and_fetch(texts)
+        record_background(self.run_dir, self.mode, texts, answers, cand.rejected,
+                          self.truth.precision(cand.urls) if self.truth else None, **{self.USABLE: len(cand)})
+        return list(self.background_items(cand))
+
+    def acquire(self) -> dict:
+        """One search round: propose -> search -> fetch -> embed -> reward -> update the policy ->
+        accept -> record. Returns its part of the metrics row; the accepted items are in the
+        learner's data and `_pending` holds the round's ledger rows. Stops (StopRequested) only
+        before anything is written."""
+        cfg = self.cfg
+        queries = self.policy.propose(cfg.policy.queries_per_iteration)
+        answers, cand = self.search_and_fetch([q.text for q in queries])
+        self._check_stop()
+        cand, emb = self.embed_candidates(cand)
+        rewards = (cfg.reward.image_rewards(emb, self.index, self.background) if len(cand)
+                   else np.zeros(0, np.float32))
+        q_rewards = cfg.reward.query_rewards(rewards, cand.queries_of, len(queries), self.calibration,
+                                             cfg.search.results_per_query)
+        self.policy.update(queries, q_rewards)
+        accepted = self.accept(cand, rewards)
+        self._check_stop()  # last safe point: from here on the iteration writes its logs
+        query_log = self._query_log(queries, q_rewards, answers)
+        records = self._record_accepted(cand, accepted, rewards, queries)
+        self._pending.update(fetches=cand.fetches, accepted=records)
+        if len(accepted):
+            self.keep_accepted(cand, accepted, records)
+        self.background_sample.add(self.background_items(cand))  # later rounds contrast with what this one fetched
+        self.acquired(cand)
+        urls = cand.urls
+        return {**query_log, "fetched": len(cand) + sum(cand.rejected.values()), self.USABLE: len(cand),
+                "rejected": cand.rejected, "accepted": len(accepted), "accepted_urls": [urls[j] for j in accepted],
+                "precision_fetched": self.truth.precision(urls) if self.truth else None,
+                "precision_accepted": self.truth.precision([urls[j] for j in accepted]) if self.truth else None,
+                self.MEAN_REWARD: round(float(rewards.mean()), 6) if len(rewards) else None,
+                "policy_stats": dict(getattr(self.policy, "stats", None) or {})}  # LLM policies: seconds, KL, clean-up
+
+    def accept(self, cand: Candidates, rewards: np.ndarray) -> np.ndarray:
+        """Indices of accepted candidates: reward selection (`RewardConfig.select`), then near-duplicate
+        filters within the batch, against everything accepted so far and against `held_out_sig`."""
+        return self.cfg.reward.select(rewards, self.calibration, lambda rows: self.signatures(cand, rows),
+                                      self.accepted_sig, held_out=self.held_out_sig)
+
+    def _record_accepted(self, cand: Candidates, accepted: np.ndarray, rewards: np.ndarray, queries) -> list[dict]:
+        """Append the accepted items to accepted.jsonl and their keys and signatures to the run's
+        memory of what it has; returns their records."""
+        if not len(accepted):
+            return []
+        new = self.signatures(cand, accepted)
+        self.accepted_sig = new if not len(self.accepted_sig) else np.concatenate([self.accepted_sig, new])
+        records = [{"iteration": self.iteration, "url": cand.urls[j], **self.record_fields(cand, j),
+                    "sha256": cand.sha256[j], "queries": [queries[q].text for q in cand.queries_of[j]],
+                    "reward": round(float(rewards[j]), 6),
+                    "relevant": self.truth.relevant(cand.urls[j]) if self.truth else None} for j in accepted]
+        self.accepted_sha.update(r["sha256"] for r in records)
+        with open(self.run_dir / self._log_name("accepted.jsonl"), "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        return records
+
     # -- what a modality implements ----------------------------------------------------------
+    @abstractmethod
+    def fetch_candidates(self, url_queries: dict[str, list[int]], n_queries: int) -> Candidates:
+        """Fetch the result URLs (through `self.cache`, with `self._fetch_config()`) and keep the
+        usable, new items; `n_queries` searches were made for them."""
+
+    @abstractmethod
+    def embed_candidates(self, cand: Candidates) -> tuple[Candidates, np.ndarray]:
+        """The candidates to score (a modality may drop some) and their unit embeddings (M, D)
+        under the reward's encoder."""
+
+    def signatures(self, cand: Candidates, rows: np.ndarray) -> np.ndarray:
+        """Near-duplicate signatures (len(rows), D), unit rows, of candidates `rows`."""
+        return cand.signatures[rows]
+
+    def record_fields(self, cand: Candidates, j: int) -> dict:
+        """Fields of accepted.jsonl beyond the shared ones (e.g. a document's title)."""
+        return {}
+
+    @abstractmethod
+    def keep_accepted(self, cand: Candidates, accepted: np.ndarray, records: list[dict]) -> None:
+        """Hand the accepted items to the learner's data."""
+
+    def background_items(self, cand: Candidates):
+        """The items of `cand` as the reward's background sample keeps them."""
+        return cand.items
+
+    def acquired(self, cand: Candidates) -> None:
+        """Called at the end of a round (e.g. to update the reward's reference)."""
+
+    @abstractmethod
     def start_row(self) -> dict:
-        raise NotImplementedError
+        """Iteration 0's metrics row: the state before any query (evaluated; pretrained, if the
+        modality pretrains)."""
 
     def needs_start(self) -> bool:
         """Whether iteration 0 is still to be written (a fresh start)."""
         return self.iteration == 0
 
+    @abstractmethod
     def step(self) -> dict:
-        raise NotImplementedError
+        """One iteration (a search round with `acquire`, training, evaluation): its metrics row.
+        `_pending` holds its ledger rows when it returns."""
 
     def finished_early(self) -> str | None:
         """Why no further iteration can run (e.g. a spent FLOP budget), or None."""
@@ -229,8 +371,18 @@ class RunLoop:
         """The line logged for a finished iteration (None: nothing)."""
         return f"iter {row['iteration']}"
 
+    @abstractmethod
+    def evaluate(self) -> dict:
+        """The modality's evaluation as metrics keys (`eval_*`)."""
+
+    @abstractmethod
     def state_dict(self) -> dict:
-        raise NotImplementedError
+        """Everything a resume needs beyond the run folder's files (learner, policy, background
+        sample, position); written as a checkpoint after every iteration."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` (a resume; the modality cuts its own files back to it)."""
 
     def close_modality(self) -> None:
         """Release what the modality holds open (files, temporary folders)."""

@@ -1,7 +1,10 @@
-"""The text modality's loop: plan -> propose -> search -> fetch -> reward -> update policy -> accept
--> train the LM -> held-out perplexity -> log, on the run plane of `explorer.run.loop.RunLoop` (the
-run folder, ledger, checkpoints, disk budget, stopping and resume are described there). Besides the
-shared files, a text run folder holds
+"""The text modality: its parts (the text web, the target topic's split, the hidden truth, the
+LLaMA-style LM and its perplexity) and its loop, on `explorer.run.loop.RunLoop` (the acquisition
+round, run folder, ledger, checkpoints, disk budget, stopping and resume are described there):
+plan -> search round -> train the LM -> held-out perplexity -> log. Fetched pages become text,
+copies of target and held-out documents are dropped, the rest is embedded (MiniLM or the LM) for
+the reward, and accepted documents join the LM's token stream. Besides the shared files, a text
+run folder holds
 
     tokenizer.model    the SentencePiece model, trained on the target set (replay and resume reuse it)
 
@@ -18,10 +21,10 @@ still pays for. Evaluation FLOPs are logged but not charged to the budget.
 
 from __future__ import annotations
 
-import json
 import math
+import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +33,52 @@ import torch
 from explorer.acquire.cache import CacheMode
 from explorer.acquire.documents import TEXT_BACKEND_FOR, build_text_backend, fetch_documents
 from explorer.acquire.search import SearchBackend
+from explorer.run.assembly import HiddenTruth, load_vocabulary, make_policy
 from explorer.run.config import ExperimentConfig
 from explorer.run.ledger import FetchRecord
-from explorer.run.loop import RunLoop, background_queries, background_seed, record_background, resident_bytes
-from explorer.run.text_agent import TopicTruth, build_text_policy, lm_embeddings, open_text_corpus, text_vocabulary
+from explorer.run.loop import Candidates, RunLoop, background_seed, resident_bytes
 from explorer.score.reward import BackgroundSample, TargetIndex, near_duplicates
-from explorer.web.text_corpus import document_key, document_text, split_text_target, text_sha256
+from explorer.web.text_corpus import (
+    TextCorpus,
+    TextCorpusSpec,
+    build_text_corpus,
+    default_text_corpus_dir,
+    document_key,
+    document_text,
+    split_text_target,
+    text_sha256,
+)
 from learners.budget import AcquisitionRound, Decision, ScalingLaw, decide, plan_with_costs
 from learners.flops import FlopLedger, ModelShape, forward_flops, training_flops
-from learners.lm import LM_SIZES, LMConfig, LMLearner, non_embedding_params
+from learners.lm import LM_SIZES, LMConfig, LMLearner, lm_embeddings, non_embedding_params
 from learners.text_data import PackedTextStream
 from learners.tokenizer import TextTokenizer, TokenizerConfig, train_tokenizer
+
+
+# -- the modality's parts ------------------------------------------------------------------------
+def open_text_corpus(cfg: ExperimentConfig, progress: bool = False) -> TextCorpus:
+    """`corpus` if set, else the default text web over the installed leads, built on first use."""
+    if cfg.corpus:
+        return TextCorpus(cfg.corpus)
+    root = default_text_corpus_dir(cfg.text.web_limit_per_topic)
+    if (root / "corpus.json").exists():
+        return TextCorpus(root)
+    return build_text_corpus(root, TextCorpusSpec(limit_per_topic=cfg.text.web_limit_per_topic), progress=progress)
+
+
+@dataclass
+class TopicTruth(HiddenTruth):
+    """The text web's hidden truth: a document is relevant when it is on the target topic."""
+
+    corpus: TextCorpus
+    topic: str
+
+    @property
+    def name(self) -> str:
+        return re.sub(r"[^a-z]+", "-", self.topic.lower())
+
+    def is_relevant(self, i: int) -> bool:
+        return bool(self.corpus.hidden["topic"][i] == self.topic)
 
 
 def model_shape(size: str) -> ModelShape:
@@ -65,6 +103,7 @@ class TextLoop(RunLoop):
                         "fetched": "acquire/fetched", "valid": "acquire/valid", "flops_total": "budget/flops_total",
                         "tokens_available": "data/tokens_available", "seconds": "time/seconds_per_iteration"}
     checkpoint_start = True  # pretraining is iteration 0, and worth keeping
+    USABLE, MEAN_REWARD = "valid", "mean_doc_reward"
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, engine_url: str | None = None,
                  replay: bool = False, progress: bool = True, resume: bool = False, keep_checkpoints: int = 3):
@@ -78,8 +117,10 @@ class TextLoop(RunLoop):
         self.target = split_text_target(self.corpus.documents(), tc.topic, holdout_fraction=tc.holdout_fraction,
                                         target_fraction=tc.target_fraction, seed=cfg.seed)
         self.truth = TopicTruth(self.corpus, tc.topic)
-        self.vocab = text_vocabulary(cfg, self.corpus)
-        self.policy = build_text_policy(cfg, self.vocab, self.corpus)
+        self.vocab = load_vocabulary(cfg, self.corpus.root, lambda: [
+            f"{t} {d}" for t, d in zip(self.corpus.titles, self.corpus.descriptions)])
+        self.policy = make_policy(cfg, self.vocab, self.corpus.root, self.truth,
+                                  f"encyclopedia articles on {tc.topic.lower()}")
         if hasattr(self.policy, "use_generation_cache"):  # LLM policies: a replay reads what they wrote
             self.policy.use_generation_cache(self.run_dir / "cache" / "generations")
         from explorer.web.text_encoder import default_encoder
@@ -208,18 +249,6 @@ class TextLoop(RunLoop):
         self._minilm_rows = {t: self._minilm_rows[t] for t in items}
         return np.stack([self._minilm_rows[t] for t in items])
 
-    def _fetch_background(self) -> list[str]:
-        """The web sample the reward contrasts with (`reward.background_queries`; see
-        `explorer.run.loop.background_queries`), fetched through the run's cache so a replay
-        reads the same documents; its queries and fetches are counted in the FLOP ledger."""
-        texts = background_queries(self.cfg, self.vocab) if self.cfg.reward.background_size else []
-        if not texts:
-            return []
-        answers, docs, _, rejected, _ = self.search_and_fetch(texts)
-        record_background(self.run_dir, self.mode, texts, answers, rejected,
-                          self.truth.precision([d.url for d in docs]), valid=len(docs))
-        return [d.text for d in docs]
-
     def stream_documents(self, n: int) -> list[list[int]]:
         """The first n documents' tokens of the training stream (the target set comes first)."""
         state = self.stream.state_dict()
@@ -300,13 +329,13 @@ class TextLoop(RunLoop):
         self.lm_size, self.learner = name, self._learner(name, self._schedule_steps(name, grown=True))
         return name
 
-    def search_and_fetch(self, texts: list[str]) -> tuple[list, list, list[list[int]], dict[str, int], list]:
-        """(answers, valid new documents, per document the queries that found it, rejections, and the
-        ledger's record of every fetched URL)."""
-        answers, url_queries = self._search(texts)
+    # -- one acquisition round: the modality's part -----------------------------------------------
+    def fetch_candidates(self, url_queries: dict[str, list[int]], n_queries: int) -> Candidates:
+        """Fetch every result URL as text; documents of the target or the held-out set and copies of
+        accepted ones (by text sha256) are rejected. Queries and fetches are counted in the FLOP ledger."""
         results = fetch_documents(list(url_queries), self._fetch_config(), self.cache, self.mode,
                                   min_chars=self.cfg.text.min_chars, progress=self.progress)
-        self.flops.add_queries(len(texts))
+        self.flops.add_queries(n_queries)
         self.flops.add_fetch(sum(r.n_bytes for r in results), len(results))
         rejected: dict[str, int] = {}
         docs, seen = [], set()
@@ -322,63 +351,30 @@ class TextLoop(RunLoop):
                 seen.add(r.sha256)
             else:
                 rejected[status] = rejected.get(status, 0) + 1
-        return answers, docs, [url_queries[r.url] for r in docs], rejected, fetches
+        return Candidates([d.url for d in docs], [d.sha256 for d in docs], [d.text for d in docs],
+                          [url_queries[d.url] for d in docs], rejected, fetches)
 
-    def accept(self, rewards: np.ndarray, sig: np.ndarray) -> np.ndarray:
-        """Indices of accepted documents: reward selection, then near-duplicate filters (within the
-        batch and against everything accepted so far; held-out copies were dropped before scoring)."""
-        return self.cfg.reward.select(rewards, self.calibration, lambda rows: sig[rows], self.accepted_sig)
-
-    def acquire(self) -> dict:
-        cfg = self.cfg
-        self.ensure_background()
-        queries = self.policy.propose(cfg.policy.queries_per_iteration)
-        answers, docs, queries_of, rejected, fetches = self.search_and_fetch([q.text for q in queries])
-        self._check_stop()
-        rewards_emb, sig = self.embed([d.text for d in docs])
-        fresh = ~near_duplicates(sig, self.holdout_sig, cfg.reward.decontaminate_threshold)
+    def embed_candidates(self, cand: Candidates) -> tuple[Candidates, np.ndarray]:
+        """Reward embeddings of the documents that are no near-copy of a held-out one (MiniLM
+        signatures at `reward.decontaminate_threshold`: decontamination of the perplexity set)."""
+        emb, sig = self.embed(cand.items)
+        cand.signatures = sig
+        fresh = ~near_duplicates(sig, self.holdout_sig, self.cfg.reward.decontaminate_threshold)
         if not fresh.all():
-            rejected["held_out"] = rejected.get("held_out", 0) + int((~fresh).sum())
-            docs = [d for d, f in zip(docs, fresh) if f]
-            queries_of = [q for q, f in zip(queries_of, fresh) if f]
-            rewards_emb, sig = rewards_emb[fresh], sig[fresh]
-        rewards = (cfg.reward.image_rewards(rewards_emb, self.index, self.background) if len(docs)
-                   else np.zeros(0, np.float32))
-        q_rewards = cfg.reward.query_rewards(rewards, queries_of, len(queries), self.calibration,
-                                             cfg.search.results_per_query)
-        self.policy.update(queries, q_rewards)
-        accepted = self.accept(rewards, sig)
-        self._check_stop()  # last safe point: from here on the iteration writes its logs
-        query_log = self._query_log(queries, q_rewards, answers)
-        self._pending.update(fetches=fetches,
-                             accepted=self._record_accepted(docs, accepted, rewards, queries, queries_of, sig))
-        self.background_sample.add(d.text for d in docs)  # later iterations contrast with what this one fetched
-        if cfg.reward.background_size and cfg.text.reward_encoder == "minilm":
-            self._minilm_rows.update((d.text, row) for d, row in zip(docs, sig))  # (the LM's after training)
-            self.refresh_reference()
-        urls = [d.url for d in docs]
-        return {**query_log,
-                "fetched": len(docs) + sum(rejected.values()), "valid": len(docs), "rejected": rejected,
-                "accepted": len(accepted), "accepted_urls": [urls[j] for j in accepted],
-                "precision_fetched": self.truth.precision(urls),
-                "precision_accepted": self.truth.precision([urls[j] for j in accepted]),
-                "mean_doc_reward": round(float(rewards.mean()), 6) if len(rewards) else None,
-                "policy_stats": dict(getattr(self.policy, "stats", None) or {})}  # LLM policies: seconds, KL, clean-up
+            cand, emb = cand.subset(fresh, "held_out"), emb[fresh]
+        return cand, emb
 
-    def _record_accepted(self, docs, accepted, rewards, queries, queries_of, sig) -> list[dict]:
-        """Append the accepted documents to accepted.jsonl and the LM's stream; returns their records."""
-        if not len(accepted):
-            return []
-        self.accepted_sig = np.concatenate([self.accepted_sig, sig[accepted]])
-        self.stream.add_documents(self.tokenizer.encode_batch([docs[j].text for j in accepted]))
-        records = [{"iteration": self.iteration, "url": docs[j].url, "title": docs[j].text.split("\n", 1)[0][:200],
-                    "sha256": docs[j].sha256, "queries": [queries[q].text for q in queries_of[j]],
-                    "reward": round(float(rewards[j]), 6), "relevant": self.truth.relevant(docs[j].url)}
-                   for j in accepted]
-        self.accepted_sha.update(r["sha256"] for r in records)
-        with open(self.run_dir / self._log_name("accepted.jsonl"), "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        return records
+    def record_fields(self, cand: Candidates, j: int) -> dict:
+        return {"title": cand.items[j].split("\n", 1)[0][:200]}
+
+    def keep_accepted(self, cand: Candidates, accepted: np.ndarray, records: list[dict]) -> None:
+        self.stream.add_documents(self.tokenizer.encode_batch([cand.items[j] for j in accepted]))
+
+    def acquired(self, cand: Candidates) -> None:
+        """A MiniLM reference moves with the background sample (the LM's moves after training)."""
+        if self.cfg.reward.background_size and self.cfg.text.reward_encoder == "minilm":
+            self._minilm_rows.update(zip(cand.items, cand.signatures))
+            self.refresh_reference()
 
     def train(self, steps: int) -> dict:
         losses = self.learner.train_steps(self.stream, steps, progress=False) if steps else []

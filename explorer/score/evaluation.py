@@ -96,3 +96,8 @@ def pixel_baselines(train_images, train_labels: np.ndarray, test_images, test_la
     mean = train.mean(axis=0)
     return {"pixels": evaluate_embeddings(train, train_labels, test, test_labels, k=k),
             "pixels_centred": evaluate_embeddings(train - mean, train_labels, test - mean, test_labels, k=k)}
+
+
+def eval_metrics(scores: dict[str, float]) -> dict[str, float]:
+    """Scores as metrics.jsonl keys: {'knn_accuracy': 0.81234} -> {'eval_knn_accuracy': 0.8123}."""
+    return {f"eval_{name}": round(float(value), 4) for name, value in scores.items()}

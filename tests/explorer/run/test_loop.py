@@ -98,7 +98,7 @@ def test_accept_drops_copies_of_probe_test_earlier_accepts_and_batch_mates(tiny_
     import numpy as np
     import torch
 
-    from explorer.run.image import Candidates
+    from explorer.run.loop import Candidates
     from explorer.score.reward import image_signature
 
     loop = ImageLoop(tiny_experiment(), tmp_path, engine_url=engine.url, progress=False)
@@ -185,11 +185,12 @@ def test_shipped_configs_load():
 
 
 def test_oracle_relevance_reads_the_hidden_truth(small_corpus):
-    from explorer.run.agent import GroundTruth, oracle_relevance
+    from explorer.run.assembly import oracle_relevance
+    from explorer.run.image import GroundTruth
     from explorer.web.vocabulary import ConceptVocabulary
 
     vocab = ConceptVocabulary(concepts=("sneaker", "dress", "butterfly", "handwritten digit"), source="test")
-    relevance = oracle_relevance(vocab, small_corpus, GroundTruth(small_corpus, frozenset({"fashion-mnist"})), n=10)
+    relevance = oracle_relevance(vocab, GroundTruth(small_corpus, frozenset({"fashion-mnist"})), n=10)
     assert relevance[0] >= 0.8 and relevance[1] >= 0.8
     assert relevance[2] <= 0.5 and relevance[3] <= 0.5
 

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from explorer.acquire.validate import to_pipeline_tensor, validate_image
-from explorer.run import agent
 from explorer.run.checkpoints import load_latest_checkpoint
 from explorer.run.experiment import read_metrics
-from explorer.run.image import ACQUIRED, ImageLoop
+from explorer.run.image import ACQUIRED, ImageLoop, build_learner
 from explorer.run.ledger import LEDGER
 from explorer.score.reward import RewardConfig
 from learners.mixture import acquired_count
@@ -63,7 +62,7 @@ def test_query_rewards_credit_each_query_with_the_images_it_returned(tiny_experi
         return rewards
     monkeypatch.setattr(RewardConfig, "image_rewards", spy)
     loop = ImageLoop(cfg, tmp_path, engine_url=engine.url, progress=False)
-    scorer = agent.build_learner(cfg, loop.target)  # embeds with the weights of before each step
+    scorer = build_learner(cfg, loop.target)  # embeds with the weights of before each step
     k, requested = cfg.reward.k, cfg.search.results_per_query
     distinct_rewards = set()
     try:

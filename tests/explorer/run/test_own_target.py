@@ -88,6 +88,6 @@ def test_a_folder_without_classes_is_all_target_and_has_no_evaluation_or_precisi
     (folder / "notes.md").write_text("not an image")
     target = load_target(TargetConfig(name=str(folder)))
     assert len(target.split["acquire"]) == 12 and len(target.split["probe_test"]) == 0
-    from explorer.run.agent import ground_truth
+    from explorer.run.image import ground_truth
     cfg = from_dict(ExperimentConfig, {"target": {"name": str(folder)}, "corpus": str(small_corpus.root)})
     assert ground_truth(cfg, small_corpus) is None  # no precision is claimed without a ground truth

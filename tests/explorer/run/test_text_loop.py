@@ -11,8 +11,8 @@ from explorer.run.checkpoints import has_checkpoint
 from explorer.run.config import PRIOR_LAW, ExperimentConfig, from_dict, load_config
 from explorer.run.experiment import local_engine_for, replay_run, run_experiment
 from explorer.run.text import TextLoop
-from explorer.run.text_agent import lm_embeddings
 from explorer.web.text_corpus import TextCorpus, TextCorpusSpec, build_text_corpus, document_text, text_sha256
+from learners.lm import lm_embeddings
 
 TOPIC = "Biology and health sciences"
 # A law whose data term is negligible: the planner would grow the model rather than acquire.
