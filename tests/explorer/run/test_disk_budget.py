@@ -1,8 +1,7 @@
 """The run folder's disk budget (explorer/run/disk.py): rejected bodies go first, oldest first; what replay
-and training need stays; a budget that cannot be met, or a full disk, stops the run in a state that
-resumes exactly."""
+and training need stays. That a budget that cannot be met, or a full disk, stops a run (of either
+modality) in a state that resumes exactly is tested in test_faults.py."""
 
-import errno
 import json
 
 import pytest
@@ -13,15 +12,9 @@ from explorer.run.experiment import read_metrics
 from explorer.run.image import ImageLoop
 from explorer.run.ledger import LEDGER, RunLedger
 
-DECISION_KEYS = ImageLoop.DECISION_KEYS
-
 QUIET = {"progress": False}
 # more results and a stricter acceptance than the tiny default: most fetched bodies are rejected
 RUN = {"iterations": 3, "search": {"results_per_query": 30}, "reward": {"accept_percentile": 90.0}}
-
-
-def decisions(run_dir):
-    return [{k: r.get(k) for k in DECISION_KEYS} for r in read_metrics(run_dir / "metrics.jsonl")]
 
 
 def rejected_bytes(run_dir) -> int:
@@ -36,7 +29,7 @@ def accepted_shas(run_dir) -> list[str]:
 
 @pytest.fixture(scope="module")
 def straight(tiny_experiment, engine, tmp_path_factory):
-    """A 3-iteration run with no budget: the reference for decisions and sizes."""
+    """A 3-iteration run with no budget, most of its fetched bodies rejected."""
     run_dir = tmp_path_factory.mktemp("straight")
     loop = ImageLoop(tiny_experiment(**RUN), run_dir, engine_url=engine.url, **QUIET)
     loop.run(log=lambda s: None)
@@ -77,55 +70,6 @@ def load_run_config(run_dir):
     from explorer.run.config import load_config
 
     return load_config(run_dir / "config.yaml")
-
-
-def test_a_budget_that_cannot_be_met_stops_cleanly_and_resumes_exactly(straight, tiny_experiment, engine, tmp_path):
-    run_dir = tmp_path / "run"
-    cfg = tiny_experiment(**RUN)
-    first = ImageLoop(cfg, run_dir, engine_url=engine.url, **QUIET)
-    first.run(until=1, log=lambda s: None)
-    first.close()
-    tight = tiny_experiment(**RUN, disk={"max_gb": folder_usage(run_dir)["total"] * 0.5 / GB})
-    loop = ImageLoop(tight, run_dir, engine_url=engine.url, resume=True, **QUIET)
-    lines = []
-    loop.run(log=lines.append)
-    loop.close()
-    assert loop.iteration == 1 and "nothing else may be evicted" in loop.stopped_by
-    assert any("raise the budget" in line for line in lines)
-    assert [r["iteration"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1]
-    assert not list(run_dir.rglob(".tmp*"))  # no half-written file
-
-    loop = ImageLoop(cfg, run_dir, engine_url=engine.url, resume=True, **QUIET)  # the budget raised
-    loop.run(log=lambda s: None)
-    loop.close()
-    assert decisions(run_dir) == decisions(straight)
-
-
-def test_a_full_disk_mid_fetch_abandons_the_iteration_and_resumes_exactly(straight, tiny_experiment, engine,
-                                                                          tmp_path, monkeypatch):
-    run_dir = tmp_path / "run"
-    cfg = tiny_experiment(**RUN)
-    loop = ImageLoop(cfg, run_dir, engine_url=engine.url, **QUIET)
-    loop.run(until=1, log=lambda s: None)
-    put, calls = ResponseCache.put, []
-
-    def fill_up(self, key, response):  # the 10th body written in iteration 2 finds the disk full
-        calls.append(key)
-        if len(calls) == 10:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return put(self, key, response)
-    monkeypatch.setattr(ResponseCache, "put", fill_up)
-    loop.run(log=lambda s: None)
-    loop.close()
-    monkeypatch.setattr(ResponseCache, "put", put)
-    assert len(calls) >= 10 and loop.iteration == 1 and "the disk is full" in loop.stopped_by
-    assert [r["iteration"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1]
-    assert not list(run_dir.rglob(".tmp*"))
-
-    loop = ImageLoop(cfg, run_dir, engine_url=engine.url, resume=True, **QUIET)
-    loop.run(log=lambda s: None)
-    loop.close()
-    assert decisions(run_dir) == decisions(straight)
 
 
 def test_the_daemon_exits_3_on_its_budget_and_resumes_with_a_larger_one(tiny_experiment, tmp_path):

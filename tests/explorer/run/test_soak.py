@@ -16,7 +16,7 @@ from explorer.run.image import ACQUIRED, ImageLoop
 
 DECISION_KEYS = ImageLoop.DECISION_KEYS
 from learners.shards import ShardStore
-from tests.explorer.run.test_daemon import daemon_env, hostless, start_daemon, stop, wait_until
+from tests.explorer.run.processes import daemon_env, hostless, start_daemon, stop, wait_until
 
 pytestmark = pytest.mark.slow
 
