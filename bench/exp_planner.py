@@ -41,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.exp_text_acquisition import read_metrics, run_text, text_bench_parser, text_bench_setup  # noqa: E402
+from bench.exp_text_acquisition import read_metrics, run_all, run_text, text_bench_parser, text_bench_setup  # noqa: E402
 from bench.machine import write_machine  # noqa: E402
 
 STRATEGIES = {"planner": "planner", "compute-optimal": "compute_optimal", "always-acquire": "acquire",
@@ -90,12 +90,11 @@ def mark_done(run_dir: Path, cfg, rows: list[dict], t0: float | None = None) -> 
 
 
 def run_grid(config: Path, runs: Path, budgets: list[float], seeds: list[int], strategies: list[str],
-             overrides: dict, r_star: float | None = None) -> None:
+             overrides: dict, r_star: float | None = None, jobs: int = 1, threads: int = 2) -> None:
     from explorer.run.config import load_config
-    from explorer.run.experiment import local_engine_for
 
+    todo = []
     for seed in seeds:
-        todo = []
         for budget in budgets:
             for name in strategies:
                 mine = {"text.repeat_decay": r_star} if name == "planner" and r_star is not None else {}
@@ -103,15 +102,8 @@ def run_grid(config: Path, runs: Path, budgets: list[float], seeds: list[int], s
                                            "text.strategy": STRATEGIES[name], **mine})
                 run_dir = runs / f"B-{budget:.0e}" / f"seed-{seed}" / name
                 if not finished(run_dir):
-                    todo.append((budget, name, cfg, run_dir))
-        if not todo:
-            continue
-        with local_engine_for(todo[0][2], progress=True, error_log=runs / "engine.log") as url:
-            for budget, name, cfg, run_dir in todo:
-                print(f"== budget {budget:.0e}, seed {seed}: {name} ==", flush=True)
-                t0 = time.time()
-                mark_done(run_dir, cfg, run_text(cfg, run_dir, url, log=lambda message: print("  ", message,
-                                                                                          flush=True)), t0)
+                    todo.append((f"budget {budget:.0e}, seed {seed}: {name}", cfg, run_dir))
+    run_all(todo, runs / "engine.log", jobs, threads, done=mark_done)
 
 
 def summarise(run_dir: Path) -> dict:
@@ -205,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--calibration-seed must not be one of the compared --seeds")
         calibration = calibrate(args.config, args.runs, args.calibration_seed, max(args.budgets), overrides)
     run_grid(args.config, args.runs, args.budgets, args.seeds, args.strategies, overrides,
-             calibration and calibration["r_star"])
+             calibration and calibration["r_star"], args.jobs, args.threads)
     results: dict[float, dict[int, dict[str, dict]]] = {}
     for budget in args.budgets:
         for seed in args.seeds:

@@ -61,26 +61,64 @@ def finished(run_dir: Path, iterations: int) -> bool:
     return len(rows) == iterations + 1
 
 
-def run_grid(config: Path, runs: Path, seeds: list[int], conditions: list[str], overrides: dict) -> None:
-    """Every (seed, condition) run that is missing; one local engine per seed serves all of them."""
+def run_grid(config: Path, runs: Path, seeds: list[int], conditions: list[str], overrides: dict,
+             jobs: int = 1, threads: int = 2) -> None:
+    """Every (seed, condition) run that is missing, `jobs` at a time; one local engine serves them all."""
     from explorer.run.config import load_config
-    from explorer.run.experiment import local_engine_for
 
+    todo = []
     for seed in seeds:
-        todo = []
         for name in conditions:
             cfg = load_config(config, {**overrides, **CONDITIONS[name], "seed": seed})
             run_dir = runs / f"seed-{seed}" / name
             if not finished(run_dir, cfg.iterations):
-                todo.append((name, cfg, run_dir))
-        if not todo:
-            continue
-        with local_engine_for(todo[0][1], progress=True, error_log=runs / "engine.log") as url:
-            for name, cfg, run_dir in todo:
-                print(f"== seed {seed}: {name} ==", flush=True)
+                todo.append((f"seed {seed}: {name}", cfg, run_dir))
+    run_all(todo, runs / "engine.log", jobs, threads)
+
+
+def run_all(todo: list[tuple], engine_log: Path, jobs: int, threads: int, done=None) -> None:
+    """Run each (label, cfg, run_dir) of `todo` with `run_text` against one local engine over their
+    (shared) web: in this process one after another (`jobs` 1), or `jobs` at a time in worker
+    processes. Every run uses `threads` torch threads wherever it runs, so its numbers do not depend
+    on `jobs`. `done(run_dir, cfg, rows, t0)` is called here as each run finishes."""
+    from explorer.run.experiment import local_engine_for
+
+    if not todo:
+        return
+    with local_engine_for(todo[0][1], progress=True, error_log=engine_log) as url:
+        if jobs == 1:
+            for label, cfg, run_dir in todo:
+                print(f"== {label} ==", flush=True)
                 t0 = time.time()
-                run_text(cfg, run_dir, url)
+                rows = run_text(cfg, run_dir, url, log=lambda message: print("  ", message, flush=True))
                 print(f"   {time.time() - t0:.0f} s", flush=True)
+                if done:
+                    done(run_dir, cfg, rows, t0)
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        print(f"{len(todo)} runs, {jobs} at a time ({threads} torch thread{'s' * (threads > 1)} each)", flush=True)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_threads, initargs=(threads,)) as pool:
+            started = {pool.submit(_run_job, label, cfg, run_dir, url): (label, cfg, run_dir, time.time())
+                       for label, cfg, run_dir in todo}
+            for future in as_completed(started):
+                label, cfg, run_dir, t0 = started[future]
+                rows = future.result()
+                print(f"== {label}: done, {time.time() - t0:.0f} s since submitted ==", flush=True)
+                if done:
+                    done(run_dir, cfg, rows, t0)
+
+
+def _worker_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_job(label: str, cfg, run_dir: Path, engine_url: str) -> list[dict]:
+    return run_text(cfg, run_dir, engine_url, log=lambda message: print(f"   [{label}] {message}", flush=True))
 
 
 def run_text(cfg, run_dir: Path, engine_url: str, log=print) -> list[dict]:
@@ -258,7 +296,11 @@ def text_bench_parser(doc: str, runs: Path, out: Path, seeds: list[int]) -> argp
     parser.add_argument("--runs", type=Path, default=runs, help=f"run folders (default {runs.relative_to(ROOT)})")
     parser.add_argument("--out", type=Path, default=out)
     parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="runs at a time, each in a worker process of its own (default 2: one per core on "
+                             "2 cores; 1: in this process, one after another)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads of every run (default 1; a run's numbers do not depend on it)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field for every run (use another --runs)")
     return parser
@@ -270,6 +312,8 @@ def text_bench_setup(args: argparse.Namespace) -> dict:
 
     from explorer.run.config import parse_overrides
 
+    if args.jobs < 1 or args.threads < 1:
+        raise SystemExit("--jobs and --threads must be >= 1")
     torch.set_num_threads(args.threads)
     return parse_overrides(args.set)
 
@@ -282,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     from explorer.run.config import load_config
 
     overrides = text_bench_setup(args)
-    run_grid(args.config, args.runs, args.seeds, args.conditions, overrides)
+    run_grid(args.config, args.runs, args.seeds, args.conditions, overrides, args.jobs, args.threads)
     iterations = load_config(args.config, overrides).iterations
     per_seed = {}
     for seed in args.seeds:
