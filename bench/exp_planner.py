@@ -41,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.exp_text_acquisition import read_metrics, run_all, run_text, text_bench_parser, text_bench_setup  # noqa: E402
+from bench.exp_text_acquisition import read_metrics, run_all, text_bench_parser, text_bench_setup  # noqa: E402
 from bench.machine import write_machine  # noqa: E402
 
 STRATEGIES = {"planner": "planner", "compute-optimal": "compute_optimal", "always-acquire": "acquire",
@@ -59,21 +59,20 @@ def finished(run_dir: Path) -> bool:
     return (run_dir / "done.json").exists()
 
 
-def calibrate(config: Path, runs: Path, seed: int, budget: float, overrides: dict) -> dict:
-    """The planner's R*, fitted to its own run on the target alone (`explorer plan --repeats`): seed
-    `seed` (not one of the compared seeds), the largest budget, evaluated every CALIBRATION_TOKENS."""
-    from explorer.analysis.plan import format_repeat_fit, repeat_decay_from_run
+def calibration_run(config: Path, runs: Path, seed: int, budget: float, overrides: dict) -> tuple:
+    """The run the planner's R* is fitted to: the target alone, seed `seed` (not one of the compared
+    seeds), the largest budget, evaluated every CALIBRATION_TOKENS."""
     from explorer.run.config import load_config
-    from explorer.run.experiment import local_engine_for
 
-    run_dir = runs / "calibration" / f"seed-{seed}"
     cfg = load_config(config, {**OVERRIDES, **overrides, "seed": seed, "text.flop_budget": budget,
                                "text.strategy": "train", "text.tokens_per_iteration": CALIBRATION_TOKENS})
-    if not finished(run_dir):
-        print(f"== calibration: seed {seed}, budget {budget:.0e}, target alone ==", flush=True)
-        t0 = time.time()
-        with local_engine_for(cfg, progress=True, error_log=runs / "engine.log") as url:
-            mark_done(run_dir, cfg, run_text(cfg, run_dir, url, log=lambda message: print("  ", message, flush=True)), t0)
+    return f"calibration: seed {seed}, budget {budget:.0e}, target alone", cfg, runs / "calibration" / f"seed-{seed}"
+
+
+def calibration_fit(run_dir: Path, seed: int, budget: float) -> dict:
+    """The planner's R*, fitted to the calibration run (`explorer plan --repeats`)."""
+    from explorer.analysis.plan import format_repeat_fit, repeat_decay_from_run
+
     fit = repeat_decay_from_run(run_dir)
     print(format_repeat_fit(fit, run_dir), flush=True)
     return {"seed": seed, "budget": budget, "run": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT)
@@ -89,8 +88,9 @@ def mark_done(run_dir: Path, cfg, rows: list[dict], t0: float | None = None) -> 
         (run_dir / "done.json").write_text(json.dumps({"seconds": seconds}) + "\n")
 
 
-def run_grid(config: Path, runs: Path, budgets: list[float], seeds: list[int], strategies: list[str],
-             overrides: dict, r_star: float | None = None, jobs: int = 1, threads: int = 2) -> None:
+def grid_runs(config: Path, runs: Path, budgets: list[float], seeds: list[int], strategies: list[str],
+              overrides: dict, r_star: float | None = None) -> list[tuple]:
+    """The grid's (label, cfg, run_dir) not yet finished, seed by seed (`r_star`: the planner's R*)."""
     from explorer.run.config import load_config
 
     todo = []
@@ -103,7 +103,37 @@ def run_grid(config: Path, runs: Path, budgets: list[float], seeds: list[int], s
                 run_dir = runs / f"B-{budget:.0e}" / f"seed-{seed}" / name
                 if not finished(run_dir):
                     todo.append((f"budget {budget:.0e}, seed {seed}: {name}", cfg, run_dir))
-    run_all(todo, runs / "engine.log", jobs, threads, done=mark_done)
+    return todo
+
+
+def run_benchmark(args, overrides: dict) -> dict | None:
+    """The calibration run and the grid, `args.jobs` at a time: the fixed strategies run alongside the
+    calibration, the planner's runs once its R* is known. Returns the calibration's fit (None without one)."""
+    grid = lambda strategies, r_star=None: grid_runs(args.config, args.runs, args.budgets, args.seeds,  # noqa: E731
+                                                     strategies, overrides, r_star)
+    fixed = [name for name in args.strategies if name != "planner"]
+    planner = [name for name in args.strategies if name == "planner"]
+    if args.calibration_seed < 0:
+        run_all(grid(args.strategies), args.runs / "engine.log", args.jobs, args.threads, done=mark_done)
+        return None
+    budget = max(args.budgets)
+    label, cfg, calibration_dir = calibration_run(args.config, args.runs, args.calibration_seed, budget, overrides)
+    fit: dict = {}
+
+    def done(run_dir, cfg, rows, t0):
+        mark_done(run_dir, cfg, rows, t0)
+        if run_dir == calibration_dir:  # R* is known: the planner's runs can start
+            fit.update(calibration_fit(calibration_dir, args.calibration_seed, budget))
+            return grid(planner, fit["r_star"])
+        return []
+
+    if finished(calibration_dir):
+        fit.update(calibration_fit(calibration_dir, args.calibration_seed, budget))
+        todo = grid(fixed) + grid(planner, fit["r_star"])
+    else:
+        todo = [(label, cfg, calibration_dir)] + grid(fixed)
+    run_all(todo, args.runs / "engine.log", args.jobs, args.threads, done=done)
+    return fit
 
 
 def summarise(run_dir: Path) -> dict:
@@ -190,14 +220,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="seed of the run on the target alone that the planner's R* (text.repeat_decay) is "
                              "fitted to, at the largest budget; -1: none, the planner keeps the config's R*")
     args = parser.parse_args(argv)
+    if args.calibration_seed in args.seeds:
+        parser.error("--calibration-seed must not be one of the compared --seeds")
     overrides = text_bench_setup(args)
-    calibration = None
-    if args.calibration_seed >= 0:
-        if args.calibration_seed in args.seeds:
-            parser.error("--calibration-seed must not be one of the compared --seeds")
-        calibration = calibrate(args.config, args.runs, args.calibration_seed, max(args.budgets), overrides)
-    run_grid(args.config, args.runs, args.budgets, args.seeds, args.strategies, overrides,
-             calibration and calibration["r_star"], args.jobs, args.threads)
+    calibration = run_benchmark(args, overrides)
     results: dict[float, dict[int, dict[str, dict]]] = {}
     for budget in args.budgets:
         for seed in args.seeds:

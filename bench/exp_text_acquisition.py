@@ -80,35 +80,40 @@ def run_all(todo: list[tuple], engine_log: Path, jobs: int, threads: int, done=N
     """Run each (label, cfg, run_dir) of `todo` with `run_text` against one local engine over their
     (shared) web: in this process one after another (`jobs` 1), or `jobs` at a time in worker
     processes. Every run uses `threads` torch threads wherever it runs, so its numbers do not depend
-    on `jobs`. `done(run_dir, cfg, rows, t0)` is called here as each run finishes."""
+    on `jobs`. `done(run_dir, cfg, rows, t0)` is called here as each run finishes; the runs it
+    returns, if any, are queued next (runs that need another's result)."""
     from explorer.run.experiment import local_engine_for
 
     if not todo:
         return
-    with local_engine_for(todo[0][1], progress=True, error_log=engine_log) as url:
+    queue = list(todo)
+    with local_engine_for(queue[0][1], progress=True, error_log=engine_log) as url:
         if jobs == 1:
-            for label, cfg, run_dir in todo:
+            while queue:
+                label, cfg, run_dir = queue.pop(0)
                 print(f"== {label} ==", flush=True)
                 t0 = time.time()
                 rows = run_text(cfg, run_dir, url, log=lambda message: print("  ", message, flush=True))
                 print(f"   {time.time() - t0:.0f} s", flush=True)
-                if done:
-                    done(run_dir, cfg, rows, t0)
+                queue += (done and done(run_dir, cfg, rows, t0)) or []
             return
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-        print(f"{len(todo)} runs, {jobs} at a time ({threads} torch thread{'s' * (threads > 1)} each)", flush=True)
+        print(f"{len(queue)} runs, {jobs} at a time ({threads} torch thread{'s' * (threads > 1)} each)", flush=True)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_worker_threads, initargs=(threads,)) as pool:
-            started = {pool.submit(_run_job, label, cfg, run_dir, url): (label, cfg, run_dir, time.time())
-                       for label, cfg, run_dir in todo}
-            for future in as_completed(started):
-                label, cfg, run_dir, t0 = started[future]
-                rows = future.result()
-                print(f"== {label}: done, {time.time() - t0:.0f} s since submitted ==", flush=True)
-                if done:
-                    done(run_dir, cfg, rows, t0)
+            running = {}
+            while queue or running:
+                for label, cfg, run_dir in queue:
+                    running[pool.submit(_run_job, label, cfg, run_dir, url)] = (label, cfg, run_dir)
+                queue = []
+                finished_now, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished_now:
+                    label, cfg, run_dir = running.pop(future)
+                    rows, t0, t1 = future.result()
+                    print(f"== {label}: done in {t1 - t0:.0f} s ==", flush=True)
+                    queue += (done and done(run_dir, cfg, rows, t0)) or []
 
 
 def _worker_threads(threads: int) -> None:
@@ -117,8 +122,11 @@ def _worker_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_job(label: str, cfg, run_dir: Path, engine_url: str) -> list[dict]:
-    return run_text(cfg, run_dir, engine_url, log=lambda message: print(f"   [{label}] {message}", flush=True))
+def _run_job(label: str, cfg, run_dir: Path, engine_url: str) -> tuple[list[dict], float, float]:
+    """One run in a worker: its rows, and when it started and ended."""
+    t0 = time.time()
+    rows = run_text(cfg, run_dir, engine_url, log=lambda message: print(f"   [{label}] {message}", flush=True))
+    return rows, t0, time.time()
 
 
 def run_text(cfg, run_dir: Path, engine_url: str, log=print) -> list[dict]:
