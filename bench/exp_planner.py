@@ -81,6 +81,11 @@ def calibration_fit(run_dir: Path, seed: int, budget: float) -> dict:
             "offset": fit.offset, "scale": fit.scale}
 
 
+def run_cost(cfg) -> float:
+    """What orders the queue: a run's FLOP budget (the calibration, evaluated four times as often, first)."""
+    return cfg.text.flop_budget * (2.0 if cfg.text.tokens_per_iteration == CALIBRATION_TOKENS else 1.0)
+
+
 def mark_done(run_dir: Path, cfg, rows: list[dict], t0: float | None = None) -> None:
     if rows and (rows[-1]["iteration"] >= cfg.iterations or rows[-1]["flops_remaining"] <
                  6.0 * rows[-1]["n_params"] * cfg.text.tokens_per_step):
@@ -114,7 +119,8 @@ def run_benchmark(args, overrides: dict) -> dict | None:
     fixed = [name for name in args.strategies if name != "planner"]
     planner = [name for name in args.strategies if name == "planner"]
     if args.calibration_seed < 0:
-        run_all(grid(args.strategies), args.runs / "engine.log", args.jobs, args.threads, done=mark_done)
+        run_all(grid(args.strategies), args.runs / "engine.log", args.jobs, args.threads, done=mark_done,
+                cost=run_cost)
         return None
     budget = max(args.budgets)
     label, cfg, calibration_dir = calibration_run(args.config, args.runs, args.calibration_seed, budget, overrides)
@@ -132,7 +138,7 @@ def run_benchmark(args, overrides: dict) -> dict | None:
         todo = grid(fixed) + grid(planner, fit["r_star"])
     else:
         todo = [(label, cfg, calibration_dir)] + grid(fixed)
-    run_all(todo, args.runs / "engine.log", args.jobs, args.threads, done=done)
+    run_all(todo, args.runs / "engine.log", args.jobs, args.threads, done=done, cost=run_cost)
     return fit
 
 

@@ -76,26 +76,32 @@ def run_grid(config: Path, runs: Path, seeds: list[int], conditions: list[str], 
     run_all(todo, runs / "engine.log", jobs, threads)
 
 
-def run_all(todo: list[tuple], engine_log: Path, jobs: int, threads: int, done=None) -> None:
+def run_all(todo: list[tuple], engine_log: Path, jobs: int, threads: int, done=None, cost=None) -> None:
     """Run each (label, cfg, run_dir) of `todo` with `run_text` against one local engine over their
     (shared) web: in this process one after another (`jobs` 1), or `jobs` at a time in worker
     processes. Every run uses `threads` torch threads wherever it runs, so its numbers do not depend
     on `jobs`. `done(run_dir, cfg, rows, t0)` is called here as each run finishes; the runs it
-    returns, if any, are queued next (runs that need another's result)."""
+    returns, if any, are queued too (runs that need another's result). With `cost(cfg)`, the queued
+    run of highest cost starts first (a long run last would leave the other workers idle)."""
     from explorer.run.experiment import local_engine_for
 
     if not todo:
         return
     queue = list(todo)
+
+    def next_run():
+        i = max(range(len(queue)), key=lambda j: (cost(queue[j][1]), -j)) if cost else 0
+        return queue.pop(i)
+
     with local_engine_for(queue[0][1], progress=True, error_log=engine_log) as url:
         if jobs == 1:
             while queue:
-                label, cfg, run_dir = queue.pop(0)
+                label, cfg, run_dir = next_run()
                 print(f"== {label} ==", flush=True)
                 t0 = time.time()
                 rows = run_text(cfg, run_dir, url, log=lambda message: print("  ", message, flush=True))
                 print(f"   {time.time() - t0:.0f} s", flush=True)
-                queue += (done and done(run_dir, cfg, rows, t0)) or []
+                queue.extend((done and done(run_dir, cfg, rows, t0)) or [])
             return
         import multiprocessing
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -105,15 +111,15 @@ def run_all(todo: list[tuple], engine_log: Path, jobs: int, threads: int, done=N
                                  initializer=_worker_threads, initargs=(threads,)) as pool:
             running = {}
             while queue or running:
-                for label, cfg, run_dir in queue:
+                while queue and len(running) < jobs:  # the pool gets one run per free worker, no more
+                    label, cfg, run_dir = next_run()
                     running[pool.submit(_run_job, label, cfg, run_dir, url)] = (label, cfg, run_dir)
-                queue = []
                 finished_now, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished_now:
                     label, cfg, run_dir = running.pop(future)
                     rows, t0, t1 = future.result()
                     print(f"== {label}: done in {t1 - t0:.0f} s ==", flush=True)
-                    queue += (done and done(run_dir, cfg, rows, t0)) or []
+                    queue.extend((done and done(run_dir, cfg, rows, t0)) or [])
 
 
 def _worker_threads(threads: int) -> None:
