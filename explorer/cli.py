@@ -180,9 +180,10 @@ def _plan(args) -> int:
 def _sweep(args) -> int:
     from explorer.analysis.plan import format_plan, plan_from_runs
     from explorer.analysis.sweep import load_sweep_config, run_sweep, sweep_summary
+    from explorer.run.config import parse_overrides
     from learners.budget import FitConfig
 
-    cfg = load_sweep_config(args.config)
+    cfg = load_sweep_config(args.config, parse_overrides(args.set))
     out = args.out or Path("runs") / cfg.name
     print(f"sweep folder: {out}")
     result = run_sweep(cfg, out, progress=not args.quiet)
@@ -341,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also print the `explorer plan` for X FLOPs from the sweep's runs")
     sw.add_argument("--tokens", type=float, default=None,
                     help="tokens available for that plan (default: the sweep's training text)")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a sweep field, e.g. --set lm.router=sbase --set lm.num_experts=16 (a routed "
+                         "sweep: N is then the active parameters, one expert per token)")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     sw.set_defaults(func=_sweep)
 

@@ -297,15 +297,16 @@ def isoflop_fit(n_params, tokens, loss, flops=None, rel_tol: float = 0.05) -> Is
                       budgets=tuple(budgets), n_opt=tuple(n_opts), d_opt=tuple(d_opts))
 
 
-ACTIONS = ("acquire", "grow_model", "train")
+ACTIONS = ("acquire", "grow_model", "train", "add_experts")
 
 
 @dataclass(kw_only=True, frozen=True)
 class Decision:
     action: str  # one of ACTIONS
-    n_target: float  # non-embedding parameters to train next
+    n_target: float  # non-embedding parameters to train next (active ones for a routed model)
     d_target: float  # tokens to train on next
     reason: str
+    experts: int | None = None  # add_experts: experts per routed layer of the restarted model
 
     def __post_init__(self):
         if self.action not in ACTIONS:
@@ -350,6 +351,23 @@ def decide(law: ScalingLaw, budget_flops: float, tokens_available: float, curren
                            f"{current_params / n_opt:.2g}x N_opt) needs no growth and {_sci(tokens_available)} tokens "
                            f"cover D_opt; train on {_sci(d_train)} tokens "
                            f"(predicted loss {float(law.loss(current_params, d_train)):.3f})")
+
+
+@dataclass(kw_only=True, frozen=True)
+class RoutedLaw:
+    """log L(N, E) = a·log N + b·log E + c·log N·log E + d, the routed law's form (Clark et al. 2022),
+    as `bench/exp_routing.py` fits it (N: dense non-embedding parameters, E experts per routed layer,
+    E = 1 dense). The planner uses only its E-dependence: at a fixed N (fixed active FLOPs) going
+    from E to E' multiplies the loss by exp((b + c·log N)·(log E' - log E))."""
+
+    a: float
+    b: float
+    c: float
+    d: float
+
+    def factor(self, n_params, experts):
+        """L(N, E) / L(N, 1)."""
+        return np.exp((self.b + self.c * np.log(np.asarray(n_params, float))) * np.log(np.asarray(experts, float)))
 
 
 # Repeated tokens are worth less than new ones. After R repeats of U unique tokens a law in D sees
@@ -440,7 +458,9 @@ class AcquisitionRound:
 def plan_with_costs(law: ScalingLaw, budget_flops: float, *, unique_tokens: float, trained_tokens: float,
                     current_params: float, acquisition: AcquisitionRound | None, rounds_left: int,
                     first_round_extra: float = 0.0, max_train_tokens: float = math.inf,
-                    size_table: dict[str, ModelShape] | None = None, r_star: float = REPEAT_DECAY) -> Decision:
+                    size_table: dict[str, ModelShape] | None = None, r_star: float = REPEAT_DECAY,
+                    routed: RoutedLaw | None = None, experts: int = 1,
+                    expert_options: tuple[int, ...] = ()) -> Decision:
     """What to do with `budget_flops`, choosing the plan of least predicted final loss.
 
     Every plan is (model size, k acquisition rounds, then training with what is left): the current
@@ -453,6 +473,10 @@ def plan_with_costs(law: ScalingLaw, budget_flops: float, *, unique_tokens: floa
     estimate of a round (`acquisition` None) the answer is `acquire`; callers that can bound a round
     pass an optimistic one instead (the loop: every result accepted). The law is the planner's prior
     or a fit (`explorer plan`); k is at most `rounds_left` (one round per iteration).
+
+    With a `routed` law, more experts are one more way to grow: each E' of `expert_options` above the
+    current `experts` is a plan that restarts the model at the same active size (the same FLOPs per
+    token) with E' experts; every plan's loss is scaled by `RoutedLaw.factor` at its own E.
     """
     if (budget_flops <= 0 or unique_tokens < 0 or trained_tokens < 0 or current_params <= 0 or rounds_left < 0
             or first_round_extra < 0):
@@ -467,24 +491,36 @@ def plan_with_costs(law: ScalingLaw, budget_flops: float, *, unique_tokens: floa
     left = budget_flops - k * rnd.flops - np.where(k > 0, first_round_extra, 0.0)  # for training after k rounds
     k, left = k[left > 0], left[left > 0]
     unique = unique_tokens + k * rnd.tokens
-    plans = [("current", float(current_params), float(trained_tokens))]
-    plans += [(name, float(s.non_embedding_params), 0.0) for name, s in (size_table or {}).items()
+    if experts < 1 or any(e < 1 for e in expert_options):
+        raise ValueError("experts and expert_options must be >= 1")
+    plans = [("current", float(current_params), float(trained_tokens), experts)]
+    plans += [(name, float(s.non_embedding_params), 0.0, experts) for name, s in (size_table or {}).items()
               if s.non_embedding_params > current_params]
+    if routed is not None:
+        plans += [(f"{e} experts", float(current_params), 0.0, e) for e in sorted(expert_options) if e > experts]
     best = None
-    for name, n, done in plans:
+    for name, n, done, e in plans:
         tokens = done + np.minimum(left / (6.0 * n), max_train_tokens)
         loss = law.loss(n, effective_tokens(unique, tokens, r_star))
+        if routed is not None:
+            loss = loss * routed.factor(n, e)
         i = int(np.argmax(loss <= loss.min() * (1 + 1e-9)))  # fewest rounds among (numerical) ties
         if best is None or loss[i] < best[0] * (1 - 1e-9):  # a larger model must be strictly better
-            best = (float(loss[i]), name, n, int(k[i]), float(tokens[i]))
+            best = (float(loss[i]), name, n, int(k[i]), float(tokens[i]), e)
         if name == "current":
             stay = (float(loss[0]), float(loss[i]), int(k[i]))  # train only; best with rounds at this size
-    loss, name, n, rounds, tokens = best
+    loss, name, n, rounds, tokens, e = best
     extra = f" (+{_sci(first_round_extra)} once)" if first_round_extra else ""
     bound = "" if rnd.measured else " at most (no round measured yet)"
     costs = (f"a round costs {_sci(rnd.flops)} FLOPs{extra} for {_sci(rnd.tokens)} new tokens{bound}; "
              f"predicted final loss: train only {stay[0]:.4f}, "
              f"{stay[2]} round(s) then train {stay[1]:.4f}")
+    if e != experts:
+        gain = 1.0 - float(routed.factor(n, e) / routed.factor(n, experts))
+        return Decision(action="add_experts", n_target=n, d_target=tokens, experts=e,
+                        reason=f"{costs}, restart with {e} experts per routed layer (now {experts}; the same "
+                               f"{_sci(n)} active params, the routed law's loss x{1 - gain:.4f}) with {rounds} "
+                               f"round(s) {loss:.4f} (best)")
     if name != "current":
         return Decision(action="grow_model", n_target=n, d_target=tokens,
                         reason=f"{costs}, grow to {name} ({_sci(n)} params) with {rounds} round(s) {loss:.4f} (best)")

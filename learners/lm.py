@@ -1,8 +1,9 @@
 """A small causal LM trained continually on packed text, with the LLaMA recipe and spike recovery.
 
-The model is a `transformers` LLaMA (RMSNorm, SwiGLU, RoPE, optional grouped-query attention) or,
-with `moe=True`, a Mixtral with top-1 routing over `num_experts` experts (Switch-style: one expert
-per token, so compute per token matches the dense model of the same shape). `LMLearner` trains it
+The model is a `transformers` LLaMA (RMSNorm, SwiGLU, RoPE, optional grouped-query attention); with
+`router` set, every (or every other) MLP is a routed layer of `num_experts` SwiGLU experts, one per
+token, so compute per token matches the dense model of the same shape (learners/routing.py: the
+`switch`, `sbase` and `hash` routers). `LMLearner` trains it
 with AdamW (no decay on norm weights), linear warmup + cosine decay, gradient clipping, gradient
 accumulation and bf16 autocast on CUDA. Under torchrun (WORLD_SIZE > 1) the model is wrapped in
 DistributedDataParallel (learners/distributed.py): every rank reads the same global batch from its
@@ -28,11 +29,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from learners.checkpoint import atomic_torch_save
 from learners.distributed import default_device, distributed_setup, global_mean, rank_rows
 from learners.losses import warmup_cosine_lr
+from learners.routing import DENSE, ROUTER_NAMES, active_params, make_routed, router_aux_loss
 from learners.spikes import SpikeConfig, SpikeDetector, rollback_target
 from learners.text_data import PackedTextStream
 
@@ -75,9 +77,10 @@ class LMConfig:
     shape: LMShape | None = None
     vocab_size: int = 8192  # must match the tokenizer
     seq_len: int = 256
-    moe: bool = False  # Mixtral block with top-1 routing instead of the dense SwiGLU
-    num_experts: int = 4
-    router_aux_loss_coef: float = 0.01  # Switch load balancing; with top-1 it is the router's only gradient
+    router: str = DENSE  # dense, or a routed MLP chosen by: switch, sbase, hash (learners/routing.py)
+    num_experts: int = 4  # experts per routed layer (one per token)
+    route_every: int = 1  # route every layer (1) or every other layer (2)
+    router_aux_loss_coef: float = 0.01  # weight of the switch router's balancing loss
     rope_theta: float = 10_000.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True  # small vocabularies dominate small models otherwise
@@ -110,12 +113,20 @@ class LMConfig:
         bad = [name for name, value in positive.items() if value <= 0]
         if bad:
             raise ValueError(f"{', '.join(bad)} must be > 0")
-        if self.moe and self.num_experts < 2:
-            raise ValueError(f"a mixture of experts needs num_experts >= 2, got {self.num_experts}")
+        if self.router not in ROUTER_NAMES:
+            raise ValueError(f"unknown router {self.router!r}; valid: {', '.join(ROUTER_NAMES)}")
+        if self.routed and self.num_experts < 2:
+            raise ValueError(f"a routed layer needs num_experts >= 2, got {self.num_experts}")
+        if self.route_every not in (1, 2):
+            raise ValueError(f"route_every must be 1 (every layer) or 2 (every other layer), got {self.route_every}")
         if self.weight_decay < 0 or not 0 <= self.min_lr <= self.lr or not 0 <= self.warmup <= self.total_steps:
             raise ValueError("weight_decay >= 0, 0 <= min_lr <= lr and 0 <= warmup <= total_steps required")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas) or self.router_aux_loss_coef < 0:
             raise ValueError("betas must be two values in [0, 1) and router_aux_loss_coef >= 0")
+
+    @property
+    def routed(self) -> bool:
+        return self.router != DENSE
 
     @property
     def resolved_shape(self) -> LMShape:
@@ -123,10 +134,14 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "LMConfig":
+        if "moe" in values:
+            raise ValueError("`moe` was replaced by `router` (switch, sbase or hash) and `num_experts`; "
+                             "a checkpoint of the old Mixtral layout cannot be loaded")
         return cls(**values)
 
 
-def build_model_config(cfg: LMConfig) -> LlamaConfig | MixtralConfig:
+def build_model_config(cfg: LMConfig) -> LlamaConfig:
+    """The dense model's config; `build_lm` routes its MLPs when `cfg.router` says so."""
     s = cfg.resolved_shape
     common = dict(vocab_size=cfg.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
                   num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,
@@ -134,21 +149,25 @@ def build_model_config(cfg: LMConfig) -> LlamaConfig | MixtralConfig:
                   rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
                   tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=None, eos_token_id=None,
                   pad_token_id=None, use_cache=False)
-    if not cfg.moe:
-        return LlamaConfig(**common)
-    # Mixtral renormalises the top-k router weights, so with k=1 every chosen expert gets weight 1
-    # and the router learns from the load-balancing loss alone (enabled by output_router_logits).
-    return MixtralConfig(**common, num_local_experts=cfg.num_experts, num_experts_per_tok=1,
-                         output_router_logits=True, router_aux_loss_coef=cfg.router_aux_loss_coef)
+    return LlamaConfig(**common)
 
 
 def build_lm(cfg: LMConfig) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_config(build_model_config(cfg), attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(build_model_config(cfg), attn_implementation="sdpa")
+    if cfg.routed:
+        make_routed(model, cfg.router, cfg.num_experts, cfg.route_every, seed=cfg.seed,
+                    init_std=model.config.initializer_range)
+    return model
 
 
 def non_embedding_params(model: torch.nn.Module) -> int:
-    """Parameters outside the token embedding and output head (Kaplan et al.'s N)."""
+    """Parameters outside the token embedding and output head (Kaplan et al.'s N); every expert counts."""
     return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+
+
+def active_non_embedding_params(model: torch.nn.Module) -> int:
+    """Non-embedding parameters one token goes through (one expert per routed layer): the N of 6·N·D."""
+    return active_params(model, non_embedding_params(model))
 
 
 @torch.no_grad()
@@ -213,7 +232,7 @@ class LMLearner:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # top-1 routing may leave an expert without tokens (and gradient) in a batch
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
-                                                                 find_unused_parameters=config.moe)
+                                                                 find_unused_parameters=config.routed)
             self.trainable = self.ddp
         if config.compile:
             self.trainable = torch.compile(self.trainable)
@@ -230,12 +249,12 @@ class LMLearner:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy of a (B, T+1) batch, plus the router loss for MoE."""
+        """Mean next-token cross-entropy of a (B, T+1) batch, plus the routers' balancing loss."""
         out = self.trainable(input_ids=batch[:, :-1], use_cache=False)
         logits = out.logits.float()  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        if self.config.moe and out.aux_loss is not None:
-            loss = loss + self.config.router_aux_loss_coef * out.aux_loss
+        if self.config.routed and self.config.router_aux_loss_coef > 0:
+            loss = loss + self.config.router_aux_loss_coef * router_aux_loss(self.model)
         return loss
 
     def _snapshot(self, data: PackedTextStream) -> None:

@@ -14,6 +14,7 @@ per-budget isoFLOP parabolas. Outputs in RUN_DIR:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -27,7 +28,7 @@ import numpy as np
 import yaml
 
 from explorer.acquire.cache import atomic_write_bytes
-from explorer.run.config import ConfigError, from_dict, to_dict
+from explorer.run.config import ConfigError, LMRoutingConfig, apply_overrides, from_dict, to_dict
 from explorer.web.text_sources import DEFAULT_TARGET_TOPIC, load_wikipedia_leads, split_target_text
 from learners.budget import (
     FitConfig,
@@ -73,6 +74,8 @@ class SweepConfig:
     eval_tokens: int = 32_768
     """Held-out target tokens evaluated per run (whole documents, in order, until the cap)."""
     seed: int = 0
+    lm: LMRoutingConfig = dataclasses.field(default_factory=LMRoutingConfig)
+    """Routing of every LM in the sweep (dense by default); N in the fit is the active parameters."""
     extrapolate_factor: float = 10.0
     """fit.json also gives N_opt and D_opt at this multiple of the largest budget."""
     fit_starts: int = 24
@@ -166,8 +169,9 @@ def resolve_size(size: str | int, where: str = "size") -> tuple[str, LMShape]:
     return f"{int(size)}", shape_for_params(int(size))
 
 
-def load_sweep_config(path: str | Path) -> SweepConfig:
-    """Parse a sweep YAML; unknown keys, wrong types and bad values raise ConfigError naming the field."""
+def load_sweep_config(path: str | Path, overrides: dict | None = None) -> SweepConfig:
+    """Parse a sweep YAML (with `--set` overrides); unknown keys, wrong types and bad values raise
+    ConfigError naming the field."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -175,6 +179,7 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     except FileNotFoundError as e:
         raise ConfigError(f"sweep config {path} not found") from e
+    apply_overrides(data, overrides)
     try:
         return from_dict(SweepConfig, data)
     except ConfigError as e:
@@ -183,7 +188,7 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
 
 # Fields that change what a finished row means; a run folder refuses a config that differs in them.
 RESULT_FIELDS = ("seq_len", "batch_size", "vocab_size", "lr", "min_lr_ratio", "warmup_fraction", "topic",
-                 "holdout_fraction", "train_text", "max_train_docs", "eval_tokens", "seed")
+                 "holdout_fraction", "train_text", "max_train_docs", "eval_tokens", "seed", "lm")
 
 
 def _claim_run_dir(cfg: SweepConfig, run_dir: Path) -> None:
@@ -278,7 +283,7 @@ def prepare_text(cfg: SweepConfig, run_dir: Path) -> SweepText:
 
 def train_one(cfg: SweepConfig, budget: float, size: str | int, text: SweepText) -> dict:
     """Train a fresh LM for C / (6N) tokens and evaluate it; the row written to sweep.jsonl."""
-    from learners.lm import LMLearner
+    from learners.lm import LMLearner, active_non_embedding_params
     from learners.lm import non_embedding_params as counted_params
     from learners.spikes import SpikeConfig
     from learners.text_data import PackedTextStream
@@ -289,15 +294,17 @@ def train_one(cfg: SweepConfig, budget: float, size: str | int, text: SweepText)
     lm_cfg = LMConfig(shape=shape, vocab_size=text.vocab_size, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                       lr=cfg.lr, min_lr=cfg.lr * cfg.min_lr_ratio, warmup=round(cfg.warmup_fraction * steps),
                       total_steps=steps, seed=cfg.seed,
-                      spikes=SpikeConfig(enabled=False))  # a rollback would change the run's token count
+                      spikes=SpikeConfig(enabled=False),  # a rollback would change the run's token count
+                      **cfg.lm.lm_kwargs())
     learner = LMLearner(lm_cfg, device="cpu")
-    n_params = counted_params(learner.model)
+    n_params = active_non_embedding_params(learner.model)  # = all of them when dense
     stream = PackedTextStream(text.train, seq_len=cfg.seq_len, eos_id=text.eos_id, seed=cfg.seed)
     losses = learner.train_steps(stream, steps)
     loss = math.log(learner.evaluate_perplexity(text.heldout, eos_id=text.eos_id))
     tokens = steps * cfg.batch_size * cfg.seq_len
     tail = [x for x in losses[-max(1, steps // 10):] if math.isfinite(x)]
     return {"key": run_key(budget, label), "budget_flops": budget, "size": label, "n_params": n_params,
+            "n_params_total": counted_params(learner.model),
             "tokens": tokens, "flops": training_flops(n_params, tokens), "loss": loss if math.isfinite(loss) else None,
             "train_loss": float(np.mean(tail)) if tail else None, "steps": steps,
             "d_model": shape.hidden_size, "n_layers": shape.num_layers, "train_tokens": text.train_tokens,

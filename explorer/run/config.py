@@ -179,6 +179,53 @@ class TextConfig:
 
 
 @dataclass(kw_only=True, frozen=True)
+class LMRoutingConfig:
+    """How the text side's LM routes its MLPs (learners/routing.py); dense by default."""
+
+    router: str = "dense"
+    """dense, or one expert per token chosen by: switch (softmax top-1 + balancing loss), sbase
+    (Sinkhorn-balanced assignment), hash (fixed token-id hash)."""
+    num_experts: int = 4
+    """Experts per routed layer; compute per token stays that of the dense model."""
+    route_every: int = 1
+    """Route every layer (1) or every other layer (2)."""
+    aux_loss_coef: float = 0.01
+    """Weight of the switch router's balancing loss (the other routers have none)."""
+    routed_law: dict[str, float] | None = None
+    """a, b, c, d of log L = a·log N + b·log E + c·log N·log E + d (bench/exp_routing.py writes them
+    to fit.json). Given, the planner (text.strategy: planner) may answer add_experts: restart the LM
+    at the same active size with one of `expert_options` experts, when the law says it pays."""
+    expert_options: tuple[int, ...] = ()
+    """Expert counts the planner may move to (with routed_law)."""
+
+    def __post_init__(self):
+        if self.router != "dense":
+            from learners.routing import ROUTER_NAMES  # only routed runs pay for importing transformers
+
+            if self.router not in ROUTER_NAMES:
+                raise ValueError(f"unknown lm.router {self.router!r}; valid: {', '.join(ROUTER_NAMES)}")
+            if self.num_experts < 2:
+                raise ValueError(f"lm.num_experts must be >= 2 for a routed LM, got {self.num_experts}")
+        if self.route_every not in (1, 2) or self.aux_loss_coef < 0:
+            raise ValueError("lm.route_every must be 1 or 2 and lm.aux_loss_coef >= 0")
+        object.__setattr__(self, "expert_options", tuple(self.expert_options))
+        if self.routed_law is not None and set(self.routed_law) != {"a", "b", "c", "d"}:
+            raise ValueError(f"lm.routed_law needs exactly the keys a, b, c, d, got {', '.join(self.routed_law)}")
+        if any(e < 2 for e in self.expert_options) or (self.expert_options and self.routed_law is None):
+            raise ValueError("lm.expert_options must be counts >= 2, and need lm.routed_law")
+
+    def lm_kwargs(self, experts: int | None = None) -> dict:
+        """Keyword arguments of learners.lm.LMConfig; `experts` overrides num_experts (1: dense;
+        more on a dense config: the S-BASE router)."""
+        experts = self.num_experts if experts is None and self.router != "dense" else (experts or 1)
+        router = self.router if self.router != "dense" else "sbase"
+        if experts == 1:
+            return dict(router="dense")
+        return dict(router=router, num_experts=experts, route_every=self.route_every,
+                    router_aux_loss_coef=self.aux_loss_coef)
+
+
+@dataclass(kw_only=True, frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
     modality: str = "image"
@@ -198,6 +245,8 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     text: TextConfig = field(default_factory=TextConfig)
     """Used when modality is text; `corpus` is then a text corpus (explorer.web.text_corpus)."""
+    lm: LMRoutingConfig = field(default_factory=LMRoutingConfig)
+    """The text LM's routing (modality text)."""
     disk: DiskConfig = field(default_factory=DiskConfig)
     """The run folder's disk budget (image runs; explorer/run/disk.py)."""
 
@@ -282,16 +331,24 @@ def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentCo
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     except FileNotFoundError as e:
         raise ConfigError(f"config file {path} not found") from e
+    apply_overrides(data, overrides)
+    try:
+        return from_dict(ExperimentConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def apply_overrides(data: dict, overrides: dict | None) -> dict:
+    """Set each {dotted key: value} of `overrides` in the parsed YAML mapping `data`, in place."""
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {p} is not a section")
         node[leaf] = value
-    try:
-        return from_dict(ExperimentConfig, data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from e
+    return data
 
 
 def save_config(cfg: ExperimentConfig, path: Path) -> None:

@@ -48,9 +48,9 @@ from explorer.web.text_corpus import (
     split_text_target,
     text_sha256,
 )
-from learners.budget import AcquisitionRound, Decision, ScalingLaw, decide, plan_with_costs
+from learners.budget import AcquisitionRound, Decision, RoutedLaw, ScalingLaw, decide, plan_with_costs
 from learners.flops import FlopLedger, ModelShape, forward_flops, training_flops
-from learners.lm import LM_SIZES, LMConfig, LMLearner, lm_embeddings, non_embedding_params
+from learners.lm import LM_SIZES, LMConfig, LMLearner, active_non_embedding_params, lm_embeddings, non_embedding_params
 from learners.text_data import PackedTextStream
 from learners.tokenizer import TextTokenizer, TokenizerConfig, train_tokenizer
 
@@ -132,6 +132,7 @@ class TextLoop(RunLoop):
         eval_docs = self.target.holdout[:tc.eval_documents]
         self.eval_tokens = self.tokenizer.encode_batch([document_text(d) for d in eval_docs])
         self.lm_size = tc.lm_size
+        self.experts = cfg.lm.num_experts if cfg.lm.router != "dense" else 1  # add_experts changes it
         self.learner = self._learner(self.lm_size, self._schedule_steps(self.lm_size, grown=False))
         self.flops = FlopLedger()
         self.law = ScalingLaw(**tc.law)
@@ -204,12 +205,14 @@ class TextLoop(RunLoop):
         self.schedule_steps = total
         config = LMConfig(size=size, vocab_size=self.tokenizer.vocab_size, seq_len=tc.seq_len,
                           batch_size=tc.batch_size, lr=tc.lr, min_lr=tc.lr / 10, warmup=min(tc.warmup_steps, total),
-                          total_steps=total, seed=self.cfg.seed)
+                          total_steps=total, seed=self.cfg.seed, **self.cfg.lm.lm_kwargs(self.experts))
         return LMLearner(config)
 
     @property
     def n_params(self) -> int:
-        return non_embedding_params(self.learner.model)
+        """Non-embedding parameters a token goes through (one expert per routed layer): the N of
+        every FLOP count; `_status` reports the total beside it."""
+        return active_non_embedding_params(self.learner.model)
 
     def _backend(self, engine_url: str | None) -> SearchBackend:
         name = self.cfg.search.backend
@@ -283,7 +286,7 @@ class TextLoop(RunLoop):
                                    first_round_extra=0.0 if self.background_fetched else self._background_cost(),
                                    rounds_left=iterations_left, size_table=self.sizes,
                                    max_train_tokens=iterations_left * tc.tokens_per_iteration,
-                                   r_star=tc.repeat_decay)
+                                   r_star=tc.repeat_decay, **self._expert_plans())
         if tc.strategy == "compute_optimal":
             return decide(self.law, budget, tokens, params, grow_factor=tc.grow_factor, size_table=self.sizes)
         if tc.strategy == "grow":  # compute goes to the model: the largest size allowed, never a query
@@ -295,6 +298,19 @@ class TextLoop(RunLoop):
                             reason=f"fixed strategy grow: already {name}, the largest size allowed")
         return Decision(action="acquire" if tc.strategy == "acquire" else "train", n_target=params,
                         d_target=tokens, reason=f"fixed strategy {tc.strategy}")
+
+    def _expert_plans(self) -> dict:
+        """The planner's "more experts" options (lm.routed_law and lm.expert_options), if configured."""
+        lm = self.cfg.lm
+        if lm.routed_law is None:
+            return {}
+        return dict(routed=RoutedLaw(**lm.routed_law), experts=self.experts, expert_options=lm.expert_options)
+
+    def add_experts(self, decision: Decision) -> int:
+        """Restart the LM at the same size with the planned experts per routed layer."""
+        self.experts = int(decision.experts)
+        self.learner = self._learner(self.lm_size, self._schedule_steps(self.lm_size, grown=True))
+        return self.experts
 
     def expected_round(self) -> AcquisitionRound:
         """What the next round costs and adds: the mean of the run's rounds, or before any round an
@@ -392,7 +408,8 @@ class TextLoop(RunLoop):
         return {"eval_perplexity": round(ppl, 4), "eval_loss": round(math.log(ppl), 6)}
 
     def _status(self) -> dict:
-        return {"lm_size": self.lm_size, "n_params": self.n_params, "learner_step": self.learner.step,
+        return {"lm_size": self.lm_size, "experts": self.experts, "n_params": self.n_params,
+                "n_params_total": non_embedding_params(self.learner.model), "learner_step": self.learner.step,
                 "tokens_available": self.stream.num_tokens, "documents": self.stream.num_documents,
                 "tokens_trained": self.tokens_trained, "flops": {k: float(v) for k, v in self.flops.spent.items()},
                 "flops_total": self.flops.total, "flop_budget": self.cfg.text.flop_budget,
@@ -414,6 +431,8 @@ class TextLoop(RunLoop):
                      "planner": {**asdict(decision), "budget_flops": self.remaining_flops()}}
         if decision.action == "grow_model":
             row["grew_from"], row["grew_to"] = self.lm_size, self.grow(decision)
+        if decision.action == "add_experts":
+            row["experts_from"], row["experts_to"] = self.experts, self.add_experts(decision)
         if decision.action == "acquire":
             self.ensure_background()  # a one-time cost, not a round's
             spent, tokens = self._acquisition_flops(), self.stream.num_tokens
@@ -430,7 +449,8 @@ class TextLoop(RunLoop):
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "pretrained": self.pretrained, "tokens_trained": self.tokens_trained,
-                "lm_size": self.lm_size, "schedule_steps": self.schedule_steps, "learner": self.learner.state_dict(), "stream": self.stream.state_dict(),
+                "lm_size": self.lm_size, "experts": self.experts, "schedule_steps": self.schedule_steps,
+                "learner": self.learner.state_dict(), "stream": self.stream.state_dict(),
                 "policy": self.policy.state_dict(), "ledger": self.flops.state_dict(),
                 "accepted_sha": sorted(self.accepted_sha), "accepted_sig": torch.from_numpy(self.accepted_sig),
                 "background": self.background_sample.state_dict(), "background_fetched": self.background_fetched,
@@ -439,8 +459,10 @@ class TextLoop(RunLoop):
     def load_state_dict(self, state: dict) -> None:
         self.iteration, self.pretrained = int(state["iteration"]), bool(state["pretrained"])
         self.tokens_trained = int(state["tokens_trained"])
-        if state["lm_size"] != self.lm_size:
-            self.lm_size, self.learner = state["lm_size"], self._learner(
+        experts = int(state.get("experts", self.experts))
+        if state["lm_size"] != self.lm_size or experts != self.experts:
+            self.lm_size, self.experts = state["lm_size"], experts
+            self.learner = self._learner(
                 state["lm_size"], int(state.get("schedule_steps") or self._schedule_steps(state["lm_size"], grown=True)))
         self.learner.load_state_dict(state["learner"])
         self.stream.load_state_dict(state["stream"])

@@ -8,6 +8,7 @@ import torch
 from explorer.analysis.plan import format_plan, load_observations, plan_from_runs, repeat_decay_from_run
 from learners.budget import (
     AcquisitionRound,
+    RoutedLaw,
     ScalingLaw,
     bootstrap_intervals,
     decide,
@@ -339,3 +340,23 @@ def test_bootstrap_drops_and_counts_degenerate_refits(monkeypatch):
     intervals = bootstrap_intervals(n, d, law.loss(n, d), law, n_resamples=9)
     assert (intervals.dropped, intervals.n_resamples) == (3, 6)
     assert intervals.contains("alpha", 0.34)
+
+
+def test_plan_with_costs_adds_experts_when_the_routed_law_says_they_pay():
+    helps = RoutedLaw(a=-0.1, b=-0.05, c=0.0, d=1.0)  # 16 experts: loss x 16^-0.05 = 0.87
+    args = {"unique_tokens": 1.0e6, "trained_tokens": 0.0, "current_params": 1.0e6, "rounds_left": 0,
+            "acquisition": None}
+    d = plan_with_costs(PRIOR, 1.0e13, **args, routed=helps, experts=1, expert_options=(4, 16))
+    assert d.action == "add_experts" and d.experts == 16 and d.n_target == 1.0e6
+    assert "restart with 16 experts" in d.reason and "now 1" in d.reason
+    # the gain shrinks with N: at c = b / -log(1e6) the law's gain is gone at this size
+    fades = RoutedLaw(a=-0.1, b=-0.05, c=0.05 / np.log(1.0e6) + 1e-4, d=1.0)
+    assert plan_with_costs(PRIOR, 1.0e13, **args, routed=fades, experts=1, expert_options=(4, 16)).action == "train"
+    # no routed law, or only counts at or below the current one: never
+    assert plan_with_costs(PRIOR, 1.0e13, **args, expert_options=(16,)).action == "train"
+    assert plan_with_costs(PRIOR, 1.0e13, **args, routed=helps, experts=16, expert_options=(4, 16)).action == "train"
+    # a restart throws away what the current model trained on: with enough trained tokens it does not pay
+    trained = plan_with_costs(PRIOR, 1.0e12, **{**args, "trained_tokens": 1.0e7}, routed=helps, experts=1,
+                              expert_options=(4, 16))
+    assert trained.action == "train"
+    assert helps.factor(1.0e6, 1) == 1.0 and helps.factor(1.0e6, 16) == pytest.approx(16 ** -0.05)

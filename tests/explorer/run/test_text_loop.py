@@ -96,6 +96,24 @@ def test_planner_grows_the_model_when_parameter_limited(text_corpus, tmp_path):
     assert rows[1]["n_params"] > rows[0]["n_params"] and "queries" not in rows[1]
 
 
+def test_planner_restarts_with_more_experts_when_the_routed_law_pays(text_corpus, tmp_path):
+    # 4 experts -> 16 lowers the loss by 16^-0.2 / 4^-0.2 under this law; data is worth nothing
+    lm = {"router": "sbase", "num_experts": 4, "routed_law": {"a": -0.1, "b": -0.2, "c": 0.0, "d": 1.0},
+          "expert_options": [16]}
+    cfg = tiny_text(text_corpus, iterations=2, lm=lm, text={"law": PARAMETER_LIMITED, "strategy": "planner"})
+    rows = run_experiment(cfg, tmp_path, progress=False, log=lambda _: None)
+    assert [r["experts"] for r in rows] == [4, 16, 16]
+    assert rows[1]["planner_action"] == "add_experts" and rows[1]["experts_to"] == 16
+    assert "restart with 16 experts" in rows[1]["planner"]["reason"]
+    assert rows[2]["planner_action"] != "add_experts"  # 16 is the largest option
+    assert rows[1]["n_params_total"] > 3 * rows[0]["n_params_total"]  # experts grew 4x ...
+    assert rows[1]["n_params"] == rows[0]["n_params"] + 12 * 128 * 5  # ... active: 12 more router rows per layer
+    with local_engine_for(cfg) as url:  # the checkpoint holds the 16-expert model
+        resumed = TextLoop(cfg, tmp_path, engine_url=url, progress=False, resume=True)
+        assert resumed.experts == 16 and resumed.learner.config.num_experts == 16
+        resumed.close()
+
+
 def test_text_config_dispatch_and_strict_keys(text_corpus, tmp_path):
     from explorer.run.config import ConfigError
 

@@ -1,0 +1,319 @@
+"""Experiment 8 - routed LMs against dense ones at equal active FLOPs, and the routed scaling law.
+
+Every run is a fresh LM trained on the same number of tokens of Wikipedia-lead text (the isoFLOP
+sweep's data: every lead but the held-out target-topic documents, BPE 1024, `explorer sweep`'s
+`train_one`) and evaluated on the held-out target documents (loss in nats per token). At each dense
+size N (non-embedding parameters) the model is trained dense and routed with E experts per layer,
+K = 1: a routed model does the dense model's compute per token (plus its router), so at equal
+tokens the runs of one size have equal active FLOPs (6·N_active·D, reported).
+
+    grid      sizes x E in {1 (dense), 4, 16, 64} with the S-BASE router (the default)
+    routers   the switch and hash routers at E = 16, every size (S-BASE's E = 16 runs are shared)
+
+Seeds set the initialisation and the batch order; the data split is fixed. Reported: loss per size
+and E with 95% t-intervals; the routing gain (dense - routed loss, paired by seed) per size and E;
+the fit of the routed law log L = a·log N + b·log E + c·log N·log E + d (Clark et al. 2022) by least
+squares over every run, with 95% intervals from a bootstrap over seeds; plots of loss vs N per E and
+of the gain vs N. c > 0 means the gain of more experts shrinks as N grows.
+
+    python bench/exp_routing.py                           # 4 sizes x (4 E + 2 routers) x 3 seeds
+    python bench/exp_routing.py --sizes 30000 --experts 1 4 --seeds 0 --steps 20 --no-routers
+Outputs bench/results/routing/: report.md, runs.csv, fit.json, loss_vs_n.png, gain_vs_n.png,
+machine.json. Runs (resumable: a finished run is skipped) are rows of runs/bench-routing/runs.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import finish_report  # noqa: E402
+
+DEFAULT_RUNS = ROOT / "runs" / "bench-routing"
+DEFAULT_OUT = ROOT / "bench" / "results" / "routing"
+ROUTER = "sbase"
+COMPARED_ROUTERS = ("switch", "hash")
+COMPARE_EXPERTS = 16
+
+
+def sweep_config(args):
+    from explorer.analysis.sweep import SweepConfig
+
+    return SweepConfig(name="bench-routing", budgets=(1e12,), sizes=tuple(args.sizes), seq_len=128,
+                       batch_size=args.batch_size, vocab_size=1024, lr=3e-3, warmup_fraction=0.05, seed=0,
+                       eval_tokens=args.eval_tokens)
+
+
+def run_key(size: int, router: str, experts: int, seed: int) -> str:
+    return f"{size}/{router}/E{experts}/seed{seed}"
+
+
+def plan_runs(args) -> list[tuple[int, str, int, int]]:
+    """(size, router, experts, seed) of every run; the costliest first (largest size, most experts)."""
+    runs = {(s, "dense" if e == 1 else ROUTER, e, seed) for s in args.sizes for e in args.experts for seed in args.seeds}
+    if args.routers:
+        runs |= {(s, r, COMPARE_EXPERTS, seed) for s in args.sizes for r in COMPARED_ROUTERS for seed in args.seeds}
+    return sorted(runs, key=lambda r: (-r[0], -r[2], r[1], r[3]))
+
+
+_TEXT = None
+
+
+def _init_worker(text, threads: int) -> None:
+    import torch
+
+    global _TEXT
+    _TEXT = text
+    torch.set_num_threads(threads)
+
+
+def train_run(base, steps: int, size: int, router: str, experts: int, seed: int) -> dict:
+    """One run through `explorer sweep`'s train_one: the budget is set so that it trains `steps` steps."""
+    from explorer.analysis.sweep import resolve_size, train_one
+    from explorer.run.config import LMRoutingConfig
+    from learners.flops import ModelShape, non_embedding_params, training_flops
+
+    shape = resolve_size(size)[1]
+    dense = non_embedding_params(ModelShape(d_model=shape.hidden_size, n_layers=shape.num_layers,
+                                            n_heads=shape.num_heads, ffn_dim=shape.intermediate_size,
+                                            n_kv_heads=shape.num_kv_heads))
+    budget = training_flops(dense, steps * base.batch_size * base.seq_len)
+    lm = LMRoutingConfig(router=router, num_experts=max(experts, 2))
+    cfg = replace(base, seed=seed, lm=lm, budgets=(budget,), sizes=(size,))
+    row = train_one(cfg, budget, size, _TEXT)
+    return {"key": run_key(size, router, experts, seed), "size": size, "router": router, "experts": experts,
+            "seed": seed, "n_dense": dense, **{k: row[k] for k in ("n_params", "n_params_total", "tokens", "flops",
+                                                                    "loss", "train_loss", "steps", "d_model",
+                                                                    "n_layers", "seconds")}}
+
+
+def run_grid(args) -> list[dict]:
+    """Run what runs.jsonl does not hold yet, `--jobs` at a time; returns every row of the grid."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from explorer.analysis.sweep import append_row, prepare_text, read_rows
+
+    args.runs.mkdir(parents=True, exist_ok=True)
+    base = sweep_config(args)
+    done = {r["key"]: r for r in read_rows(args.runs) if "router" in r}
+    wanted = plan_runs(args)
+    todo = [r for r in wanted if run_key(*r) not in done]
+    print(f"{len(wanted)} runs, {len(wanted) - len(todo)} already done; {args.jobs} at a time, "
+          f"{args.threads} torch thread(s) each", flush=True)
+    if todo:
+        text = prepare_text(base, args.runs)
+        print(f"training text: {text.train_tokens:,} tokens; {args.steps} steps x {base.batch_size * base.seq_len} "
+              f"tokens per run", flush=True)
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(text, args.threads)) as pool:
+            queue, running = list(todo), {}
+            while queue or running:
+                while queue and len(running) < args.jobs:
+                    run = queue.pop(0)
+                    running[pool.submit(train_run, base, args.steps, *run)] = run
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    running.pop(future)
+                    row = future.result()
+                    append_row(args.runs, row)
+                    done[row["key"]] = row
+                    print(f"  {row['key']}: loss {row['loss']:.4f}  ({row['seconds']:.0f} s)", flush=True)
+    return [done[run_key(*r)] for r in wanted]
+
+
+def t_interval(x) -> tuple[float, float]:
+    """Mean and half-width of the 95% t-interval (nan half-width for n < 2)."""
+    from scipy import stats
+
+    x = np.asarray(x, float)
+    if len(x) < 2:
+        return float(x.mean()), math.nan
+    return float(x.mean()), float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def fit_routed_law(rows: list[dict]) -> np.ndarray:
+    """(a, b, c, d) of log L = a·log N + b·log E + c·log N·log E + d by least squares; N is the dense
+    size (the active parameters less the routers), E = 1 for dense runs."""
+    n = np.log([r["n_dense"] for r in rows])
+    e = np.log([r["experts"] for r in rows])
+    x = np.column_stack([n, e, n * e, np.ones_like(n)])
+    coef, *_ = np.linalg.lstsq(x, np.log([r["loss"] for r in rows]), rcond=None)
+    return coef
+
+
+def bootstrap_law(rows: list[dict], resamples: int, seed: int = 0) -> np.ndarray:
+    """(resamples, 4) refits, each on every (size, E) cell's seeds drawn with replacement."""
+    rng = np.random.default_rng(seed)
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["size"], r["experts"]), []).append(r)
+    fits = []
+    for _ in range(resamples):
+        sample = [c[i] for c in cells.values() for i in rng.integers(len(c), size=len(c))]
+        fits.append(fit_routed_law(sample))
+    return np.array(fits)
+
+
+def report(rows: list[dict], args, wall: float) -> None:
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "runs.csv", "w", newline="") as f:
+        fields = list(rows[0])
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    sizes = sorted({r["size"] for r in rows})
+    grid = [r for r in rows if r["router"] in ("dense", ROUTER)]
+    experts = sorted({r["experts"] for r in grid})
+    by = {(r["size"], r["router"], r["experts"], r["seed"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    lines = ["# Routed vs dense LMs at equal active FLOPs", "",
+             f"`python bench/exp_routing.py {' '.join(args.argv)}`".replace(" `", "`"), "",
+             f"Every run: {rows[0]['steps']} steps x {args.batch_size} x 128 tokens = {rows[0]['tokens']:,} tokens of "
+             f"Wikipedia-lead text; loss = held-out target-topic nats per token; router {ROUTER} for E > 1; "
+             f"seeds {seeds} (n = {len(seeds)} per cell; initialisation and batch order). "
+             f"Grid wall time {wall / 60:.1f} min ({args.jobs} runs at a time, {args.threads} thread(s) each).", "",
+             "## Loss (mean ± 95% t-interval half-width)", "",
+             "| size | d_model x layers | N dense | " + " | ".join(f"E = {e}" for e in experts) + " |",
+             "|---|---|---:|" + "---:|" * len(experts)]
+    gains = {}
+    for s in sizes:
+        cells = []
+        first = next(r for r in grid if r["size"] == s)
+        for e in experts:
+            losses = [by[(s, "dense" if e == 1 else ROUTER, e, seed)]["loss"] for seed in seeds
+                      if (s, "dense" if e == 1 else ROUTER, e, seed) in by]
+            m, h = t_interval(losses)
+            cells.append(f"{m:.4f} ± {h:.4f}")
+            if e > 1:
+                diff = [by[(s, "dense", 1, seed)]["loss"] - by[(s, ROUTER, e, seed)]["loss"] for seed in seeds
+                        if (s, "dense", 1, seed) in by and (s, ROUTER, e, seed) in by]
+                gains[(s, e)] = t_interval(diff)
+        lines.append(f"| {s:,} | {first['d_model']} x {first['n_layers']} | {first['n_dense']:,} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "## Routing gain: dense loss - routed loss, paired by seed (> 0: routing helps)", "",
+              "| size | " + " | ".join(f"E = {e}" for e in experts if e > 1) + " |",
+              "|---|" + "---:|" * (len(experts) - 1)]
+    for s in sizes:
+        lines.append(f"| {s:,} | " + " | ".join(f"{gains[(s, e)][0]:+.4f} ± {gains[(s, e)][1]:.4f}"
+                                                 for e in experts if e > 1) + " |")
+    lines += ["", "Parameters (non-embedding; active = dense + routers, total = all experts):", "",
+              "| size | E | active | total | FLOPs per run (6·N_active·D) | seconds per run (mean) |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for s in sizes:
+        for e in experts:
+            rs = [r for r in grid if r["size"] == s and r["experts"] == e]
+            lines.append(f"| {s:,} | {e} | {rs[0]['n_params']:,} | {rs[0]['n_params_total']:,} | "
+                         f"{rs[0]['flops']:.3g} | {np.mean([r['seconds'] for r in rs]):.0f} |")
+    routers = [r for r in rows if r["router"] in COMPARED_ROUTERS]
+    if routers:
+        names = [ROUTER, *COMPARED_ROUTERS]
+        lines += ["", f"## Routers at E = {COMPARE_EXPERTS}: gain over dense, paired by seed", "",
+                  "| size | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for s in sizes:
+            cells = []
+            for name in names:
+                diff = [by[(s, "dense", 1, seed)]["loss"] - by[(s, name, COMPARE_EXPERTS, seed)]["loss"]
+                        for seed in seeds if (s, name, COMPARE_EXPERTS, seed) in by and (s, "dense", 1, seed) in by]
+                m, h = t_interval(diff)
+                cells.append(f"{m:+.4f} ± {h:.4f}")
+            lines.append(f"| {s:,} | " + " | ".join(cells) + " |")
+    coef = fit_routed_law(grid)
+    boot = bootstrap_law(grid, args.resamples)
+    lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+    names = ("a", "b", "c", "d")
+    fit = {"form": "log L = a log N + b log E + c log N log E + d", "n_runs": len(grid),
+           **{k: float(v) for k, v in zip(names, coef)},
+           "interval_95": {k: [float(l_), float(h_)] for k, l_, h_ in zip(names, lo, hi)},
+           "resamples": args.resamples}
+    residual = np.log([r["loss"] for r in grid]) - np.column_stack(
+        [np.log([r["n_dense"] for r in grid]), np.log([r["experts"] for r in grid]),
+         np.log([r["n_dense"] for r in grid]) * np.log([r["experts"] for r in grid]), np.ones(len(grid))]) @ coef
+    fit["rmse_log_loss"] = float(np.sqrt(np.mean(residual ** 2)))
+    (out / "fit.json").write_text(json.dumps(fit, indent=1) + "\n")
+    lines += ["", "## The routed law, fitted to the grid", "",
+              f"log L = a·log N + b·log E + c·log N·log E + d over {len(grid)} runs (N: dense non-embedding "
+              f"parameters, E = 1 dense); 95% intervals from {args.resamples} bootstrap refits over seeds; "
+              f"RMSE {fit['rmse_log_loss']:.4f} in log loss.", "",
+              "| | estimate | 95% interval |", "|---|---:|---|"]
+    lines += [f"| {k} | {v:+.5f} | [{lo_:+.5f}, {hi_:+.5f}] |" for k, v, lo_, hi_ in zip(names, coef, lo, hi)]
+    slope = {s: coef[1] + coef[2] * math.log(next(r["n_dense"] for r in grid if r["size"] == s)) for s in sizes}
+    lines += ["", "d log L / d log E = b + c·log N at each size (negative: more experts lower the loss): "
+              + ", ".join(f"{s:,}: {v:+.4f}" for s, v in slope.items()) + "."]
+    _plots(grid, experts, sizes, gains, out)
+    finish_report(out, lines, "python bench/exp_routing.py " + " ".join(args.argv))
+
+
+def _plots(grid, experts, sizes, gains, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for e in experts:
+        xs = [next(r["n_dense"] for r in grid if r["size"] == s) for s in sizes]
+        ys = [np.mean([r["loss"] for r in grid if r["size"] == s and r["experts"] == e]) for s in sizes]
+        ax.plot(xs, ys, "o-", label="dense" if e == 1 else f"E = {e}")
+    ax.set(xscale="log", yscale="log", xlabel="dense non-embedding parameters N", ylabel="held-out loss",
+           title="loss vs N per expert count")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_vs_n.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for e in experts[1:]:
+        xs = [next(r["n_dense"] for r in grid if r["size"] == s) for s in sizes]
+        m = np.array([gains[(s, e)][0] for s in sizes])
+        h = np.nan_to_num(np.array([gains[(s, e)][1] for s in sizes]))
+        ax.errorbar(xs, m, yerr=h, fmt="o-", capsize=3, label=f"E = {e}")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(xscale="log", xlabel="dense non-embedding parameters N", ylabel="dense - routed loss (nats/token)",
+           title="routing gain vs N (95% intervals)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "gain_vs_n.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("--sizes", type=int, nargs="+", default=[30_000, 100_000, 300_000, 1_000_000],
+                   help="dense non-embedding parameter counts (a LLaMA shape is chosen for each)")
+    p.add_argument("--experts", type=int, nargs="+", default=[1, 4, 16, 64], help="E per routed layer; 1 = dense")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=500, help="optimizer steps per run (every run: the same tokens)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eval-tokens", type=int, default=32_768)
+    p.add_argument("--no-routers", dest="routers", action="store_false",
+                   help=f"skip the router comparison ({', '.join(COMPARED_ROUTERS)} at E = {COMPARE_EXPERTS})")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap refits of the routed law")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, each in its own process")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where runs.jsonl and the tokenizer live")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if 1 not in args.experts:
+        p.error("--experts must include 1: every gain is measured against the dense run")
+    t0 = time.time()
+    rows = run_grid(args)
+    report(rows, args, time.time() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
