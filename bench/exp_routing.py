@@ -134,22 +134,23 @@ def run_grid(args) -> list[dict]:
 
 
 def t_interval(x) -> tuple[float, float]:
-    """Mean and half-width of the 95% t-interval (nan half-width for n < 2)."""
-    from scipy import stats
+    """Mean and 95% t-interval half-width (nan for one value)."""
+    from explorer.analysis.report import mean_ci
 
-    x = np.asarray(x, float)
-    if len(x) < 2:
-        return float(x.mean()), math.nan
-    return float(x.mean()), float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return mean_ci(x)[:2]
+
+
+def _design(rows: list[dict]) -> np.ndarray:
+    """Columns log N, log E, log N·log E, 1 of the routed law; N is the dense size (the active
+    parameters less the routers), E = 1 for dense runs."""
+    n = np.log([r["n_dense"] for r in rows])
+    e = np.log([r["experts"] for r in rows])
+    return np.column_stack([n, e, n * e, np.ones_like(n)])
 
 
 def fit_routed_law(rows: list[dict]) -> np.ndarray:
-    """(a, b, c, d) of log L = a·log N + b·log E + c·log N·log E + d by least squares; N is the dense
-    size (the active parameters less the routers), E = 1 for dense runs."""
-    n = np.log([r["n_dense"] for r in rows])
-    e = np.log([r["experts"] for r in rows])
-    x = np.column_stack([n, e, n * e, np.ones_like(n)])
-    coef, *_ = np.linalg.lstsq(x, np.log([r["loss"] for r in rows]), rcond=None)
+    """(a, b, c, d) of log L = a·log N + b·log E + c·log N·log E + d by least squares."""
+    coef, *_ = np.linalg.lstsq(_design(rows), np.log([r["loss"] for r in rows]), rcond=None)
     return coef
 
 
@@ -238,9 +239,7 @@ def report(rows: list[dict], args, wall: float) -> None:
            **{k: float(v) for k, v in zip(names, coef)},
            "interval_95": {k: [float(l_), float(h_)] for k, l_, h_ in zip(names, lo, hi)},
            "resamples": args.resamples}
-    residual = np.log([r["loss"] for r in grid]) - np.column_stack(
-        [np.log([r["n_dense"] for r in grid]), np.log([r["experts"] for r in grid]),
-         np.log([r["n_dense"] for r in grid]) * np.log([r["experts"] for r in grid]), np.ones(len(grid))]) @ coef
+    residual = np.log([r["loss"] for r in grid]) - _design(grid) @ coef
     fit["rmse_log_loss"] = float(np.sqrt(np.mean(residual ** 2)))
     (out / "fit.json").write_text(json.dumps(fit, indent=1) + "\n")
     lines += ["", "## The routed law, fitted to the grid", "",

@@ -214,15 +214,19 @@ class LMRoutingConfig:
         if any(e < 2 for e in self.expert_options) or (self.expert_options and self.routed_law is None):
             raise ValueError("lm.expert_options must be counts >= 2, and need lm.routed_law")
 
+    @property
+    def experts(self) -> int:
+        """Experts per routed layer; 1 for a dense LM."""
+        return self.num_experts if self.router != "dense" else 1
+
     def lm_kwargs(self, experts: int | None = None) -> dict:
-        """Keyword arguments of learners.lm.LMConfig; `experts` overrides num_experts (1: dense;
+        """Keyword arguments of learners.lm.LMConfig; `experts` overrides `self.experts` (1: dense;
         more on a dense config: the S-BASE router)."""
-        experts = self.num_experts if experts is None and self.router != "dense" else (experts or 1)
-        router = self.router if self.router != "dense" else "sbase"
+        experts = self.experts if experts is None else experts
         if experts == 1:
             return dict(router="dense")
-        return dict(router=router, num_experts=experts, route_every=self.route_every,
-                    router_aux_loss_coef=self.aux_loss_coef)
+        return dict(router=self.router if self.router != "dense" else "sbase", num_experts=experts,
+                    route_every=self.route_every, router_aux_loss_coef=self.aux_loss_coef)
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -132,7 +132,7 @@ class TextLoop(RunLoop):
         eval_docs = self.target.holdout[:tc.eval_documents]
         self.eval_tokens = self.tokenizer.encode_batch([document_text(d) for d in eval_docs])
         self.lm_size = tc.lm_size
-        self.experts = cfg.lm.num_experts if cfg.lm.router != "dense" else 1  # add_experts changes it
+        self.experts = cfg.lm.experts  # add_experts changes it
         self.learner = self._learner(self.lm_size, self._schedule_steps(self.lm_size, grown=False))
         self.flops = FlopLedger()
         self.law = ScalingLaw(**tc.law)
