@@ -13,7 +13,7 @@ iterations of 128 training steps. What each iteration buys is chosen by `text.st
 
 at two budgets (`--budgets`): where training on the target alone is the best use of the FLOPs
 (3e12) and where the target alone overfits and acquiring pays (5e12); `--budgets 3e12 5e12 8e12`
-adds a larger one (the grid then takes ~48 min instead of ~26). Seeds set the target split, the
+adds a larger one (~48 min with two seeds, `--seeds 0 1`). Seeds set the target split, the
 LM's initialisation and batch order, and the policy. First, the planner's R* (how fast repeated
 tokens lose their worth) is fitted to its own run on the target alone at `--calibration-budget`
 (8e12: a curve that passes its lowest held-out loss and overfits well beyond it; a seed not
@@ -22,7 +22,7 @@ held-out target perplexity per strategy and budget with 95% t-intervals, the pai
 the planner from each fixed strategy, and every decision the planner took with its reason
 (decisions.md).
 
-    python bench/exp_planner.py                        # 2 budgets x 4 strategies x 2 seeds
+    python bench/exp_planner.py                        # 2 budgets x 4 strategies x 3 seeds: ~25 min
     python bench/exp_planner.py --budgets 4e12 --seeds 0 --strategies planner never-acquire
 Outputs bench/results/planner/: report.md, decisions.md, runs.csv, summary.json, machine.json.
 Runs (resumable; a finished run is skipped) in runs/bench-planner/B-BUDGET/seed-S/STRATEGY/ and
@@ -220,9 +220,9 @@ def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path, ca
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = text_bench_parser(__doc__, DEFAULT_RUNS, ROOT / "bench" / "results" / "planner", [0, 1])
+    parser = text_bench_parser(__doc__, DEFAULT_RUNS, ROOT / "bench" / "results" / "planner", [0, 1, 2])
     parser.add_argument("--budgets", type=float, nargs="+", default=[3e12, 5e12],
-                        help="total FLOP budgets (default 3e12 5e12; 8e12 as well: ~48 min instead of ~26)")
+                        help="total FLOP budgets (default 3e12 5e12; 8e12 as well takes ~2x longer)")
     parser.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES, choices=list(STRATEGIES),
                         help="compute-optimal is not run by default: under the prior law its D_opt (millions of "
                              "tokens) always exceeds the web's, so it decides as always-acquire")
