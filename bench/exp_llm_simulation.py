@@ -15,7 +15,7 @@ result asked for (`reward.query: yield`). *Relevant* = newly accepted Fashion-MN
 sets the policy (the LLM's sampling, the GP's draws) and the acceptance draws; ppo and llm-prompt
 of a seed issue the same first round.
 
-    python bench/exp_llm_simulation.py                          # 3 seeds x 15 rounds: ~85 min on 2 cores
+    python bench/exp_llm_simulation.py                          # 4 seeds x 15 rounds: ~2 h on 2 cores
     python bench/exp_llm_simulation.py --seeds 0 --rounds 3 --policies random llm-prompt
 Outputs bench/results/llm_simulation/: report.md, rounds.csv (one row per seed, policy and round,
 with its queries), curves.png, machine.json. A run's rounds are kept in runs/llm-simulation/ as
@@ -206,39 +206,26 @@ def report(rows: list[dict], policies: list[str], seeds: list[int], rounds: int,
                 cells.append(f"{mean:+.0f} ± {half:.0f}")
             lines.append(f"| {a} − {b} | " + " | ".join(cells) + " | " + " / ".join(f"{x:+d}" for x in d[:, -1]) + " |")
     windows = [(lo, min(lo + 4, rounds)) for lo in range(1, rounds + 1, 5)]
-    lines += ["", "Mean query reward (yield), by blocks of rounds:", "",
-              "| policy | " + " | ".join(f"rounds {lo}-{hi}" for lo, hi in windows) + " |",
-              "|---|" + "---:|" * len(windows)]
-    for p in policies:
-        cells = []
-        for lo, hi in windows:
-            per_seed = [np.mean([r["mean_reward"] for r in rows if r["policy"] == p and r["seed"] == s
-                                 and lo <= r["round"] <= hi]) for s in seeds]
-            mean, half, _ = mean_ci(per_seed)
-            cells.append(f"{mean:.3f} ± {half:.3f}")
-        lines.append(f"| {p} | " + " | ".join(cells) + " |")
-    lines += ["", "Queries new to the run (not issued in an earlier round of the same policy and seed), share by blocks "
-              "of rounds:", "",
-              "| policy | " + " | ".join(f"rounds {lo}-{hi}" for lo, hi in windows) + " |",
-              "|---|" + "---:|" * len(windows)]
-    for p in policies:
-        fresh = {s: novelty([r for r in rows if r["policy"] == p and r["seed"] == s]) for s in seeds}
-        cells = []
-        for lo, hi in windows:
-            mean, half, _ = mean_ci([np.mean(fresh[s][lo - 1:hi]) for s in seeds])
-            cells.append(f"{mean:.2f} ± {half:.2f}")
-        lines.append(f"| {p} | " + " | ".join(cells) + " |")
-    lines += ["", "Of the results passing acceptance, the share the run had accepted before (so worth nothing), "
-              "by blocks of rounds:", "",
-              "| policy | " + " | ".join(f"rounds {lo}-{hi}" for lo, hi in windows) + " |",
-              "|---|" + "---:|" * len(windows)]
-    for p in policies:
-        lost = {s: np.array(repeats([r for r in rows if r["policy"] == p and r["seed"] == s], web)) for s in seeds}
-        cells = []
-        for lo, hi in windows:
-            mean, half, _ = mean_ci([np.nanmean(lost[s][lo - 1:hi]) for s in seeds])
-            cells.append(f"{mean:.2f} ± {half:.2f}")
-        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+
+    def run_rows(p, s):
+        return sorted((r for r in rows if r["policy"] == p and r["seed"] == s), key=lambda r: r["round"])
+
+    for title, per_round, digits in (
+            ("Mean query reward (yield)", lambda p, s: [r["mean_reward"] for r in run_rows(p, s)], 3),
+            ("Queries new to the run (not issued before by the same policy and seed), share",
+             lambda p, s: novelty(run_rows(p, s)), 2),
+            ("Of the results passing acceptance, the share the run had accepted before (so worth nothing)",
+             lambda p, s: repeats(run_rows(p, s), web), 2)):
+        lines += ["", f"{title}, by blocks of rounds:", "",
+                  "| policy | " + " | ".join(f"rounds {lo}-{hi}" for lo, hi in windows) + " |",
+                  "|---|" + "---:|" * len(windows)]
+        for p in policies:
+            values = {s: np.array(per_round(p, s), float) for s in seeds}
+            cells = []
+            for lo, hi in windows:
+                mean, half, _ = mean_ci([np.nanmean(values[s][lo - 1:hi]) for s in seeds])
+                cells.append(f"{mean:.{digits}f} ± {half:.{digits}f}")
+            lines.append(f"| {p} | " + " | ".join(cells) + " |")
     lines += ["", "Seconds per round (mean over seeds and rounds 2 onwards; load: building the policy):", "",
               "| policy | load s | propose s | of which generation s | update s | of which PPO s | KL to reference |",
               "|---|---:|---:|---:|---:|---:|---:|"]
@@ -286,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "science.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
