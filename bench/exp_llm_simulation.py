@@ -78,6 +78,22 @@ class SimulatedWeb:
         return self.cache[text]
 
 
+def accept_round(texts: list[str], web: SimulatedWeb, passes: np.ndarray,
+                 accepted_before: np.ndarray) -> tuple[list[np.ndarray], int, int]:
+    """One round's queries in order, marking what they accept in `accepted_before`: per query the items
+    accepted now that were not accepted before, then how many results passed acceptance and how many
+    of those had been accepted before."""
+    new, passing, repeated = [], 0, 0
+    for text in texts:
+        items = web.items(text)
+        items = items[passes[items]]
+        passing += len(items)
+        repeated += int(accepted_before[items].sum())
+        new.append(items[~accepted_before[items]])
+        accepted_before[items] = True
+    return new, passing, repeated
+
+
 def play(name: str, cfg, vocab, corpus_root: Path, web: SimulatedWeb, seed: int, rounds: int, log: Path) -> list[dict]:
     """One policy, one seed: `rounds` rounds, each appended to `log` (JSON lines) as it ends."""
     from bench.acquisition_grid import seeded
@@ -99,12 +115,7 @@ def play(name: str, cfg, vocab, corpus_root: Path, web: SimulatedWeb, seed: int,
         t0 = time.perf_counter()
         queries = policy.propose(per_round)
         propose = time.perf_counter() - t0
-        new = []  # per query, in order: items accepted now that were not accepted before
-        for q in queries:
-            items = web.items(q.text)
-            items = items[passes[items] & ~accepted_before[items]]
-            accepted_before[items] = True
-            new.append(items)
+        new, _, _ = accept_round([q.text for q in queries], web, passes, accepted_before)
         rewards = np.array([len(items) for items in new]) / results
         t0 = time.perf_counter()
         policy.update(queries, [float(x) for x in rewards])
@@ -159,17 +170,10 @@ def repeats(rows: list[dict], web: SimulatedWeb) -> list[float]:
     accepted_before = np.zeros(len(passes), bool)
     shares = []
     for row in sorted(rows, key=lambda r: r["round"]):
-        passing = repeated = new = 0
-        for text in row["queries"].split(" | "):
-            items = web.items(text)
-            items = items[passes[items]]
-            passing += len(items)
-            repeated += int(accepted_before[items].sum())
-            new += int((~accepted_before[items]).sum())
-            accepted_before[items] = True
-        if new != row["accepted"]:
-            raise RuntimeError(f"replay of {row['policy']} seed {row['seed']} round {row['round']} accepts {new}, "
-                               f"the run logged {row['accepted']}")
+        new, passing, repeated = accept_round(row["queries"].split(" | "), web, passes, accepted_before)
+        if sum(map(len, new)) != row["accepted"]:
+            raise RuntimeError(f"replay of {row['policy']} seed {row['seed']} round {row['round']} accepts "
+                               f"{sum(map(len, new))}, the run logged {row['accepted']}")
         shares.append(repeated / passing if passing else float("nan"))
     return shares
 
@@ -205,6 +209,14 @@ def report(rows: list[dict], policies: list[str], seeds: list[int], rounds: int,
                 mean, half, _ = mean_ci(d[:, m - 1])
                 cells.append(f"{mean:+.0f} ± {half:.0f}")
             lines.append(f"| {a} − {b} | " + " | ".join(cells) + " | " + " / ".join(f"{x:+d}" for x in d[:, -1]) + " |")
+        d = curves["ppo"][:, -1] - curves["llm-prompt"][:, -1] if ("ppo", "llm-prompt") in pairs else None
+        if d is not None and len(d) > 1 and d.mean() > 0:
+            from scipy import stats
+
+            needed = next((n for n in range(2, 1000)
+                           if stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n) < d.mean()), None)
+            lines += ["", f"Seeds for a 95% interval of ppo − llm-prompt above 0 at round {rounds}, if this mean "
+                      f"({d.mean():+.0f}) and sd ({d.std(ddof=1):.0f}) hold: {needed}."]
     windows = [(lo, min(lo + 4, rounds)) for lo in range(1, rounds + 1, 5)]
 
     def run_rows(p, s):
@@ -215,7 +227,9 @@ def report(rows: list[dict], policies: list[str], seeds: list[int], rounds: int,
             ("Queries new to the run (not issued before by the same policy and seed), share",
              lambda p, s: novelty(run_rows(p, s)), 2),
             ("Of the results passing acceptance, the share the run had accepted before (so worth nothing)",
-             lambda p, s: repeats(run_rows(p, s), web), 2)):
+             lambda p, s: repeats(run_rows(p, s), web), 2),
+            ("Queries containing a parenthesis (a copied reward, mostly), share",
+             lambda p, s: [np.mean(["(" in t for t in r["queries"].split(" | ")]) for r in run_rows(p, s)], 2)):
         lines += ["", f"{title}, by blocks of rounds:", "",
                   "| policy | " + " | ".join(f"rounds {lo}-{hi}" for lo, hi in windows) + " |",
                   "|---|" + "---:|" * len(windows)]
