@@ -1,20 +1,24 @@
 """Experiment 3 - a user's own target folder: does the agent find more of the user's kind than random?
 
-A folder of 600 Fashion-MNIST *test* footwear images (sandals, sneakers, ankle boots; one folder per
-class, as a user would sort them, plus a loose README) is the target, through the same path as
-`explorer run --target FOLDER` (the folder is split by fractions: half the target, a quarter each
-for the 3-class evaluation). The web is the default offline web: Fashion-MNIST *train* images of
-all ten classes (footwear is 30% of them; shirts, bags and dresses are the same style of image but
-not the user's kind), clip-art and digits. The hidden truth counts an accepted image as the user's
-kind when its class is Sandal, Sneaker or Ankle boot (`target.relevant`; evaluation only).
+Two folders, each through the same path as `explorer run --target FOLDER` (the folder is split by
+fractions: half the target, a quarter each for the evaluation):
 
-The gp with the science config's options (UCB, a quarter of every batch uniform; `--gp gp-softmax`
-for the softmax acquisition) and random, 3 seeds, from per-seed bases, with the science config's
-budget. Reported:
-images of the kind acquired, their share of everything accepted, and gp / random per seed.
+- `footwear`: 600 Fashion-MNIST *test* footwear images (sandals, sneakers, ankle boots; one folder
+  per class, as a user would sort them, plus a loose README). The web's Fashion-MNIST *train*
+  images of all ten classes are the same style (footwear is 30% of them; shirts, bags and dresses
+  are the same style of image but not the user's kind). The user's kind: class Sandal, Sneaker or
+  Ankle boot.
+- `digits`: scikit-learn's 1,797 8x8 digits, scaled to 28 px (blurry), in one folder per digit: a
+  kind the web holds in another style (MNIST, sharp, 6.8% of the web) and a source the web does
+  not hold. The user's kind: source mnist.
 
-    python bench/exp_own_target.py [--seeds 0 1 2]
-Outputs bench/results/own_target/: report.md, runs.csv, summary.json, per_seed.csv, machine.json.
+The web is the default offline web: Fashion-MNIST train, clip-art and digits. The hidden truth
+(`target.relevant`) is read by evaluation only. The gp with the config's options (`--gp
+gp-softmax` for the softmax acquisition) and random, from per-seed bases. Reported: images of the
+kind acquired, their share of everything accepted, and gp / random per seed.
+
+    python bench/exp_own_target.py [--folder footwear|digits] [--config configs/science.yaml] [--seeds 0 1 2]
+Outputs bench/results/own_target[_FOLDER]/: report.md, runs.csv, summary.json, per_seed.csv, machine.json.
 """
 
 from __future__ import annotations
@@ -58,11 +62,35 @@ def export_folder(root: Path, per_class: int = 200) -> Path:
     return root
 
 
+def export_digits(root: Path) -> Path:
+    """The user's folder of blurry digits: scikit-learn's 8x8 digits scaled to 28 px, one folder per digit."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    if (root / "README.txt").exists():
+        return root
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        pixels = (image / 16 * 255).astype(np.uint8)
+        Image.fromarray(pixels).resize((28, 28), Image.Resampling.BILINEAR).save(root / str(label) / f"{i:04d}.png")
+    (root / "README.txt").write_text("scans of handwritten digits, sorted by digit\n")
+    return root
+
+
+FOLDERS = {  # name -> (folder builder, its kind in the web's hidden truth, result folder suffix)
+    "footwear": (lambda runs: export_folder(runs / "my-shoes"), list(FOOTWEAR.values()), ""),
+    "digits": (lambda runs: export_digits(runs / "my-digits"), ["mnist"], "_digits"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "science.yaml")
     parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "own_target")
+    parser.add_argument("--folder", choices=sorted(FOLDERS), default="footwear", help="the user's folder (see above)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default bench/results/own_target, own_target_digits for --folder digits)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--gp", default="gp-ucb", choices=["gp-ucb", "gp-softmax"],
@@ -74,11 +102,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    folder = export_folder(args.runs / "my-shoes")
+    build, kinds, suffix = FOLDERS[args.folder]
+    args.out = args.out or ROOT / "bench" / "results" / f"own_target{suffix}"
+    folder = build(args.runs)
     overrides = {"target.name": str(folder.resolve()), "target.acquire_size": None,
-                 "target.probe_train_size": None, "target.relevant": list(FOOTWEAR.values())}
-    run_dirs = run_grid(args.config, args.runs, args.seeds, ["random", args.gp], overrides)
-    report = write_report(run_dirs, args.out, title="Experiment 3: a user's own target folder (footwear)")
+                 "target.probe_train_size": None, "target.relevant": kinds}
+    run_dirs = run_grid(args.config, args.runs / args.folder, args.seeds, ["random", args.gp], overrides)
+    report = write_report(run_dirs, args.out, title=f"Experiment 3: a user's own target folder ({args.folder})")
     runs = [read_run(p) for p in run_dirs]
     with (args.out / "per_seed.csv").open("w", newline="") as f:
         out = csv.writer(f)

@@ -78,6 +78,19 @@ class HiddenTruth:
         marks = [m for m in (self.relevant(u) for u in urls) if m is not None]
         return float(np.mean(marks)) if marks else None
 
+    def separation(self, urls: Sequence[str], rewards: np.ndarray) -> float | None:
+        """ROC AUC of `rewards` (M,) for telling the target's kind from the rest among `urls` (M,):
+        how well the reward ranks what was fetched (0.5: no better than chance); None while only
+        one side is present."""
+        from sklearn.metrics import roc_auc_score
+
+        marks = [self.relevant(u) for u in urls]
+        known = [j for j, m in enumerate(marks) if m is not None]
+        labels = [marks[j] for j in known]
+        if len(set(labels)) < 2:
+            return None
+        return float(roc_auc_score(labels, np.asarray(rewards, np.float64)[known]))
+
 
 def oracle_relevance(vocab: ConceptVocabulary, truth: HiddenTruth, n: int) -> np.ndarray:
     """Evaluation only: share of target-relevant items among each concept's top-n local results

@@ -123,7 +123,7 @@ def status_summary(run_dir: Path) -> dict:
                    last_iteration={k: last.get(k) for k in keys["last"]},
                    last_eval={k: evals[-1][k] for k in keys["eval"]} if evals else None,
                    recent_search_errors=[e for r in rows[-5:] for e in r.get("search_errors", [])][-3:],
-                   recent_rejected=totals["recent_rejected"])
+                   recent_rejected=totals["recent_rejected"], reward=reward_health(last))
     out["disk"] = {"usage": folder_usage(run_dir), "max_bytes": cfg.disk.max_bytes}
     if (run_dir / LEDGER).exists():
         with RunLedger(run_dir / LEDGER, readonly=True) as ledger:
@@ -132,6 +132,24 @@ def status_summary(run_dir: Path) -> dict:
     if events.exists():
         out["last_event"] = json.loads(events.read_text().splitlines()[-1])
     return out
+
+
+REWARD_KEYS = ("reward_encoder", "reward_spread", "reward_collapsed", "accept_threshold", "above_threshold",
+               "candidate_spread", "accepted_nothing_for")
+
+
+def reward_health(row: dict) -> dict:
+    """The reward's scale in an iteration's row and, when it is in trouble, a warning in words:
+    a collapsed reward (the base encoder read instead) or nothing accepted for two iterations."""
+    health = {k: row.get(k) for k in REWARD_KEYS if k in row}
+    if row.get("reward_collapsed"):
+        health["warning"] = (f"the reward collapsed under the current encoder (target rewards spread "
+                             f"{row.get('reward_spread')}); reading the {row.get('reward_encoder')} encoder")
+    elif (row.get("accepted_nothing_for") or 0) >= 2:
+        health["warning"] = (f"nothing accepted for {row['accepted_nothing_for']} iterations: the web may hold nothing "
+                             "of the target's kind for these queries, or the target's style differs from the web's "
+                             "copies of it (see README, 'When nothing is accepted')")
+    return health
 
 
 def _progress(run_dir: Path) -> tuple[list[dict], dict]:
@@ -176,6 +194,11 @@ def run_status(run_dir: Path) -> str:
             ev = s["last_eval"]
             lines.append(f"last eval (iteration {ev['iteration']}): "
                          + ", ".join(f"{k.removeprefix('eval_')} {_fmt(v)}" for k, v in ev.items() if k != "iteration"))
+        reward = {k: v for k, v in s["reward"].items() if k != "warning"}
+        if reward:
+            lines.append("reward: " + ", ".join(f"{k.removeprefix('reward_')} {_fmt(v)}" for k, v in reward.items()))
+        if "warning" in s["reward"]:
+            lines.append(f"WARNING: {s['reward']['warning']}")
         lines.append(f"last 5 iterations: rejected {s['recent_rejected'] or 'none'}; "
                      f"search errors: {len(s['recent_search_errors'])}")
         lines += [f"  {e}" for e in s["recent_search_errors"]]

@@ -33,7 +33,7 @@ from explorer.run.config import ExperimentConfig
 from explorer.run.ledger import FetchRecord
 from explorer.run.loop import Candidates, RunLoop, background_seed, resident_bytes
 from explorer.score.evaluation import eval_metrics, evaluate_embeddings
-from explorer.score.reward import BackgroundSample, TargetIndex, image_signature
+from explorer.score.reward import BackgroundSample, image_signature
 from explorer.score.target import TargetSet, load_target
 from explorer.web.corpus import WebCorpus, default_corpus_dir
 from learners.mixture import TrainingMixture
@@ -154,6 +154,8 @@ class ImageLoop(RunLoop):
         self.background_sample = BackgroundSample(cfg.reward.background_size, background_seed(cfg))
         if not resume or "background" not in checkpoint.state:  # (a checkpoint holds the reservoir)
             self.background_sample.add(self._fetch_background())  # before resume: nothing is filtered out yet
+        self.web_sample = list(self.background_sample.items)  # the first sample: the web's reference
+        self._base_encoder: MoCoLearner | None = None
         if resume:
             self.load_state_dict(checkpoint.state)
             self._resume_logs()
@@ -161,20 +163,26 @@ class ImageLoop(RunLoop):
             self._record_start(self.backend, **{"run.json": {
                 "base_checkpoint": str(Path(base_checkpoint).resolve()) if base_checkpoint else None,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}})
-        self.index: TargetIndex | None = None
         self.refresh_index()
 
     def refresh_index(self) -> None:
-        """Re-embed the target and the background with the current encoder: the reward's
-        neighbours and its scale."""
-        target = self.learner.embed(self.target.part("acquire")[0])
-        if self.index is None:
-            self.index = TargetIndex(target)
-        else:
-            self.index.refresh(target)
-        self.background = (TargetIndex(self.learner.embed(torch.stack(self.background_sample.items)))
-                           if len(self.background_sample) else None)
-        self.calibration = self.cfg.reward.calibrate(self.index, self.background)
+        """Re-embed the target, the background and the web sample with the current encoder (or the
+        base encoder, when the current one has collapsed): the reward's neighbours and its scale."""
+        acquire = self.target.part("acquire")[0]
+
+        def encoder_pair(learner):  # `learner()` is called only when its embeddings are needed
+            return lambda: learner().embed(acquire), lambda items: learner().embed(torch.stack(items))
+
+        self.space = self.reward_space(*encoder_pair(lambda: self.learner), embed_base=encoder_pair(self.base_encoder))
+        self.reward_embed = (self.learner if self.space.encoder == "learner" else self.base_encoder()).embed
+
+    def base_encoder(self) -> MoCoLearner:
+        """The learner as the config builds it, before any training here (ImageNet weights with
+        `learner.pretrained`): what the reward reads when the current encoder collapses. Built once."""
+        if self._base_encoder is None:
+            with torch.random.fork_rng():  # the run's own random streams stay as they were
+                self._base_encoder = MoCoLearner(self.learner.config)
+        return self._base_encoder
 
     def _learner(self, base_checkpoint: Path | None, pretrain: bool = True) -> MoCoLearner:
         learner = build_learner(self.cfg, self.target, store=self.store)
@@ -205,7 +213,7 @@ class ImageLoop(RunLoop):
 
     def embed_candidates(self, cand: Candidates) -> tuple[Candidates, np.ndarray]:
         """The current encoder's embeddings of every decoded image."""
-        return cand, self.learner.embed(cand.items) if len(cand) else np.zeros((0, self.index.dim), np.float32)
+        return cand, self.reward_embed(cand.items) if len(cand) else np.zeros((0, self.space.index.dim), np.float32)
 
     def signatures(self, cand: Candidates, rows: np.ndarray) -> np.ndarray:
         """Pixel signatures (`image_signature`): computed only for the images the reward chose."""
@@ -222,7 +230,7 @@ class ImageLoop(RunLoop):
         disk = self._check_disk()
         self.iteration += 1
         row = {"iteration": self.iteration, **self.acquire()}
-        threshold = self.calibration.threshold(cfg.reward.accept_percentile)  # the one the round accepted by
+        threshold = self.space.calibration.threshold(cfg.reward.accept_percentile)  # the one the round accepted by
         losses = self.learner.train_steps(self.learner.mixture, cfg.train.steps_per_iteration, progress=self.progress)
         self.refresh_index()
         row.update({"accept_threshold": round(threshold, 6) if cfg.reward.accept == "value" else None,
@@ -246,7 +254,8 @@ class ImageLoop(RunLoop):
         return {"iteration": self.iteration, "learner": self.learner.state_dict(),
                 "policy": self.policy.state_dict(),
                 "background": {**self.background_sample.state_dict(),
-                               "items": _stack(self.background_sample.items, self.cfg.fetch.image_size)}}
+                               "items": _stack(self.background_sample.items, self.cfg.fetch.image_size)},
+                "web_sample": _stack(self.web_sample, self.cfg.fetch.image_size)}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
@@ -256,6 +265,10 @@ class ImageLoop(RunLoop):
         if "background" in state:  # checkpoints of earlier versions: the first sample stays
             self.background_sample.load_state_dict({**state["background"],
                                                     "items": list(state["background"]["items"])})
+        if "web_sample" in state:  # else (earlier checkpoints) the background stands in for it
+            self.web_sample = list(state["web_sample"])
+        else:
+            self.web_sample = list(self.background_sample.items)
 
     def _reload_accepted(self, chunk: int = 4096) -> None:
         """The keys and near-duplicate signatures of everything accepted, from acquired/ (read a

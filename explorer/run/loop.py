@@ -34,10 +34,20 @@ import numpy as np
 from explorer.acquire.cache import CacheMode, ResponseCache
 from explorer.acquire.fetch import FetchConfig, allow_origin
 from explorer.acquire.search import SearchError, search_many
-from explorer.run.checkpoints import LoadedCheckpoint, load_latest_checkpoint, write_checkpoint
+from explorer.run.checkpoints import (
+    LoadedCheckpoint,
+    load_latest_checkpoint,
+    write_checkpoint,
+)
 from explorer.run.config import ExperimentConfig, save_config
-from explorer.run.disk import DiskBudgetExceeded, enforce_budget, folder_usage, is_disk_full
+from explorer.run.disk import (
+    DiskBudgetExceeded,
+    enforce_budget,
+    folder_usage,
+    is_disk_full,
+)
 from explorer.run.ledger import LEDGER, FetchRecord, RunLedger, read_metrics
+from explorer.score.reward import RewardSpace
 
 # Seeds the draw of background queries apart from the policy's own stream (same run seed).
 BACKGROUND_STREAM = 0xB6
@@ -275,9 +285,8 @@ class RunLoop(ABC):
         answers, cand = self.search_and_fetch([q.text for q in queries])
         self._check_stop()
         cand, emb = self.embed_candidates(cand)
-        rewards = (cfg.reward.image_rewards(emb, self.index, self.background) if len(cand)
-                   else np.zeros(0, np.float32))
-        q_rewards = cfg.reward.query_rewards(rewards, cand.queries_of, len(queries), self.calibration,
+        rewards = self.space.rewards(emb, cfg.reward.chunk_size)
+        q_rewards = cfg.reward.query_rewards(rewards, cand.queries_of, len(queries), self.space.calibration,
                                              cfg.search.results_per_query)
         self.policy.update(queries, q_rewards)
         accepted = self.accept(cand, rewards)
@@ -287,21 +296,68 @@ class RunLoop(ABC):
         self._pending.update(fetches=cand.fetches, accepted=records)
         if len(accepted):
             self.keep_accepted(cand, accepted, records)
-        self.background_sample.add(self.background_items(cand))  # later rounds contrast with what this one fetched
+        if cfg.reward.background_update == "reservoir":  # later rounds contrast with what this one fetched
+            self.background_sample.add(self.background_items(cand))
         self.acquired(cand)
         urls = cand.urls
-        return {**query_log, "fetched": len(cand) + sum(cand.rejected.values()), self.USABLE: len(cand),
+        return {**query_log, **self._reward_diagnostics(rewards, len(accepted)), "fetched": len(cand) + sum(cand.rejected.values()), self.USABLE: len(cand),
                 "rejected": cand.rejected, "accepted": len(accepted), "accepted_urls": [urls[j] for j in accepted],
                 "precision_fetched": self.truth.precision(urls) if self.truth else None,
                 "precision_accepted": self.truth.precision([urls[j] for j in accepted]) if self.truth else None,
+                "reward_auc": self.truth.separation(urls, rewards) if self.truth else None,
                 self.MEAN_REWARD: round(float(rewards.mean()), 6) if len(rewards) else None,
                 "policy_stats": dict(getattr(self.policy, "stats", None) or {})}  # LLM policies: seconds, KL, clean-up
 
     def accept(self, cand: Candidates, rewards: np.ndarray) -> np.ndarray:
         """Indices of accepted candidates: reward selection (`RewardConfig.select`), then near-duplicate
         filters within the batch, against everything accepted so far and against `held_out_sig`."""
-        return self.cfg.reward.select(rewards, self.calibration, lambda rows: self.signatures(cand, rows),
+        return self.cfg.reward.select(rewards, self.space.calibration, lambda rows: self.signatures(cand, rows),
                                       self.accepted_sig, held_out=self.held_out_sig)
+
+    def reward_space(self, embed_target, embed_items, embed_base=None) -> RewardSpace:
+        """The reward space under the current encoder (`embed_target()`: the target's embeddings,
+        `embed_items(items)`: any background items'), or under the base encoder (`embed_base`, the
+        same pair) when the current one has collapsed: its target rewards no longer spread
+        (`RewardConfig.min_spread`). The collapse is logged either way (`reward_collapsed`)."""
+        rc = self.cfg.reward
+        bg, web = self.background_sample.items, self.web_sample
+
+        def build(target_fn, items_fn, name):
+            return rc.space(target_fn(), items_fn(bg) if len(bg) else None, items_fn(web) if len(web) else None,
+                            encoder=name)
+
+        space = build(embed_target, embed_items, "learner")
+        health = space.health(rc.min_spread)
+        if health["reward_collapsed"]:
+            fallback = " it now reads the base encoder's embeddings" if embed_base else " no base encoder to fall back on"
+            warnings.warn(f"iteration {self.iteration}: the reward has collapsed under the current encoder (the "
+                          f"target's own rewards spread {health['reward_spread']:.2g} from their 10th to 90th "
+                          f"percentile, below reward.min_spread {rc.min_spread:g}; mean cosine between target "
+                          f"embeddings {health['reward_anisotropy']:.4f});{fallback}", stacklevel=2)
+            if embed_base is not None:
+                space = build(*embed_base, "base")
+        self.reward_health = {**health, "reward_encoder": space.encoder}
+        return space
+
+    def _reward_diagnostics(self, rewards: np.ndarray, accepted: int) -> dict:
+        """What a user can read without ground truth: the reward's scale and how many candidates
+        reached the threshold. Two rounds in a row that accept nothing get a warning that names the
+        likely causes."""
+        rc = self.cfg.reward
+        threshold = self.space.calibration.threshold(rc.accept_percentile)
+        above = int((rewards >= threshold).sum())
+        self.empty_rounds = 0 if accepted else getattr(self, "empty_rounds", 0) + 1
+        if self.empty_rounds == 2:
+            warnings.warn(
+                f"iteration {self.iteration}: nothing accepted for 2 iterations ({above} of {len(rewards)} candidates "
+                f"reached the threshold {threshold:.4f}). Likely causes: the web holds nothing of the target's kind "
+                "for these queries; the reward has collapsed (see reward_spread and reward_collapsed in "
+                "metrics.jsonl); or the target's style differs from the web's copies of its kind (lower "
+                "reward.accept_percentile, or set reward.web_percentile)", stacklevel=2)
+        spread = float(np.percentile(rewards, 90) - np.percentile(rewards, 10)) if len(rewards) else None
+        return {**self.reward_health, "above_threshold": above,
+                "candidate_spread": None if spread is None else round(spread, 6),
+                "accepted_nothing_for": self.empty_rounds}
 
     def _record_accepted(self, cand: Candidates, accepted: np.ndarray, rewards: np.ndarray, queries) -> list[dict]:
         """Append the accepted items to accepted.jsonl and their keys and signatures to the run's

@@ -37,7 +37,7 @@ from explorer.run.assembly import HiddenTruth, load_vocabulary, make_policy
 from explorer.run.config import ExperimentConfig
 from explorer.run.ledger import FetchRecord
 from explorer.run.loop import Candidates, RunLoop, background_seed, resident_bytes
-from explorer.score.reward import BackgroundSample, TargetIndex, near_duplicates
+from explorer.score.reward import BackgroundSample, near_duplicates
 from explorer.web.text_corpus import (
     TextCorpus,
     TextCorpusSpec,
@@ -144,12 +144,12 @@ class TextLoop(RunLoop):
         self.background_sample = BackgroundSample(cfg.reward.background_size, background_seed(cfg))
         self._minilm_rows: dict[str, np.ndarray] = {}  # MiniLM rows of the background's documents
         self.background_fetched = False  # fetched before the first round: a run that never queries never pays
+        self.web_sample: list[str] = []
         if resume:
             self.load_state_dict(checkpoint.state)
             self._resume_logs()
         else:
             self._record_start(self.backend)
-        self.index: TargetIndex | None = None
         spent = dict(self.flops.spent)
         self.refresh_reference()
         if resume:  # the checkpoint's ledger already paid for embedding the background under this state
@@ -160,6 +160,7 @@ class TextLoop(RunLoop):
         if self.background_fetched:
             return
         self.background_sample.add(self._fetch_background())  # accepted_sha is still empty: nothing filtered
+        self.web_sample = list(self.background_sample.items)  # the first sample: the web's reference
         self.background_fetched = True
         self.refresh_reference()
 
@@ -231,25 +232,24 @@ class TextLoop(RunLoop):
         return lm_embeddings(self.learner.model, self.stream_documents(len(self.target.train)), self.cfg.text.seq_len)
 
     def refresh_reference(self) -> None:
-        """Embed the target and the background under the reward encoder: neighbours and scale."""
-        target = self._target_embeddings()
-        if self.index is None:
-            self.index = TargetIndex(target)
+        """Embed the target, the background and the web sample under the reward encoder (MiniLM
+        when the LM's own states have collapsed): neighbours and scale."""
+        minilm = (lambda: self._corpus_embeddings(self.target.train), self._minilm_embeddings)
+        if self.cfg.text.reward_encoder == "minilm":
+            self.space = self.reward_space(*minilm)
         else:
-            self.index.refresh(target)
-        self.background = TargetIndex(self._background_embeddings()) if len(self.background_sample) else None
-        self.calibration = self.cfg.reward.calibrate(self.index, self.background)
+            self.space = self.reward_space(self._target_embeddings, lambda items: self.embed(items)[0],
+                                           embed_base=minilm)
 
-    def _background_embeddings(self) -> np.ndarray:
-        """The background sample under the reward encoder (each embedding counted as scoring). MiniLM
-        does not change, so its rows are kept and only new items are embedded."""
-        items = self.background_sample.items
-        if self.cfg.text.reward_encoder != "minilm":
-            return self.embed(items)[0]
+    def _minilm_embeddings(self, items: list[str]) -> np.ndarray:
+        """Background or web-sample documents under MiniLM (each embedding counted as scoring).
+        MiniLM does not change, so the rows of both samples are kept and only new items are embedded."""
         missing = [t for t in dict.fromkeys(items) if t not in self._minilm_rows]
         if missing:
-            self._minilm_rows.update(zip(missing, self.embed(missing)[0]))
-        self._minilm_rows = {t: self._minilm_rows[t] for t in items}
+            self._minilm_rows.update(zip(missing, self.encoder.encode(missing)))
+            self.flops.add_scoring(len(missing))
+        keep = set(self.background_sample.items) | set(self.web_sample) | set(items)
+        self._minilm_rows = {t: r for t, r in self._minilm_rows.items() if t in keep}
         return np.stack([self._minilm_rows[t] for t in items])
 
     def stream_documents(self, n: int) -> list[list[int]]:
@@ -260,10 +260,11 @@ class TextLoop(RunLoop):
         return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     def embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(reward embeddings, MiniLM signatures for duplicate tests) of fetched documents; counts FLOPs."""
+        """(reward embeddings, MiniLM signatures for duplicate tests) of fetched documents; counts FLOPs.
+        The reward embeddings are MiniLM's under that reward encoder or after a collapse of the LM's."""
         sig = self.encoder.encode(texts) if texts else np.zeros((0, self.holdout_sig.shape[1]), np.float32)
         self.flops.add_scoring(len(texts))
-        if self.cfg.text.reward_encoder == "minilm":
+        if self.cfg.text.reward_encoder == "minilm" or getattr(self, "space", None) and self.space.encoder == "base":
             return sig, sig
         tokens = [t[:self.cfg.text.seq_len] for t in self.tokenizer.encode_batch(texts)]
         self.flops.add("score", forward_flops(self.n_params, sum(map(len, tokens))))
@@ -454,6 +455,7 @@ class TextLoop(RunLoop):
                 "policy": self.policy.state_dict(), "ledger": self.flops.state_dict(),
                 "accepted_sha": sorted(self.accepted_sha), "accepted_sig": torch.from_numpy(self.accepted_sig),
                 "background": self.background_sample.state_dict(), "background_fetched": self.background_fetched,
+                "web_sample": list(self.web_sample),
                 "rounds": torch.tensor(self.rounds, dtype=torch.float64)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -475,6 +477,7 @@ class TextLoop(RunLoop):
         if "background" in state:  # (checkpoints of earlier versions fetched it before pretraining)
             self.background_sample.load_state_dict(state["background"])
         self.background_fetched = bool(state.get("background_fetched", "background" in state))
+        self.web_sample = list(state.get("web_sample", self.background_sample.items))
 
     # -- the run plane's hooks ---------------------------------------------------------------------
     def needs_start(self) -> bool:

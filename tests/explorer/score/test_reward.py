@@ -9,15 +9,18 @@ from explorer.score.reward import (
     RewardCalibration,
     RewardConfig,
     TargetIndex,
+    centred,
     contrast_reward,
     dedupe_within,
     knn_reward,
     leave_one_out_rewards,
+    mean_pairwise_cosine,
     near_duplicates,
     query_reward,
     query_yield,
     select_for_training,
     unit_rows,
+    web_offset,
 )
 
 R = 1 / math.sqrt(2)
@@ -210,6 +213,7 @@ def test_dedupe_within_matches_a_naive_greedy_pass_on_clustered_data():
     {"dedupe_threshold": -1.0}, {"decontaminate_threshold": 1.2}, {"chunk_size": 0},
     {"query": "sum"}, {"accept": "all"}, {"accept_percentile": 101}, {"max_accept": -1},
     {"background_queries": -1}, {"background_weight": 1.5}, {"background_weight": -0.1},
+    {"web_percentile": 120}, {"background_update": "never"}, {"min_spread": -1},
 ])
 def test_reward_config_rejects_invalid_values(bad):
     with pytest.raises(ValueError, match="|".join(bad)):
@@ -394,3 +398,78 @@ def test_background_sample_is_a_uniform_reservoir_that_resumes_exactly():
     assert other.items != whole.items
     with pytest.raises(ValueError, match="capacity"):
         BackgroundSample(-1, seed=0)
+
+
+# --- the reward space: centring, the web's reference, collapse --------------------------------
+
+def _collapsed(rng, n, d=32, shared=None, scale=1e-3):
+    """n unit rows within ~`scale` of one shared direction: what an encoder that maps every image
+    onto one direction gives; the small parts still carry which kind an image is."""
+    shared = np.ones(d) if shared is None else shared
+    return unit_rows(shared + scale * rng.normal(size=(n, d)))
+
+
+def test_mean_pairwise_cosine_and_centring():
+    rng = np.random.default_rng(0)
+    assert mean_pairwise_cosine(np.eye(4)) == pytest.approx(0.0)
+    assert mean_pairwise_cosine(np.ones((5, 3))) == pytest.approx(1.0)
+    squeezed = _collapsed(rng, 200)
+    assert mean_pairwise_cosine(squeezed) > 0.999
+    assert abs(mean_pairwise_cosine(centred(squeezed, squeezed.mean(axis=0)))) < 0.02
+    np.testing.assert_allclose(centred(squeezed, None), unit_rows(squeezed))
+
+
+def test_centring_restores_the_spread_of_a_collapsed_encoder_and_keeps_its_ranking():
+    rng = np.random.default_rng(1)
+    d = 32
+    kind = np.zeros(d)
+    kind[0] = 1.0  # the target's kind differs from the rest of the web along one small direction
+    shared = np.ones(d) * 3
+
+    def images(n, of_kind):
+        return _collapsed(rng, n, d, shared + (kind if of_kind else -kind) * 3e-3)
+
+    target, web = images(100, True), np.concatenate([images(50, True), images(450, False)])
+    plain = RewardConfig(centre=False, web_percentile=None).space(target, web, web)
+    fixed = RewardConfig(web_percentile=None).space(target, web, web)
+    assert plain.health(0.01)["reward_collapsed"] and plain.calibration.spread() < 1e-3
+    assert not fixed.health(0.01)["reward_collapsed"] and fixed.calibration.spread() > 0.05
+    candidates = np.concatenate([images(30, True), images(30, False)])
+    rewards = fixed.rewards(candidates)
+    assert rewards[:30].min() > rewards[30:].max()  # the ranking survives centring
+    assert fixed.anisotropy > 0.999  # the health reports the raw encoder's anisotropy
+
+
+def test_the_webs_reference_accepts_a_kind_in_another_style_and_changes_nothing_on_a_web_of_the_target():
+    rng = np.random.default_rng(2)
+    d = 16
+    kind, style = np.eye(d)[0] * 3, np.eye(d)[1] * 3
+
+    def images(n, centre):
+        return unit_rows(centre + rng.normal(size=(n, d)) * 0.5)
+
+    target = images(100, kind + style)  # the user's style of the kind
+    web = np.concatenate([images(60, kind - style), images(940, -kind)])  # the web's style of it, and the rest
+    candidates = np.concatenate([images(50, kind - style), images(50, -kind)])
+    strict = RewardConfig(web_percentile=None, background_size=0).space(target, None, web)
+    relative = RewardConfig(web_percentile=95.0, background_size=0).space(target, None, web)
+    accept = {name: s_.rewards(candidates) >= s_.calibration.threshold(10) for name, s_ in
+              (("strict", strict), ("relative", relative))}
+    assert accept["strict"][:50].sum() == 0  # the target's own 10th percentile is out of the web's reach
+    assert accept["relative"][:50].sum() >= 40 and accept["relative"][50:].sum() <= 10
+    assert relative.calibration.offset > 0 and strict.calibration.offset == 0
+    # a web made of the target's kind in its own style: the web's reference lies above the target's
+    same = RewardConfig(web_percentile=95.0, background_size=0).space(target, None, images(1000, kind + style))
+    assert same.calibration.offset == 0
+
+
+def test_web_offset_and_percentile_are_consistent():
+    calibration = RewardCalibration(np.linspace(0.5, 1.0, 101))
+    web = np.linspace(0.0, 0.6, 101)  # 95th percentile 0.57: above the target's 10th (0.55)
+    assert web_offset(calibration, web, 10, 95) == 0.0
+    low = np.linspace(0.0, 0.4, 101)  # 95th percentile 0.38: 0.17 below the target's 10th
+    offset = web_offset(calibration, low, 10, 95)
+    assert offset == pytest.approx(0.17)
+    moved = RewardCalibration(calibration.reference, offset)
+    assert moved.threshold(10) == pytest.approx(0.38)
+    assert moved.percentile(np.array([0.38]))[0] == pytest.approx(0.10, abs=0.011)
