@@ -62,15 +62,15 @@ def test_captions_come_from_the_packages_names():
 
 def test_freeciv_cuts_the_spec_grid_and_skips_blank_cells_and_broken_sheets(tmp_path, monkeypatch):
     sheet = Image.new("RGBA", (1 + 2 * 11, 1 + 11), (0, 0, 0, 0))  # two 10x10 cells, 1 px borders
-    sheet.paste((200, 0, 0, 255), (1, 1, 6, 11))  # the left cell: red, a blue stripe, transparent
-    sheet.paste((0, 0, 200, 255), (6, 1, 8, 11))
-    sheet.paste((0, 200, 0, 255), (13, 1, 23, 11))  # the right cell: one flat colour (a mask): dropped
+    sheet.paste((0, 200, 0, 255), (1, 1, 11, 11))  # the left cell: one flat colour (a mask): dropped
+    sheet.paste((200, 0, 0, 255), (12, 1, 17, 11))  # the right cell: red, a blue stripe, transparent
+    sheet.paste((0, 0, 200, 255), (17, 1, 19, 11))
     (tmp_path / "set").mkdir()
     sheet.save(tmp_path / "set" / "units.png")
     (tmp_path / "set" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     grid = ('[file]\ngfx = "set/{}"\n\n[grid_main]\nx_top_left = 1\ny_top_left = 1\ndx = 10\ndy = 10\n'
-            'pixel_border = 1\n\ntiles = {{ "row", "column", "tag"\n  0, 0, "u.war_chariot" ; a comment\n'
-            '  0, 1, "u.nothing"\n}}\n')
+            'pixel_border = 1\n\ntiles = {{ "row", "column", "tag"\n  0, 0, "u.nothing" ; a comment\n'
+            '  0, 1, "u.war_chariot"\n}}\n')
     (tmp_path / "set" / "units.spec").write_text(grid.format("units"))
     (tmp_path / "set" / "more.spec").write_text(grid.format("broken"))
     monkeypatch.setattr(freeciv, "FREECIV_DIR", tmp_path)
