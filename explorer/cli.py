@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from explorer.web.corpus import SOURCE_READERS
 from explorer.web.presets import CORPUS_PRESETS, corpus_location
 
 DEFAULT_PORT = 8765
@@ -233,12 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "are written as webdataset tar shards + a parquet manifest + MiniLM caption "
                                     "embeddings for the search engine. Prints the composition and the base rate.")
     b.add_argument("--preset", default="default", choices=list(CORPUS_PRESETS), help="which composition")
-    b.add_argument("--out", type=Path, default=None, help="corpus directory (default $EXPLORER_HOME/corpus/PRESET)")
-    b.add_argument("--sources", default=None, help="comma-separated installed sources (default: the preset's)")
+    b.add_argument("--out", type=Path, default=None, help="corpus directory; unset: $EXPLORER_HOME/corpus/PRESET")
+    b.add_argument("--sources", default=None, help="comma-separated installed sources, of: " + ", ".join(SOURCE_READERS) + "; unset: the preset's")
     b.add_argument("--limit-per-source", type=int, default=None, help="reproducible slice of each source (tests)")
-    b.add_argument("--seed", type=int, default=None, help="seed for captions and slices (default: the preset's, 0)")
+    b.add_argument("--seed", type=int, default=None, help="seed for captions and slices; unset: the preset's (0)")
     b.add_argument("--wrong-captions", type=float, default=None,
-                   help="fraction of Fashion-MNIST captions that name another class (default: the preset's, 0.10)")
+                   help="fraction of Fashion-MNIST captions that name another class; unset: the preset's (0.10)")
     b.add_argument("--web", type=Path, default=None,
                    help="your own web instead: a folder of images, captions from KEY.txt sidecars or file names")
     b.set_defaults(func=_corpus_build)

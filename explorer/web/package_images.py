@@ -156,9 +156,8 @@ def read_emoji(limit: int | None, seed: int) -> Iterator[SourceImage]:
         except DECODE_ERRORS as e:
             skip(f"emoji glyph {names[i]}", e)
             continue
-        cps = codepoints[names[i]]
-        block = unicodedata.name(chr(cps[0]), "emoji").split()[0].lower()
-        yield SourceImage(names[i], png, emoji_caption(cps), block)
+        cps = codepoints[names[i]]  # hidden class: the base character ('dog face' for a dog face emoji)
+        yield SourceImage(names[i], png, emoji_caption(cps), unicodedata.name(chr(cps[0]), "emoji").lower())
 
 
 # -- wesnoth-1.16-data ---------------------------------------------------------------------------

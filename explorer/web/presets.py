@@ -55,6 +55,9 @@ def open_image_corpus(corpus: str | Path | None, progress: bool = False) -> WebC
         if progress:
             print(f"building the {preset!r} corpus in {root} (once; a few minutes) ...")
         return build_corpus(root, CORPUS_PRESETS[preset], progress=progress)
+    if preset is None and not root.exists():
+        raise FileNotFoundError(f"corpus {str(corpus)!r} is neither a preset ({', '.join(CORPUS_PRESETS)}) "
+                                "nor a corpus directory")
     return WebCorpus(root)
 
 

@@ -158,6 +158,8 @@ def test_a_config_names_a_preset_built_on_first_use(tmp_path, monkeypatch, capsy
     assert corpus.root == tmp_path / "corpus" / "world" and set(corpus.hidden["source"]) == set(WORLD_SOURCES)
     assert "building the 'world' corpus" in capsys.readouterr().out
     assert open_image_corpus("world").keys == corpus.keys  # opened, not rebuilt
+    with pytest.raises(FileNotFoundError, match=r"'wrld' is neither a preset \(default, world\)"):
+        open_image_corpus("wrld")
 
 
 def test_cli_build_prints_composition_and_base_rate(tmp_path, capsys):
