@@ -302,12 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     from explorer.run.config import load_config
     from explorer.run.demo import _ensure_corpus
     from explorer.run.image import image_vocabulary
-    from explorer.web.corpus import WebCorpus, default_corpus_dir
+    from explorer.web.presets import open_image_corpus
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     _ensure_corpus(cfg)
-    corpus = WebCorpus(Path(cfg.corpus) if cfg.corpus else default_corpus_dir())
+    corpus = open_image_corpus(cfg.corpus)
     vocab = image_vocabulary(cfg, corpus)
     web = SimulatedWeb(cfg, corpus, vocab)
     args.runs.mkdir(parents=True, exist_ok=True)

@@ -129,12 +129,12 @@ def main(argv=None) -> None:
     from explorer.run.config import load_config
     from explorer.run.demo import _ensure_corpus
     from explorer.run.image import image_vocabulary
-    from explorer.web.corpus import WebCorpus, default_corpus_dir
+    from explorer.web.presets import open_image_corpus
     from policies import build_policy
 
     cfg = load_config(args.config)
     _ensure_corpus(cfg)
-    corpus = WebCorpus(Path(cfg.corpus) if cfg.corpus else default_corpus_dir())
+    corpus = open_image_corpus(cfg.corpus)
     vocab = image_vocabulary(cfg, corpus)
     counts, sources = source_counts(cfg, corpus, vocab)
     embeddings = {"name": concept_embeddings(vocab, corpus.root, glosses=False),

@@ -8,23 +8,35 @@ import sys
 import time
 from pathlib import Path
 
-from explorer.web.corpus import default_corpus_dir
+from explorer.web.corpus import SOURCE_READERS
+from explorer.web.presets import CORPUS_PRESETS, corpus_location
 
 DEFAULT_PORT = 8765
 
 
 def _corpus_build(args) -> int:
-    from explorer.web.captions import CaptionNoise
-    from explorer.web.corpus import CorpusSpec, build_corpus
+    import dataclasses
 
-    spec = CorpusSpec(sources=tuple(args.sources.split(",")), limit_per_source=args.limit_per_source,
-                      seed=args.seed, noise=CaptionNoise(wrong=args.wrong_captions),
-                      web_dir=str(args.web) if args.web else None)
+    from explorer.web.captions import CaptionNoise
+    from explorer.web.corpus import build_corpus
+    from explorer.web.presets import composition_table, preset_dir
+
+    changes = {"sources": tuple(args.sources.split(",")) if args.sources else None,
+               "limit_per_source": args.limit_per_source, "seed": args.seed,
+               "noise": CaptionNoise(wrong=args.wrong_captions) if args.wrong_captions is not None else None,
+               "web_dir": str(args.web) if args.web else None}
+    spec = dataclasses.replace(CORPUS_PRESETS[args.preset], **{k: v for k, v in changes.items() if v is not None})
+    out = args.out or preset_dir(args.preset)
     t0 = time.time()
-    corpus = build_corpus(args.out, spec)
-    print(f"built {len(corpus)} items ({corpus.meta['per_source']}), {corpus.meta['distinct_captions']} distinct "
-          f"captions in {time.time() - t0:.0f}s -> {args.out}")
+    corpus = build_corpus(out, spec)
+    print(f"built {len(corpus):,} items, {corpus.meta['distinct_captions']:,} distinct captions in "
+          f"{time.time() - t0:.0f}s -> {out}\n{composition_table(corpus.meta)}")
     return 0
+
+
+def _corpus_dir(text: str) -> Path:
+    """--corpus: a preset name (its directory under $EXPLORER_HOME/corpus) or a corpus directory."""
+    return corpus_location(text)[0]
 
 
 def _corpus_info(args) -> int:
@@ -215,27 +227,31 @@ def build_parser() -> argparse.ArgumentParser:
     corpus = sub.add_parser("corpus", help="build or inspect the offline web corpus")
     csub = corpus.add_subparsers(dest="corpus_command", required=True, metavar="ACTION")
     b = csub.add_parser("build", formatter_class=fmt, help="build the offline web from installed datasets",
-                        description="Builds the offline web: Fashion-MNIST train, openclipart and MNIST images with "
-                                    "alt-text-like captions, as webdataset tar shards + a parquet manifest + MiniLM "
-                                    "caption embeddings for the search engine.")
-    b.add_argument("--out", type=Path, default=default_corpus_dir(), help="corpus directory")
-    b.add_argument("--sources", default="fashion-mnist,openclipart,mnist", help="comma-separated installed sources")
+                        description="Builds the offline web from a preset (explorer/web/presets.py): 'default' is "
+                                    "Fashion-MNIST train, openclipart and MNIST images; 'world' a web that is mostly "
+                                    "not the target (2,000 Fashion-MNIST images among icons, emoji, game sprites, "
+                                    "stamps and glyphs from Debian packages). Images get alt-text-like captions and "
+                                    "are written as webdataset tar shards + a parquet manifest + MiniLM caption "
+                                    "embeddings for the search engine. Prints the composition and the base rate.")
+    b.add_argument("--preset", default="default", choices=list(CORPUS_PRESETS), help="which composition")
+    b.add_argument("--out", type=Path, default=None, help="corpus directory; unset: $EXPLORER_HOME/corpus/PRESET")
+    b.add_argument("--sources", default=None, help="comma-separated installed sources, of: " + ", ".join(SOURCE_READERS) + "; unset: the preset's")
     b.add_argument("--limit-per-source", type=int, default=None, help="reproducible slice of each source (tests)")
-    b.add_argument("--seed", type=int, default=0, help="seed for captions and slices")
-    b.add_argument("--wrong-captions", type=float, default=0.10,
-                   help="fraction of Fashion-MNIST captions that name another class")
+    b.add_argument("--seed", type=int, default=None, help="seed for captions and slices; unset: the preset's (0)")
+    b.add_argument("--wrong-captions", type=float, default=None,
+                   help="fraction of Fashion-MNIST captions that name another class; unset: the preset's (0.10)")
     b.add_argument("--web", type=Path, default=None,
                    help="your own web instead: a folder of images, captions from KEY.txt sidecars or file names")
     b.set_defaults(func=_corpus_build)
     info = csub.add_parser("info", formatter_class=fmt, help="print a corpus's build parameters and counts")
-    info.add_argument("corpus", type=Path, nargs="?", default=default_corpus_dir())
+    info.add_argument("corpus", type=_corpus_dir, nargs="?", default="default", help="preset name or directory")
     info.set_defaults(func=_corpus_info)
 
     s = sub.add_parser("serve", formatter_class=fmt, help="serve the local search engine over HTTP on 127.0.0.1",
                        description="Starts the hybrid BM25 + MiniLM search engine over a corpus. It answers "
                                    "SearXNG-style GET /search?q=..&format=json and clip-retrieval-style "
                                    "POST /knn-service, and serves images at /image/KEY.")
-    s.add_argument("--corpus", type=Path, default=default_corpus_dir())
+    s.add_argument("--corpus", type=_corpus_dir, default="default", help="preset name or corpus directory")
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
     s.add_argument("--min-score", type=float, default=0.25,
                    help="drop results whose hybrid score is below this (0 returns something for anything)")
@@ -248,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-n", type=int, default=20, help="number of results")
     q.add_argument("--backend", default="local", choices=["local", "searxng", "clip-retrieval"])
     q.add_argument("--url", default=None, help="engine base URL (required for searxng / clip-retrieval)")
-    q.add_argument("--corpus", type=Path, default=default_corpus_dir(), help="corpus for the in-process engine")
+    q.add_argument("--corpus", type=_corpus_dir, default="default",
+                   help="corpus for the in-process engine: preset name or directory")
     q.add_argument("--cache", type=Path, default=None, help="cache directory for the answer")
     q.add_argument("--truth", action="store_true",
                    help="evaluation only: show each local result's hidden source:class")

@@ -5,7 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dataset-fashion-mnist openclipart-png wordnet-base)
+# The image webs' sources (explorer/web/presets.py): the default web needs the first two, the world
+# web all of them (icons, emoji, game sprites, stamps, font glyphs; README, "Data").
+APT_PACKAGES=(dataset-fashion-mnist openclipart-png wordnet-base oxygen-icon-theme fonts-noto-color-emoji
+              freeciv-data wesnoth-1.16-data tuxpaint-stamps-default fonts-dejavu-core)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -13,7 +16,7 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
 PY=${PYTHON:-python3}

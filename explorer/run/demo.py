@@ -1,6 +1,6 @@
 """`explorer demo`: the whole loop, offline, on the default corpus, in about 10 minutes on 2 CPU cores.
 
-1. builds the default corpus if it is missing;
+1. builds the config's corpus if it is a preset not built yet (the default one, or `corpus: world`);
 2. starts the local engine on 127.0.0.1;
 3. evaluates raw pixels (the trivial baseline every encoder must beat);
 4. pretrains one base encoder on the target alone and evaluates it (the 'base' row);
@@ -20,14 +20,12 @@ from pathlib import Path
 from explorer.run.baselines import continue_from_base, pixel_scores, pretrain_base
 from explorer.run.config import load_config, save_config
 from explorer.run.experiment import local_engine_for, run_experiment
-from explorer.web.corpus import CorpusSpec, build_corpus, default_corpus_dir
+from explorer.web.presets import open_image_corpus
 
 
 def _ensure_corpus(cfg) -> None:
-    root = Path(cfg.corpus) if cfg.corpus else default_corpus_dir()
-    if not (root / "corpus.json").exists():
-        print(f"building the offline web corpus in {root} (once; a few minutes) ...")
-        build_corpus(root, CorpusSpec())
+    """The config's corpus, built now if it is a preset not built yet (explorer.web.presets)."""
+    open_image_corpus(cfg.corpus, progress=True).close()
 
 
 def _row(name: str, metrics: list[dict] | None, scores: dict) -> str:

@@ -28,7 +28,7 @@ def open_web(cfg: ExperimentConfig, progress: bool = False):
     """The corpus the local engine serves for a config: its image corpus or its text web."""
     if cfg.modality == "text":
         return open_text_corpus(cfg, progress)
-    return open_corpus(cfg)
+    return open_corpus(cfg, progress)
 
 
 @contextlib.contextmanager

@@ -35,7 +35,8 @@ from explorer.run.loop import Candidates, RunLoop, background_seed, resident_byt
 from explorer.score.evaluation import eval_metrics, evaluate_embeddings
 from explorer.score.reward import BackgroundSample, image_signature
 from explorer.score.target import TargetSet, load_target
-from explorer.web.corpus import WebCorpus, default_corpus_dir
+from explorer.web.corpus import WebCorpus
+from explorer.web.presets import open_image_corpus
 from learners.mixture import TrainingMixture
 from learners.moco import MoCoLearner
 from learners.shards import ShardStore
@@ -48,8 +49,9 @@ def _stack(images: list[torch.Tensor], size: int) -> torch.Tensor:
 
 
 # -- the modality's parts ------------------------------------------------------------------------
-def open_corpus(cfg: ExperimentConfig) -> WebCorpus:
-    return WebCorpus(cfg.corpus or default_corpus_dir())
+def open_corpus(cfg: ExperimentConfig, progress: bool = False) -> WebCorpus:
+    """The image web `cfg.corpus` names (a preset, built on first use, or a corpus directory)."""
+    return open_image_corpus(cfg.corpus, progress=progress)
 
 
 def image_vocabulary(cfg: ExperimentConfig, corpus: WebCorpus | None):
@@ -136,7 +138,7 @@ class ImageLoop(RunLoop):
                                     keep_checkpoints=keep_checkpoints)
         resume = checkpoint is not None
         self.base_scores = dict(base_scores) if base_scores and base_checkpoint is not None else None
-        self.corpus = open_corpus(cfg) if cfg.search.backend == "local" or cfg.corpus else None
+        self.corpus = open_corpus(cfg, progress) if cfg.search.backend == "local" or cfg.corpus else None
         self.target = load_target(cfg.target)
         self.vocab = image_vocabulary(cfg, self.corpus)
         self.truth = ground_truth(cfg, self.corpus)

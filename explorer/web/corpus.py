@@ -32,10 +32,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from explorer.web import captions as cap
-from explorer.web import sources
+from explorer.web import package_images, sources
+from explorer.web.freeciv import read_freeciv
+from explorer.web.package_images import DECODE_ERRORS, sample_indices
 
 DEFAULT_SOURCES = ("fashion-mnist", "openclipart", "mnist")
 HIDDEN_COLUMNS = ("source", "label", "class_name", "caption_wrong")
+TARGET_SOURCE = "fashion-mnist"  # the Fashion-MNIST target's kind: its share of a web is the base rate
+KEY_SCHEMES = ("opaque", "named")
 
 
 def explorer_home() -> Path:
@@ -59,21 +63,39 @@ class WebItem:
 
 @dataclass(frozen=True, kw_only=True)
 class CorpusSpec:
-    """What goes into a corpus. `limit_per_source` takes a reproducible slice (for tests)."""
+    """What goes into a corpus. `limit_per_source` takes a reproducible slice of every source (for
+    tests), `source_limits` of named ones ({"fashion-mnist": 2000}: a sample of the target's kind).
+    `keys`: 'opaque' (a hash of source and id: a served URL says nothing of the hidden source) or
+    'named' (the readable keys of the first corpora, 'fmnist-train-00012', kept so that they rebuild
+    identically). `distinct`: drop an image whose bytes an earlier item already has."""
 
     sources: tuple[str, ...] = DEFAULT_SOURCES
     limit_per_source: int | None = None
+    source_limits: dict[str, int] = field(default_factory=dict)
     seed: int = 0
     noise: cap.CaptionNoise = field(default_factory=cap.CaptionNoise)
     web_dir: str | None = None  # the user's own web instead of the installed sources
     shard_size: int = 10_000
+    keys: str = "opaque"
+    distinct: bool = False
 
     def __post_init__(self):
-        unknown = set(self.sources) - set(DEFAULT_SOURCES)
+        unknown = (set(self.sources) | set(self.source_limits)) - set(SOURCE_READERS)
         if unknown:
-            raise ValueError(f"unknown corpus sources {sorted(unknown)}; valid: {', '.join(DEFAULT_SOURCES)}")
-        if self.limit_per_source is not None and self.limit_per_source < 1:
-            raise ValueError("limit_per_source must be >= 1")
+            raise ValueError(f"unknown corpus sources {sorted(unknown)}; valid: {', '.join(SOURCE_READERS)}")
+        if any(n is not None and n < 1 for n in (self.limit_per_source, *self.source_limits.values())):
+            raise ValueError("limit_per_source and source_limits must be >= 1")
+        if self.keys not in KEY_SCHEMES:
+            raise ValueError(f"unknown key scheme {self.keys!r}; valid: {', '.join(KEY_SCHEMES)}")
+
+    def limit(self, source: str) -> int | None:
+        limits = [n for n in (self.limit_per_source, self.source_limits.get(source)) if n is not None]
+        return min(limits) if limits else None
+
+
+def opaque_key(source: str, name: str) -> str:
+    """16 hex digits of sha256(source, the item's id in it): stable, and no source in sight."""
+    return hashlib.sha256(f"{source}\0{name}".encode()).hexdigest()[:16]
 
 
 def png_size(png: bytes) -> tuple[int, int]:
@@ -90,15 +112,9 @@ def _png(gray28: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _slice(n: int, limit: int | None, seed: int) -> np.ndarray:
-    if limit is None or limit >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
-
-
 def _fashion_items(spec: CorpusSpec) -> Iterator[WebItem]:
     images, labels = sources.load_fashion_mnist("train")
-    idx = _slice(len(images), spec.limit_per_source, spec.seed)
+    idx = sample_indices(len(images), spec.limit("fashion-mnist"), spec.seed)
     texts, wrong = cap.fashion_captions(labels[idx], seed=spec.seed, noise=spec.noise)
     for j, i in enumerate(idx):
         yield WebItem(key=f"fmnist-train-{i:05d}", png=_png(images[i]), caption=texts[j],
@@ -108,7 +124,7 @@ def _fashion_items(spec: CorpusSpec) -> Iterator[WebItem]:
 
 def _mnist_items(spec: CorpusSpec) -> Iterator[WebItem]:
     images, labels = sources.load_mnist_5k()
-    idx = _slice(len(images), spec.limit_per_source, spec.seed + 1)
+    idx = sample_indices(len(images), spec.limit("mnist"), spec.seed + 1)
     texts = cap.digit_captions(labels[idx], seed=spec.seed + 1)
     for j, i in enumerate(idx):
         yield WebItem(key=f"mnist-{i:04d}", png=_png(images[i]), caption=texts[j], source="mnist",
@@ -118,7 +134,7 @@ def _mnist_items(spec: CorpusSpec) -> Iterator[WebItem]:
 def _openclipart_items(spec: CorpusSpec) -> Iterator[WebItem]:
     root = sources.OPENCLIPART_DIR
     files = sources.openclipart_files(root)
-    for i in _slice(len(files), spec.limit_per_source, spec.seed + 2):
+    for i in sample_indices(len(files), spec.limit("openclipart"), spec.seed + 2):
         path = files[i]
         text, category = cap.openclipart_caption(path, root)
         rel = str(path.relative_to(root))
@@ -149,7 +165,7 @@ def _image_format(body: bytes) -> str | None:
     try:
         with Image.open(io.BytesIO(body)) as im:
             return im.format
-    except Exception:  # not an image: skipped, like any non-image file in the folder
+    except DECODE_ERRORS:  # not an image: skipped, like any non-image file in the folder
         return None
 
 
@@ -159,7 +175,22 @@ def _reencode_png(body: bytes) -> bytes:
     return buf.getvalue()
 
 
-SOURCE_READERS = {"fashion-mnist": _fashion_items, "openclipart": _openclipart_items, "mnist": _mnist_items}
+def _package_reader(source: str, read, seed_offset: int):
+    """A `package_images`-style reader as a corpus source: its named key is source + a hash of its id."""
+    def items(spec: CorpusSpec) -> Iterator[WebItem]:
+        for found in read(spec.limit(source), spec.seed + seed_offset):
+            named = f"{source}-{hashlib.sha1(found.name.encode()).hexdigest()[:12]}"
+            yield WebItem(key=named, png=found.png, caption=found.caption, source=source, class_name=found.class_name)
+    return items
+
+
+SOURCE_READERS = {"fashion-mnist": _fashion_items, "openclipart": _openclipart_items, "mnist": _mnist_items,
+                  "oxygen-icons": _package_reader("oxygen-icons", package_images.read_oxygen, 3),
+                  "noto-emoji": _package_reader("noto-emoji", package_images.read_emoji, 4),
+                  "freeciv": _package_reader("freeciv", read_freeciv, 5),
+                  "wesnoth": _package_reader("wesnoth", package_images.read_wesnoth, 6),
+                  "tuxpaint-stamps": _package_reader("tuxpaint-stamps", package_images.read_stamps, 7),
+                  "dejavu-glyphs": _package_reader("dejavu-glyphs", package_images.read_glyphs, 8)}
 
 
 def iter_items(spec: CorpusSpec) -> Iterable[WebItem]:
@@ -170,34 +201,11 @@ def iter_items(spec: CorpusSpec) -> Iterable[WebItem]:
         yield from SOURCE_READERS[name](spec)
 
 
-def build_corpus(out: Path, spec: CorpusSpec = CorpusSpec(), *, progress: bool = True, encoder=None) -> "WebCorpus":
+def build_corpus(out: Path, spec: CorpusSpec = CorpusSpec(), *, progress: bool = True, encoder=None) -> WebCorpus:
     """Write a corpus directory (see module docstring). Rebuilding the same spec gives the same bytes."""
     out = Path(out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    rows, caption_ids, distinct = [], {}, []
-    shard, writer = -1, None
-    items = tqdm(iter_items(spec), desc="build corpus", unit="img", disable=not progress)
-    for n, item in enumerate(items):
-        if n % spec.shard_size == 0:
-            if writer:
-                writer.close()
-            shard += 1
-            writer = tarfile.open(out / "shards" / f"{shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT)
-        width, height = png_size(item.png)
-        public = {"key": item.key, "caption": item.caption, "width": width, "height": height}
-        for suffix, body in ((".png", item.png), (".txt", item.caption.encode()), (".json", json.dumps(public).encode())):
-            info = tarfile.TarInfo(item.key + suffix)
-            info.size, info.mtime = len(body), 0  # mtime 0: identical specs give identical shards
-            writer.addfile(info, io.BytesIO(body))
-        cid = caption_ids.setdefault(item.caption, len(distinct))
-        if cid == len(distinct):
-            distinct.append(item.caption)
-        rows.append({"key": item.key, "url": f"/image/{item.key}", "caption": item.caption, "status": "success",
-                     "width": width, "height": height, "sha256": hashlib.sha256(item.png).hexdigest(),
-                     "shard": shard, "size": len(item.png), "caption_id": cid, "source": item.source,
-                     "label": item.label, "class_name": item.class_name, "caption_wrong": item.caption_wrong})
-    if writer:
-        writer.close()
+    rows, distinct, dropped = _write_shards(out, spec, progress)
     if not rows:
         raise ValueError("the corpus spec selected no items")
     _fill_offsets(out, rows)
@@ -207,11 +215,56 @@ def build_corpus(out: Path, spec: CorpusSpec = CorpusSpec(), *, progress: bool =
     encoder = encoder or _default_encoder()
     emb = encoder.encode(distinct, progress=progress).astype(np.float16)
     np.save(out / "caption_emb.npy", emb)
-    counts = {s: int(c) for s, c in zip(*np.unique(table["source"].to_numpy(), return_counts=True))}
     meta = {"spec": {**asdict(spec), "noise": asdict(spec.noise)}, "items": len(rows),
-            "distinct_captions": len(distinct), "per_source": counts, "format": 1}
-    (out / "corpus.json").write_text(json.dumps(meta, indent=2))
+            "distinct_captions": len(distinct), **composition(table["source"].to_pylist()),
+            "distinct_images": len(set(table["sha256"].to_pylist())), "duplicates_dropped": dropped, "format": 1}
+    (out / "corpus.json").write_text(json.dumps(meta, indent=2))  # written last: marks a complete build
     return WebCorpus(out)
+
+
+def composition(sources: list[str]) -> dict:
+    """Items and share per source, and the base rate: the share of the target's kind (Fashion-MNIST)."""
+    names, counts = np.unique(np.asarray(sources, dtype=str), return_counts=True)
+    share = {str(s): float(c) / len(sources) for s, c in zip(names, counts)}
+    return {"per_source": {str(s): int(c) for s, c in zip(names, counts)}, "share": share,
+            "base_rate": {TARGET_SOURCE: share.get(TARGET_SOURCE, 0.0)}}
+
+
+def _write_shards(out: Path, spec: CorpusSpec, progress: bool) -> tuple[list[dict], list[str], int]:
+    """Writes the items into webdataset shards; returns the manifest rows (offsets still to fill), the
+    distinct captions, and how many items were dropped as copies of an earlier image (`spec.distinct`)."""
+    rows, caption_ids, distinct, seen, dropped = [], {}, [], set(), 0
+    writer = None
+    for item in tqdm(iter_items(spec), desc="build corpus", unit="img", disable=not progress):
+        sha = hashlib.sha256(item.png).hexdigest()
+        if spec.distinct and sha in seen:
+            dropped += 1
+            continue
+        seen.add(sha)
+        if len(rows) % spec.shard_size == 0:
+            if writer:
+                writer.close()
+            writer = tarfile.open(out / "shards" / f"{len(rows) // spec.shard_size:05d}.tar", "w",  # noqa: SIM115
+                                  format=tarfile.USTAR_FORMAT)  # closed when the next shard opens, or after the loop
+        key = item.key if spec.keys == "named" else opaque_key(item.source, item.key)
+        width, height = png_size(item.png)
+        public = {"key": key, "caption": item.caption, "width": width, "height": height}
+        for suffix, body in ((".png", item.png), (".txt", item.caption.encode()), (".json", json.dumps(public).encode())):
+            info = tarfile.TarInfo(key + suffix)
+            info.size, info.mtime = len(body), 0  # mtime 0: identical specs give identical shards
+            writer.addfile(info, io.BytesIO(body))
+        cid = caption_ids.setdefault(item.caption, len(distinct))
+        if cid == len(distinct):
+            distinct.append(item.caption)
+        rows.append({"key": key, "url": f"/image/{key}", "caption": item.caption, "status": "success",
+                     "width": width, "height": height, "sha256": sha, "shard": len(rows) // spec.shard_size,
+                     "size": len(item.png), "caption_id": cid, "source": item.source, "label": item.label,
+                     "class_name": item.class_name, "caption_wrong": item.caption_wrong})
+    if writer:
+        writer.close()
+    if len({r["key"] for r in rows}) != len(rows):
+        raise ValueError("two items share a key")
+    return rows, distinct, dropped
 
 
 def _default_encoder():

@@ -1,0 +1,71 @@
+"""Named corpus compositions (`explorer corpus build --preset NAME`, a config's `corpus: NAME`).
+
+    default   the first web: all 60,000 Fashion-MNIST train images, openclipart, 5,000 MNIST
+              digits, with readable keys. 82% of it is the target's kind, so any image is about as
+              good as a relevant one; kept unchanged so that committed benchmarks rebuild it.
+    world     a web that is mostly not the target: 2,000 Fashion-MNIST train images (<= 5%),
+              openclipart, MNIST, and real images from Debian packages (icons, emoji, game sprites,
+              stamps, font glyphs), every image distinct, opaque keys.
+
+A preset's corpus lives in $EXPLORER_HOME/corpus/NAME and is built on first use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from explorer.web.corpus import (
+    DEFAULT_SOURCES,
+    TARGET_SOURCE,
+    CorpusSpec,
+    WebCorpus,
+    build_corpus,
+    explorer_home,
+)
+
+WORLD_SOURCES = (*DEFAULT_SOURCES, "oxygen-icons", "noto-emoji", "freeciv", "wesnoth", "tuxpaint-stamps",
+                 "dejavu-glyphs")
+WORLD_TARGET_SAMPLE = 2_000  # Fashion-MNIST train images in the world web
+
+CORPUS_PRESETS: dict[str, CorpusSpec] = {
+    "default": CorpusSpec(keys="named"),
+    "world": CorpusSpec(sources=WORLD_SOURCES, source_limits={TARGET_SOURCE: WORLD_TARGET_SAMPLE}, distinct=True),
+}
+
+
+def preset_dir(name: str) -> Path:
+    if name not in CORPUS_PRESETS:
+        raise KeyError(f"unknown corpus preset {name!r}; valid: {', '.join(CORPUS_PRESETS)}")
+    return explorer_home() / "corpus" / name
+
+
+def corpus_location(corpus: str | Path | None) -> tuple[Path, str | None]:
+    """A config's `corpus`: None or a preset name -> (the preset's directory, its name); anything
+    else is a corpus directory -> (it, None)."""
+    name = "default" if corpus is None else str(corpus)
+    if name in CORPUS_PRESETS:
+        return preset_dir(name), name
+    return Path(corpus), None
+
+
+def open_image_corpus(corpus: str | Path | None, progress: bool = False) -> WebCorpus:
+    """The corpus a config names, building a preset's on first use (a few minutes, once)."""
+    root, preset = corpus_location(corpus)
+    if preset is not None and not (root / "corpus.json").exists():
+        if progress:
+            print(f"building the {preset!r} corpus in {root} (once; a few minutes) ...")
+        return build_corpus(root, CORPUS_PRESETS[preset], progress=progress)
+    if preset is None and not root.exists():
+        raise FileNotFoundError(f"corpus {str(corpus)!r} is neither a preset ({', '.join(CORPUS_PRESETS)}) "
+                                "nor a corpus directory")
+    return WebCorpus(root)
+
+
+def composition_table(meta: dict) -> str:
+    """corpus.json's composition as lines: items and share per source, then the base rate."""
+    lines = [f"  {source:16s} {n:7,d}  {meta['share'][source]:6.1%}"
+             for source, n in sorted(meta["per_source"].items(), key=lambda kv: -kv[1])]
+    lines.append(f"  {'total':16s} {meta['items']:7,d}  ({meta.get('distinct_images', meta['items']):,} distinct images)")
+    rate = meta["base_rate"][TARGET_SOURCE]
+    lines.append(f"base rate: {rate:.1%} of the web is the target's kind ({TARGET_SOURCE})")
+    return "\n".join(lines)
