@@ -317,8 +317,9 @@ class RunLoop(ABC):
     def reward_space(self, embed_target, embed_items, embed_base=None) -> RewardSpace:
         """The reward space under the current encoder (`embed_target()`: the target's embeddings,
         `embed_items(items)`: any background items'), or under the base encoder (`embed_base`, the
-        same pair) when the current one has collapsed: its target rewards no longer spread
-        (`RewardConfig.min_spread`). The collapse is logged either way (`reward_collapsed`)."""
+        same pair) when the current one has collapsed (its target rewards no longer spread:
+        `RewardConfig.min_spread`) and the base's spread more. The collapse is logged either way
+        (`reward_collapsed`)."""
         rc = self.cfg.reward
         bg, web = self.background_sample.items, self.web_sample
 
@@ -329,13 +330,15 @@ class RunLoop(ABC):
         space = build(embed_target, embed_items, "learner")
         health = space.health(rc.min_spread)
         if health["reward_collapsed"]:
-            fallback = " it now reads the base encoder's embeddings" if embed_base else " no base encoder to fall back on"
+            base = build(*embed_base, "base") if embed_base is not None else None
+            if base is not None and base.calibration.spread() > space.calibration.spread():
+                space, choice = base, "it now reads the base encoder's embeddings"
+            else:
+                choice = "the base encoder spreads no better" if base is not None else "no base encoder to fall back on"
             warnings.warn(f"iteration {self.iteration}: the reward has collapsed under the current encoder (the "
                           f"target's own rewards spread {health['reward_spread']:.2g} from their 10th to 90th "
                           f"percentile, below reward.min_spread {rc.min_spread:g}; mean cosine between target "
-                          f"embeddings {health['reward_anisotropy']:.4f});{fallback}", stacklevel=2)
-            if embed_base is not None:
-                space = build(*embed_base, "base")
+                          f"embeddings {health['reward_anisotropy']:.4f}); {choice}", stacklevel=2)
         self.reward_health = {**health, "reward_encoder": space.encoder}
         return space
 

@@ -80,16 +80,18 @@ def test_the_background_is_the_seeds_draw_shared_by_every_policy(recorded_run, t
     loop = ImageLoop(cfg, tmp_path / "random", engine_url=engine.url, progress=False)
     assert recorded["queries"] == background_queries(cfg, loop.vocab)  # the gp run drew what random draws
     assert len(recorded["queries"]) == cfg.reward.background_queries
-    assert recorded["decoded"] == len(loop.background_sample) == len(loop.background) > 0
+    assert recorded["decoded"] == len(loop.background_sample) == len(loop.space.background) > 0
+    assert loop.web_sample == loop.background_sample.items  # the web's reference: the first sample, kept
     assert background_queries(tiny_experiment(seed=1), loop.vocab) != recorded["queries"]
     # then the sample is a reservoir over everything the run fetched: the checkpoint holds it
     state = load_latest_checkpoint(run_dir).state["background"]
     assert state["seen"] == recorded["decoded"] + sum(r["decoded"] for r in rows[1:])
     assert len(state["items"]) == min(state["seen"], cfg.reward.background_size) > recorded["decoded"]
     # the reward's scale is the target's own rewards contrasted with that background
-    plain = leave_one_out_rewards(loop.index, cfg.reward.k)
-    contrasted = plain - cfg.reward.background_weight * knn_reward(loop.index.embeddings, loop.background, cfg.reward.k)
-    np.testing.assert_allclose(loop.calibration.reference, np.sort(contrasted), atol=1e-6)
+    space = loop.space
+    plain = leave_one_out_rewards(space.index, cfg.reward.k)
+    contrasted = plain - cfg.reward.background_weight * knn_reward(space.index.embeddings, space.background, cfg.reward.k)
+    np.testing.assert_allclose(space.calibration.reference, np.sort(contrasted), atol=1e-6)
 
 
 def test_accept_drops_copies_of_probe_test_earlier_accepts_and_batch_mates(tiny_experiment, engine, tmp_path):
@@ -114,9 +116,9 @@ def test_accept_drops_copies_of_probe_test_earlier_accepts_and_batch_mates(tiny_
     loop.accepted_sig = image_signature(earlier[None])  # as if accepted in an earlier iteration
     cand = Candidates([f"http://x/{i}.png" for i in range(6)], [f"sha{i}" for i in range(6)], images,
                       [[0]] * 6)
-    above = loop.calibration.reference.max()  # every one passes the reward rule on its own
+    above = loop.space.calibration.reference.max()  # every one passes the reward rule on its own
     rewards = np.array([above + 0.6, above + 0.5, above + 0.4, above + 0.1, above + 0.3, above + 0.2])
-    assert loop.cfg.reward.accept_mask(rewards, loop.calibration).all()
+    assert loop.cfg.reward.accept_mask(rewards, loop.space.calibration).all()
     kept = loop.accept(cand, rewards)
     # 0, 1: probe_test copies; 2: accepted before; 3 and 4 are one image: the better-rewarded 4 stays
     assert kept.tolist() == [4, 5]

@@ -16,7 +16,7 @@ from explorer.run.checkpoints import load_latest_checkpoint
 from explorer.run.experiment import read_metrics
 from explorer.run.image import ACQUIRED, ImageLoop, build_learner
 from explorer.run.ledger import LEDGER
-from explorer.score.reward import RewardConfig
+from explorer.score.reward import RewardSpace
 from learners.mixture import acquired_count
 from learners.shards import ShardStore
 
@@ -52,15 +52,15 @@ def test_query_rewards_credit_each_query_with_the_images_it_returned(tiny_experi
     target and background embeddings of before the step; each query's logged reward must be the sum of the calibrated
     rewards of the URLs the ledger says *it* returned and that decoded, per result asked for; and each
     accepted record carries its image's reward and exactly the queries that found it."""
-    cfg = tiny_experiment()
+    cfg = tiny_experiment(reward={"min_spread": 0.0})  # the learner's own reward throughout, as recomputed below
     image_rewards = []  # what the loop computed, in its candidate order
-    original = RewardConfig.image_rewards
+    original = RewardSpace.rewards
 
-    def spy(self, emb, index, background=None):
-        rewards = original(self, emb, index, background)
+    def spy(self, emb, *args, **kwargs):
+        rewards = original(self, emb, *args, **kwargs)
         image_rewards.append(rewards.copy())
         return rewards
-    monkeypatch.setattr(RewardConfig, "image_rewards", spy)
+    monkeypatch.setattr(RewardSpace, "rewards", spy)
     loop = ImageLoop(cfg, tmp_path, engine_url=engine.url, progress=False)
     scorer = build_learner(cfg, loop.target)  # embeds with the weights of before each step
     k, requested = cfg.reward.k, cfg.search.results_per_query
@@ -68,8 +68,9 @@ def test_query_rewards_credit_each_query_with_the_images_it_returned(tiny_experi
     try:
         for it in range(1, cfg.iterations + 1):  # (iteration 0 only evaluates: it changes nothing here)
             weights = {name: v.clone() for name, v in loop.learner.model.state_dict().items()}
-            targets, calibration = loop.index.embeddings.copy(), loop.calibration
-            web = loop.background.embeddings.copy()  # the background sample under the same encoder
+            space = loop.space  # centred on the web sample's mean: targets, background, and candidates below
+            targets, calibration, centre = space.index.embeddings.copy(), space.calibration, space.centre
+            web = space.background.embeddings.copy()  # the background sample under the same encoder
             image_rewards.clear()
             loop.run(until=it, log=lambda s: None)
 
@@ -89,14 +90,15 @@ def test_query_rewards_credit_each_query_with_the_images_it_returned(tiny_experi
             # the loop's rewards belong to these URLs, in this order: recompute them independently
             images = torch.stack([cached_image(tmp_path, fetches[url][1], cfg.fetch) for url in decoded])
             scorer.model.load_state_dict(weights)
-            emb = scorer.embed(images)
+            emb = scorer.embed(images) - centre
+            emb /= np.linalg.norm(emb, axis=1, keepdims=True)
             sims, web_sims = emb @ targets.T, emb @ web.T  # unit rows: cosines
             mine = (np.sort(sims, axis=1)[:, -k:].mean(axis=1)
                     - cfg.reward.background_weight * np.sort(web_sims, axis=1)[:, -k:].mean(axis=1))
             np.testing.assert_allclose(mine, rewards, atol=1e-4)
 
             reward_of = dict(zip(decoded, rewards.tolist()))
-            share = {url: float((calibration.reference <= r).mean()) for url, r in reward_of.items()}
+            share = {url: float((calibration.reference <= r + calibration.offset).mean()) for url, r in reward_of.items()}
             expected = [sum(share.get(url, 0.0) for q, _, url in results if q == qi) / requested
                         for qi in range(len(queries))]
             assert row["query_rewards"] == pytest.approx(expected, abs=2e-6)
