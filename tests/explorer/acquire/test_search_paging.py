@@ -10,7 +10,12 @@ import httpx
 import pytest
 
 from explorer.acquire.cache import ResponseCache
-from explorer.acquire.search import SearchError, build_backend, search_many
+from explorer.acquire.search import (
+    SearchError,
+    SearchResult,
+    build_backend,
+    search_many,
+)
 from tests.explorer.acquire.fault_server import FaultServer, Route
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "searxng"
@@ -124,3 +129,18 @@ def test_clip_retrieval_asks_for_ids_enough_to_fill_num_images_after_deduplicati
 def test_clip_retrieval_result_ids_factor_is_checked():
     with pytest.raises(ValueError, match="result_ids_factor must be an integer >= 1"):
         build_backend("clip-retrieval", cache=None, url="http://127.0.0.1:9/knn-service", result_ids_factor=0)
+
+
+class RepeatingEngine:
+    """A backend whose answer repeats an image (an engine's fault the loop must not count twice)."""
+
+    name, concurrency = "repeating", 1
+
+    def search(self, query: str, n: int) -> list[SearchResult]:
+        urls = ["https://a.example/1.jpg", "https://a.example/2.jpg", "https://a.example/1.jpg"]
+        return [SearchResult(query, rank, url, url, "") for rank, url in enumerate(urls)]
+
+
+def test_search_many_hands_on_each_image_once_whatever_the_backend():
+    [answer] = search_many(RepeatingEngine(), ["sneaker"], 3)
+    assert [(r.rank, r.image_url) for r in answer] == [(0, "https://a.example/1.jpg"), (1, "https://a.example/2.jpg")]
