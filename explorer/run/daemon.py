@@ -184,8 +184,9 @@ def run_status(run_dir: Path) -> str:
         if s["searches_failed"]:
             blind = s["all_searches_failed"]
             lines.append(f"failed searches: {s['searches_failed']} (no reward, searched again within "
-                         "search.failed_query_retries)" + (f"; every search failed in iterations "
-                                                           f"{', '.join(map(str, blind))}" if blind else ""))
+                         "search.failed_query_retries)" + (f"; every search failed in {len(blind)} iterations "
+                                                           f"(the last: {', '.join(map(str, blind[-5:]))})"
+                                                           if blind else ""))
     disk = s["disk"]
     lines.append(f"disk: {format_usage(disk['usage'], disk['max_bytes'])}"
                  + (f"; {disk['evicted']} rejected bodies evicted ({disk['evicted_bytes'] / 2**20:.1f} MiB)"

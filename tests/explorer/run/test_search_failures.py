@@ -130,4 +130,4 @@ def test_an_iteration_whose_searches_all_failed_says_so(tiny_experiment, engine,
     assert load_latest_checkpoint(tmp_path).state["policy"]["log"]["texts"] == []  # the policy heard nothing
     assert any("all 4 searches failed" in line and "HTTP 429" in line for line in lines)
     assert status_summary(tmp_path)["all_searches_failed"] == [1]
-    assert "every search failed in iterations 1" in run_status(tmp_path)
+    assert "every search failed in 1 iterations (the last: 1)" in run_status(tmp_path)
