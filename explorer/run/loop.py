@@ -40,11 +40,11 @@ import numpy as np
 from explorer.acquire.cache import CacheMode, ResponseCache
 from explorer.acquire.fetch import FetchConfig, allow_origin
 from explorer.acquire.search import SearchError, UnrecordedAnswer, search_many
-from policies.base import Query
 from explorer.run.checkpoints import LoadedCheckpoint, load_latest_checkpoint, write_checkpoint
 from explorer.run.config import ExperimentConfig, save_config
 from explorer.run.disk import DiskBudgetExceeded, enforce_budget, folder_usage, is_disk_full
 from explorer.run.ledger import LEDGER, FetchRecord, RunLedger, read_metrics
+from explorer.run.searches import FailedSearch, query_status, recorded_failures, search_error
 
 # Seeds the draw of background queries apart from the policy's own stream (same run seed).
 BACKGROUND_STREAM = 0xB6
@@ -95,35 +95,6 @@ def record_background(run_dir: Path, mode: CacheMode, texts: list[str], answers:
     if not any(found.values()):
         warnings.warn(f"the {len(texts)} background queries fetched nothing usable: the reward is the plain "
                       "similarity to the target", stacklevel=3)
-
-
-def search_error(answer) -> str | None:
-    """Why a query's search failed (a SearchError), or why its paging stopped early (partial
-    results); None for a complete answer."""
-    return str(answer) if isinstance(answer, SearchError) else getattr(answer, "partial", None)
-
-
-def query_status(answer) -> str:
-    """"failed" (no observation), "partial" (results, but a later page failed) or "ok"."""
-    if isinstance(answer, SearchError):
-        return "failed"
-    return "partial" if getattr(answer, "partial", None) else "ok"
-
-
-@dataclass(frozen=True)
-class FailedSearch:
-    """A query whose search failed, waiting to be searched again; `searches` made so far."""
-
-    query: Query
-    searches: int
-
-    def state(self) -> list:
-        return [self.query.text, self.query.concept, self.searches]
-
-    @classmethod
-    def from_state(cls, state: list) -> FailedSearch:
-        text, concept, searches = state
-        return cls(Query(text, concept), int(searches))
 
 
 @dataclass
@@ -252,7 +223,8 @@ class RunLoop(ABC):
         """Every query's answer (results, or a SearchError) and, per result URL in first-seen order,
         the queries that returned it; the URLs are what the modality fetches next. A replay fails
         the searches the recording logged as failed (`background`: in background.json) again."""
-        failed = self._recorded_failures(texts, background) if self.mode is CacheMode.REPLAY else {}
+        failed = (recorded_failures(self.run_dir, self.iteration, texts, background)
+                  if self.mode is CacheMode.REPLAY else {})
         searched = iter(search_many(self.backend, [t for i, t in enumerate(texts) if i not in failed],
                                     self.cfg.search.results_per_query, concurrency=self.cfg.search.concurrency))
         answers = [failed[i] if i in failed else next(searched) for i in range(len(texts))]
@@ -264,24 +236,6 @@ class RunLoop(ABC):
             for r in [] if isinstance(a, SearchError) else a:
                 url_queries.setdefault(r.image_url, []).append(qi)
         return answers, url_queries
-
-    def _recorded_failures(self, texts: list[str], background: bool) -> dict[int, SearchError]:
-        """Replay: the positions of `texts` whose search failed in the recording, with its error.
-        Failures are never cached, and a query retried later has a cached answer by then, so the
-        cache alone cannot tell; the recorded logs can."""
-        if background:
-            path = self.run_dir / "background.json"
-            recorded = json.loads(path.read_text()) if path.exists() else {}
-            errors = [e if n is None else None for n, e in zip(recorded.get("results", []), recorded.get("errors", []))]
-        else:
-            rows = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if r["iteration"] == self.iteration]
-            recorded = rows[0] if rows else {}
-            problems, errors = iter(recorded.get("search_errors", [])), []  # one per failed or partial query
-            for status in recorded.get("query_status", []):
-                error = None if status == "ok" else next(problems)
-                errors.append(error if status == "failed" else None)
-        return {i: SearchError(f"{e} (as recorded)") for i, e in enumerate(errors)
-                if e is not None and i < len(texts) and texts[i] == recorded.get("queries", [])[i]}
 
     def _fetch_config(self) -> FetchConfig:
         """The fetch settings, with the search engine's own host allowed (a local engine serves the items)."""
