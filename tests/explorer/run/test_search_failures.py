@@ -68,15 +68,16 @@ def _config(tiny_experiment, url: str, **changes):
 def limited_run(tiny_experiment, engine, tmp_path_factory):
     proxy = LimitedEngine(engine.url, fails=lambda k: k % 2 == 1)
     run_dir = tmp_path_factory.mktemp("limited")
-    loop = ImageLoop(_config(tiny_experiment, proxy.url), run_dir, progress=False)
+    cfg = _config(tiny_experiment, proxy.url)
+    loop = ImageLoop(cfg, run_dir, progress=False)
     rows = loop.run(log=lambda line: None)
     loop.close()
-    yield run_dir, rows[1:]
+    yield run_dir, rows[1:], cfg
     proxy.close()
 
 
 def test_a_failed_search_gives_the_policy_no_reward(limited_run):
-    run_dir, rows = limited_run
+    run_dir, rows, _ = limited_run
     policy_log = load_latest_checkpoint(run_dir).state["policy"]["log"]
     observed = [(q, r) for row in rows for q, r, s in zip(row["queries"], row["query_rewards"], row["query_status"])
                 if s != "failed"]
@@ -98,18 +99,21 @@ def test_a_failed_search_gives_the_policy_no_reward(limited_run):
 
 
 def test_a_failed_query_is_searched_again_once_in_the_next_iteration(limited_run):
-    run_dir, (first, second) = limited_run
+    run_dir, (first, second), cfg = limited_run
     failed_first = [q for q, s in zip(first["queries"], first["query_status"]) if s == "failed"]
     assert first["query_searches"] == [1] * 4
     assert second["queries"][4:] == failed_first and second["query_searches"][4:] == [2] * len(failed_first)
     assert all(s == "ok" for s in second["query_status"][4:])  # the proxy refuses a query's first request only
     still_failed = [q for q, s in zip(second["queries"], second["query_status"]) if s == "failed"]
     state = load_latest_checkpoint(run_dir).state
-    assert [f[0] for f in state["failed_searches"]] == still_failed  # the queue survives a resume
+    assert still_failed and [f[0] for f in state["failed_searches"]] == still_failed
+    resumed = ImageLoop(cfg, run_dir, progress=False, resume=True)
+    assert [(f.query.text, f.searches) for f in resumed.failed_searches] == [(q, 1) for q in still_failed]
+    resumed.close()
 
 
 def test_the_replay_replays_the_failures(limited_run):
-    run_dir, _ = limited_run
+    run_dir, _, _ = limited_run
     assert replay_run(run_dir, progress=False, log=lambda line: None) == []
     replayed = read_metrics(run_dir / "replay-metrics.jsonl")[1:]
     assert [r["query_status"] for r in replayed] == [r["query_status"] for r in read_metrics(run_dir / "metrics.jsonl")[1:]]
