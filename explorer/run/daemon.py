@@ -120,11 +120,11 @@ def status_summary(run_dir: Path) -> dict:
         out.update(iterations_per_hour=len(rows) / hours,
                    fetches_per_second=totals["fetched"] / hours / 3600,
                    accepted_total=totals["accepted_total"], queries_issued=totals["queries_issued"],
+                   searches_failed=sum(s == "failed" for r in rows for s in r.get("query_status", [])),
+                   all_searches_failed=[r["iteration"] for r in rows if r.get("all_searches_failed")],
                    last_iteration={k: last.get(k) for k in keys["last"]},
                    last_eval={k: evals[-1][k] for k in keys["eval"]} if evals else None,
                    recent_search_errors=[e for r in rows[-5:] for e in r.get("search_errors", [])][-3:],
-                   searches_failed=sum(s == "failed" for r in rows for s in r.get("query_status", [])),
-                   all_searches_failed=[r["iteration"] for r in rows if r.get("all_searches_failed")],
                    recent_rejected=totals["recent_rejected"])
     out["disk"] = {"usage": folder_usage(run_dir), "max_bytes": cfg.disk.max_bytes}
     if (run_dir / LEDGER).exists():
