@@ -48,7 +48,7 @@ def curves(run_dir: Path) -> dict | None:
     knn = rows[-1].get("eval_knn_accuracy") if rows else None
     return {"iterations": len(rows), "relevant": relevant.tolist(), "accepted": sum(r["accepted"] for r in rows),
             "knn": knn, "delta_knn": None if knn is None else knn - control,
-            "reward": [float(np.mean(r["query_rewards"])) for r in rows],
+            "reward": [float(np.mean([q for q in r["query_rewards"] if q is not None] or [0.0])) for r in rows],
             "generate_s": [s.get("generate_seconds") for s in stats], "ppo_s": [s.get("ppo_seconds") for s in stats],
             "kl": [s.get("kl_to_reference") for s in stats], "seconds": [r.get("seconds") for r in rows],
             "cleanup": stats[-1].get("cleanup", {}) if stats else {}}

@@ -337,12 +337,13 @@ class LLMQueryPolicy(PPOUpdate, VocabularyPolicy):
     def update(self, queries: list[Query], rewards: list[float]) -> None:
         rollout, self.rollout = self.rollout, None
         super().update(queries, rewards)  # validates and logs
-        if (self.config.ppo_updates and rollout is not None and rollout.queries == list(queries)
-                and rollout.query_index):
-            t0 = time.perf_counter()
-            with torch_threads(self.config.compute_threads):
-                self._ppo_step(rollout, [float(r) for r in rewards])
-            self.stats["ppo_seconds"] = round(time.perf_counter() - t0, 3)
+        if self.config.ppo_updates and rollout is not None:  # the loop leaves out queries whose search failed
+            rollout = rollout.observed(list(queries))
+            if rollout is not None:
+                t0 = time.perf_counter()
+                with torch_threads(self.config.compute_threads):
+                    self._ppo_step(rollout, [float(r) for r in rewards])
+                self.stats["ppo_seconds"] = round(time.perf_counter() - t0, 3)
 
     # ------------------------------------------------------------ state
     def _weights(self) -> dict:

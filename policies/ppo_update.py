@@ -63,6 +63,25 @@ class Rollout:
         return Rollout(self.queries, prompts, sizes, self.responses[rows], [self.query_index[r] for r in rows],
                        [self.invalid[r] for r in rows], [self.duplicate[r] for r in rows])
 
+    def observed(self, queries: list[Query]) -> Rollout | None:
+        """The rollout for the rewards of `queries`, the issued queries whose search answered (in
+        issue order; a failed search is no observation): rows of other queries are dropped, invalid
+        rows (scored by their penalty alone) kept, `query_index` points into `queries`, and the
+        scores PPO needs come along. None when no valid row is left."""
+        position, j = {}, 0
+        for i, q in enumerate(self.queries):  # `queries` is a subsequence of the batch (then any retries)
+            if j < len(queries) and queries[j] == q:
+                position[i], j = j, j + 1
+        rows = [r for r, (qi, bad) in enumerate(zip(self.query_index, self.invalid)) if bad or qi in position]
+        if all(self.invalid[r] for r in rows):
+            return None
+        out = self.select(rows)
+        out.queries, out.query_index = list(queries), [position.get(self.query_index[r], -1) for r in rows]
+        for name in ("logprobs", "ref_logprobs", "values"):
+            if getattr(self, name) is not None:
+                setattr(out, name, getattr(self, name)[rows])
+        return out
+
 
 class PPOUpdate:
     """Scores a proposed batch and runs the PPO update on it (see the module docstring)."""

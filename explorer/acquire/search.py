@@ -8,7 +8,15 @@
 Every answer goes through a `ResponseCache` keyed by the exact request, so a run's searches can be
 replayed bit for bit. Only successes are stored: a transport failure, 403, 429, 5xx, an answer that
 is not JSON, or a SearXNG page with no results because its engines failed raises a `SearchError`
-that names the cause and the fix, and the next run asks again.
+that names the cause and the fix, and the next run asks again. In a replay, a request the recording
+has no answer for fails the same way (`UnrecordedAnswer`, a SearchError): the recorded run's search
+failed there too.
+
+A query's results are distinct by image URL, each at the rank of its first occurrence in the
+engine's answer (engines repeat results across pages). SearXNG-style paging stops at `n` distinct
+results, at the first short or empty page, at a page with nothing new, and when the engine's
+`number_of_results` is reached; a page that fails after earlier pages answered keeps their results,
+marked partial (`SearchResults.partial`).
 
 Real engines defend themselves, so the client behaves like a polite browser (`HttpPolicy`): Accept
 and Accept-Language headers (SearXNG's bot detection answers 429 without them), a pace between
@@ -33,7 +41,7 @@ from typing import Any, Protocol
 import httpx
 
 from explorer.acquire.backoff import retry_delay
-from explorer.acquire.cache import CachedResponse, CacheMode, ResponseCache, canonical_request
+from explorer.acquire.cache import CachedResponse, CacheMiss, CacheMode, ResponseCache, canonical_request
 from explorer.acquire.netguard import (
     BlockedDestination,
     NetGuard,
@@ -52,6 +60,10 @@ class SearchError(RuntimeError):
     """An engine could not be reached, refused, or answered something that is not its JSON shape."""
 
 
+class UnrecordedAnswer(SearchError, CacheMiss):
+    """A replay asked for a search answer the recorded run never got (or its cache lost)."""
+
+
 @dataclass(frozen=True)
 class SearchResult:
     query: str
@@ -61,6 +73,25 @@ class SearchResult:
     caption: str
     score: float | None = None
     result_id: str | None = None
+
+
+class SearchResults(list):
+    """A query's results (SearchResult, distinct by image URL). `partial` names the failure that
+    ended its paging after earlier pages answered (None: the answer is complete)."""
+
+    partial: str | None = None
+
+
+def distinct_results(results: Sequence[SearchResult], seen: set[str] | None = None) -> list[SearchResult]:
+    """`results` without repeats of an image URL (nor of one in `seen`, which gains the new ones):
+    each URL once, at its first occurrence's rank."""
+    seen = set() if seen is None else seen
+    out = []
+    for r in results:
+        if r.image_url not in seen:
+            seen.add(r.image_url)
+            out.append(r)
+    return out
 
 
 class SearchBackend(Protocol):
@@ -154,7 +185,11 @@ class CachedHttp:
         but a success, which alone is cached. `hints` adds a backend's advice per HTTP status."""
         key = ResponseCache.request_key(method, url, params, json_body)
         if self.mode is CacheMode.REPLAY:
-            return _payload(self.cache.require(key, description), description, refusal, hints)
+            try:
+                answer = self.cache.require(key, description)
+            except CacheMiss as e:  # failures are never stored: the recorded search failed here
+                raise UnrecordedAnswer(str(e)) from e
+            return _payload(answer, description, refusal, hints)
         if self.mode is CacheMode.READWRITE and self.cache is not None:
             hit = self.cache.get(key)
             if hit is not None:
@@ -269,6 +304,8 @@ def parse_clip_retrieval(payload, query: str, where: str) -> tuple[list[SearchRe
     for i, r in enumerate(payload):
         if not isinstance(r, dict):
             raise SearchError(f"{where}: [{i}] should be an object, got {type(r).__name__}")
+        if set(r) <= {"id", "similarity"}:  # ids past num_images: the back end sends no metadata for them
+            continue
         url = r.get("url")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             skipped += 1
@@ -290,6 +327,13 @@ def searxng_engine_failure(payload) -> str | None:
                        for e in payload["unresponsive_engines"])
     return (f"no results because the instance's engines failed ({failed}); not cached. Try again later, or "
             "enable other engines for this category in the instance's settings.yml")
+
+
+def _all_answered(payload, answered: int) -> bool:
+    """Whether the engine said it has no more: its `number_of_results` (0 when it does not know) is
+    reached."""
+    total = payload.get("number_of_results") if isinstance(payload, dict) else None
+    return isinstance(total, int) and not isinstance(total, bool) and 0 < total <= answered
 
 
 SEARCH_BACKENDS: dict[str, Callable[..., SearchBackend]] = {}
@@ -328,20 +372,36 @@ class SearxngBackend:
         return {"name": self.name, "url": self.url, "max_pages": self.max_pages, "per_page": self.per_page,
                 "categories": self.categories}
 
-    def search(self, query: str, n: int) -> list[SearchResult]:
-        results: list[SearchResult] = []
+    def search(self, query: str, n: int) -> SearchResults:
+        """Up to `n` distinct results, page by page (see the module docstring for when paging stops).
+        A failing first page raises; a later one ends the paging with the results so far, partial."""
+        results, seen = SearchResults(), set()
+        answered, full_page = 0, self.per_page if self.per_page_param else None  # SearXNG: page 1's size
         for page in range(1, self.max_pages + 1):
-            params = {"q": query, "format": "json", "pageno": page, "categories": self.categories}
-            if self.per_page_param:
-                params[self.per_page_param] = self.per_page
             where = f"{self.name} search {query!r} page {page} at {self.url}"
-            payload = self.http.request_json("GET", f"{self.url}/search", params=params, description=where,
-                                             refusal=searxng_engine_failure, hints=self.status_hints)
-            batch = self.parse(payload, query, len(results), where)
-            results.extend(batch)
-            if len(results) >= n or not batch:
+            try:
+                payload = self._page(query, page, where)
+            except SearchError as e:
+                if page == 1:
+                    raise
+                results.partial = str(e)
                 break
-        return results[:n]
+            batch = self.parse(payload, query, answered, where)
+            answered += len(batch)  # the engine's results so far, repeats included: the next page's first rank
+            new = distinct_results(batch, seen)
+            results.extend(new[:n - len(results)])
+            size = len(payload["results"])  # the page's entries (a parser checked the list)
+            full_page = full_page or size
+            if len(results) >= n or not new or size < full_page or _all_answered(payload, answered):
+                break
+        return results
+
+    def _page(self, query: str, page: int, where: str):
+        params = {"q": query, "format": "json", "pageno": page, "categories": self.categories}
+        if self.per_page_param:
+            params[self.per_page_param] = self.per_page
+        return self.http.request_json("GET", f"{self.url}/search", params=params, description=where,
+                                      refusal=searxng_engine_failure, hints=self.status_hints)
 
 
 @register_backend("local")
@@ -370,22 +430,28 @@ class ClipRetrievalBackend:
     http_defaults: dict[str, Any] = {"min_interval_s": 0.0}
 
     def __init__(self, url: str, *, http: CachedHttp, indice_name: str = "laion5B-L-14", modality: str = "image",
-                 deduplicate: bool = True):
+                 deduplicate: bool = True, result_ids_factor: int = 3):
         if modality not in CLIP_MODALITIES:
             raise ValueError(f"unknown clip-retrieval modality {modality!r}; valid: {', '.join(CLIP_MODALITIES)}")
+        if not isinstance(result_ids_factor, int) or result_ids_factor < 1:
+            raise ValueError(f"clip-retrieval result_ids_factor must be an integer >= 1, got {result_ids_factor!r}")
         url = url.rstrip("/")
         self.url = url.removesuffix(KNN_ROUTE)
         self.http, self.indice_name, self.modality, self.deduplicate = http, indice_name, modality, deduplicate
+        # With deduplicate the back end drops near-duplicates from the num_result_ids nearest ids before it
+        # keeps num_images: asking for only num_images ids returns fewer (3 of 5 in a real run).
+        self.result_ids_factor = result_ids_factor
         self.skipped = 0  # results without a usable url, over all queries
         self._lock = threading.Lock()
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "url": self.url, "indice_name": self.indice_name, "modality": self.modality,
-                "deduplicate": self.deduplicate}
+                "deduplicate": self.deduplicate, "result_ids_factor": self.result_ids_factor}
 
-    def search(self, query: str, n: int) -> list[SearchResult]:
+    def search(self, query: str, n: int) -> SearchResults:
+        ids = n * self.result_ids_factor if self.deduplicate else n
         body = {"text": query, "image": None, "image_url": None, "embedding_input": None,
-                "modality": self.modality, "num_images": n, "indice_name": self.indice_name, "num_result_ids": n,
+                "modality": self.modality, "num_images": n, "indice_name": self.indice_name, "num_result_ids": ids,
                 "use_mclip": False, "deduplicate": self.deduplicate, "use_safety_model": False,
                 "use_violence_detector": False, "aesthetic_score": "", "aesthetic_weight": 0.5}
         where = f"clip-retrieval search {query!r} at {self.url}"
@@ -396,7 +462,7 @@ class ClipRetrievalBackend:
         results, skipped = parse_clip_retrieval(payload, query, where)
         with self._lock:
             self.skipped += skipped
-        return results[:n]
+        return SearchResults(distinct_results(results)[:n])
 
 
 def build_registered(registry: dict[str, Callable[..., SearchBackend]], name: str, *, cache: ResponseCache | None,
@@ -423,14 +489,17 @@ def build_backend(name: str, *, cache: ResponseCache | None, mode: CacheMode | s
 
 
 def search_many(backend: SearchBackend, queries: Sequence[str], n: int, *, concurrency: int | None = None,
-                ) -> list[list[SearchResult] | SearchError]:
-    """All queries, `concurrency` at a time (None: the backend's own default); a failed query
-    yields its SearchError, in input order."""
+                ) -> list[SearchResults | SearchError]:
+    """All queries, `concurrency` at a time (None: the backend's own default), in input order: a
+    query's SearchResults (distinct by image URL, whatever the backend), or its SearchError."""
     def one(q: str):
         try:
-            return backend.search(q, n)
+            answer = backend.search(q, n)
         except SearchError as e:
             return e
+        distinct = SearchResults(distinct_results(answer))
+        distinct.partial = getattr(answer, "partial", None)
+        return distinct
 
     workers = concurrency or getattr(backend, "concurrency", 1)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -63,7 +63,8 @@ def read_run(path: Path) -> RunCurves:
         raise ValueError(f"{path}/metrics.jsonl is empty")
     steps = lines[1:]
     n_queries = np.array([0] + [len(m.get("queries", [])) for m in steps])
-    reward = np.array([0.0] + [float(sum(m.get("query_rewards", []))) for m in steps])
+    reward = np.array([0.0] + [float(sum(r for r in m.get("query_rewards", []) if r is not None))  # None: failed
+                               for m in steps])
     accepted = np.array([0] + [int(m.get("accepted", 0)) for m in steps])
     truth = any(m.get("precision_accepted") is not None for m in steps)
     relevant = np.array([0.0] + [(m.get("precision_accepted") or 0.0) * m.get("accepted", 0) for m in steps])

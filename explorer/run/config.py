@@ -68,6 +68,10 @@ class SearchConfig:
     results_per_query: int = 40
     concurrency: int | None = None
     """Queries searched at once; None: the backend's default (local 8, searxng 1, clip-retrieval 2)."""
+    failed_query_retries: int = 1
+    """How many later iterations a query whose search failed (transport error, 403, 429, 5xx, engines
+    down) is searched again in, on top of the policy's batch; 0: never. A failed search is never a
+    reward: the policy hears of the query only once a search of it answers."""
     serve_html: bool = False
     """Text runs on the local engine: serve the documents as web pages (text/html with navigation and
     footer, whose main text the fetcher extracts) instead of text/plain, as the real web does."""
@@ -79,6 +83,8 @@ class SearchConfig:
     def __post_init__(self):
         if self.results_per_query < 1 or (self.concurrency is not None and self.concurrency < 1):
             raise ValueError("results_per_query and concurrency must be >= 1")
+        if not isinstance(self.failed_query_retries, int) or self.failed_query_retries < 0:
+            raise ValueError(f"search.failed_query_retries must be an integer >= 0, got {self.failed_query_retries!r}")
         if self.backend != "local" and not self.url:
             raise ValueError(f"the {self.backend} backend needs search.url")
 

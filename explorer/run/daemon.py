@@ -120,6 +120,8 @@ def status_summary(run_dir: Path) -> dict:
         out.update(iterations_per_hour=len(rows) / hours,
                    fetches_per_second=totals["fetched"] / hours / 3600,
                    accepted_total=totals["accepted_total"], queries_issued=totals["queries_issued"],
+                   searches_failed=sum(s == "failed" for r in rows for s in r.get("query_status", [])),
+                   all_searches_failed=[r["iteration"] for r in rows if r.get("all_searches_failed")],
                    last_iteration={k: last.get(k) for k in keys["last"]},
                    last_eval={k: evals[-1][k] for k in keys["eval"]} if evals else None,
                    recent_search_errors=[e for r in rows[-5:] for e in r.get("search_errors", [])][-3:],
@@ -202,6 +204,12 @@ def run_status(run_dir: Path) -> str:
         lines.append(f"last 5 iterations: rejected {s['recent_rejected'] or 'none'}; "
                      f"search errors: {len(s['recent_search_errors'])}")
         lines += [f"  {e}" for e in s["recent_search_errors"]]
+        if s["searches_failed"]:
+            blind = s["all_searches_failed"]
+            lines.append(f"failed searches: {s['searches_failed']} (no reward, searched again within "
+                         "search.failed_query_retries)" + (f"; every search failed in {len(blind)} iterations "
+                                                           f"(the last: {', '.join(map(str, blind[-5:]))})"
+                                                           if blind else ""))
     disk = s["disk"]
     lines.append(f"disk: {format_usage(disk['usage'], disk['max_bytes'])}"
                  + (f"; {disk['evicted']} rejected bodies evicted ({disk['evicted_bytes'] / 2**20:.1f} MiB)"

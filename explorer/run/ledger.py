@@ -2,8 +2,11 @@
 
 Tables (every row carries the iteration that wrote it):
     iterations  learner step, eval metrics, seconds, counts; `metrics` holds the full metrics.jsonl row
-    queries     each issued query: position, text, concept (None for free text), reward, n results
-    results     each search result: the query's position, its rank, the image URL
+    queries     each issued query: position, text, concept (None for free text), reward, n results, error:
+                a failed search has no reward and no count (NULL) and its error; a partial one (a
+                later page failed) its count and the error that cut it short
+    results     each distinct search result: the query's position, the rank of the URL's first
+                occurrence in the engine's answer, the image URL
     fetches     each fetched URL of an iteration: `decoded`, `already_accepted` or the rejection reason
     accepted    each accepted item: url, sha256, reward, hidden relevance (None without ground truth)
     evicted     bodies the disk budget deleted (explorer/run/disk.py): sha256, the last iteration that had
@@ -35,7 +38,7 @@ SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS iterations (iteration INTEGER PRIMARY KEY,
     {", ".join(ITERATION_COLUMNS)}, metrics TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS queries (iteration INTEGER NOT NULL, position INTEGER NOT NULL, text TEXT NOT NULL,
-    concept TEXT, reward REAL, n_results INTEGER, PRIMARY KEY (iteration, position));
+    concept TEXT, reward REAL, n_results INTEGER, error TEXT, PRIMARY KEY (iteration, position));
 CREATE TABLE IF NOT EXISTS results (iteration INTEGER NOT NULL, query INTEGER NOT NULL, rank INTEGER NOT NULL,
     url TEXT NOT NULL, PRIMARY KEY (iteration, query, rank));
 CREATE TABLE IF NOT EXISTS fetches (iteration INTEGER NOT NULL, url TEXT NOT NULL, status TEXT NOT NULL,
@@ -68,6 +71,13 @@ class RunLedger:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
+            self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A ledger written before queries had an `error` column gets one (NULL for its old rows)."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(queries)")}
+        if "error" not in columns:
+            self.db.execute("ALTER TABLE queries ADD COLUMN error TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -80,24 +90,29 @@ class RunLedger:
 
     # -- writing ------------------------------------------------------------------------
     def record_iteration(self, row: dict, *, concepts: Sequence[str | None] = (),
-                         results: Sequence[Sequence[str]] = (), fetches: Iterable[FetchRecord] = (),
-                         accepted: Iterable[dict] = ()) -> None:
-        """One iteration in one transaction. `row` is its metrics.jsonl row; `concepts` and
-        `results` are per query (in the row's query order); `accepted` are accepted.jsonl records."""
+                         results: Sequence[Sequence[str | tuple[int, str]]] = (), errors: Sequence[str | None] = (),
+                         fetches: Iterable[FetchRecord] = (), accepted: Iterable[dict] = ()) -> None:
+        """One iteration in one transaction. `row` is its metrics.jsonl row; `concepts`, `results`
+        and `errors` are per query (in the row's query order): a query's results are (rank, url)
+        pairs, or URLs ranked by position; `accepted` are accepted.jsonl records."""
         with _transaction(self.db):
-            self._insert(row, concepts, results, fetches, accepted)
+            self._insert(row, concepts, results, errors, fetches, accepted)
 
-    def _insert(self, row, concepts, results, fetches, accepted) -> None:
+    def _insert(self, row, concepts, results, errors, fetches, accepted) -> None:
         it = int(row["iteration"])
         self.db.execute(f"INSERT INTO iterations VALUES (?, {', '.join('?' * len(ITERATION_COLUMNS))}, ?)",
                         (it, *(row.get(k) for k in ITERATION_COLUMNS), json.dumps(row)))
         texts, rewards, counts = row.get("queries", []), row.get("query_rewards", []), row.get("results", [])
-        self.db.executemany("INSERT INTO queries VALUES (?, ?, ?, ?, ?, ?)", [
-            (it, i, text, concepts[i] if i < len(concepts) else None,
-             rewards[i] if i < len(rewards) else None, counts[i] if i < len(counts) else None)
-            for i, text in enumerate(texts)])
-        self.db.executemany("INSERT INTO results VALUES (?, ?, ?, ?)",
-                            [(it, q, rank, url) for q, urls in enumerate(results) for rank, url in enumerate(urls)])
+
+        def at(values, i):
+            return values[i] if i < len(values) else None
+        self.db.executemany(
+            "INSERT INTO queries (iteration, position, text, concept, reward, n_results, error) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(it, i, text, at(concepts, i), at(rewards, i), at(counts, i), at(errors, i)) for i, text in enumerate(texts)])
+        self.db.executemany("INSERT INTO results VALUES (?, ?, ?, ?)", [
+            (it, q, *(r if isinstance(r, (tuple, list)) else (position, r)))
+            for q, ranked in enumerate(results) for position, r in enumerate(ranked)])
         self.db.executemany("INSERT INTO fetches VALUES (?, ?, ?, ?)",
                             [(it, f.url, f.status, f.sha256) for f in fetches])
         self.db.executemany("INSERT INTO accepted VALUES (?, ?, ?, ?, ?)", [
@@ -118,7 +133,7 @@ class RunLedger:
         before the ledger existed); per-URL fetch statuses and concepts were not logged there."""
         with _transaction(self.db):
             for row in metrics:
-                self._insert(row, (), (), (), [a for a in accepted if a["iteration"] == row["iteration"]])
+                self._insert(row, (), (), (), (), [a for a in accepted if a["iteration"] == row["iteration"]])
 
     def record_evicted(self, rows: Iterable[tuple[str, int, int, float]]) -> None:
         """(sha256, last iteration that fetched it, bytes, time) of evicted bodies; then the WAL is

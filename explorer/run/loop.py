@@ -13,6 +13,12 @@ TensorBoard, safe stopping and exact resume. `RunLoop.run` drives the iterations
                        kept (explorer/run/checkpoints.py; older runs have a single checkpoint.pt)
     tensorboard/       scalars per iteration
 
+A search that fails is a missing observation, not a zero: its query gets no reward (None in the
+metrics row's `query_rewards`, its error in `search_errors` and the ledger), the policy's update
+leaves it out, and it is searched again in up to `search.failed_query_retries` later iterations
+(the queue is part of the checkpoint). An iteration whose searches all failed says so in its row
+(`all_searches_failed`), in the log and in `explorer status`.
+
 and what a modality adds (images: acquired/ shards; text: tokenizer.model). Each finished
 iteration is written in this order: accepted.jsonl, the modality's own files, metrics.jsonl, one
 ledger transaction, the checkpoint, TensorBoard. A resume loads the newest complete checkpoint and
@@ -33,20 +39,12 @@ import numpy as np
 
 from explorer.acquire.cache import CacheMode, ResponseCache
 from explorer.acquire.fetch import FetchConfig, allow_origin
-from explorer.acquire.search import SearchError, search_many
-from explorer.run.checkpoints import (
-    LoadedCheckpoint,
-    load_latest_checkpoint,
-    write_checkpoint,
-)
+from explorer.acquire.search import SearchError, UnrecordedAnswer, search_many
+from explorer.run.checkpoints import LoadedCheckpoint, load_latest_checkpoint, write_checkpoint
 from explorer.run.config import ExperimentConfig, save_config
-from explorer.run.disk import (
-    DiskBudgetExceeded,
-    enforce_budget,
-    folder_usage,
-    is_disk_full,
-)
+from explorer.run.disk import DiskBudgetExceeded, enforce_budget, folder_usage, is_disk_full
 from explorer.run.ledger import LEDGER, FetchRecord, RunLedger, read_metrics
+from explorer.run.searches import FailedSearch, query_status, recorded_failures, search_error
 from explorer.score.reward import RewardSpace
 
 # Seeds the draw of background queries apart from the policy's own stream (same run seed).
@@ -93,8 +91,8 @@ def record_background(run_dir: Path, mode: CacheMode, texts: list[str], answers:
     Warns when nothing usable came back."""
     if mode is not CacheMode.REPLAY:
         write_json(run_dir / "background.json", {
-            "queries": texts, "results": [0 if isinstance(a, SearchError) else len(a) for a in answers],
-            **found, "rejected": rejected, "precision": precision})
+            "queries": texts, "results": [None if isinstance(a, SearchError) else len(a) for a in answers],
+            "errors": [search_error(a) for a in answers], **found, "rejected": rejected, "precision": precision})
     if not any(found.values()):
         warnings.warn(f"the {len(texts)} background queries fetched nothing usable: the reward is the plain "
                       "similarity to the target", stacklevel=3)
@@ -201,6 +199,9 @@ class RunLoop(ABC):
         self._pending: dict = {}
         self.cache = ResponseCache(self.run_dir / "cache")
         self.iteration = 0
+        # failed searches to ask again (search.failed_query_retries); a checkpoint's are restored here
+        self.failed_searches = [FailedSearch.from_state(f) for f in
+                                (checkpoint.state.get("failed_searches", []) if checkpoint else [])]
         return checkpoint
 
     def _open_backend(self, build, name: str, engine_url: str | None):
@@ -219,11 +220,18 @@ class RunLoop(ABC):
             options.setdefault("per_page", sc.results_per_query)
         return build(name, cache=self.cache, mode=self.mode, url=url, **options)
 
-    def _search(self, texts: list[str]) -> tuple[list, dict[str, list[int]]]:
+    def _search(self, texts: list[str], background: bool = False) -> tuple[list, dict[str, list[int]]]:
         """Every query's answer (results, or a SearchError) and, per result URL in first-seen order,
-        the queries that returned it; the URLs are what the modality fetches next."""
-        answers = search_many(self.backend, texts, self.cfg.search.results_per_query,
-                              concurrency=self.cfg.search.concurrency)
+        the queries that returned it; the URLs are what the modality fetches next. A replay fails
+        the searches the recording logged as failed (`background`: in background.json) again."""
+        failed = (recorded_failures(self.run_dir, self.iteration, texts, background)
+                  if self.mode is CacheMode.REPLAY else {})
+        searched = iter(search_many(self.backend, [t for i, t in enumerate(texts) if i not in failed],
+                                    self.cfg.search.results_per_query, concurrency=self.cfg.search.concurrency))
+        answers = [failed[i] if i in failed else next(searched) for i in range(len(texts))]
+        for answer in answers:
+            if isinstance(answer, UnrecordedAnswer):  # a replay's cache lost an answer the recording had
+                raise answer
         url_queries: dict[str, list[int]] = {}
         for qi, a in enumerate(answers):
             for r in [] if isinstance(a, SearchError) else a:
@@ -234,13 +242,20 @@ class RunLoop(ABC):
         """The fetch settings, with the search engine's own host allowed (a local engine serves the items)."""
         return allow_origin(self.cfg.fetch, getattr(self.backend, "url", None))
 
-    def _query_log(self, queries, q_rewards, answers) -> dict:
-        """The iteration's queries for the ledger (`_pending`) and its metrics row, both modalities alike."""
+    def _query_log(self, queries, q_rewards, answers, searches: list[int]) -> dict:
+        """The iteration's queries for the ledger (`_pending`) and its metrics row, both modalities
+        alike. A failed query has no reward and no result count (None); `searches` says how many
+        times each query has been searched, this time included (> 1: a retry of a failure)."""
+        failed = [isinstance(a, SearchError) for a in answers]
         self._pending = {"concepts": [None if q.concept is None else self.vocab.concepts[q.concept] for q in queries],
-                         "results": [[] if isinstance(a, SearchError) else [r.image_url for r in a] for a in answers]}
-        return {"queries": [q.text for q in queries], "query_rewards": [round(float(r), 6) for r in q_rewards],
-                "results": [0 if isinstance(a, SearchError) else len(a) for a in answers],
-                "search_errors": [str(a) for a in answers if isinstance(a, SearchError)],
+                         "results": [[] if bad else [(r.rank, r.image_url) for r in a] for a, bad in zip(answers, failed)],
+                         "errors": [search_error(a) for a in answers]}
+        return {"queries": [q.text for q in queries],
+                "query_rewards": [None if bad else round(float(r), 6) for r, bad in zip(q_rewards, failed)],
+                "results": [None if bad else len(a) for a, bad in zip(answers, failed)],
+                "query_status": [query_status(a) for a in answers], "query_searches": searches,
+                "search_errors": [e for e in map(search_error, answers) if e is not None],
+                "all_searches_failed": bool(failed) and all(failed),
                 "results_skipped": int(getattr(self.backend, "skipped", 0))}  # run total: results with no url
 
     def _record_start(self, backend, **extra) -> None:
@@ -258,9 +273,9 @@ class RunLoop(ABC):
         self._cut_ledger()
 
     # -- the acquisition round, both modalities alike ------------------------------------------
-    def search_and_fetch(self, texts: list[str]) -> tuple[list, Candidates]:
+    def search_and_fetch(self, texts: list[str], background: bool = False) -> tuple[list, Candidates]:
         """Search `texts`, then fetch and convert every result URL once: (answers, candidates)."""
-        answers, url_queries = self._search(texts)
+        answers, url_queries = self._search(texts, background)
         return answers, self.fetch_candidates(url_queries, len(texts))
 
     def _fetch_background(self) -> list:
@@ -270,7 +285,7 @@ class RunLoop(ABC):
         texts = background_queries(self.cfg, self.vocab) if self.cfg.reward.background_size else []
         if not texts:
             return []
-        answers, cand = self.search_and_fetch(texts)
+        answers, cand = self.search_and_fetch(texts, background=True)
         record_background(self.run_dir, self.mode, texts, answers, cand.rejected,
                           self.truth.precision(cand.urls) if self.truth else None, **{self.USABLE: len(cand)})
         return list(self.background_items(cand))
@@ -281,17 +296,23 @@ class RunLoop(ABC):
         learner's data and `_pending` holds the round's ledger rows. Stops (StopRequested) only
         before anything is written."""
         cfg = self.cfg
-        queries = self.policy.propose(cfg.policy.queries_per_iteration)
+        retries = self.failed_searches  # searched after the policy's batch
+        queries = self.policy.propose(cfg.policy.queries_per_iteration) + [f.query for f in retries]
+        searches = [1] * (len(queries) - len(retries)) + [f.searches + 1 for f in retries]
         answers, cand = self.search_and_fetch([q.text for q in queries])
         self._check_stop()
         cand, emb = self.embed_candidates(cand)
         rewards = self.space.rewards(emb, cfg.reward.chunk_size)
         q_rewards = cfg.reward.query_rewards(rewards, cand.queries_of, len(queries), self.space.calibration,
                                              cfg.search.results_per_query)
-        self.policy.update(queries, q_rewards)
+        observed = [i for i, a in enumerate(answers) if not isinstance(a, SearchError)]
+        if observed:  # a failed search is a missing observation: the policy never hears of it
+            self.policy.update([queries[i] for i in observed], [q_rewards[i] for i in observed])
         accepted = self.accept(cand, rewards)
         self._check_stop()  # last safe point: from here on the iteration writes its logs
-        query_log = self._query_log(queries, q_rewards, answers)
+        self.failed_searches = [FailedSearch(q, n) for q, n, a in zip(queries, searches, answers)
+                                if isinstance(a, SearchError) and n <= cfg.search.failed_query_retries]
+        query_log = self._query_log(queries, q_rewards, answers, searches)
         records = self._record_accepted(cand, accepted, rewards, queries)
         self._pending.update(fetches=cand.fetches, accepted=records)
         if len(accepted):
@@ -300,7 +321,8 @@ class RunLoop(ABC):
             self.background_sample.add(self.background_items(cand))
         self.acquired(cand)
         urls = cand.urls
-        return {**query_log, **self._reward_diagnostics(rewards, len(accepted)), "fetched": len(cand) + sum(cand.rejected.values()), self.USABLE: len(cand),
+        return {**query_log, **self._reward_diagnostics(rewards, len(accepted)),
+                "fetched": len(cand) + sum(cand.rejected.values()), self.USABLE: len(cand),
                 "rejected": cand.rejected, "accepted": len(accepted), "accepted_urls": [urls[j] for j in accepted],
                 "precision_fetched": self.truth.precision(urls) if self.truth else None,
                 "precision_accepted": self.truth.precision([urls[j] for j in accepted]) if self.truth else None,
@@ -484,7 +506,8 @@ class RunLoop(ABC):
     def save_checkpoint(self) -> Path:
         """checkpoints/iter-NNNNNN/: everything needed to continue after the last finished
         iteration, complete or absent (see explorer/run/checkpoints.py); the last K are kept."""
-        return write_checkpoint(self.run_dir, self.iteration, self.state_dict(), keep=self.keep_checkpoints)
+        state = {**self.state_dict(), "failed_searches": [f.state() for f in self.failed_searches]}
+        return write_checkpoint(self.run_dir, self.iteration, state, keep=self.keep_checkpoints)
 
     def _finish(self, row: dict, metrics: Path) -> None:
         """Write a finished iteration: metrics.jsonl, the ledger (committed), the checkpoint, TensorBoard."""
@@ -511,8 +534,9 @@ class RunLoop(ABC):
     def tensorboard_scalars(self, row: dict) -> dict[str, float]:
         """The scalar metrics of one metrics.jsonl row under their TensorBoard tags (absent or None: left out)."""
         out = {tag: float(row[key]) for key, tag in self.TENSORBOARD_TAGS.items() if row.get(key) is not None}
-        if row.get("query_rewards"):
-            out["acquire/mean_query_reward"] = float(np.mean(row["query_rewards"]))
+        observed = [r for r in row.get("query_rewards") or [] if r is not None]  # failed searches: None
+        if observed:
+            out["acquire/mean_query_reward"] = float(np.mean(observed))
         return out
 
     def close(self) -> None:
@@ -567,6 +591,9 @@ class RunLoop(ABC):
                 break
             rows.append(row)
             log(self.summary(row))
+            if row.get("all_searches_failed"):
+                log(f"iteration {row['iteration']}: all {len(row['queries'])} searches failed, no query was "
+                    f"observed and the policy learned nothing: {row['search_errors'][0]}")
         else:  # every iteration done: the finished folder is held to the budget too
             try:
                 self._check_disk()

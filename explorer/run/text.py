@@ -438,7 +438,8 @@ class TextLoop(RunLoop):
             self.ensure_background()  # a one-time cost, not a round's
             spent, tokens = self._acquisition_flops(), self.stream.num_tokens
             row.update(self.acquire())
-            self.rounds.append((self._acquisition_flops() - spent, self.stream.num_tokens - tokens))
+            if not row["all_searches_failed"]:  # a round the engine never answered is no evidence of what one adds
+                self.rounds.append((self._acquisition_flops() - spent, self.stream.num_tokens - tokens))
         row.update(self.train(self.affordable_steps()))
         row.update(self.evaluate())
         row.update(self._status())

@@ -303,3 +303,22 @@ def test_policy_runs_in_the_acquisition_loop(name, iterations, tiny_experiment, 
     assert state["policy"] == name and len(state["log"]["rewards"]) == 4 * iterations
     if name == "hybrid":  # expansions keep their seed concept, so they find something at once
         assert sum(sum(r["results"]) for r in rows[1:]) > 0
+
+
+def test_an_update_without_the_failed_searches_trains_on_the_answered_queries_only():
+    """The loop leaves out queries whose search failed: PPO trains on the other samples' rows (each
+    pointed at its query's reward) and the invalid samples' penalties, never on a failed query's."""
+    policy = build_policy("ppo", concepts=CONCEPTS, seed=0, **FAST)
+    batch = policy.propose(6)
+    rollout = policy.rollout
+    answered = [0, 2, 5]
+    sub = rollout.observed([batch[i] for i in answered])
+    kept = [r for r in range(6) if r in answered or rollout.invalid[r]]
+    assert sub.queries == [batch[i] for i in answered] and sub.responses.shape[0] == len(kept)
+    assert sub.query_index == [answered.index(r) if r in answered else -1 for r in kept]
+    assert torch.equal(sub.logprobs, rollout.logprobs[kept]) and torch.equal(sub.values, rollout.values[kept])
+    weights = [p.detach().clone() for p in policy.model.parameters() if p.requires_grad]
+    policy.update([batch[i] for i in answered], [0.1, 0.9, 0.4])
+    assert "ppo_seconds" in policy.stats and policy.log.texts == [batch[i].text for i in answered]
+    after = [p for p in policy.model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(weights, after))  # PPO stepped on the subset

@@ -85,7 +85,7 @@ def test_searxng_parsing_pages_and_skips_non_images(fixture_engine, tmp_path):
                                               "https://img.example/boot2.jpg"]
     assert [r.rank for r in results] == [0, 1, 2]
     assert results[0].caption == "Leather ankle boot" and results[0].page_url == "https://shop.example/boot-1"
-    assert fixture_engine.requests == 3  # pages 1, 2, then an empty page 3 ends the paging
+    assert fixture_engine.requests == 2  # page 2 is shorter than page 1: the last; no empty page 3 is asked for
 
 
 def test_clip_retrieval_parsing(fixture_engine, tmp_path):

@@ -191,3 +191,20 @@ def test_a_crash_after_the_ledger_commit_before_the_checkpoint_is_cut_back_on_re
     resumed.run(log=quiet)
     resumed.close()
     assert [r["iteration"] for r in assert_ledger_matches_logs(tmp_path)] == [0, 1, 2]
+
+
+def test_a_failed_query_has_its_error_and_results_their_first_rank(tmp_path):
+    """A ledger from before queries had an `error` column gains it; a failed query is stored with no
+    reward and no count, a partial one with both and the error that cut it short."""
+    with sqlite3.connect(tmp_path / LEDGER) as old:
+        old.execute("CREATE TABLE queries (iteration INTEGER NOT NULL, position INTEGER NOT NULL, text TEXT NOT NULL, "
+                    "concept TEXT, reward REAL, n_results INTEGER, PRIMARY KEY (iteration, position))")
+    row = {**ROW, "queries": ["boot", "red bag", "shoe"], "query_rewards": [0.5, None, 0.2], "results": [2, None, 1]}
+    with RunLedger(tmp_path / LEDGER) as ledger:
+        ledger.record_iteration(row, results=[[(0, "http://a/1.png"), (3, "http://a/2.png")], [], [(0, "http://a/3.png")]],
+                                errors=[None, "search 'red bag' page 1: HTTP 429", "search 'shoe' page 2: HTTP 429"])
+        assert ledger.db.execute("SELECT text, reward, n_results, error FROM queries ORDER BY position").fetchall() == [
+            ("boot", 0.5, 2, None), ("red bag", None, None, "search 'red bag' page 1: HTTP 429"),
+            ("shoe", 0.2, 1, "search 'shoe' page 2: HTTP 429")]
+        assert ledger.db.execute("SELECT query, rank, url FROM results ORDER BY query, rank").fetchall() == [
+            (0, 0, "http://a/1.png"), (0, 3, "http://a/2.png"), (2, 0, "http://a/3.png")]

@@ -262,3 +262,14 @@ def test_the_loop_runs_on_documents_served_as_html(text_corpus, tmp_path):
     accepted = [json.loads(line) for line in (tmp_path / "accepted.jsonl").read_text().splitlines()]
     assert accepted and all(a["sha256"] in known for a in accepted)
     assert not any(a["sha256"] in loop.holdout_sha | loop.target_sha for a in accepted)
+
+
+def test_a_round_whose_searches_all_failed_is_no_evidence_for_the_planner(text_corpus, tmp_path):
+    cfg = tiny_text(text_corpus, search={"results_per_query": 6, "options": {"retries": 0}})
+    loop = TextLoop(cfg, tmp_path, engine_url="http://127.0.0.1:9", progress=False)  # nothing listens there
+    with pytest.warns(UserWarning, match="background queries fetched nothing"):  # fetched before round 1
+        rows = loop.run(log=lambda _: None)
+    assert [r["planner_action"] for r in rows[1:]] == ["acquire"] * 2
+    assert all(r["all_searches_failed"] and "unreachable" in r["search_errors"][0] for r in rows[1:])
+    assert loop.rounds == [] and not loop.expected_round().measured  # still the prior's bound, not "adds nothing"
+    loop.close()
