@@ -42,11 +42,11 @@ def test_eviction_removes_rejected_bodies_oldest_first_and_keeps_what_replay_and
 
     run_dir = tmp_path / "run"
     shutil.copytree(straight, run_dir)
-    usage, rejected = folder_usage(run_dir)["total"], rejected_bytes(run_dir)
+    rejected = rejected_bytes(run_dir)
     assert rejected > 0
-    budget = DiskConfig(max_gb=(usage - rejected / 2) / GB)  # half the rejected bodies must go
     cache = ResponseCache(run_dir / "cache")
-    with RunLedger(run_dir / LEDGER) as ledger:
+    with RunLedger(run_dir / LEDGER) as ledger:  # (opened first: its shared-memory file counts too)
+        budget = DiskConfig(max_gb=(folder_usage(run_dir)["total"] - rejected / 2) / GB)  # half the rejected bodies must go
         order = [sha for sha, _ in ledger.rejected_bodies()]
         done = enforce_budget(run_dir, budget, cache, ledger)
         assert 0 < done["evicted"] < len(order)
