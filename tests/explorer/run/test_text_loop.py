@@ -11,7 +11,14 @@ from explorer.run.checkpoints import has_checkpoint
 from explorer.run.config import PRIOR_LAW, ExperimentConfig, from_dict, load_config
 from explorer.run.experiment import local_engine_for, replay_run, run_experiment
 from explorer.run.text import TextLoop
-from explorer.web.text_corpus import TextCorpus, TextCorpusSpec, build_text_corpus, document_text, text_sha256
+from explorer.score.reward import centred, unit_rows
+from explorer.web.text_corpus import (
+    TextCorpus,
+    TextCorpusSpec,
+    build_text_corpus,
+    document_text,
+    text_sha256,
+)
 from learners.lm import lm_embeddings
 
 TOPIC = "Biology and health sciences"
@@ -154,13 +161,17 @@ def test_lm_hidden_states_as_the_reward_encoder(text_corpus, tmp_path):
     minilm_only = 2 * 1.06e7 * 128  # the MiniLM signature pass per document; the LM forward adds to it
     assert rows[0]["flops"]["score"] > minilm_only * rows[0]["valid"]
     # every accepted document's logged reward is the kNN reward of the LM's embedding of its text,
-    # contrasted with the LM's embedding of the background documents
+    # contrasted with the LM's embedding of the background documents, all centred on the mean of the
+    # web's first sample (here the background itself)
+    assert rows[0]["reward_encoder"] == "learner"
     text_of = {text_sha256(document_text(d)): document_text(d) for d in text_corpus.documents()}
     accepted = [json.loads(line) for line in (tmp_path / "accepted.jsonl").read_text().splitlines()]
     assert accepted and len(accepted) == rows[0]["accepted"]
     texts = [text_of[a["sha256"]] for a in accepted]
     logged = np.array([a["reward"] for a in accepted])
     doc_lm = lm_embeddings(lm, [t[:seq_len] for t in tok.encode_batch(texts)], seq_len)
+    centre = unit_rows(background_lm).mean(axis=0)
+    doc_lm, target_lm, background_lm = (centred(e, centre) for e in (doc_lm, target_lm, background_lm))
     w = cfg.reward.background_weight
     assert len(loop.background_sample) > 0 and w > 0
     expected = top_k_cosine(doc_lm, target_lm, k) - w * top_k_cosine(doc_lm, background_lm, k)
