@@ -33,7 +33,7 @@ import numpy as np
 
 from explorer.acquire.cache import CacheMode, ResponseCache
 from explorer.acquire.fetch import FetchConfig, allow_origin
-from explorer.acquire.search import SearchError, search_many
+from explorer.acquire.search import ImageQuery, SearchError, search_many
 from explorer.run.checkpoints import LoadedCheckpoint, load_latest_checkpoint, write_checkpoint
 from explorer.run.config import ExperimentConfig, save_config
 from explorer.run.disk import DiskBudgetExceeded, enforce_budget, folder_usage, is_disk_full
@@ -58,6 +58,12 @@ def write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
+
+
+def search_input(query) -> str | ImageQuery:
+    """What the search backend is asked for a policy's `Query`: its text, or its image (a query by
+    example, which its text names)."""
+    return query.text if query.image is None else ImageQuery(query.image, query.text)
 
 
 def background_seed(cfg: ExperimentConfig) -> int:
@@ -209,7 +215,7 @@ class RunLoop(ABC):
             options.setdefault("per_page", sc.results_per_query)
         return build(name, cache=self.cache, mode=self.mode, url=url, **options)
 
-    def _search(self, texts: list[str]) -> tuple[list, dict[str, list[int]]]:
+    def _search(self, texts: list[str | ImageQuery]) -> tuple[list, dict[str, list[int]]]:
         """Every query's answer (results, or a SearchError) and, per result URL in first-seen order,
         the queries that returned it; the URLs are what the modality fetches next."""
         answers = search_many(self.backend, texts, self.cfg.search.results_per_query,
@@ -248,8 +254,8 @@ class RunLoop(ABC):
         self._cut_ledger()
 
     # -- the acquisition round, both modalities alike ------------------------------------------
-    def search_and_fetch(self, texts: list[str]) -> tuple[list, Candidates]:
-        """Search `texts`, then fetch and convert every result URL once: (answers, candidates)."""
+    def search_and_fetch(self, texts: list[str | ImageQuery]) -> tuple[list, Candidates]:
+        """Search `texts` (or images), then fetch and convert every result URL once: (answers, candidates)."""
         answers, url_queries = self._search(texts)
         return answers, self.fetch_candidates(url_queries, len(texts))
 
@@ -272,7 +278,7 @@ class RunLoop(ABC):
         before anything is written."""
         cfg = self.cfg
         queries = self.policy.propose(cfg.policy.queries_per_iteration)
-        answers, cand = self.search_and_fetch([q.text for q in queries])
+        answers, cand = self.search_and_fetch([search_input(q) for q in queries])
         self._check_stop()
         cand, emb = self.embed_candidates(cand)
         rewards = (cfg.reward.image_rewards(emb, self.index, self.background) if len(cand)
