@@ -14,6 +14,7 @@ embeddings closer than cosine 0.94 form connected components, and each keeps its
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ from explorer.web.image_encoder import (
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS, META = "image_emb.npy", "image_index.json"
+EMBEDDINGS, META, LOCK = "image_emb.npy", "image_index.json", "image_index.lock"
 DEDUP_THRESHOLD = 0.94  # clip-retrieval's KnnService.get_non_uniques
 
 
@@ -119,11 +120,14 @@ class ImageIndex:
 
     @classmethod
     def open(cls, corpus: WebCorpus, model: str = DEFAULT_IMAGE_MODEL, *, progress: bool = True) -> ImageIndex:
-        """The corpus's image index under `model`, built first when it is missing or stale."""
+        """The corpus's image index under `model`, built first when it is missing or stale (one
+        process builds it while any other that needs it waits)."""
         encoder = ImageEncoder(model)
-        if not index_is_fresh(corpus.root, model):
-            build_image_index(corpus, encoder, progress=progress)
-        return cls(corpus, encoder, np.load(corpus.root / EMBEDDINGS))
+        with open(corpus.root / LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not index_is_fresh(corpus.root, model):
+                build_image_index(corpus, encoder, progress=progress)
+            return cls(corpus, encoder, np.load(corpus.root / EMBEDDINGS))
 
     @property
     def dim(self) -> int:
