@@ -240,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
     s.add_argument("--min-score", type=float, default=0.25,
                    help="drop results whose hybrid score is below this (0 returns something for anything)")
-    s.add_argument("--no-image-index", dest="image_index", action="store_false",
-                   help="serve captions only: no image index (explorer-image), so no image queries")
+    s.add_argument("--image-index", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve the corpus's image index (indice explorer-image, for image queries; built beside "
+                        "the corpus on first use); --no-image-index serves captions only")
     s.set_defaults(func=_serve)
 
     q = sub.add_parser("search", formatter_class=fmt, help="run one query and print the ranked results",
