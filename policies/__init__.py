@@ -11,7 +11,7 @@ import dataclasses
 import inspect
 from typing import Any
 
-from policies import gp, hybrid, oracle, ppo_llm, random_policy  # noqa: F401  (registration side effects)
+from policies import gp, hybrid, knn_retrieval, oracle, ppo_llm, random_policy  # noqa: F401  (registration side effects)
 from policies.base import POLICIES, Query, QueryPolicy, register_policy
 
 __all__ = ["POLICIES", "Query", "QueryPolicy", "build_policy", "policy_options", "register_policy",
@@ -33,7 +33,7 @@ def policy_options(name: str) -> set[str]:
     config_class = getattr(cls, "config_class", None)
     if config_class is not None:
         names |= {f.name for f in dataclasses.fields(config_class)}
-    return names - {"self", "concepts", "seed"}
+    return names - {"self", "concepts", "seed", "target_images"}  # given by the run, not the config
 
 
 def split_policy_options(name: str, options: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

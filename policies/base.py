@@ -1,22 +1,25 @@
 """The query-policy protocol and its registry.
 
-A policy proposes text queries drawn from a concept vocabulary, hears back one scalar reward per
-query (the aggregate kNN reward of the images the query found), and keeps all of its state in a
+A policy proposes queries — text, usually drawn from a concept vocabulary, or an image to find the
+neighbours of (a query by example) — hears back one scalar reward per query (the aggregate kNN
+reward of the images the query found), and keeps all of its state in a
 `state_dict` so that a run can be checkpointed, resumed and replayed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
 class Query:
-    """One search query. `concept` indexes the vocabulary when the query came from it."""
+    """One search query. `concept` indexes the vocabulary when the query came from it; `image` (image
+    file bytes) makes it a query by example, which `text` then names in logs."""
 
     text: str
     concept: int | None = None
+    image: bytes | None = field(default=None, repr=False)
 
 
 @runtime_checkable

@@ -30,6 +30,19 @@ def engine(small_corpus):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def image_engine(small_corpus):
+    """The local engine over `small_corpus` with its image index (built beside it, once)."""
+    from explorer.web.engine import HybridIndex, SearchServer
+    from explorer.web.image_index import ImageIndex
+    from explorer.web.text_encoder import default_encoder
+
+    server = SearchServer(HybridIndex(small_corpus, default_encoder()),
+                          image_index=ImageIndex.open(small_corpus, progress=False)).start()
+    yield server
+    server.stop()
+
+
 TINY_EXPERIMENT = {
     "name": "tiny", "iterations": 2, "seed": 0,
     "target": {"limit": 300},

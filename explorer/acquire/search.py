@@ -3,14 +3,18 @@
     local           explorer's own engine (`explorer serve`), SearXNG dialect with a page size
     searxng         any SearXNG instance: GET /search?q=..&format=json&categories=images&pageno=N
     clip-retrieval  any clip-retrieval knn service: POST /knn-service {"text": .., "num_images": N}
+                    (image queries: {"image": base64, ..} or {"embedding_input": ..} under `image_model`)
     replay          the recorded backend of a run, answered from its cache alone (no socket opens)
 
-Every answer goes through a `ResponseCache` keyed by the exact request, so a run's searches can be
-replayed bit for bit. Only successes are stored: a transport failure, 403, 429, 5xx, an answer that
-is not JSON, or a SearXNG page with no results because its engines failed raises a `SearchError`
-that names the cause and the fix, and the next run asks again. In a replay, a request the recording
-has no answer for fails the same way (`UnrecordedAnswer`, a SearchError): the recorded run's search
-failed there too.
+A query is a string, or an `ImageQuery` (image file bytes: a query by example), which the backends
+of a knn service answer with `search_image` (the local engine's image index, clip-retrieval's
+`image` / `embedding_input`; `search_one` dispatches). Every answer goes through a `ResponseCache`
+keyed by the exact request (an image query's holds the image itself, or its embedding), so a run's
+searches can be replayed bit for bit. Only successes are stored: a transport failure, 403, 429, 5xx,
+an answer that is not JSON, or a SearXNG page with no results because its engines failed raises a
+`SearchError` that names the cause and the fix, and the next run asks again. In a replay, a request
+the recording has no answer for fails the same way (`UnrecordedAnswer`, a SearchError): the recorded
+run's search failed there too.
 
 A query's results are distinct by image URL, each at the rank of its first occurrence in the
 engine's answer (engines repeat results across pages). SearXNG-style paging stops at `n` distinct
@@ -29,13 +33,15 @@ same names as `HttpPolicy`'s fields override them.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import httpx
@@ -48,6 +54,7 @@ from explorer.acquire.netguard import (
     guarded_sync_transport,
     netloc_of,
 )
+from explorer.web.knn_service import IMAGE_INDEX
 
 USER_AGENT = "explorer/0.1 (active data acquisition; +https://pypi.org/project/explorer)"
 # What a browser sends; SearXNG's bot detection refuses requests whose Accept lacks text/html, or
@@ -92,6 +99,18 @@ def distinct_results(results: Sequence[SearchResult], seen: set[str] | None = No
             seen.add(r.image_url)
             out.append(r)
     return out
+
+
+@dataclass(frozen=True)
+class ImageQuery:
+    """A query by example: image file bytes; `label` names it in results and logs."""
+
+    image: bytes = field(repr=False)
+    label: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.image).hexdigest()
 
 
 class SearchBackend(Protocol):
@@ -416,6 +435,10 @@ class LocalBackend(SearxngBackend):
                  categories: str = "images"):
         super().__init__(url, http=http, max_pages=max_pages, per_page=per_page, categories=categories)
 
+    def search_image(self, query: ImageQuery, n: int) -> list[SearchResult]:
+        """The image's neighbours in the engine's image index (its knn service, clip-retrieval's API)."""
+        return knn_image_search(self.http, self.url, query, n, indice_name=IMAGE_INDEX)[0]
+
 
 CLIP_MODALITIES = ("image", "text")  # which of the back end's indexes a query searches
 KNN_ROUTE = "/knn-service"
@@ -430,7 +453,11 @@ class ClipRetrievalBackend:
     http_defaults: dict[str, Any] = {"min_interval_s": 0.0}
 
     def __init__(self, url: str, *, http: CachedHttp, indice_name: str = "laion5B-L-14", modality: str = "image",
-                 deduplicate: bool = True, result_ids_factor: int = 3):
+                 deduplicate: bool = True, result_ids_factor: int = 3, image_model: str | None = None):
+        """`image_model`: the model the index was built with (a key of explorer.web.image_encoder's
+        IMAGE_MODELS); image queries are then embedded here and sent as `embedding_input`, else sent
+        as base64 `image` for the back end to embed."""
+        self.image_model = image_model
         if modality not in CLIP_MODALITIES:
             raise ValueError(f"unknown clip-retrieval modality {modality!r}; valid: {', '.join(CLIP_MODALITIES)}")
         if not isinstance(result_ids_factor, int) or result_ids_factor < 1:
@@ -446,7 +473,8 @@ class ClipRetrievalBackend:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "url": self.url, "indice_name": self.indice_name, "modality": self.modality,
-                "deduplicate": self.deduplicate, "result_ids_factor": self.result_ids_factor}
+                "deduplicate": self.deduplicate, "result_ids_factor": self.result_ids_factor,
+                **({"image_model": self.image_model} if self.image_model else {})}
 
     def search(self, query: str, n: int) -> SearchResults:
         ids = n * self.result_ids_factor if self.deduplicate else n
@@ -463,6 +491,68 @@ class ClipRetrievalBackend:
         with self._lock:
             self.skipped += skipped
         return SearchResults(distinct_results(results)[:n])
+
+    def search_image(self, query: ImageQuery, n: int) -> list[SearchResult]:
+        """The image's neighbours in `indice_name` (see `knn_image_search`)."""
+        embedding = query_embedding(self.http, self.image_model, query) if self.image_model else None
+        results, skipped = knn_image_search(self.http, self.url, query, n, indice_name=self.indice_name,
+                                            modality=self.modality, deduplicate=self.deduplicate,
+                                            embedding=embedding)
+        with self._lock:
+            self.skipped += skipped
+        return results
+
+
+def knn_image_search(http: CachedHttp, url: str, query: ImageQuery, n: int, *, indice_name: str,
+                     modality: str = "image", deduplicate: bool = True,
+                     embedding: list[float] | None = None) -> tuple[list[SearchResult], int]:
+    """An image query to a clip-retrieval knn service at base `url`: the image base64-encoded (the
+    back end embeds it with its index's model) or, given, its `embedding`; (results, skipped)."""
+    body = {"text": None, "image": None if embedding else base64.b64encode(query.image).decode("ascii"),
+            "image_url": None, "embedding_input": embedding, "modality": modality, "num_images": n,
+            "indice_name": indice_name, "num_result_ids": n, "use_mclip": False, "deduplicate": deduplicate,
+            "use_safety_model": False, "use_violence_detector": False, "aesthetic_score": "",
+            "aesthetic_weight": 0.5}
+    where = f"knn image search {query.label} ({query.sha256[:12]}) in {indice_name!r} at {url}"
+    hints = {500: f"the back end failed; is indice_name {indice_name!r} listed by {url}/indices-list? See its logs"}
+    payload = http.request_json("POST", f"{url}{KNN_ROUTE}", json_body=body, description=where, hints=hints)
+    results, skipped = parse_clip_retrieval(payload, query.label, where)
+    return results[:n], skipped
+
+
+def query_embedding(http: CachedHttp, model: str, query: ImageQuery) -> list[float]:
+    """`query`'s embedding under image model `model`, kept in the run's cache under the image's
+    sha256 like a search answer, so a replay sends the very same vector without the model."""
+    request = canonical_request("POST", f"image-model:{model}", None, {"sha256": query.sha256})
+    key = ResponseCache.request_key(**{k: request[k] for k in ("method", "url", "params")},
+                                    json_body=request["json"])
+    where = f"the {model} embedding of image query {query.label} ({query.sha256[:12]})"
+    if http.mode is CacheMode.REPLAY:
+        return json.loads(http.cache.require(key, where).body)
+    hit = http.cache.get(key) if http.cache is not None else None
+    if hit is not None:
+        return json.loads(hit.body)
+    from explorer.web.image_encoder import ImageDecodeError, ImageEncoder
+
+    try:
+        vector = ImageEncoder(model).encode_bytes(query.image).tolist()
+    except ImageDecodeError as e:
+        raise SearchError(f"{where}: {e}") from e
+    if http.cache is not None:
+        http.cache.put(key, CachedResponse(url=request["url"], status=200, headers={}, body=json.dumps(vector).encode(),
+                                           fetched_at=time.time(), request=request))
+    return vector
+
+
+def search_one(backend: SearchBackend, query: str | ImageQuery, n: int) -> list[SearchResult]:
+    """A text query's results, or an image query's from a backend that can search by image."""
+    if not isinstance(query, ImageQuery):
+        return backend.search(query, n)
+    search_image = getattr(backend, "search_image", None)
+    if search_image is None:
+        raise SearchError(f"the {backend.name} backend cannot search by image: use clip-retrieval (a back end "
+                          "whose index holds images) or local (the engine's image index)")
+    return search_image(query, n)
 
 
 def build_registered(registry: dict[str, Callable[..., SearchBackend]], name: str, *, cache: ResponseCache | None,
@@ -488,13 +578,14 @@ def build_backend(name: str, *, cache: ResponseCache | None, mode: CacheMode | s
     return build_registered(SEARCH_BACKENDS, name, cache=cache, mode=mode, recorded=recorded, **kwargs)
 
 
-def search_many(backend: SearchBackend, queries: Sequence[str], n: int, *, concurrency: int | None = None,
-                ) -> list[SearchResults | SearchError]:
-    """All queries, `concurrency` at a time (None: the backend's own default), in input order: a
-    query's SearchResults (distinct by image URL, whatever the backend), or its SearchError."""
-    def one(q: str):
+def search_many(backend: SearchBackend, queries: Sequence[str | ImageQuery], n: int, *,
+                concurrency: int | None = None) -> list[SearchResults | SearchError]:
+    """All queries (text, or images by example), `concurrency` at a time (None: the backend's own
+    default), in input order: a query's SearchResults (distinct by image URL, whatever the backend),
+    or its SearchError."""
+    def one(q: str | ImageQuery):
         try:
-            answer = backend.search(q, n)
+            answer = search_one(backend, q, n)
         except SearchError as e:
             return e
         distinct = SearchResults(distinct_results(answer))

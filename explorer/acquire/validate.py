@@ -1,4 +1,4 @@
-"""Validation of a downloaded candidate image, and the one place images are normalised for the pipeline.
+"""Validation of a downloaded candidate image, and its normalisation for the pipeline.
 
 `validate_image` never raises: every body maps to a `ValidatedImage` or a `Rejection` whose status is
 one of `STATUSES`. Checks run cheapest-first, and dimensions are read from the header before any
@@ -7,11 +7,9 @@ pixel is decoded, so a small file that claims 30000x30000 pixels costs nothing:
     empty -> too_large_body -> bad_content_type -> not_an_image / wrong_magic (sniffed magic bytes)
     -> decompression_bomb / too_large_dims / too_small (header only) -> decode_error (full decode)
 
-`to_pipeline_tensor` turns a decoded image into the pipeline's uint8 (3, S, S) RGB: transparency is
-composited onto white, and non-square images are scaled so the LONGER side is S and padded to a square
-with white. Clip art is often wide or tall and its subject fills the frame; a centre crop would cut the
-subject off, and white matches the background clip art is drawn on. Square images (Fashion-MNIST) are
-simply resized.
+`to_pipeline_tensor` (explorer/web/pixels.py, shared with the engine's image index) turns a decoded
+image into the pipeline's uint8 (3, S, S) RGB: transparency is composited onto white, and
+non-square images are scaled so the LONGER side is S and padded to a square with white.
 """
 
 from __future__ import annotations
@@ -21,8 +19,9 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 from PIL import Image
+
+from explorer.web.pixels import to_pipeline_tensor
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: importing the fetcher stays light
     import torch
@@ -178,37 +177,6 @@ def validate_image(
     except Exception as e:  # noqa: BLE001
         return Rejection("decode_error", f"{type(e).__name__}: {e}", w, h)
     return ValidatedImage(image=image, width=w, height=h, format=sniffed)
-
-
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit and float greyscale to 8-bit 'L' (PIL's own convert clips instead of scaling)."""
-    pixels = np.asarray(image)
-    if image.mode.startswith("I;16") or (image.mode == "I" and pixels.max(initial=0) > 255):
-        pixels = np.clip(pixels, 0, 65535) / 257.0
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="L")
-
-
-def to_pipeline_tensor(image: Image.Image, size: int = 32) -> torch.Tensor:
-    """uint8 (3, size, size) RGB: alpha onto white, longer side scaled to `size`, padded with white."""
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        image = _to_8bit(image)
-    has_alpha = "A" in image.getbands() or "transparency" in image.info
-    image = image.convert("RGBA" if has_alpha else "RGB")
-    w, h = image.size
-    scale = size / max(w, h)
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    if (new_w, new_h) != (w, h):  # PIL resizes RGBA premultiplied, so edges do not go dark
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    canvas = Image.new("RGBA", (size, size), (255, 255, 255, 255))
-    offset = ((size - new_w) // 2, (size - new_h) // 2)
-    if has_alpha:
-        canvas.alpha_composite(image, offset)
-    else:
-        canvas.paste(image, offset)
-    rgb = np.asarray(canvas.convert("RGB"))  # (S, S, 3)
-    import torch  # here, not at module load: the fetcher imports this module
-
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
 def decode_batch(

@@ -15,7 +15,7 @@ import numpy as np
 
 from explorer.run.config import ExperimentConfig
 from explorer.web.vocabulary import ConceptVocabulary
-from policies import QueryPolicy, build_policy, split_policy_options
+from policies import POLICIES, QueryPolicy, build_policy, split_policy_options
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +114,10 @@ def oracle_relevance(vocab: ConceptVocabulary, truth: HiddenTruth, n: int) -> np
 
 
 def make_policy(cfg: ExperimentConfig, vocab: ConceptVocabulary, cache_dir: Path | None,
-                truth: HiddenTruth | None, description: str) -> QueryPolicy:
+                truth: HiddenTruth | None, description: str, target_images=None) -> QueryPolicy:
     """The configured policy over `vocab` (image and text side alike). Options meant for another
     policy are dropped with a warning; LLM policies are told the target's `description`; the oracle
-    reads `truth`'s per-concept relevance."""
+    reads `truth`'s per-concept relevance; a policy that queries by example gets `target_images`."""
     kwargs, ignored = split_policy_options(cfg.policy.name, dict(cfg.policy.options))
     if ignored:  # e.g. the demo's gp options after `--set policy.name=random`
         log.warning("policy.options %s do not apply to the %s policy and are ignored",
@@ -130,6 +130,8 @@ def make_policy(cfg: ExperimentConfig, vocab: ConceptVocabulary, cache_dir: Path
         if truth is None:
             raise ValueError("the oracle policy needs the local web's hidden ground truth")
         kwargs["relevance"] = oracle_relevance(vocab, truth, cfg.search.results_per_query)
+    if getattr(POLICIES[cfg.policy.name], "searches_by_image", False):
+        kwargs["target_images"] = target_images
     try:
         return build_policy(cfg.policy.name, concepts=list(vocab.concepts), seed=cfg.seed, **kwargs)
     except TypeError as e:

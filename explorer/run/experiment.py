@@ -13,6 +13,7 @@ from explorer.run.image import ImageLoop, open_corpus
 from explorer.run.ledger import read_metrics
 from explorer.run.loop import RunLoop, compare_decisions
 from explorer.run.text import TextLoop, open_text_corpus
+from policies import POLICIES
 
 ENGINE_LOG = "engine.log"  # the local engine's request errors, in the run folder
 LOOPS = {"image": ImageLoop, "text": TextLoop}  # modality -> its loop
@@ -34,16 +35,21 @@ def open_web(cfg: ExperimentConfig, progress: bool = False):
 @contextlib.contextmanager
 def local_engine_for(cfg: ExperimentConfig, error_log: Path | None = None, *, progress: bool = False,
                      port: int = 0):
-    """Yields the URL of the engine a config needs: a started local engine over its corpus, or None.
-    The engine's request errors are appended to `error_log` (not printed)."""
+    """Yields the URL of the engine a config needs: a started local engine over its corpus (with its
+    image index when the policy queries by example), or None. The engine's request errors are
+    appended to `error_log` (not printed)."""
     if cfg.search.backend != "local" or cfg.search.url:
         yield None
         return
     from explorer.web.engine import HybridIndex, SearchServer
+    from explorer.web.image_index import ImageIndex
     from explorer.web.text_encoder import default_encoder
 
-    with SearchServer(HybridIndex(open_web(cfg, progress), default_encoder()), port=port, error_log=error_log,
-                      html_documents=cfg.modality == "text" and cfg.search.serve_html) as server:
+    web = open_web(cfg, progress)
+    by_image = cfg.modality == "image" and getattr(POLICIES.get(cfg.policy.name), "searches_by_image", False)
+    with SearchServer(HybridIndex(web, default_encoder()), port=port, error_log=error_log,
+                      html_documents=cfg.modality == "text" and cfg.search.serve_html,
+                      image_index=ImageIndex.open(web, progress=progress) if by_image else None) as server:
         yield server.url
 
 

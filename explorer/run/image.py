@@ -143,7 +143,7 @@ class ImageLoop(RunLoop):
         self.vocab = image_vocabulary(cfg, self.corpus)
         self.truth = ground_truth(cfg, self.corpus)
         self.policy = make_policy(cfg, self.vocab, self.corpus.root if self.corpus else None, self.truth,
-                                  target_description(cfg))
+                                  target_description(cfg), self.target.part("acquire")[0])
         if hasattr(self.policy, "use_generation_cache"):  # LLM policies: a replay reads what they wrote
             self.policy.use_generation_cache(self.run_dir / "cache" / "generations")
         self._replay_dir = Path(tempfile.mkdtemp(prefix=".replay-acquired-", dir=self.run_dir)) if replay else None

@@ -39,7 +39,7 @@ import numpy as np
 
 from explorer.acquire.cache import CacheMode, ResponseCache
 from explorer.acquire.fetch import FetchConfig, allow_origin
-from explorer.acquire.search import SearchError, UnrecordedAnswer, search_many
+from explorer.acquire.search import ImageQuery, SearchError, UnrecordedAnswer, search_many
 from explorer.run.checkpoints import LoadedCheckpoint, load_latest_checkpoint, write_checkpoint
 from explorer.run.config import ExperimentConfig, save_config
 from explorer.run.disk import DiskBudgetExceeded, enforce_budget, folder_usage, is_disk_full
@@ -66,6 +66,12 @@ def write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
+
+
+def search_input(query) -> str | ImageQuery:
+    """What the search backend is asked for a policy's `Query`: its text, or its image (a query by
+    example, which its text names)."""
+    return query.text if query.image is None else ImageQuery(query.image, query.text)
 
 
 def background_seed(cfg: ExperimentConfig) -> int:
@@ -220,7 +226,7 @@ class RunLoop(ABC):
             options.setdefault("per_page", sc.results_per_query)
         return build(name, cache=self.cache, mode=self.mode, url=url, **options)
 
-    def _search(self, texts: list[str], background: bool = False) -> tuple[list, dict[str, list[int]]]:
+    def _search(self, texts: list[str | ImageQuery], background: bool = False) -> tuple[list, dict[str, list[int]]]:
         """Every query's answer (results, or a SearchError) and, per result URL in first-seen order,
         the queries that returned it; the URLs are what the modality fetches next. A replay fails
         the searches the recording logged as failed (`background`: in background.json) again."""
@@ -273,8 +279,8 @@ class RunLoop(ABC):
         self._cut_ledger()
 
     # -- the acquisition round, both modalities alike ------------------------------------------
-    def search_and_fetch(self, texts: list[str], background: bool = False) -> tuple[list, Candidates]:
-        """Search `texts`, then fetch and convert every result URL once: (answers, candidates)."""
+    def search_and_fetch(self, texts: list[str | ImageQuery], background: bool = False) -> tuple[list, Candidates]:
+        """Search `texts` (or images), then fetch and convert every result URL once: (answers, candidates)."""
         answers, url_queries = self._search(texts, background)
         return answers, self.fetch_candidates(url_queries, len(texts))
 
@@ -299,7 +305,7 @@ class RunLoop(ABC):
         retries = self.failed_searches  # searched after the policy's batch
         queries = self.policy.propose(cfg.policy.queries_per_iteration) + [f.query for f in retries]
         searches = [1] * (len(queries) - len(retries)) + [f.searches + 1 for f in retries]
-        answers, cand = self.search_and_fetch([q.text for q in queries])
+        answers, cand = self.search_and_fetch([search_input(q) for q in queries])
         self._check_stop()
         cand, emb = self.embed_candidates(cand)
         rewards = self.space.rewards(emb, cfg.reward.chunk_size)

@@ -17,17 +17,21 @@ Each caption expands to its items in a fixed pseudo-random order (so paging is s
 
 The HTTP API speaks two real engines' dialects, so the same clients work against the real things:
     GET  /search?q=..&format=json&pageno=1[&per_page=20]   SearXNG's JSON (results: url, img_src, title, ...)
-    POST /knn-service  {"text": .., "num_images": N}          clip-retrieval's [{url, caption, similarity, id}]
+    POST /knn-service  {"text" | "image" | "embedding_input": .., "num_images": N}
+                                                              clip-retrieval's [{url, caption, similarity, id}]
     GET  /indices-list                                        clip-retrieval's list of index names
 Text corpora answer /search with SearXNG's general results (url, title, content snippet).
-The knn service takes `text` or `embedding_input` (a MiniLM vector, searched by cosine alone), checks
-`modality` and `indice_name` as the real back end does (both modalities rank the same caption
-index: it is the only one), honours `deduplicate` (one item per caption: items sharing a caption
-share its embedding) and reports similarities within [-1, 1].
     GET  /image/KEY                                           the item's PNG bytes (image corpora)
     GET  /doc/KEY                                             the document's UTF-8 text (text corpora)
     GET  /healthz
 Hidden ground-truth columns are never served.
+
+The knn service reads a request as clip-retrieval's back end does (explorer/web/knn_service.py): the
+caption index `explorer` takes `text` or `embedding_input` (a MiniLM vector, searched by cosine alone;
+both modalities rank it, as it is the only text-space index; `deduplicate` keeps one item per caption,
+since items sharing a caption share its embedding); the image index `explorer-image`, when the engine
+has one (explorer/web/image_index.py), takes `image` (base64 bytes, embedded by the engine's own
+image model) or `embedding_input` in that model's space. Similarities stay within [-1, 1].
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import traceback
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 import bm25s
@@ -51,6 +56,10 @@ import numpy as np
 import Stemmer
 
 from explorer.web.corpus import WebCorpus
+from explorer.web.knn_service import IMAGE_INDEX, KNN_INDEX, KnnRequest, knn_request
+
+if TYPE_CHECKING:
+    from explorer.web.image_index import ImageIndex
 
 log = logging.getLogger(__name__)
 
@@ -192,54 +201,29 @@ def served_items(corpus, html_documents: bool = False) -> ImageItems | DocumentI
     return SERVED_MEDIA[media](corpus)
 
 
-KNN_INDEX = "explorer"  # the one index the knn service searches (GET /indices-list)
-KNN_MODALITIES = ("image", "text")
-
-
-@dataclass(frozen=True)
-class KnnRequest:
-    text: str | None
-    embedding: np.ndarray | None
-    num_images: int
-    deduplicate: bool
-
-
-def knn_request(req) -> KnnRequest:
-    """A clip-retrieval /knn-service body, checked; ValueError names what is wrong."""
-    if not isinstance(req, dict):
-        raise ValueError(f"expected a JSON object, got {type(req).__name__}")
-    text, embedding = req.get("text"), req.get("embedding_input")
-    if text in (None, "") and embedding is None:
-        if req.get("image") is not None or req.get("image_url") is not None:
-            raise ValueError("image queries are not supported here: send text or embedding_input")
-        raise ValueError("need a non-empty 'text' or an 'embedding_input'")
-    if text not in (None, "") and not isinstance(text, str):
-        raise ValueError(f"'text' should be a string, got {type(text).__name__}")
-    if text in (None, "") and (not isinstance(embedding, list)
-                               or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in embedding)):
-        raise ValueError("'embedding_input' should be a list of numbers")
-    modality = req.get("modality", "image")
-    if modality not in KNN_MODALITIES:
-        raise ValueError(f"unknown modality {modality!r}; valid: {', '.join(KNN_MODALITIES)}")
-    indice = req.get("indice_name")
-    if indice is not None and indice != KNN_INDEX:
-        raise ValueError(f"unknown indice_name {indice!r}; valid: {KNN_INDEX} (GET /indices-list)")
-    num = req.get("num_images", 40)
-    if not isinstance(num, int) or isinstance(num, bool) or num < 0:
-        raise ValueError(f"'num_images' should be an integer >= 0, got {num!r}")
-    dedup = req.get("deduplicate", False)  # the real back end's default when the key is absent
-    if not isinstance(dedup, bool):
-        raise ValueError(f"'deduplicate' should be true or false, got {dedup!r}")
-    use_text = text not in (None, "")
-    return KnnRequest(text=text if use_text else None,
-                      embedding=None if use_text else np.asarray(embedding, np.float32),
-                      num_images=num, deduplicate=dedup)
-
-
-def _handler(index: HybridIndex, html_documents: bool = False):
+def _handler(index: HybridIndex, html_documents: bool = False, images: ImageIndex | None = None):
     corpus = index.corpus
     items = served_items(corpus, html_documents)
     prefix = f"/{items.route}/"
+    indices = (KNN_INDEX, IMAGE_INDEX) if images is not None else (KNN_INDEX,)
+
+    def ranked(req: KnnRequest, image: bytes | None, limit: int) -> list[Hit]:
+        """The request's hits on its index (see explorer/web/knn_service.py); ValueError if it cannot have any."""
+        if req.indice_name == IMAGE_INDEX:
+            if req.text is not None:
+                raise ValueError(f"indice {IMAGE_INDEX!r} holds images under {images.model}, which embeds no "
+                                 f"text: send 'image' or an 'embedding_input' of {images.dim} numbers, or search "
+                                 f"the captions with indice_name {KNN_INDEX!r}")
+            if req.modality != "image":
+                raise ValueError(f"indice {IMAGE_INDEX!r} has only an image index: use modality 'image'")
+            vector = images.embed(image) if image is not None else req.embedding
+            return [Hit(int(i), float(s)) for i, s in zip(*images.search(vector, limit, req.deduplicate))]
+        if image is not None:
+            raise ValueError(f"indice {KNN_INDEX!r} ranks captions under MiniLM and cannot embed an image: send "
+                             f"image queries to indice_name {IMAGE_INDEX!r}")
+        caption_ids = (index.rank_captions(req.text) if req.embedding is None
+                       else index.rank_by_embedding(req.embedding, limit))
+        return index.expand(*caption_ids, 0, limit, one_per_caption=req.deduplicate)[0]
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections
@@ -275,7 +259,7 @@ def _handler(index: HybridIndex, html_documents: bool = False):
             if url.path == "/search":
                 return self._searxng(parse_qs(url.query))
             if url.path == "/indices-list":
-                return self._json(200, [KNN_INDEX])
+                return self._json(200, list(indices))
             self._json(404, {"error": f"no route {url.path}"})
 
         def do_POST(self):
@@ -283,16 +267,30 @@ def _handler(index: HybridIndex, html_documents: bool = False):
                 return self._json(404, {"error": "no route"})
             try:
                 n = int(self.headers.get("Content-Length", "0"))
-                req = knn_request(json.loads(self.rfile.read(n)))
-                limit = min(req.num_images, 10 * MAX_PER_PAGE)
-                ranked = (index.rank_captions(req.text) if req.embedding is None
-                          else index.rank_by_embedding(req.embedding, limit))
-            except ValueError as e:  # JSONDecodeError included
+                req = knn_request(json.loads(self.rfile.read(n)), indices)
+                limit = min(req.num_result_ids, 10 * MAX_PER_PAGE)
+                hits = ranked(req, self._image_of(req), limit)
+            except ValueError as e:  # JSONDecodeError and unreadable images included
                 return self._json(400, {"error": f"bad knn-service request: {e}"})
-            hits, _ = index.expand(*ranked, 0, limit, one_per_caption=req.deduplicate)
-            base = self._base()
-            self._json(200, [{"url": f"{base}{prefix}{corpus.keys[h.item]}", "caption": corpus.captions[h.item],
-                              "similarity": round(min(1.0, max(-1.0, h.score)), 6), "id": h.item} for h in hits])
+            base, answer = self._base(), []
+            for rank, h in enumerate(hits):  # as clip-back: url and caption for the first num_images only
+                meta = ({"url": f"{base}{prefix}{corpus.keys[h.item]}", "caption": corpus.captions[h.item]}
+                        if rank < req.num_images else {})
+                answer.append({**meta, "similarity": round(min(1.0, max(-1.0, h.score)), 6), "id": h.item})
+            self._json(200, answer)
+
+        def _image_of(self, req: KnnRequest) -> bytes | None:
+            """The query image's bytes: the decoded `image`, or this engine's own /image/KEY for an
+            `image_url` (it downloads nothing)."""
+            if req.image_url is None:
+                return req.image
+            url = urlsplit(req.image_url)
+            own = {self._base().removeprefix("http://"), self.headers.get("Host")}
+            i = corpus.index_of.get(url.path[len(prefix):]) if url.path.startswith(prefix) else None
+            if url.netloc not in own or i is None:
+                raise ValueError("this engine downloads no image_url but its own /image/KEY: send the image "
+                                 "bytes base64-encoded as 'image'")
+            return corpus.image_bytes(i)
 
         def _searxng(self, qs: dict):
             q = (qs.get("q") or [""])[0].strip()
@@ -343,11 +341,12 @@ class SearchServer:
     `error_log`: a file that request errors are appended to (by default they are only logged at
     debug level), so a client that hangs up never prints a traceback into the user's terminal.
     `html_documents`: a text corpus's documents are served as web pages (text/html) instead of
-    text/plain."""
+    text/plain. `image_index`: the corpus's images under an image model, served as the knn service's
+    second index (explorer/web/knn_service.py)."""
 
     def __init__(self, index: HybridIndex, host: str = "127.0.0.1", port: int = 0,
-                 error_log: Path | None = None, html_documents: bool = False):
-        self.httpd = _QuietHTTPServer((host, port), _handler(index, html_documents))
+                 error_log: Path | None = None, html_documents: bool = False, image_index: ImageIndex | None = None):
+        self.httpd = _QuietHTTPServer((host, port), _handler(index, html_documents, image_index))
         self.httpd.error_log = Path(error_log) if error_log else None
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -375,9 +374,14 @@ class SearchServer:
         self.stop()
 
 
-def open_local_engine(corpus_dir: Path, port: int = 0, min_score: float = 0.25, error_log: Path | None = None):
-    """Load a corpus, index it and start the engine on 127.0.0.1 (a started `SearchServer`)."""
+def open_local_engine(corpus_dir: Path, port: int = 0, min_score: float = 0.25, error_log: Path | None = None,
+                      image_index: bool = False, progress: bool = True):
+    """Load a corpus, index it and start the engine on 127.0.0.1 (a started `SearchServer`); with
+    `image_index`, also its image index (built first when missing or stale)."""
+    from explorer.web.image_index import ImageIndex
     from explorer.web.text_encoder import default_encoder
 
-    index = HybridIndex(WebCorpus(corpus_dir), default_encoder(), min_score=min_score)
-    return SearchServer(index, port=port, error_log=error_log).start()
+    corpus = WebCorpus(corpus_dir)
+    images = ImageIndex.open(corpus, progress=progress) if image_index else None
+    index = HybridIndex(corpus, default_encoder(), min_score=min_score)
+    return SearchServer(index, port=port, error_log=error_log, image_index=images).start()

@@ -17,7 +17,8 @@ CONCEPTS = ["shoe", "boot", "sandal", "sneaker", "slipper", "coat", "dress", "sh
 # tensors (torch.save, as the loop checkpoints it) instead of JSON. tests/policies/test_ppo_llm.py
 # covers their round trip; the tests below that assume vocabulary queries run on the others.
 GENERATIVE = {"ppo", "hybrid", "llm-prompt"}
-VOCABULARY_POLICIES = sorted(set(POLICIES) - GENERATIVE)
+BY_EXAMPLE = {"knn-retrieval"}  # queries are target images (tests/policies/test_knn_retrieval.py)
+VOCABULARY_POLICIES = sorted(set(POLICIES) - GENERATIVE - BY_EXAMPLE)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,8 @@ def policy_kwargs():
     quick = {"model": "tiny", "warmup_steps": 10}  # the generative policies: the byte LM, briefly warmed up
     extra = {"gp": {"embeddings": embeddings, "explore_first": 4}, "hybrid": {"embeddings": embeddings, **quick},
              "ppo": quick, "llm-prompt": quick,
-             "oracle": {"relevance": relevance}}
+             "oracle": {"relevance": relevance},
+             "knn-retrieval": {"target_images": np.random.default_rng(0).integers(0, 256, (6, 3, 8, 8), np.uint8)}}
     return lambda name, seed=0: {"concepts": CONCEPTS, "seed": seed, **extra.get(name, {})}
 
 
@@ -85,7 +87,7 @@ def test_different_seeds_make_different_decisions(name, policy_kwargs):
         assert first != other
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("name", sorted(set(POLICIES) - BY_EXAMPLE))
 def test_state_from_another_vocabulary_is_rejected(name, policy_kwargs):
     policy = build_policy(name, **policy_kwargs(name))
     state = policy.state_dict()
@@ -95,7 +97,7 @@ def test_state_from_another_vocabulary_is_rejected(name, policy_kwargs):
 
 
 def test_unknown_policy_name_lists_the_valid_ones():
-    with pytest.raises(KeyError, match="gp, hybrid, llm-prompt, oracle, ppo, random"):
+    with pytest.raises(KeyError, match="gp, hybrid, knn-retrieval, llm-prompt, oracle, ppo, random"):
         build_policy("bandit", concepts=CONCEPTS)
 
 

@@ -44,3 +44,18 @@ def test_real_clip_client_text_and_embedding_queries(engine, small_corpus, clip_
     wrong = clip_client.ClipClient(url=f"{engine.url}/knn-service", indice_name="laion5B-L-14",
                                    modality=clip_client.Modality.TEXT)
     assert "valid: explorer" in wrong.query(text="digit")["error"]  # the 400 names the engine's index
+
+
+def test_real_clip_client_image_and_embedding_queries(image_engine, small_corpus, clip_client, tmp_path):
+    from explorer.web.image_index import ImageIndex
+
+    item = 20
+    path = tmp_path / "query.png"
+    path.write_bytes(small_corpus.image_bytes(item))
+    client = clip_client.ClipClient(url=f"{image_engine.url}/knn-service", indice_name="explorer-image", num_images=5)
+    hits = client.query(image=str(path))  # ClipClient reads the file and sends it base64-encoded
+    assert hits[0]["id"] == item and hits[0]["url"].endswith(f"/image/{small_corpus.keys[item]}")
+    assert len(hits) <= 5 and all(-1.0 <= h["similarity"] <= 1.0 for h in hits)
+    vector = ImageIndex.open(small_corpus, progress=False).embeddings[item].astype(float).tolist()
+    assert client.query(embedding_input=vector)[0]["id"] == item
+    assert "embeds no text" in client.query(text="sneaker")["error"]  # a text query in the image space

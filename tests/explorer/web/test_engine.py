@@ -114,7 +114,7 @@ def _knn(engine, **body):
 def test_knn_needs_text_or_an_embedding(engine, small_corpus):
     for body in ({"num_images": 5}, {"text": None, "num_images": 5}, {"text": "", "embedding_input": None}):
         r = _knn(engine, **body)
-        assert r.status_code == 400 and "need a non-empty 'text' or an 'embedding_input'" in r.json()["error"]
+        assert r.status_code == 400 and "need a non-empty 'text', an 'image', an 'image_url' or an 'embedding_input'" in r.json()["error"]
     assert _knn(engine, text=None, image_url="https://x.example/a.jpg").status_code == 400
     # an embedding query (as ClipClient sends for embedding_input): an item's own caption embedding
     # finds that caption first, with a similarity that stays within [-1, 1]
