@@ -38,6 +38,7 @@ from explorer.run.checkpoints import LoadedCheckpoint, load_latest_checkpoint, w
 from explorer.run.config import ExperimentConfig, save_config
 from explorer.run.disk import DiskBudgetExceeded, enforce_budget, folder_usage, is_disk_full
 from explorer.run.ledger import LEDGER, FetchRecord, RunLedger, read_metrics
+from explorer.run.sheets import best_rejected, record_sheet
 
 # Seeds the draw of background queries apart from the policy's own stream (same run seed).
 BACKGROUND_STREAM = 0xB6
@@ -295,6 +296,8 @@ class RunLoop(ABC):
                 "precision_fetched": self.truth.precision(urls) if self.truth else None,
                 "precision_accepted": self.truth.precision([urls[j] for j in accepted]) if self.truth else None,
                 self.MEAN_REWARD: round(float(rewards.mean()), 6) if len(rewards) else None,
+                "rejected_best": best_rejected(cand, rewards, accepted, cfg.reward.accept_mask(rewards, self.calibration)
+                                               if len(rewards) else [], self.record_fields),  # for the contact sheet
                 "policy_stats": dict(getattr(self.policy, "stats", None) or {})}  # LLM policies: seconds, KL, clean-up
 
     def accept(self, cand: Candidates, rewards: np.ndarray) -> np.ndarray:
@@ -434,6 +437,7 @@ class RunLoop(ABC):
         if self.mode is CacheMode.REPLAY:
             return
         self.ledger.record_iteration(row, **self._pending)
+        record_sheet(self.run_dir, self.cfg, row, self._pending.get("accepted", []))  # sheets/iter-NNNNNN.*
         self._pending = {}
         if row["iteration"] > 0 or self.checkpoint_start:  # else rebuilt by a fresh start
             self.save_checkpoint()
