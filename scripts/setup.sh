@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dataset-fashion-mnist openclipart-png wordnet-base)
+# chromium + chromium-driver: the dashboard's browser test (tests/explorer/run/test_dashboard.py)
+APT_PACKAGES=(dataset-fashion-mnist openclipart-png wordnet-base chromium chromium-driver)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

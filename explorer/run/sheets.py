@@ -121,7 +121,7 @@ class RunItems:
 
 
 # -- drawing --------------------------------------------------------------------------------------
-def _font():
+def sheet_font():
     return ImageFont.load_default(size=11)
 
 
@@ -148,7 +148,7 @@ def render_image_sheet(content: SheetContent, items: RunItems) -> Image.Image:
               + (LINE + tiles_h + LABEL if content.rejected else 0) + 4)
     width = COLUMNS * (TILE + 4) + 4
     sheet = Image.new("RGB", (width, height), "white")
-    draw, font = ImageDraw.Draw(sheet), _font()
+    draw, font = ImageDraw.Draw(sheet), sheet_font()
     y = 2
     draw.text((4, y), _fit(draw, f"iteration {content.iteration}: {content.counts}", width - 8, font),
               fill="black", font=font)
@@ -159,7 +159,7 @@ def render_image_sheet(content: SheetContent, items: RunItems) -> Image.Image:
         y += LINE
         for k, r in enumerate(g.items):
             x, ty = 4 + (k % COLUMNS) * (TILE + 4), y + (k // COLUMNS) * tiles_h
-            _tile(sheet, draw, items.image(r["sha256"], r["url"]), x, ty, [_reward(r["reward"])], font)
+            draw_tile(sheet, draw, items.image(r["sha256"], r["url"]), x, ty, [_reward(r["reward"])], font)
         y += _rows_of(len(g.items)) * tiles_h
     if content.others:
         line = "nothing accepted: " + ", ".join(f"{q!r} {_reward(v)}" for q, v in content.others)
@@ -169,7 +169,7 @@ def render_image_sheet(content: SheetContent, items: RunItems) -> Image.Image:
         draw.text((4, y), "best-scored rejected", fill=(160, 30, 30), font=font)
         y += LINE
         for k, r in enumerate(content.rejected[:COLUMNS]):
-            _tile(sheet, draw, items.image(r["sha256"], r["url"]), 4 + k * (TILE + 4), y,
+            draw_tile(sheet, draw, items.image(r["sha256"], r["url"]), 4 + k * (TILE + 4), y,
                   [_reward(r["reward"]), r["reason"]], font)
     return sheet
 
@@ -189,7 +189,7 @@ def _cap(groups: list[Group]) -> list[Group]:
     return capped
 
 
-def _tile(sheet: Image.Image, draw: ImageDraw.ImageDraw, pixels: np.ndarray | None, x: int, y: int,
+def draw_tile(sheet: Image.Image, draw: ImageDraw.ImageDraw, pixels: np.ndarray | None, x: int, y: int,
           labels: list[str], font) -> None:
     if pixels is None:
         draw.rectangle((x, y, x + TILE - 1, y + TILE - 1), outline="gray")
