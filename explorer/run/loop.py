@@ -12,6 +12,7 @@ TensorBoard, safe stopping and exact resume. `RunLoop.run` drives the iterations
     checkpoints/       iter-NNNNNN/: everything needed to continue after that iteration, the last K
                        kept (explorer/run/checkpoints.py; older runs have a single checkpoint.pt)
     tensorboard/       scalars per iteration
+    sheets/            iter-NNNNNN.png (text: .html): the contact sheet of each iteration (explorer/run/sheets.py)
 
 and what a modality adds (images: acquired/ shards; text: tokenizer.model). Each finished
 iteration is written in this order: accepted.jsonl, the modality's own files, metrics.jsonl, one
