@@ -262,3 +262,26 @@ def test_the_loop_runs_on_documents_served_as_html(text_corpus, tmp_path):
     accepted = [json.loads(line) for line in (tmp_path / "accepted.jsonl").read_text().splitlines()]
     assert accepted and all(a["sha256"] in known for a in accepted)
     assert not any(a["sha256"] in loop.holdout_sha | loop.target_sha for a in accepted)
+
+
+def test_each_iteration_gets_a_page_of_its_documents_that_rebuilds_the_same(recorded_run):
+    import html
+
+    from explorer.run.sheets import rebuild_sheets
+
+    pages = sorted((recorded_run / "sheets").glob("iter-*.html"))
+    assert [p.name for p in pages] == ["iter-000001.html", "iter-000002.html"]
+    rows = _metrics(recorded_run / "metrics.jsonl")
+    accepted = _metrics(recorded_run / "accepted.jsonl")
+    for page, row in zip(pages, rows[1:]):
+        text = page.read_text()
+        titles = [a["title"] for a in accepted if a["iteration"] == row["iteration"]]
+        assert text.count("<li>") == len(titles) + len(row["rejected_best"])
+        assert all(f"<b>{html.escape(t)}</b>" in text for t in titles)
+        assert all(f"{html.escape(repr(q))} query reward" in text for q in {a["queries"][0] for a in accepted
+                                                                             if a["iteration"] == row["iteration"]})
+        assert "<pre>" in text and "evicted" not in text  # the first lines, read back from cache/
+    live = {p.name: p.read_text() for p in pages}
+    for p in pages:
+        p.unlink()
+    assert {p.name: p.read_text() for p in rebuild_sheets(recorded_run)} == live
