@@ -109,16 +109,21 @@ def test_the_server_is_read_only_and_answers_bad_requests_precisely(tiny_experim
     assert server.root.startswith("http://127.0.0.1:")
 
 
-def test_every_web_string_is_escaped_on_the_page(tiny_experiment, tmp_path):
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_every_web_string_is_escaped_on_the_page(tiny_experiment, tmp_path, modality):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    save_config(tiny_experiment(), run_dir / "config.yaml")
+    save_config(tiny_experiment(modality=modality), run_dir / "config.yaml")
     rows = [{"iteration": 0}, {"iteration": 1, "seconds": 1.0, "fetched": 1, "accepted": 1, "queries": [SCRIPT],
-                               "query_rewards": [0.5], "rejected": {}}]
+                               "query_rewards": [0.5], "rejected": {}, "planner_action": "acquire",
+                               "planner": {"reason": "more data <b>pays</b>"}, "eval_perplexity": 9.0}]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     record = {"iteration": 1, "url": "http://x/'><script>alert(1)</script>", "sha256": "a" * 64,
-              "queries": [IMG], "reward": 0.5}
+              "queries": [IMG], "reward": 0.5, "title": IMG}
     (run_dir / "accepted.jsonl").write_text(json.dumps(record) + "\n")
     page = respond(run_dir, "/")[2].decode()
-    assert "<script" not in page and "<img src=x" not in page
+    assert "<script" not in page and "<img src=x" not in page and "<b>pays" not in page
     assert "&lt;script&gt;window.pwned" in page and "&lt;img src=x onerror=" in page
+    if modality == "text":  # the planner's decision, the newest documents' titles and the perplexity curve
+        assert "<b>acquire</b> more data &lt;b&gt;pays&lt;/b&gt;" in page and "<polyline" in page
+        assert page.count("&lt;img src=x onerror=") == 1
