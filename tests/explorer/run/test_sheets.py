@@ -89,6 +89,22 @@ def test_rebuilding_from_the_finished_run_draws_the_live_sheets(sheet_run):
         assert np.array_equal(np.asarray(Image.open(p)), live[p.name]), p.name
 
 
+def test_a_replayed_run_draws_the_recorded_sheets(sheet_run, tmp_path):
+    import shutil
+
+    from explorer.run.experiment import replay_run
+
+    copy = tmp_path / "run"
+    shutil.copytree(sheet_run, copy)
+    assert replay_run(copy, progress=False, log=lambda line: None) == []
+    assert not list((copy / "sheets").glob("replay-*"))  # a replay writes no sheets of its own
+    replayed = rebuild_sheets(copy, replay=True)
+    assert [p.name for p in replayed] == ["replay-iter-000001.png", "replay-iter-000002.png"]
+    for p in replayed:  # the same decisions, the same rejected candidates, the same picture
+        live = sheet_run / "sheets" / p.name.removeprefix("replay-")
+        assert np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(live))), p.name
+
+
 def test_an_evicted_rejected_body_is_an_empty_tile_not_an_error(sheet_run, tmp_path):
     import shutil
 
