@@ -196,6 +196,7 @@ def draw_tile(sheet: Image.Image, draw: ImageDraw.ImageDraw, pixels: np.ndarray 
         draw.text((x + 4, y + TILE // 2 - 6), "evicted", fill="gray", font=font)
     else:
         sheet.paste(Image.fromarray(pixels).resize((TILE, TILE), Image.Resampling.NEAREST), (x, y))
+        draw.rectangle((x - 1, y - 1, x + TILE, y + TILE), outline=(215, 215, 215))  # a white image still shows
     for k, label in enumerate(labels):
         draw.text((x, y + TILE + k * (LABEL - 2)), _fit(draw, label, TILE + 2, font), fill="black", font=font)
 
