@@ -77,7 +77,8 @@ def curve_svg(rows: list[dict], keys: tuple[str, ...], width: int = 420, height:
         return f"{30 + (i - first) / x_span * (width - 40):.1f},{height - 20 - (v - lo) / span * (height - 40):.1f}"
     colours = ("#1f5fb4", "#c0392b", "#2e8b57")
     lines = [f"<polyline fill='none' stroke='{c}' stroke-width='2' points='{' '.join(xy(i, v) for i, v in pts)}'/>"
-             for c, pts in zip(colours, points.values()) if pts]
+             + "".join(f"<circle r='3' fill='{c}' cx='{xy(i, v).split(',')[0]}' cy='{xy(i, v).split(',')[1]}'/>"
+                       for i, v in pts) for c, pts in zip(colours, points.values()) if pts]
     legend = " ".join(f"<tspan fill='{c}'>{k.removeprefix('eval_')}</tspan>" for c, k in zip(colours, keys))
     return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' class='curve'>"
             f"<text x='30' y='12' font-size='11'>{legend}</text>"
@@ -117,14 +118,14 @@ def _number(value) -> str:
 
 
 def _queries(rows: list[dict]) -> str:
-    out = ["<h2>last queries</h2>"]
+    out = ["<h2>last queries</h2><div class='recent'>"]
     for r in [r for r in rows if r.get("queries")][-RECENT_ROWS:][::-1]:
         rewards = r.get("query_rewards", [])
         cells = "".join(f"<tr><td class='query'>{esc(q)}</td><td>{_number(rewards[i] if i < len(rewards) else None)}</td></tr>"
                         for i, q in enumerate(r["queries"]))
-        out.append(f"<h3>iteration {r['iteration']}: {r.get('accepted', 0)} accepted</h3>"
-                   f"<table class='queries'><tr><th>query</th><th>reward</th></tr>{cells}</table>")
-    return "".join(out)
+        out.append(f"<div><h3>iteration {r['iteration']}: {r.get('accepted', 0)} accepted</h3>"
+                   f"<table class='queries'><tr><th>query</th><th>reward</th></tr>{cells}</table></div>")
+    return "".join(out) + "</div>"
 
 
 def _newest(run_dir: Path, modality: str) -> str:
@@ -145,14 +146,14 @@ def _newest(run_dir: Path, modality: str) -> str:
 STYLE = ("body{font-family:sans-serif;margin:1em;max-width:1100px}th{text-align:left;padding-right:1em}"
          ".tiles{display:flex;flex-wrap:wrap}figure{margin:4px;width:72px;font-size:10px;overflow:hidden}"
          "img.thumb{width:64px;height:64px;image-rendering:pixelated}.queries td{padding-right:1em}"
-         "img.sheet{max-width:100%;border:1px solid #ccc}")
+         "img.sheet{max-width:100%;border:1px solid #ccc}.recent{display:flex;gap:2em;align-items:flex-start}")
 
 
 def dashboard_page(run_dir: Path, refresh: int = DEFAULT_REFRESH) -> str:
     """The HTML of `GET /` (see the module docstring)."""
     run_dir = Path(run_dir)
     summary = status_summary(run_dir)
-    rows, _ = finished_iterations(run_dir)
+    rows, _ = finished_iterations(run_dir, start=True)  # iteration 0: where the curve starts
     sheet = last_sheet(run_dir)
     sheet_html = ("" if sheet is None else f"<h2>last contact sheet</h2><a href='/sheets/{sheet.name}'>"
                   + (f"<img class='sheet' src='/sheets/{sheet.name}' alt='{sheet.name}'>" if sheet.suffix == ".png"

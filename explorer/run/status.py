@@ -49,15 +49,16 @@ def status_summary(run_dir: Path) -> dict:
     return out
 
 
-def finished_iterations(run_dir: Path) -> tuple[list[dict], dict]:
-    """Rows of the finished iterations (>= 1) and their totals (see `RunLedger.summary`): from the
-    ledger when the run has one, else from metrics.jsonl."""
+def finished_iterations(run_dir: Path, *, start: bool = False) -> tuple[list[dict], dict]:
+    """Rows of the finished iterations (>= 1; with `start`, iteration 0 too) and the totals of those
+    >= 1 (see `RunLedger.summary`): from the ledger when the run has one, else from metrics.jsonl."""
+    first = 0 if start else 1
     if (run_dir / LEDGER).exists():
         with RunLedger(run_dir / LEDGER, readonly=True) as ledger:
-            return [r for r in ledger.metrics() if r["iteration"] > 0], ledger.summary(recent=5)
+            return [r for r in ledger.metrics() if r["iteration"] >= first], ledger.summary(recent=5)
     metrics = run_dir / "metrics.jsonl"
-    rows = [r for r in read_metrics(metrics) if r["iteration"] > 0] if metrics.exists() else []
-    return rows, _log_totals(rows)
+    rows = [r for r in read_metrics(metrics) if r["iteration"] >= first] if metrics.exists() else []
+    return rows, _log_totals([r for r in rows if r["iteration"] > 0])
 
 
 def _log_totals(rows: list[dict]) -> dict:
