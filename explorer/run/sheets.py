@@ -64,6 +64,7 @@ class Group:
     query: str
     reward: float | None
     items: list[dict] = field(default_factory=list)  # accepted.jsonl records, best reward first
+    total: int | None = None  # items accepted, when only the best `items` are drawn (MAX_TILES)
 
 
 @dataclass
@@ -154,8 +155,10 @@ def render_image_sheet(content: SheetContent, items: RunItems) -> Image.Image:
               fill="black", font=font)
     y += LINE * 2
     for g in shown:
-        draw.text((4, y), _fit(draw, f"{g.query!r}  query reward {_reward(g.reward)}  ({len(g.items)} accepted)",
-                               width - 8, font), fill=(20, 60, 160), font=font)
+        count = (f"{g.total} accepted, best {len(g.items)} shown" if (g.total or 0) > len(g.items)
+                 else f"{len(g.items)} accepted")
+        draw.text((4, y), _fit(draw, f"{g.query!r}  query reward {_reward(g.reward)}  ({count})", width - 8, font),
+                  fill=(20, 60, 160), font=font)
         y += LINE
         for k, r in enumerate(g.items):
             x, ty = 4 + (k % COLUMNS) * (TILE + 4), y + (k // COLUMNS) * tiles_h
@@ -185,7 +188,7 @@ def _cap(groups: list[Group]) -> list[Group]:
         keep = [r for r in g.items if r["reward"] >= bar][:left]
         left -= len(keep)
         if keep:
-            capped.append(Group(g.query, g.reward, keep))
+            capped.append(Group(g.query, g.reward, keep, len(g.items)))
     return capped
 
 
