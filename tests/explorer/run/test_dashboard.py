@@ -68,7 +68,7 @@ def test_the_dashboard_renders_follows_the_run_and_never_runs_what_the_web_wrote
     WebDriverWait(browser, 180, poll_frequency=0.5).until(
         lambda d: (run_dir / "accepted.jsonl").exists() and (run_dir / "accepted.jsonl").stat().st_size > 0)
     browser.get(root + "/?refresh=1")
-    WebDriverWait(browser, 30).until(lambda d: d.find_elements("css selector", "img.thumb"))
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements("css selector", "img.thumb"), "no thumbnails on the page")
     thumbs = browser.find_elements("css selector", "img.thumb")
     WebDriverWait(browser, 30).until(lambda d: all(d.execute_script("return arguments[0].complete", t) for t in thumbs))
     assert all(browser.execute_script("return arguments[0].naturalWidth", t) > 0 for t in thumbs)
@@ -82,7 +82,8 @@ def test_the_dashboard_renders_follows_the_run_and_never_runs_what_the_web_wrote
 
     # the page reloads itself and shows the run's next iteration
     seen = _iteration(browser)
-    WebDriverWait(browser, 180, poll_frequency=0.5).until(lambda d: _iteration(d) > seen)
+    WebDriverWait(browser, 180, poll_frequency=0.5).until(
+        lambda d: _iteration(d) > seen, f"the page still shows iteration {seen} after 180 s: it did not reload")
     assert browser.execute_script("return window.pwned") is None
 
 
