@@ -67,7 +67,7 @@ def test_the_dashboard_renders_follows_the_run_and_never_runs_what_the_web_wrote
     run_dir, root = hostile_daemon
     WebDriverWait(browser, 180, poll_frequency=0.5).until(
         lambda d: (run_dir / "accepted.jsonl").exists() and (run_dir / "accepted.jsonl").stat().st_size > 0)
-    browser.get(root + "/?refresh=1")
+    browser.get(root + "/?refresh=3600")  # still while its images and text are checked
     WebDriverWait(browser, 30).until(lambda d: d.find_elements("css selector", "img.thumb"), "no thumbnails on the page")
     thumbs = browser.find_elements("css selector", "img.thumb")
     WebDriverWait(browser, 30).until(lambda d: all(d.execute_script("return arguments[0].complete", t) for t in thumbs))
@@ -81,6 +81,7 @@ def test_the_dashboard_renders_follows_the_run_and_never_runs_what_the_web_wrote
     assert not browser.find_elements("css selector", "img[src='x']")
 
     # the page reloads itself and shows the run's next iteration
+    browser.get(root + "/?refresh=1")
     seen = _iteration(browser)
     WebDriverWait(browser, 180, poll_frequency=0.5).until(
         lambda d: _iteration(d) > seen, f"the page still shows iteration {seen} after 180 s: it did not reload")
