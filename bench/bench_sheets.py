@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.machine import write_machine
 from explorer.run.config import load_config
+from explorer.run.daemon import status_summary
 from explorer.run.dashboard import respond
 from explorer.run.ledger import read_metrics
 from explorer.run.sheets import record_sheet
@@ -59,8 +60,8 @@ def main() -> int:
         rows.append({"iteration": row["iteration"], "accepted": len(records), "sheet_seconds": round(seconds, 4),
                      "iteration_seconds": row["seconds"], "share": round(seconds / row["seconds"], 5)})
     newest = read_metrics(args.run / "accepted.jsonl")[-1]["sha256"]
-    page = best_of(args.repeats, lambda: respond(args.run, "/"))
-    thumb = best_of(args.repeats, lambda: respond(args.run, f"/item/{newest}.png"))
+    page = best_of(args.repeats, lambda: respond(args.run, "/", status_summary))
+    thumb = best_of(args.repeats, lambda: respond(args.run, f"/item/{newest}.png", status_summary))
     worst = max(r["share"] for r in rows)
     results = {"run": str(args.run), "iterations": rows, "worst_share": worst, "goal": GOAL,
                "page_seconds": round(page, 4), "thumbnail_seconds": round(thumb, 4)}

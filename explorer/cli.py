@@ -156,7 +156,7 @@ def _sheets(args) -> int:
 
 
 def _serve_run(args) -> int:
-    from explorer.run.dashboard import StatusServer
+    from explorer.run.daemon import StatusServer
 
     if not (args.run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{args.run_dir} has no config.yaml: not a run folder")

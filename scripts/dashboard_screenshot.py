@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
-from explorer.run.dashboard import StatusServer
+from explorer.run.daemon import StatusServer
 
 
 def main() -> int:

@@ -5,7 +5,7 @@ while it runs, `explorer serve-run RUN_DIR` after).
                              evaluation curve, the last iterations' queries with their rewards, the
                              newest accepted images (or documents), the last contact sheet;
                              ?refresh=N reloads it every N seconds (default 10)
-    GET /status              `explorer status` as JSON (explorer/run/status.py)
+    GET /status              `explorer status` as JSON (`status_summary` of explorer/run/daemon.py)
     GET /item/<key>.png      an accepted image, read from acquired/ by its key
     GET /sheets/<name>       a contact sheet (explorer/run/sheets.py)
 
@@ -32,8 +32,8 @@ from PIL import Image
 
 from explorer.run.config import load_config
 from explorer.run.disk import format_usage
+from explorer.run.ledger import LEDGER, RunLedger, read_metrics
 from explorer.run.sheets import ACQUIRED, SHEETS, last_sheet
-from explorer.run.status import finished_iterations, status_summary
 from learners.shards import INDEX, ShardStore
 
 NEWEST, RECENT_ROWS, DEFAULT_REFRESH = 24, 3, 10  # items shown, iterations whose queries are listed, seconds
@@ -149,11 +149,19 @@ STYLE = ("body{font-family:sans-serif;margin:1em;max-width:1100px}th{text-align:
          "img.sheet{max-width:100%;border:1px solid #ccc}.recent{display:flex;gap:2em;align-items:flex-start}")
 
 
-def dashboard_page(run_dir: Path, refresh: int = DEFAULT_REFRESH) -> str:
-    """The HTML of `GET /` (see the module docstring)."""
+def iteration_rows(run_dir: Path) -> list[dict]:
+    """Every recorded metrics row, iteration 0 (where the curve starts) included: from the ledger when
+    the run has one (it may be written while it is read), else from metrics.jsonl."""
+    if (run_dir / LEDGER).exists():
+        with RunLedger(run_dir / LEDGER, readonly=True) as ledger:
+            return ledger.metrics()
+    return read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+
+
+def dashboard_page(run_dir: Path, summary: dict, refresh: int = DEFAULT_REFRESH) -> str:
+    """The HTML of `GET /` (see the module docstring) for the run's status `summary`."""
     run_dir = Path(run_dir)
-    summary = status_summary(run_dir)
-    rows, _ = finished_iterations(run_dir, start=True)  # iteration 0: where the curve starts
+    rows = iteration_rows(run_dir)
     sheet = last_sheet(run_dir)
     sheet_html = ("" if sheet is None else f"<h2>last contact sheet</h2><a href='/sheets/{sheet.name}'>"
                   + (f"<img class='sheet' src='/sheets/{sheet.name}' alt='{sheet.name}'>" if sheet.suffix == ".png"
@@ -190,8 +198,9 @@ def _refresh(query: str) -> int:
     return int(values[0])
 
 
-def respond(run_dir: Path, target: str) -> tuple[int, str, bytes]:
-    """(HTTP status, content type, body) of a GET for `target` (a path with its query)."""
+def respond(run_dir: Path, target: str, status_summary) -> tuple[int, str, bytes]:
+    """(HTTP status, content type, body) of a GET for `target` (a path with its query);
+    `status_summary(run_dir)` is the run's status as a dict."""
     url = urlsplit(target)
     try:
         refresh = _refresh(url.query) if url.path == "/" else DEFAULT_REFRESH
@@ -201,7 +210,7 @@ def respond(run_dir: Path, target: str) -> tuple[int, str, bytes]:
         if url.path == "/status":
             return 200, "application/json", json.dumps(status_summary(run_dir)).encode()
         if url.path == "/":
-            return 200, "text/html; charset=utf-8", dashboard_page(run_dir, refresh).encode()
+            return 200, "text/html; charset=utf-8", dashboard_page(run_dir, status_summary(run_dir), refresh).encode()
         if (m := ITEM.fullmatch(url.path)) and (png := item_png(run_dir, m.group(1))) is not None:
             return 200, "image/png", png
         if (m := SHEET.fullmatch(url.path)) and (path := Path(run_dir) / SHEETS / m.group(1)).is_file():
@@ -212,10 +221,11 @@ def respond(run_dir: Path, target: str) -> tuple[int, str, bytes]:
     return 404, "application/json", json.dumps({"error": "GET /, /status, /item/<key>.png or /sheets/<name>"}).encode()
 
 
-class StatusServer:
-    """The dashboard of a run folder on `host` (127.0.0.1 by default), in a background thread."""
+class DashboardServer:
+    """The dashboard of a run folder on `host` (127.0.0.1 by default), in a background thread;
+    `status_summary(run_dir)` gives the page's status and /status."""
 
-    def __init__(self, run_dir: Path, port: int = 0, host: str = "127.0.0.1"):
+    def __init__(self, run_dir: Path, status_summary, port: int = 0, host: str = "127.0.0.1"):
         run_dir = Path(run_dir)
 
         class Handler(BaseHTTPRequestHandler):
@@ -223,7 +233,7 @@ class StatusServer:
                 pass
 
             def do_GET(self):
-                code, kind, data = respond(run_dir, self.path)
+                code, kind, data = respond(run_dir, self.path, status_summary)
                 self.send_response(code)
                 for name, value in {**HEADERS, "Content-Type": kind, "Content-Length": str(len(data))}.items():
                     self.send_header(name, value)

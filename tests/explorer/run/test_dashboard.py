@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from explorer.run.config import save_config
+from explorer.run.daemon import status_summary
 from explorer.run.dashboard import respond
 from tests.explorer.run.processes import daemon_env, start_daemon, stop, wait_until
 
@@ -91,7 +92,7 @@ def test_the_dashboard_renders_follows_the_run_and_never_runs_what_the_web_wrote
 def test_the_server_is_read_only_and_answers_bad_requests_precisely(tiny_experiment, tmp_path):
     import httpx
 
-    from explorer.run.dashboard import StatusServer
+    from explorer.run.daemon import StatusServer
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -123,7 +124,7 @@ def test_every_web_string_is_escaped_on_the_page(tiny_experiment, tmp_path, moda
     record = {"iteration": 1, "url": "http://x/'><script>alert(1)</script>", "sha256": "a" * 64,
               "queries": [IMG], "reward": 0.5, "title": IMG}
     (run_dir / "accepted.jsonl").write_text(json.dumps(record) + "\n")
-    page = respond(run_dir, "/")[2].decode()
+    page = respond(run_dir, "/", status_summary)[2].decode()
     assert "<script" not in page and "<img src=x" not in page and "<b>pays" not in page
     assert "&lt;script&gt;window.pwned" in page and "&lt;img src=x onerror=" in page
     if modality == "text":  # the planner's decision, the newest documents' titles and the perplexity curve
