@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -155,6 +156,32 @@ def _status(args) -> int:
     from explorer.run.daemon import run_status
 
     print(run_status(args.run_dir))
+    return 0
+
+
+def _sheets(args) -> int:
+    from explorer.run.sheets import rebuild_sheets
+
+    paths = rebuild_sheets(args.run_dir, replay=args.replay)
+    print(f"{len(paths)} contact sheets in {args.run_dir / 'sheets'}" + (f" (last: {paths[-1].name})" if paths else ""))
+    return 0
+
+
+def _serve_run(args) -> int:
+    from explorer.run.daemon import StatusServer
+
+    if not (args.run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{args.run_dir} has no config.yaml: not a run folder")
+    server = StatusServer(args.run_dir, args.port, host=args.host)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: whoever reaches this address can read the run")
+    print(f"dashboard of {args.run_dir} at {server.root}/ (JSON at {server.url}); Ctrl-C stops it")
+    try:
+        threading.Event().wait()  # until Ctrl-C
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
     return 0
 
 
@@ -311,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("config", type=Path, nargs="?", default=None, help="YAML config (omit to resume RUN_DIR)")
     dm.add_argument("--out", type=Path, required=True, help="run folder (RUN_DIR)")
     dm.add_argument("--forever", action="store_true", help="ignore the iteration budget; run until stopped")
-    dm.add_argument("--status-port", type=int, default=None,
-                    help="also serve read-only GET /status (JSON) on 127.0.0.1 at this port (0: any free port)")
+    dm.add_argument("--status-port", type=int, default=None, metavar="P",
+                    help="also serve the read-only dashboard on 127.0.0.1 at this port (0: any free port): the page "
+                         "at /, the JSON of `explorer status` at /status")
     dm.add_argument("--quiet", action="store_true")
     dm.add_argument("--keep-checkpoints", type=_positive_int, default=3, metavar="K",
                     help="keep the last K checkpoint directories (RUN_DIR/checkpoints/iter-NNNNNN)")
@@ -323,6 +351,25 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", formatter_class=fmt, help="progress, rates and last errors of a run folder")
     st.add_argument("run_dir", type=Path)
     st.set_defaults(func=_status)
+
+    sh = sub.add_parser("sheets", formatter_class=fmt, help="draw a run's contact sheets again",
+                        description="Rebuilds RUN_DIR/sheets/iter-NNNNNN.png (images; .html for text runs) from the "
+                                    "run folder alone: per iteration, the accepted items grouped by the query that "
+                                    "found them and the best-scored rejected ones with why. A live run writes them "
+                                    "after every iteration; this draws them for a finished, copied or replayed run.")
+    sh.add_argument("run_dir", type=Path)
+    sh.add_argument("--replay", action="store_true",
+                    help="draw the replay's iterations (replay-metrics.jsonl) as sheets/replay-iter-NNNNNN.*")
+    sh.set_defaults(func=_sheets)
+
+    sv = sub.add_parser("serve-run", formatter_class=fmt, help="the dashboard of a finished run in the browser",
+                        description="Serves RUN_DIR's dashboard (read-only): the page at /, the JSON of "
+                                    "`explorer status` at /status, accepted images at /item/KEY.png and the contact "
+                                    "sheets at /sheets/NAME, until Ctrl-C.")
+    sv.add_argument("run_dir", type=Path)
+    sv.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    sv.set_defaults(func=_serve_run)
 
     rep = sub.add_parser("report", formatter_class=fmt, help="tables and plots of run folders (markdown + PNG)",
                          description="Reads run folders (or folders holding them, searched recursively), groups them "

@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The image webs' sources (explorer/web/presets.py): the default web needs the first two, the world
-# web all of them (icons, emoji, game sprites, stamps, font glyphs; README, "Data").
+# web all of them (icons, emoji, game sprites, stamps, font glyphs; README, "Data"). chromium +
+# chromium-driver: the dashboard's browser test (tests/explorer/run/test_dashboard.py).
 APT_PACKAGES=(dataset-fashion-mnist openclipart-png wordnet-base oxygen-icon-theme fonts-noto-color-emoji
-              freeciv-data wesnoth-1.16-data tuxpaint-stamps-default fonts-dejavu-core)
+              freeciv-data wesnoth-1.16-data tuxpaint-stamps-default fonts-dejavu-core chromium chromium-driver)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -12,6 +12,8 @@ and, beside the run (its parent folder), the controls of the same base if they w
 `target-only.json` and `pixels.json` (bench/acquisition_grid.py) or `summary.json` with
 `target_only` and `pixels` entries (`explorer demo`). Each condition's accuracy is also reported as
 a paired difference from the target-only control of its own seed (same base, same probe split).
+The report ends with pictures (explorer/analysis/gallery.py): per condition, the best-rewarded
+accepted images and each run's last contact sheet.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from explorer.analysis.gallery import gallery_section
 
 ACCURACIES = ("eval_knn_accuracy", "eval_linear_probe_accuracy")
 
@@ -320,7 +324,7 @@ def _num(x: float) -> str:
 
 
 def write_report(paths: list[Path], out: Path, *, title: str = "explorer report",
-                 sections: tuple[str, ...] = ("efficiency", "representation")) -> Path:
+                 sections: tuple[str, ...] = ("efficiency", "representation", "pictures")) -> Path:
     """Reads the runs, writes out/report.md, out/runs.csv and the PNG plots; returns report.md."""
     runs = [read_run(p) for p in find_runs(paths)]
     out.mkdir(parents=True, exist_ok=True)
@@ -341,6 +345,8 @@ def write_report(paths: list[Path], out: Path, *, title: str = "explorer report"
                   *representation_table(groups, control), "", *pixel_gate(control), "",
                   *gain_per_relevant(groups, control), "",
                   "![accuracy](accuracy_vs_images.png)", ""]
+    if "pictures" in sections:
+        lines += gallery_section(groups, out)
     report = out / "report.md"
     report.write_text("\n".join(lines))
     (out / "summary.json").write_text(json.dumps(_summary(groups, control), indent=1) + "\n")

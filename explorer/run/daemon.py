@@ -14,15 +14,13 @@ import contextlib
 import dataclasses
 import json
 import signal
-import sqlite3
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from explorer.run.checkpoints import has_checkpoint
 from explorer.run.config import load_config, save_config
+from explorer.run.dashboard import DashboardServer
 from explorer.run.disk import DiskConfig, folder_usage, format_usage
 from explorer.run.experiment import ENGINE_LOG, build_loop, local_engine_for
 from explorer.run.ledger import LEDGER, RunLedger, read_metrics
@@ -73,7 +71,7 @@ def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, pro
         if status_port is not None:
             status = StatusServer(run_dir, status_port)
             stack.callback(status.stop)
-            log(f"status at {status.url}")
+            log(f"dashboard at {status.root}/ (JSON at {status.url})")
 
         def request_stop(signum, frame):
             loop.stop_requested = True
@@ -221,36 +219,8 @@ def run_status(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-class StatusServer:
-    """Read-only `GET /status` (JSON of `status_summary`) on 127.0.0.1, in a background thread."""
+class StatusServer(DashboardServer):
+    """The run's dashboard (explorer/run/dashboard.py) with `status_summary` as JSON at /status."""
 
-    def __init__(self, run_dir: Path, port: int = 0):
-        run_dir = Path(run_dir)
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                if self.path.split("?")[0] != "/status":
-                    code, body = 404, {"error": "only GET /status"}
-                else:
-                    try:
-                        code, body = 200, status_summary(run_dir)
-                    except (OSError, ValueError, KeyError, sqlite3.Error) as e:  # a run folder being created
-                        code, body = 503, {"error": f"{type(e).__name__}: {e}"}
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/status"
-        threading.Thread(target=self.httpd.serve_forever, name="status", daemon=True).start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def __init__(self, run_dir: Path, port: int = 0, host: str = "127.0.0.1"):
+        super().__init__(run_dir, status_summary, port, host)

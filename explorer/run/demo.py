@@ -7,7 +7,7 @@
 5. runs the GP policy and the random policy from that same base;
 6. continues the base with target-only SSL for the same number of steps the runs train (a
    control: do acquired images help beyond more steps?);
-7. prints one table and where the run folders are.
+7. prints one table, where the run folders are and their last contact sheets.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from explorer.run.baselines import continue_from_base, pixel_scores, pretrain_base
 from explorer.run.config import load_config, save_config
 from explorer.run.experiment import local_engine_for, run_experiment
+from explorer.run.sheets import last_sheet
 from explorer.web.presets import open_image_corpus
 
 
@@ -74,5 +75,8 @@ def run_demo(config_path: Path, out: Path | None = None, progress: bool = True) 
     print(f"\n{table}\n\nrelevant = accepted images that are Fashion-MNIST (hidden ground truth, never seen by "
           f"the agent); kNN (k={cfg.train.knn_k}) and linear probe on the target's held-out probe split.")
     print(f"run folders: {out}/gp, {out}/random  (replay one offline: explorer replay {out}/gp)")
+    print("contact sheets (what each iteration accepted, by query, and the best-scored rejected): "
+          f"{last_sheet(out / 'gp')}, {last_sheet(out / 'random')}; see a run in the browser: "
+          f"explorer serve-run {out}/gp")
     print(f"demo took {time.time() - t0:.0f}s")
     return 0

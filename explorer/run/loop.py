@@ -12,6 +12,7 @@ TensorBoard, safe stopping and exact resume. `RunLoop.run` drives the iterations
     checkpoints/       iter-NNNNNN/: everything needed to continue after that iteration, the last K
                        kept (explorer/run/checkpoints.py; older runs have a single checkpoint.pt)
     tensorboard/       scalars per iteration
+    sheets/            iter-NNNNNN.png (text: .html): the contact sheet of each iteration (explorer/run/sheets.py)
 
 A search that fails is a missing observation, not a zero: its query gets no reward (None in the
 metrics row's `query_rewards`, its error in `search_errors` and the ledger), the policy's update
@@ -45,6 +46,7 @@ from explorer.run.config import ExperimentConfig, save_config
 from explorer.run.disk import DiskBudgetExceeded, enforce_budget, folder_usage, is_disk_full
 from explorer.run.ledger import LEDGER, FetchRecord, RunLedger, read_metrics
 from explorer.run.searches import FailedSearch, query_status, recorded_failures, search_error
+from explorer.run.sheets import best_rejected, record_sheet
 from explorer.score.reward import RewardSpace
 
 # Seeds the draw of background queries apart from the policy's own stream (same run seed).
@@ -334,6 +336,8 @@ class RunLoop(ABC):
                 "precision_accepted": self.truth.precision([urls[j] for j in accepted]) if self.truth else None,
                 "reward_auc": self.truth.separation(urls, rewards) if self.truth else None,
                 self.MEAN_REWARD: round(float(rewards.mean()), 6) if len(rewards) else None,
+                "rejected_best": best_rejected(cand, rewards, accepted, cfg.reward.accept_mask(rewards, self.space.calibration)
+                                               if len(rewards) else [], self.record_fields),  # for the contact sheet
                 "policy_stats": dict(getattr(self.policy, "stats", None) or {})}  # LLM policies: seconds, KL, clean-up
 
     def accept(self, cand: Candidates, rewards: np.ndarray) -> np.ndarray:
@@ -522,6 +526,7 @@ class RunLoop(ABC):
         if self.mode is CacheMode.REPLAY:
             return
         self.ledger.record_iteration(row, **self._pending)
+        record_sheet(self.run_dir, self.cfg, row, self._pending.get("accepted", []))  # sheets/iter-NNNNNN.*
         self._pending = {}
         if row["iteration"] > 0 or self.checkpoint_start:  # else rebuilt by a fresh start
             self.save_checkpoint()

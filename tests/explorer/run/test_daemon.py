@@ -24,7 +24,7 @@ def test_status_endpoint_serves_the_run_summary_read_only(tiny_experiment, tmp_p
     try:
         body = httpx.get(server.url).json()
         assert httpx.post(server.url).status_code == 501  # read-only: no other verbs
-        assert httpx.get(server.url.replace("/status", "/")).status_code == 404
+        assert httpx.get(server.url.replace("/status", "/nothing")).status_code == 404
     finally:
         server.stop()
     assert body["iterations_done"] == 1 and body["iterations_budget"] == 2

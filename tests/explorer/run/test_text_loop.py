@@ -284,3 +284,26 @@ def test_a_round_whose_searches_all_failed_is_no_evidence_for_the_planner(text_c
     assert all(r["all_searches_failed"] and "unreachable" in r["search_errors"][0] for r in rows[1:])
     assert loop.rounds == [] and not loop.expected_round().measured  # still the prior's bound, not "adds nothing"
     loop.close()
+
+
+def test_each_iteration_gets_a_page_of_its_documents_that_rebuilds_the_same(recorded_run):
+    import html
+
+    from explorer.run.sheets import rebuild_sheets
+
+    pages = sorted((recorded_run / "sheets").glob("iter-*.html"))
+    assert [p.name for p in pages] == ["iter-000001.html", "iter-000002.html"]
+    rows = _metrics(recorded_run / "metrics.jsonl")
+    accepted = _metrics(recorded_run / "accepted.jsonl")
+    for page, row in zip(pages, rows[1:]):
+        text = page.read_text()
+        titles = [a["title"] for a in accepted if a["iteration"] == row["iteration"]]
+        assert text.count("<li>") == len(titles) + len(row["rejected_best"])
+        assert all(f"<b>{html.escape(t)}</b>" in text for t in titles)
+        assert all(f"{html.escape(repr(q))} query reward" in text for q in {a["queries"][0] for a in accepted
+                                                                             if a["iteration"] == row["iteration"]})
+        assert "<pre>" in text and "evicted" not in text  # the first lines, read back from cache/
+    live = {p.name: p.read_text() for p in pages}
+    for p in pages:
+        p.unlink()
+    assert {p.name: p.read_text() for p in rebuild_sheets(recorded_run)} == live
