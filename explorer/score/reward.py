@@ -621,4 +621,10 @@ def image_signature(images: torch.Tensor, side: int = 16) -> np.ndarray:
     grey = images.float().mean(1, keepdim=True)
     small = F.interpolate(grey, size=(side, side), mode="area").flatten(1)
     small = small - small.mean(1, keepdim=True)
-    return F.normalize(small, dim=1).numpy().astype(np.float32)
+    sig = F.normalize(small, dim=1)
+    # a flat image (every pixel alike) centres to zero: it gets the constant unit vector instead, the
+    # same for every flat image and orthogonal to every centred signature, so blank copies count as
+    # copies of each other (a query for 'gradient' once brought 40 blank images, all accepted)
+    flat = small.abs().amax(dim=1) < 1e-6
+    sig[flat] = 1.0 / side
+    return sig.numpy().astype(np.float32)

@@ -473,3 +473,17 @@ def test_web_offset_and_percentile_are_consistent():
     moved = RewardCalibration(calibration.reference, offset)
     assert moved.threshold(10) == pytest.approx(0.38)
     assert moved.percentile(np.array([0.38]))[0] == pytest.approx(0.10, abs=0.011)
+
+
+def test_blank_images_are_copies_of_each_other_and_of_nothing_else():
+    import torch
+
+    from explorer.score.reward import image_signature
+
+    blank = torch.stack([torch.full((3, 32, 32), v, dtype=torch.uint8) for v in (255, 255, 0, 128)])
+    rng = np.random.default_rng(0)
+    real = torch.from_numpy(rng.integers(0, 256, (3, 3, 32, 32), dtype=np.uint8))
+    sig = image_signature(torch.cat([blank, real]))
+    np.testing.assert_allclose(np.linalg.norm(sig, axis=1), 1.0, atol=1e-5)
+    assert dedupe_within(sig, 0.99).tolist() == [True, False, False, False, True, True, True]
+    assert not near_duplicates(sig[4:], sig[:1], 0.5).any()  # no real image is a copy of a blank one
