@@ -176,7 +176,6 @@ class ImageLoop(RunLoop):
             return lambda: learner().embed(acquire), lambda items: learner().embed(torch.stack(items))
 
         self.space = self.reward_space(*encoder_pair(lambda: self.learner), embed_base=encoder_pair(self.base_encoder))
-        self.reward_embed = (self.learner if self.space.encoder == "learner" else self.base_encoder()).embed
 
     def base_encoder(self) -> MoCoLearner:
         """The learner as the config builds it, before any training here (ImageNet weights with
@@ -215,7 +214,8 @@ class ImageLoop(RunLoop):
 
     def embed_candidates(self, cand: Candidates) -> tuple[Candidates, np.ndarray]:
         """The current encoder's embeddings of every decoded image."""
-        return cand, self.reward_embed(cand.items) if len(cand) else np.zeros((0, self.space.index.dim), np.float32)
+        encoder = self.learner if self.space.encoder == "learner" else self.base_encoder()  # as the space was built
+        return cand, encoder.embed(cand.items) if len(cand) else np.zeros((0, self.space.index.dim), np.float32)
 
     def signatures(self, cand: Candidates, rows: np.ndarray) -> np.ndarray:
         """Pixel signatures (`image_signature`): computed only for the images the reward chose."""

@@ -145,6 +145,7 @@ class TextLoop(RunLoop):
         self._minilm_rows: dict[str, np.ndarray] = {}  # MiniLM rows of the background's documents
         self.background_fetched = False  # fetched before the first round: a run that never queries never pays
         self.web_sample: list[str] = []
+        self.space = None  # the reward space, built by refresh_reference
         if resume:
             self.load_state_dict(checkpoint.state)
             self._resume_logs()
@@ -264,7 +265,7 @@ class TextLoop(RunLoop):
         The reward embeddings are MiniLM's under that reward encoder or after a collapse of the LM's."""
         sig = self.encoder.encode(texts) if texts else np.zeros((0, self.holdout_sig.shape[1]), np.float32)
         self.flops.add_scoring(len(texts))
-        if self.cfg.text.reward_encoder == "minilm" or getattr(self, "space", None) and self.space.encoder == "base":
+        if self.cfg.text.reward_encoder == "minilm" or self.space is not None and self.space.encoder == "base":
             return sig, sig
         tokens = [t[:self.cfg.text.seq_len] for t in self.tokenizer.encode_batch(texts)]
         self.flops.add("score", forward_flops(self.n_params, sum(map(len, tokens))))
