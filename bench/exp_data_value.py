@@ -82,16 +82,17 @@ def draw_images(cfg, source: str, n: int, seed: int):
     return images
 
 
-def conditions(sources: list[str], sizes: list[int], compare_size: int) -> list[tuple[str, str | None, int, int]]:
+def conditions(sources: list[str], sizes: list[int], compare_size: int,
+               stretch: bool = True) -> list[tuple[str, str | None, int, int]]:
     """(name, source, N, steps scale) of every condition: oracle at every size, the other sources at
-    `compare_size`."""
-    rows = [("target only", None, 0, 1), ("target only, 2x steps", None, 0, 2)]
+    `compare_size`; the 2x-steps target-only control unless `stretch` is False."""
+    rows = [("target only", None, 0, 1)] + ([("target only, 2x steps", None, 0, 2)] if stretch else [])
     return rows + [(f"{source} {n}", source, n, 1) for source in sources
                    for n in (sizes if source == "oracle" else [compare_size])]
 
 
 def run_grid(config: Path, out: Path, seeds: list[int], sources: list[str], sizes: list[int],
-             compare_size: int, overrides: dict | None = None) -> list[dict]:
+             compare_size: int, overrides: dict | None = None, stretch: bool = True) -> list[dict]:
     """Runs what is missing (results cached as JSON per run); returns every run's scores."""
     from bench.acquisition_grid import _base  # one base per seed, as the policy grid's
     from explorer.run.baselines import continue_from_base
@@ -105,7 +106,7 @@ def run_grid(config: Path, out: Path, seeds: list[int], sources: list[str], size
         cfg = seeded(base_cfg, seed)
         seed_dir = out / f"seed-{seed}"
         base = _base(cfg, seed_dir)
-        for name, source, n, scale in conditions(sources, sizes, compare_size):
+        for name, source, n, scale in conditions(sources, sizes, compare_size, stretch):
             path = seed_dir / f"{name.replace(' ', '-').replace(',', '')}.json"
             if not path.exists():
                 print(f"== seed {seed}: {name} ==", flush=True)
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000], help="N of the oracle rows")
     parser.add_argument("--compare-size", type=int, default=5000, help="N of the uniform and distractor rows")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
+    parser.add_argument("--no-stretch", action="store_true",
+                        help="skip the 'target only, 2x steps' control (it costs twice a run)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set target.acquire_size=500 (use another --runs)")
@@ -205,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     overrides = parse_overrides(args.set)
-    rows = run_grid(args.config, args.runs, args.seeds, args.sources, args.sizes, args.compare_size, overrides)
+    rows = run_grid(args.config, args.runs, args.seeds, args.sources, args.sizes, args.compare_size, overrides,
+                    stretch=not args.no_stretch)
     report = write_report(rows, args.out, pixel_scores(load_config(args.config, overrides)))
     write_machine(args.out, " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]))
     print(report.read_text())

@@ -34,7 +34,7 @@ from explorer.run.ledger import FetchRecord
 from explorer.run.loop import Candidates, RunLoop, background_seed, resident_bytes
 from explorer.score.evaluation import eval_metrics, evaluate_embeddings
 from explorer.score.reward import BackgroundSample, image_signature
-from explorer.score.target import TargetSet, load_target
+from explorer.score.target import INSTALLED_TARGETS, TargetSet, load_target
 from explorer.web.corpus import WebCorpus
 from explorer.web.presets import open_image_corpus
 from learners.mixture import TrainingMixture
@@ -79,8 +79,8 @@ class GroundTruth(HiddenTruth):
 def ground_truth(cfg: ExperimentConfig, corpus: WebCorpus | None) -> GroundTruth | None:
     """The local web's hidden truth about the target's kind, or None where there is none to read."""
     kinds = cfg.target.relevant
-    if kinds is None and cfg.target.name == "fashion-mnist":
-        kinds = ("fashion-mnist",)
+    if kinds is None and cfg.target.name in INSTALLED_TARGETS:
+        kinds = (cfg.target.name,)  # an installed target's kind is its web source's name
     if corpus is None or not kinds:
         return None
     return GroundTruth(corpus, frozenset(kinds))
@@ -91,6 +91,8 @@ def target_description(cfg: ExperimentConfig) -> str:
     overrides it): Fashion-MNIST's own description, or the target folder's name and its class subfolders."""
     if cfg.target.name == "fashion-mnist":
         return "product photos of clothes, shoes and bags on a plain background"
+    if cfg.target.name == "mnist":
+        return "handwritten digits, white on black"
     folder = Path(cfg.target.name)
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())[:10] if folder.is_dir() else []
     return f"images like {folder.name}" + (f" ({', '.join(classes)})" if classes else "")

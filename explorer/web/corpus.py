@@ -39,6 +39,7 @@ from explorer.web.package_images import DECODE_ERRORS, sample_indices
 DEFAULT_SOURCES = ("fashion-mnist", "openclipart", "mnist")
 HIDDEN_COLUMNS = ("source", "label", "class_name", "caption_wrong")
 TARGET_SOURCE = "fashion-mnist"  # the Fashion-MNIST target's kind: its share of a web is the base rate
+TARGET_KINDS = (TARGET_SOURCE, "mnist")  # the installed targets' kinds (`target.name`: fashion-mnist, mnist)
 KEY_SCHEMES = ("opaque", "named")
 
 
@@ -122,9 +123,10 @@ def _fashion_items(spec: CorpusSpec) -> Iterator[WebItem]:
                       class_name=sources.FASHION_CLASSES[labels[i]], caption_wrong=bool(wrong[j]))
 
 
-def _mnist_items(spec: CorpusSpec) -> Iterator[WebItem]:
+def _mnist_items(spec: CorpusSpec, name: str = "mnist") -> Iterator[WebItem]:
     images, labels = sources.load_mnist_5k()
-    idx = sample_indices(len(images), spec.limit("mnist"), spec.seed + 1)
+    rows = np.arange(len(images)) if name == "mnist" else sources.mnist_split()[0]
+    idx = rows[sample_indices(len(rows), spec.limit(name), spec.seed + 1)]
     texts = cap.digit_captions(labels[idx], seed=spec.seed + 1)
     for j, i in enumerate(idx):
         yield WebItem(key=f"mnist-{i:04d}", png=_png(images[i]), caption=texts[j], source="mnist",
@@ -184,13 +186,21 @@ def _package_reader(source: str, read, seed_offset: int):
     return items
 
 
+def _mnist_web_items(spec: CorpusSpec) -> Iterator[WebItem]:
+    """The half of the 5,000 digits that is not the `mnist` target's (`sources.mnist_split`); their
+    hidden source is "mnist", the kind they are."""
+    return _mnist_items(spec, "mnist-web")
+
+
 SOURCE_READERS = {"fashion-mnist": _fashion_items, "openclipart": _openclipart_items, "mnist": _mnist_items,
+                  "mnist-web": _mnist_web_items,
                   "oxygen-icons": _package_reader("oxygen-icons", package_images.read_oxygen, 3),
                   "noto-emoji": _package_reader("noto-emoji", package_images.read_emoji, 4),
                   "freeciv": _package_reader("freeciv", read_freeciv, 5),
                   "wesnoth": _package_reader("wesnoth", package_images.read_wesnoth, 6),
                   "tuxpaint-stamps": _package_reader("tuxpaint-stamps", package_images.read_stamps, 7),
-                  "dejavu-glyphs": _package_reader("dejavu-glyphs", package_images.read_glyphs, 8)}
+                  "dejavu-glyphs": _package_reader("dejavu-glyphs", package_images.read_glyphs, 8),
+                  "dejavu-serif-glyphs": _package_reader("dejavu-serif-glyphs", package_images.read_serif_glyphs, 9)}
 
 
 def iter_items(spec: CorpusSpec) -> Iterable[WebItem]:
@@ -223,11 +233,11 @@ def build_corpus(out: Path, spec: CorpusSpec = CorpusSpec(), *, progress: bool =
 
 
 def composition(sources: list[str]) -> dict:
-    """Items and share per source, and the base rate: the share of the target's kind (Fashion-MNIST)."""
+    """Items and share per source, and the base rates: the share of each installed target's kind."""
     names, counts = np.unique(np.asarray(sources, dtype=str), return_counts=True)
     share = {str(s): float(c) / len(sources) for s, c in zip(names, counts)}
     return {"per_source": {str(s): int(c) for s, c in zip(names, counts)}, "share": share,
-            "base_rate": {TARGET_SOURCE: share.get(TARGET_SOURCE, 0.0)}}
+            "base_rate": {kind: share.get(kind, 0.0) for kind in TARGET_KINDS}}
 
 
 def _write_shards(out: Path, spec: CorpusSpec, progress: bool) -> tuple[list[dict], list[str], int]:

@@ -26,6 +26,7 @@ EMOJI_FONT = Path(os.environ.get("EXPLORER_EMOJI_FONT", "/usr/share/fonts/truety
 WESNOTH_DIR = Path(os.environ.get("EXPLORER_WESNOTH_DIR", "/usr/share/games/wesnoth/1.16/data/core/images"))
 STAMPS_DIR = Path(os.environ.get("EXPLORER_STAMPS_DIR", "/usr/share/tuxpaint/stamps"))
 GLYPH_FONT = Path(os.environ.get("EXPLORER_GLYPH_FONT", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"))
+SERIF_GLYPH_FONT = Path(os.environ.get("EXPLORER_SERIF_GLYPH_FONT", "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf"))
 OXYGEN_MAX_SIZE = 128  # the largest icon size taken (one size per icon: no picture at several sizes)
 # Wesnoth folders of pictures (halo/, masks/, themes/ ... are effects and interface parts)
 WESNOTH_FOLDERS = ("units", "portraits", "terrain", "attacks", "items", "scenery", "projectiles")
@@ -210,13 +211,24 @@ def font_characters(path: Path = GLYPH_FONT) -> list[int]:
     return [cp for cp in sorted(cmap) if unicodedata.name(chr(cp), "") and unicodedata.category(chr(cp))[0] in "LNPS"]
 
 
-def read_glyphs(limit: int | None, seed: int) -> Iterator[SourceImage]:
-    """Each character drawn black on white, captioned with its Unicode name ('latin small letter a')."""
-    chars = font_characters(GLYPH_FONT)
-    font = ImageFont.truetype(str(GLYPH_FONT), int(GLYPH_SIZE * 0.7))
+def _font_glyphs(path: Path, limit: int | None, seed: int, prefix: str = "", suffix: str = "") -> Iterator[SourceImage]:
+    """Each character of the font at `path` drawn black on white, captioned with its Unicode name
+    and `suffix`; named `prefix` + its code point."""
+    chars = font_characters(path)
+    font = ImageFont.truetype(str(path), int(GLYPH_SIZE * 0.7))
     for i in sample_indices(len(chars), limit, seed):
         ch = chr(chars[i])
         image = Image.new("L", (GLYPH_SIZE, GLYPH_SIZE), 255)
         ImageDraw.Draw(image).text((GLYPH_SIZE / 2, GLYPH_SIZE / 2), ch, fill=0, font=font, anchor="mm")
         category = unicodedata.category(ch)
-        yield SourceImage(f"U+{ord(ch):04X}", encode_png(image), unicodedata.name(ch).lower(), category)
+        yield SourceImage(f"{prefix}U+{ord(ch):04X}", encode_png(image), unicodedata.name(ch).lower() + suffix, category)
+
+
+def read_glyphs(limit: int | None, seed: int) -> Iterator[SourceImage]:
+    """DejaVu Sans's characters, captioned with their Unicode names ('latin small letter a')."""
+    return _font_glyphs(GLYPH_FONT, limit, seed)
+
+
+def read_serif_glyphs(limit: int | None, seed: int) -> Iterator[SourceImage]:
+    """DejaVu Serif's characters, captioned 'latin small letter a (serif)'."""
+    return _font_glyphs(SERIF_GLYPH_FONT, limit, seed, prefix="serif/", suffix=" (serif)")

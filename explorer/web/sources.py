@@ -72,6 +72,17 @@ def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
 
 
+MNIST_SPLIT_SEED = 20_231  # fixes which half of the 5,000 digits is the MNIST target's and which the world web's
+
+
+def mnist_split() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 digits split once into two disjoint halves -> (web rows, target rows), each (2500,)
+    sorted: the world web holds the first half, the `mnist` target is the second (so that no target
+    image is also a web image, as with Fashion-MNIST's train / test)."""
+    perm = np.random.default_rng(MNIST_SPLIT_SEED).permutation(5000)
+    return np.sort(perm[:2500]), np.sort(perm[2500:])
+
+
 def openclipart_files(root: Path = OPENCLIPART_DIR) -> list[Path]:
     """Every openclipart PNG, sorted by path so keys and orders are stable."""
     if not root.is_dir():

@@ -22,7 +22,8 @@ from explorer.web.presets import (
 
 READERS = {"oxygen-icons": package_images.read_oxygen, "noto-emoji": package_images.read_emoji,
            "freeciv": freeciv.read_freeciv, "wesnoth": package_images.read_wesnoth,
-           "tuxpaint-stamps": package_images.read_stamps, "dejavu-glyphs": package_images.read_glyphs}
+           "tuxpaint-stamps": package_images.read_stamps, "dejavu-glyphs": package_images.read_glyphs,
+           "dejavu-serif-glyphs": package_images.read_serif_glyphs}
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_file_readers_skip_broken_files_with_a_warning(tmp_path, monkeypatch):
 
 def test_world_keys_are_opaque(world_slice):
     sources = set(world_slice.hidden["source"])
-    assert sources == set(WORLD_SOURCES)
+    assert sources == {"mnist" if s == "mnist-web" else s for s in WORLD_SOURCES}  # named by their kind
     words = {w for s in sources for w in re.split(r"\W+", s)} | {"fmnist", "clip", "web", "mnist"}
     for key in world_slice.keys:
         assert re.fullmatch(r"[0-9a-f]{16}", key), key
@@ -116,7 +117,7 @@ def test_served_urls_name_no_source(engine, small_corpus):
 def test_composition_and_base_rate(world_slice):
     assert composition(["a", "fashion-mnist", "a", "b"]) == {
         "per_source": {"a": 2, "b": 1, "fashion-mnist": 1}, "share": {"a": 0.5, "b": 0.25, "fashion-mnist": 0.25},
-        "base_rate": {"fashion-mnist": 0.25}}
+        "base_rate": {"fashion-mnist": 0.25, "mnist": 0.0}}
     meta, hidden = world_slice.meta, world_slice.hidden["source"]
     names, counts = np.unique(hidden, return_counts=True)
     assert meta["per_source"] == dict(zip(names.tolist(), counts.tolist()))
@@ -155,11 +156,47 @@ def test_a_config_names_a_preset_built_on_first_use(tmp_path, monkeypatch, capsy
     small = dataclasses.replace(CORPUS_PRESETS["world"], limit_per_source=4)
     monkeypatch.setitem(CORPUS_PRESETS, "world", small)  # the preset's path, at a test's size
     corpus = open_image_corpus("world", progress=True)
-    assert corpus.root == tmp_path / "corpus" / "world" and set(corpus.hidden["source"]) == set(WORLD_SOURCES)
+    kinds = {"mnist" if s == "mnist-web" else s for s in WORLD_SOURCES}
+    assert corpus.root == tmp_path / "corpus" / "world" and set(corpus.hidden["source"]) == kinds
     assert "building the 'world' corpus" in capsys.readouterr().out
     assert open_image_corpus("world").keys == corpus.keys  # opened, not rebuilt
+    monkeypatch.setitem(CORPUS_PRESETS, "world", dataclasses.replace(small, limit_per_source=5))
+    with pytest.warns(UserWarning, match="earlier version of the preset: rebuilding"):
+        rebuilt = open_image_corpus("world")  # the preset changed since: built again, not opened stale
+    assert len(rebuilt) > len(corpus) and rebuilt.meta["spec"]["limit_per_source"] == 5
     with pytest.raises(FileNotFoundError, match=r"'wrld' is neither a preset \(default, world\)"):
         open_image_corpus("wrld")
+
+
+def test_the_mnist_target_and_the_world_webs_digits_are_disjoint_halves(world_slice):
+    from explorer.score.target import TargetConfig, load_target
+    from explorer.web.sources import load_mnist_5k, mnist_split
+
+    web_rows, target_rows = mnist_split()
+    assert len(web_rows) == len(target_rows) == 2500 and not set(web_rows) & set(target_rows)
+    target = load_target(TargetConfig(name="mnist", acquire_size=100, probe_train_size=1000))
+    assert len(target.images) == 2500 and target.class_names == tuple("0123456789")
+    assert {k: len(v) for k, v in target.split.items()} == {"acquire": 100, "probe_train": 1000, "probe_test": 1400}
+    gray, labels = load_mnist_5k()
+    assert np.array_equal(target.labels, labels[target_rows])
+    web = set(hashlib.sha256(gray[i].tobytes()).digest() for i in web_rows)
+    assert not any(hashlib.sha256(gray[i].tobytes()).digest() in web for i in target_rows)  # no image in both
+    digits = np.flatnonzero(world_slice.hidden["source"] == "mnist")
+    assert len(digits) == 25
+    for i in digits:  # the world's digits are drawn from the web half only
+        with Image.open(io.BytesIO(world_slice.image_bytes(int(i)))) as im:
+            assert hashlib.sha256(np.asarray(im.convert("L")).tobytes()).digest() in web
+
+
+def test_the_second_targets_config_reads_the_webs_digits_as_its_kind(world_slice):
+    from explorer.run.config import load_config
+    from explorer.run.image import ground_truth
+
+    cfg = load_config("configs/world-mnist.yaml")
+    assert (cfg.corpus, cfg.target.name, cfg.target.relevant) == ("world", "mnist", None)
+    truth = ground_truth(cfg, world_slice)
+    relevant = np.array([truth.is_relevant(i) for i in range(len(world_slice))])
+    assert np.array_equal(relevant, world_slice.hidden["source"] == "mnist")  # clothing is a distractor here
 
 
 def test_cli_build_prints_composition_and_base_rate(tmp_path, capsys):
@@ -168,4 +205,5 @@ def test_cli_build_prints_composition_and_base_rate(tmp_path, capsys):
     assert main(["corpus", "build", "--preset", "world", "--limit-per-source", "3", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert re.search(r"fashion-mnist\s+3\s+\d+\.\d%", out) and "wesnoth" in out
-    assert re.search(r"base rate: \d+\.\d% of the web is the target's kind \(fashion-mnist\)", out)
+    assert re.search(r"base rate: \d+\.\d% of the web is the fashion-mnist target's kind", out)
+    assert re.search(r"base rate: \d+\.\d% of the web is the mnist target's kind", out)
