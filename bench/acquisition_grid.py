@@ -36,6 +36,7 @@ CONDITIONS = {
     "gp-softmax": ("gp", {"acquisition": "softmax", "explore_first": 16}),
     "gp-ucb": ("gp", {"acquisition": "ucb", "explore_first": 16}),
     "oracle": ("oracle", {}),
+    "knn-retrieval": ("knn-retrieval", {}),  # the target's images as queries to the engine's image index
     "llm-prompt": ("llm-prompt", {}),  # Gemma 3 270M from the prompt alone: the ablation of PPO
     "ppo": ("ppo", {}),  # the same LM and prompt, LoRA adapters tuned with PPO
     "hybrid": ("hybrid", {}),
