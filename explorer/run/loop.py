@@ -210,6 +210,8 @@ class RunLoop(ABC):
         # failed searches to ask again (search.failed_query_retries); a checkpoint's are restored here
         self.failed_searches = [FailedSearch.from_state(f) for f in
                                 (checkpoint.state.get("failed_searches", []) if checkpoint else [])]
+        # iterations in a row that accepted nothing (a warning at two), carried across a resume
+        self.empty_rounds = checkpoint.state.get("empty_rounds", 0) if checkpoint else 0
         return checkpoint
 
     def _open_backend(self, build, name: str, engine_url: str | None):
@@ -381,7 +383,7 @@ class RunLoop(ABC):
         rc = self.cfg.reward
         threshold = self.space.calibration.threshold(rc.accept_percentile)
         above = int((rewards >= threshold).sum())
-        self.empty_rounds = 0 if accepted else getattr(self, "empty_rounds", 0) + 1
+        self.empty_rounds = 0 if accepted else self.empty_rounds + 1
         if self.empty_rounds == 2:
             warnings.warn(
                 f"iteration {self.iteration}: nothing accepted for 2 iterations ({above} of {len(rewards)} candidates "
@@ -516,7 +518,8 @@ class RunLoop(ABC):
     def save_checkpoint(self) -> Path:
         """checkpoints/iter-NNNNNN/: everything needed to continue after the last finished
         iteration, complete or absent (see explorer/run/checkpoints.py); the last K are kept."""
-        state = {**self.state_dict(), "failed_searches": [f.state() for f in self.failed_searches]}
+        state = {**self.state_dict(), "failed_searches": [f.state() for f in self.failed_searches],
+                 "empty_rounds": self.empty_rounds}
         return write_checkpoint(self.run_dir, self.iteration, state, keep=self.keep_checkpoints)
 
     def _finish(self, row: dict, metrics: Path) -> None:

@@ -135,3 +135,25 @@ def test_a_collapsed_reward_says_so_within_one_iteration_and_reads_the_base_enco
     assert sum(r["accepted"] for r in _rows(out)) > 0  # the base encoder's reward still tells images apart
     status = run_status(out)
     assert "WARNING: the reward collapsed" in status and "encoder base" in status
+
+
+def test_the_nothing_accepted_warning_counts_iterations_across_a_resume(tmp_path):
+    from types import SimpleNamespace
+
+    from explorer.run.loop import RunLoop
+    from explorer.score.reward import RewardCalibration, RewardConfig
+
+    space = SimpleNamespace(calibration=RewardCalibration(np.linspace(0.5, 0.9, 50)))
+    low = np.full(10, 0.1, np.float32)  # nothing reaches the threshold
+    loop = SimpleNamespace(cfg=SimpleNamespace(reward=RewardConfig()), space=space, reward_health={}, iteration=1,
+                           empty_rounds=0, run_dir=tmp_path, keep_checkpoints=3, failed_searches=[],
+                           state_dict=lambda: {"iteration": 1})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert RunLoop._reward_diagnostics(loop, low, 0)["accepted_nothing_for"] == 1
+        RunLoop.save_checkpoint(loop)  # killed here: the resumed run must still count this iteration
+        resumed = SimpleNamespace()
+        RunLoop._open_run(resumed, None, tmp_path, replay=False, progress=False, resume=True, keep_checkpoints=3)
+        resumed.cfg, resumed.space, resumed.reward_health, resumed.iteration = loop.cfg, space, {}, 2
+        assert RunLoop._reward_diagnostics(resumed, low, 0)["accepted_nothing_for"] == 2
+    assert [str(w.message) for w in caught if "nothing accepted for 2 iterations" in str(w.message)]
