@@ -62,3 +62,16 @@ def tiny_experiment(small_corpus):
 
     return lambda **changes: from_dict(ExperimentConfig, {**TINY_EXPERIMENT, "corpus": str(small_corpus.root),
                                                           **changes})
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_experiment, engine, tmp_path_factory):
+    """The folder of a finished `tiny_experiment()` image run (read by the sheet and gallery tests;
+    a test that changes it works on a copy, or restores what it removed)."""
+    from explorer.run.image import ImageLoop
+
+    run_dir = tmp_path_factory.mktemp("tiny-run") / "run"
+    loop = ImageLoop(tiny_experiment(), run_dir, engine_url=engine.url, progress=False)
+    loop.run(log=lambda line: None)
+    loop.close()
+    return run_dir

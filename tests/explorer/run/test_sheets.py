@@ -18,17 +18,6 @@ from explorer.run.sheets import (
 )
 
 
-@pytest.fixture(scope="module")
-def sheet_run(tiny_experiment, engine, tmp_path_factory):
-    from explorer.run.image import ImageLoop
-
-    run_dir = tmp_path_factory.mktemp("sheets") / "run"
-    loop = ImageLoop(tiny_experiment(), run_dir, engine_url=engine.url, progress=False)
-    loop.run(log=lambda line: None)
-    loop.close()
-    return run_dir
-
-
 def _accepted_by_iteration(run_dir):
     out = {}
     for r in read_metrics(run_dir / "accepted.jsonl"):
@@ -36,10 +25,10 @@ def _accepted_by_iteration(run_dir):
     return out
 
 
-def test_every_iteration_gets_a_sheet_grouped_by_query(sheet_run):
-    rows = read_metrics(sheet_run / "metrics.jsonl")
-    accepted = _accepted_by_iteration(sheet_run)
-    assert sorted(p.name for p in (sheet_run / "sheets").iterdir()) == ["iter-000001.png", "iter-000002.png"]
+def test_every_iteration_gets_a_sheet_grouped_by_query(tiny_run):
+    rows = read_metrics(tiny_run / "metrics.jsonl")
+    accepted = _accepted_by_iteration(tiny_run)
+    assert sorted(p.name for p in (tiny_run / "sheets").iterdir()) == ["iter-000001.png", "iter-000002.png"]
     for row in rows[1:]:
         records = accepted.get(row["iteration"], [])
         content = sheet_content(row, records)
@@ -54,18 +43,18 @@ def test_every_iteration_gets_a_sheet_grouped_by_query(sheet_run):
         assert not {r["url"] for r in best} & set(row["accepted_urls"])
         assert [r["reward"] for r in best] == sorted((r["reward"] for r in best), reverse=True)
         assert all(r["reason"] in ("duplicate", "low reward") for r in best)
-        image = Image.open(sheet_path(sheet_run, row["iteration"], "image"))
+        image = Image.open(sheet_path(tiny_run, row["iteration"], "image"))
         tile_rows = sum(-(-len(g.items) // COLUMNS) for g in content.groups)
         expected = (LINE * 2 + len(content.groups) * LINE + tile_rows * (TILE + 14) + (LINE if content.others else 0)
                     + LINE + TILE + 14 + 14 + 4)
         assert image.size[1] == expected
 
 
-def test_tiles_show_the_accepted_images_from_the_shards_and_rejected_ones_from_the_cache(sheet_run, tiny_experiment):
-    row = read_metrics(sheet_run / "metrics.jsonl")[1]
-    content = sheet_content(row, _accepted_by_iteration(sheet_run)[1])
-    sheet = np.asarray(Image.open(sheet_path(sheet_run, 1, "image")).convert("RGB"))
-    items = RunItems(sheet_run, tiny_experiment())
+def test_tiles_show_the_accepted_images_from_the_shards_and_rejected_ones_from_the_cache(tiny_run, tiny_experiment):
+    row = read_metrics(tiny_run / "metrics.jsonl")[1]
+    content = sheet_content(row, _accepted_by_iteration(tiny_run)[1])
+    sheet = np.asarray(Image.open(sheet_path(tiny_run, 1, "image")).convert("RGB"))
+    items = RunItems(tiny_run, tiny_experiment())
     try:
         first = content.groups[0].items[0]
         assert first["sha256"] in items.rows  # read from acquired/
@@ -79,37 +68,37 @@ def test_tiles_show_the_accepted_images_from_the_shards_and_rejected_ones_from_t
         items.close()
 
 
-def test_rebuilding_from_the_finished_run_draws_the_live_sheets(sheet_run):
-    live = {p.name: np.asarray(Image.open(p)) for p in (sheet_run / "sheets").iterdir()}
-    for p in (sheet_run / "sheets").iterdir():
+def test_rebuilding_from_the_finished_run_draws_the_live_sheets(tiny_run):
+    live = {p.name: np.asarray(Image.open(p)) for p in (tiny_run / "sheets").iterdir()}
+    for p in (tiny_run / "sheets").iterdir():
         p.unlink()
-    rebuilt = rebuild_sheets(sheet_run)
+    rebuilt = rebuild_sheets(tiny_run)
     assert sorted(p.name for p in rebuilt) == sorted(live)
     for p in rebuilt:
         assert np.array_equal(np.asarray(Image.open(p)), live[p.name]), p.name
 
 
-def test_a_replayed_run_draws_the_recorded_sheets(sheet_run, tmp_path):
+def test_a_replayed_run_draws_the_recorded_sheets(tiny_run, tmp_path):
     import shutil
 
     from explorer.run.experiment import replay_run
 
     copy = tmp_path / "run"
-    shutil.copytree(sheet_run, copy)
+    shutil.copytree(tiny_run, copy)
     assert replay_run(copy, progress=False, log=lambda line: None) == []
     assert not list((copy / "sheets").glob("replay-*"))  # a replay writes no sheets of its own
     replayed = rebuild_sheets(copy, replay=True)
     assert [p.name for p in replayed] == ["replay-iter-000001.png", "replay-iter-000002.png"]
     for p in replayed:  # the same decisions, the same rejected candidates, the same picture
-        live = sheet_run / "sheets" / p.name.removeprefix("replay-")
+        live = tiny_run / "sheets" / p.name.removeprefix("replay-")
         assert np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(live))), p.name
 
 
-def test_an_evicted_rejected_body_is_an_empty_tile_not_an_error(sheet_run, tmp_path):
+def test_an_evicted_rejected_body_is_an_empty_tile_not_an_error(tiny_run, tmp_path):
     import shutil
 
     copy = tmp_path / "run"
-    shutil.copytree(sheet_run, copy)
+    shutil.copytree(tiny_run, copy)
     shutil.rmtree(copy / "cache" / "blobs")  # every fetched body gone; the shards keep the accepted ones
     rebuild_sheets(copy)
 
@@ -119,7 +108,7 @@ def test_an_evicted_rejected_body_is_an_empty_tile_not_an_error(sheet_run, tmp_p
         return sheet[y + 1:y + TILE - 1, 5:4 + TILE - 1]
 
     assert (first_rejected_tile(copy) > 200).mean() > 0.9  # an empty box with the word "evicted"
-    assert (first_rejected_tile(sheet_run) <= 200).mean() > 0.1  # the live sheet drew the image
+    assert (first_rejected_tile(tiny_run) <= 200).mean() > 0.1  # the live sheet drew the image
 
 
 def test_rebuilding_a_folder_without_logs_says_what_is_missing(tmp_path):
