@@ -34,9 +34,10 @@ from explorer.run.ledger import FetchRecord
 from explorer.run.loop import Candidates, RunLoop, background_seed, resident_bytes
 from explorer.score.evaluation import eval_metrics, evaluate_embeddings
 from explorer.score.reward import BackgroundSample, image_signature
-from explorer.score.target import INSTALLED_TARGETS, TargetSet, load_target
+from explorer.score.target import TargetSet, load_target
 from explorer.web.corpus import WebCorpus
 from explorer.web.presets import open_image_corpus
+from explorer.web.sources import INSTALLED_TARGETS
 from learners.mixture import TrainingMixture
 from learners.moco import MoCoLearner
 from learners.shards import ShardStore

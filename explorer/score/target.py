@@ -23,7 +23,6 @@ from explorer.acquire.validate import to_pipeline_tensor
 from explorer.web import sources
 
 SPLITS = ("acquire", "probe_train", "probe_test")
-INSTALLED_TARGETS = ("fashion-mnist", "mnist")
 log = logging.getLogger(__name__)
 
 
@@ -113,7 +112,7 @@ def _from_folder(root: Path, size: int) -> tuple[torch.Tensor, np.ndarray, tuple
 
 
 def load_target(cfg: TargetConfig = TargetConfig()) -> TargetSet:
-    if cfg.name in INSTALLED_TARGETS:
+    if cfg.name in sources.INSTALLED_TARGETS:
         if cfg.name == "fashion-mnist":
             gray, labels = sources.load_fashion_mnist("test")
             classes = sources.FASHION_CLASSES
@@ -129,7 +128,7 @@ def load_target(cfg: TargetConfig = TargetConfig()) -> TargetSet:
         root = Path(cfg.name)
         if not root.is_dir():
             raise FileNotFoundError(f"target {cfg.name!r} is neither an installed target "
-                                    f"({', '.join(INSTALLED_TARGETS)}) nor a folder of images")
+                                    f"({', '.join(sources.INSTALLED_TARGETS)}) nor a folder of images")
         images, labels, classes = _from_folder(root, cfg.image_size)
         if cfg.limit and cfg.limit < len(images):
             keep = np.sort(np.random.default_rng(cfg.seed + 7).choice(len(images), cfg.limit, replace=False))

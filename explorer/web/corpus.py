@@ -35,11 +35,11 @@ from explorer.web import captions as cap
 from explorer.web import package_images, sources
 from explorer.web.freeciv import read_freeciv
 from explorer.web.package_images import DECODE_ERRORS, sample_indices
+from explorer.web.sources import INSTALLED_TARGETS
 
 DEFAULT_SOURCES = ("fashion-mnist", "openclipart", "mnist")
 HIDDEN_COLUMNS = ("source", "label", "class_name", "caption_wrong")
 TARGET_SOURCE = "fashion-mnist"  # the Fashion-MNIST target's kind: its share of a web is the base rate
-TARGET_KINDS = (TARGET_SOURCE, "mnist")  # the installed targets' kinds (`target.name`: fashion-mnist, mnist)
 KEY_SCHEMES = ("opaque", "named")
 
 
@@ -237,7 +237,7 @@ def composition(sources: list[str]) -> dict:
     names, counts = np.unique(np.asarray(sources, dtype=str), return_counts=True)
     share = {str(s): float(c) / len(sources) for s, c in zip(names, counts)}
     return {"per_source": {str(s): int(c) for s, c in zip(names, counts)}, "share": share,
-            "base_rate": {kind: share.get(kind, 0.0) for kind in TARGET_KINDS}}
+            "base_rate": {kind: share.get(kind, 0.0) for kind in INSTALLED_TARGETS}}
 
 
 def _write_shards(out: Path, spec: CorpusSpec, progress: bool) -> tuple[list[dict], list[str], int]:

@@ -72,6 +72,7 @@ def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
 
 
+INSTALLED_TARGETS = ("fashion-mnist", "mnist")  # `target.name`s that install offline; each is also its kind's web source
 MNIST_SPLIT_SEED = 20_231  # fixes which half of the 5,000 digits is the MNIST target's and which the world web's
 
 
