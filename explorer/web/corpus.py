@@ -225,11 +225,16 @@ def build_corpus(out: Path, spec: CorpusSpec = CorpusSpec(), *, progress: bool =
     encoder = encoder or _default_encoder()
     emb = encoder.encode(distinct, progress=progress).astype(np.float16)
     np.save(out / "caption_emb.npy", emb)
-    meta = {"spec": {**asdict(spec), "noise": asdict(spec.noise)}, "items": len(rows),
+    meta = {"spec": spec_json(spec), "items": len(rows),
             "distinct_captions": len(distinct), **composition(table["source"].to_pylist()),
             "distinct_images": len(set(table["sha256"].to_pylist())), "duplicates_dropped": dropped, "format": 1}
     (out / "corpus.json").write_text(json.dumps(meta, indent=2))  # written last: marks a complete build
     return WebCorpus(out)
+
+
+def spec_json(spec: CorpusSpec) -> dict:
+    """A spec as corpus.json records it (JSON types: lists for tuples)."""
+    return json.loads(json.dumps(asdict(spec)))
 
 
 def composition(sources: list[str]) -> dict:
