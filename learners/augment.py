@@ -83,6 +83,12 @@ class ViewParams:
         """The parameters of a subset of the samples (e.g. one rank's shard of the batch)."""
         return ViewParams(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
 
+    @staticmethod
+    def cat(parts: list["ViewParams"]) -> "ViewParams":
+        """The parameters of several batches, one after another."""
+        return ViewParams(**{f.name: torch.cat([getattr(p, f.name) for p in parts])
+                             for f in dataclasses.fields(ViewParams)})
+
     def to(self, device: torch.device | str) -> "ViewParams":
         return ViewParams(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
 

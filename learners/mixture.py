@@ -89,6 +89,9 @@ class TrainingMixture:
         self.store = store if store is not None else MemoryStore(self.side)
         if self.store.side != self.side:
             raise ValueError(f"the store holds {self.store.side}px images, the target {self.side}px")
+        # Changes whenever store item numbers may come to name other images (a reset, a truncation):
+        # whoever keeps something per item (learners/view_cache.py) starts again when it changes.
+        self.epoch = 0
         self._reset_pool()
 
     def _reset_pool(self) -> None:
@@ -96,6 +99,7 @@ class TrainingMixture:
         self.seen = 0  # images ever offered to the pool (the reservoir's stream length)
         self.position = 0  # store items this mixture has admitted; anything after it is void
         self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.epoch += 1
 
     @property
     def acquired(self) -> torch.Tensor:
@@ -111,6 +115,7 @@ class TrainingMixture:
         _check_images(images, self.side)
         if len(self.store) != self.position:  # items of an abandoned attempt (a crash, a fresh start)
             self.store.truncate(self.position)
+            self.epoch += 1
         ids = self.store.append(images.cpu().contiguous(), records)
         self._admit(ids)
 
@@ -139,19 +144,35 @@ class TrainingMixture:
         n_target = min(target_batch, len(self.target))
         return n_target, acquired_count(target_batch, len(self.target), len(self.pool), self.config.acquired_cap)
 
-    def sample(self, target_batch: int, generator: torch.Generator, multiple_of: int = 1) -> torch.Tensor:
-        """A shuffled uint8 batch: `target_batch` target images (all of them if fewer) plus the
-        acquired share, no image twice; the size is cut to a multiple of `multiple_of` (DDP ranks)."""
+    def draw(self, target_batch: int, generator: torch.Generator,
+             multiple_of: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which images make the next batch: (acquired, index), both of the batch's length, shuffled;
+        index is a target row where `acquired` is False, else a store item number. `target_batch`
+        target images (all of them if fewer) plus the acquired share, no image twice; the size is cut
+        to a multiple of `multiple_of` (DDP ranks)."""
         n_target, n_acquired = self.batch_sizes(target_batch)
         excess = (n_target + n_acquired) % multiple_of
         n_acquired, n_target = max(n_acquired - excess, 0), n_target - max(excess - n_acquired, 0)
         if n_target + n_acquired == 0:
             raise ValueError(f"{len(self.target)} target images do not make a batch for {multiple_of} shards")
-        parts = [self.target[torch.randperm(len(self.target), generator=generator)[:n_target]]]
+        index = [torch.randperm(len(self.target), generator=generator)[:n_target]]
         if n_acquired:
-            parts.append(self.store.read(self.pool[torch.randperm(len(self.pool), generator=generator)[:n_acquired]]))
-        batch = torch.cat(parts)
-        return batch[torch.randperm(len(batch), generator=generator)]
+            index.append(self.pool[torch.randperm(len(self.pool), generator=generator)[:n_acquired]])
+        acquired = torch.cat([torch.zeros(n_target, dtype=torch.bool), torch.ones(n_acquired, dtype=torch.bool)])
+        order = torch.randperm(n_target + n_acquired, generator=generator)
+        return acquired[order], torch.cat(index)[order]
+
+    def read(self, acquired: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The uint8 images of a `draw`, in its order."""
+        images = torch.empty((len(index), 3, self.side, self.side), dtype=torch.uint8)
+        images[~acquired] = self.target[index[~acquired]]
+        if acquired.any():
+            images[acquired] = self.store.read(index[acquired])
+        return images
+
+    def sample(self, target_batch: int, generator: torch.Generator, multiple_of: int = 1) -> torch.Tensor:
+        """The images of `draw(target_batch, generator, multiple_of)`: a shuffled uint8 batch."""
+        return self.read(*self.draw(target_batch, generator, multiple_of))
 
     def state_dict(self) -> dict[str, Any]:
         """Config, the target's fingerprint and the store's state: a `ShardStore`'s is its position

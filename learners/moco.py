@@ -29,6 +29,7 @@ from learners.checkpoint import atomic_torch_save
 from learners.distributed import default_device, distributed_setup
 from learners.losses import cosine_momentum, mocov3_infonce, warmup_cosine_lr
 from learners.mixture import TrainingMixture
+from learners.view_cache import ViewCache
 
 OPTIMIZERS = ("adamw", "lars")
 
@@ -49,6 +50,9 @@ class MoCoConfig:
     frozen_stages: int = 0
     freeze_bn: bool = False  # BatchNorm statistics of the trainable trunk stay at their (pretrained) values
     prefix_bf16: bool = True  # the frozen prefix runs under bf16 autocast (no gradient flows through it)
+    # Views per image whose frozen-prefix output is computed once and paired at every step instead of
+    # fresh augmentations (learners/view_cache.py); 0: fresh views. Needs frozen_stages > 0.
+    cached_views: int = 0
     head_warmup_steps: int = 0  # steps that train only projector and predictor (fresh heads on a pretrained trunk)
     backbone_lr_scale: float = 1.0  # the trunk's learning rate relative to the heads'
     image_size: int = 32  # side the backbone sees; other input sides are resized
@@ -92,6 +96,9 @@ class MoCoConfig:
             raise ValueError("weight_decay, min_lr >= 0 and 0 <= warmup_steps <= total_steps required")
         if self.frozen_stages < 0 or self.head_warmup_steps < 0 or not self.backbone_lr_scale >= 0:
             raise ValueError("frozen_stages, head_warmup_steps and backbone_lr_scale must be >= 0")
+        if self.cached_views and (self.cached_views < 2 or self.cached_views % 2 or not self.frozen_stages):
+            raise ValueError(f"cached_views must be 0 or an even number >= 2 with frozen_stages > 0, got "
+                             f"cached_views={self.cached_views}, frozen_stages={self.frozen_stages}")
         if isinstance(self.augment, dict):  # built from a YAML / checkpoint mapping
             object.__setattr__(self, "augment", AugmentConfig(**self.augment))
         if self.augment.mean is None or self.augment.std is None:  # the backbone's own input normalisation
@@ -127,6 +134,7 @@ class MoCoV3(nn.Module):
         backbone = create_backbone(config.backbone, config.backbone_kwargs, config.pretrained, config.small_image_stem)
         # The frozen prefix is shared by both branches (identical weights, never updated).
         self.frozen_prefix, self.base_encoder = split_backbone(backbone, config.frozen_stages)
+        self.frozen_prefix.eval()  # from the start: its BatchNorm statistics are never batch statistics
         features = self.base_encoder.num_features
         self.base_projector = _mlp(config.projector_layers, features, config.mlp_dim, config.dim)
         self.predictor = _mlp(2, config.dim, config.mlp_dim, config.dim, last_bn=False)
@@ -178,11 +186,13 @@ class MoCoV3(nn.Module):
             offset, k = dist.get_rank() * k.shape[0], torch.cat(gathered)
         return mocov3_infonce(q, k, self.temperature, offset)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: float, train_trunk: bool = True) -> torch.Tensor:
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: float, train_trunk: bool = True,
+                prefixed: bool = False) -> torch.Tensor:
         """Symmetrised loss of two views (B, 3, S, S); updates the momentum branch with momentum m.
 
-        train_trunk=False trains only projector and predictor (the trunk's features are detached)."""
-        h1, h2 = self.prefix(x1), self.prefix(x2)
+        train_trunk=False trains only projector and predictor (the trunk's features are detached);
+        prefixed=True: x1 and x2 are already the frozen prefix's outputs (learners/view_cache.py)."""
+        h1, h2 = (x1, x2) if prefixed else (self.prefix(x1), self.prefix(x2))
         with torch.set_grad_enabled(train_trunk and torch.is_grad_enabled()):
             f1, f2 = self.base_encoder(h1), self.base_encoder(h2)
         q1 = self.predictor(self.base_projector(f1))
@@ -269,6 +279,8 @@ class MoCoLearner:
         self.step = 0
         self.generator = torch.Generator().manual_seed(config.seed)  # batch sampling + augmentation
         self.mixture = mixture
+        self.view_cache = ViewCache(config.cached_views, config.seed, config.augment, self._encode_views) \
+            if config.cached_views else None
 
     def _autocast(self):
         enabled = self.config.bf16 if self.device.type == "cuda" else self.config.cpu_bf16
@@ -286,6 +298,20 @@ class MoCoLearner:
         return (self._layout(apply_view(images, first.take(shard), cfg.augment)),
                 self._layout(apply_view(images, second.take(shard), cfg.augment)))
 
+    def _cached_views(self, mixture: TrainingMixture) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's shard of one global batch as two cached prefix outputs per image."""
+        acquired, index = mixture.draw(self.config.batch_size, self.generator, multiple_of=self.world_size)
+        per_rank = len(index) // self.world_size
+        shard = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        h1, h2 = self.view_cache.pairs(mixture, acquired[shard], index[shard], self.generator)
+        return self._layout(h1), self._layout(h2)
+
+    @torch.no_grad()
+    def _encode_views(self, images: torch.Tensor, params) -> torch.Tensor:
+        """uint8 images and their view parameters -> the frozen prefix's outputs (for the view cache)."""
+        x = apply_view(self._resize(images.to(self.device)), params, self.config.augment)
+        return self.model.prefix(self._layout(x))
+
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
 
@@ -302,10 +328,11 @@ class MoCoLearner:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         momentum = cosine_momentum(self.step, cfg.total_steps, cfg.base_momentum)
-        x1, x2 = self._views(mixture)
+        cached = self.view_cache is not None
+        x1, x2 = self._cached_views(mixture) if cached else self._views(mixture)
         self.model.train()
         with self._autocast():
-            loss = self.trainable(x1, x2, momentum, train_trunk=self.step >= cfg.head_warmup_steps)
+            loss = self.trainable(x1, x2, momentum, train_trunk=self.step >= cfg.head_warmup_steps, prefixed=cached)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
