@@ -307,7 +307,9 @@ def plot_accuracy(groups: dict[str, list[RunCurves]], control: dict[str, dict[st
     plt.close(fig)
 
 
-def write_runs_csv(runs: list[RunCurves], path: Path) -> None:
+def write_runs_csv(runs: list[RunCurves], path: Path, control: dict[str, dict[str, dict]] | None = None) -> None:
+    """Every run's curve, one row per iteration; then one row per control (base, target only,
+    pixels) and seed, so that every paired difference of the report can be recomputed from it."""
     with path.open("w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["condition", "seed", "iteration", "queries", "accepted", "relevant", "precision",
@@ -317,6 +319,12 @@ def write_runs_csv(runs: list[RunCurves], path: Path) -> None:
                 out.writerow([run.condition, run.seed, i, int(run.queries[i]), int(run.accepted[i]),
                               _num(run.relevant[i]), _num(run.precision[i]), _num(run.reward[i]), _num(run.knn[i]),
                               _num(run.probe[i]), str(run.path)])
+        seeds = {run.base: run.seed for run in runs}
+        for name, per_base in (control or {}).items():
+            for base, scores in per_base.items():
+                out.writerow([name, seeds[base], "", "", "", "", "", "",
+                              _num(float(scores.get("eval_knn_accuracy", math.nan))),
+                              _num(float(scores.get("eval_linear_probe_accuracy", math.nan))), base])
 
 
 def _num(x: float) -> str:
@@ -329,7 +337,7 @@ def write_report(paths: list[Path], out: Path, *, title: str = "explorer report"
     runs = [read_run(p) for p in find_runs(paths)]
     out.mkdir(parents=True, exist_ok=True)
     groups, control = group(runs), controls(runs)
-    write_runs_csv(runs, out / "runs.csv")
+    write_runs_csv(runs, out / "runs.csv", control)
     lines = [f"# {title}", "", f"{len(runs)} runs: " + ", ".join(f"{k} ({len(v)})" for k, v in groups.items()),
              "", "Mean ± 95% confidence half-width over seeds (Student t); every run's curve is in `runs.csv`.", ""]
     if "efficiency" in sections:

@@ -60,9 +60,29 @@ def test_report_tables_are_the_runs_numbers(two_seeds, tmp_path):
     text = report.read_text()
     assert "| random | 2 |" in text and "## Representation" in text
     rows = list(csv.DictReader((tmp_path / "report" / "runs.csv").open()))
-    assert len(rows) == sum(len(_metrics(r)) for r in runs)
+    # every iteration of every run, then each run's own base (the seed's control rows)
+    assert len(rows) == sum(len(_metrics(r)) for r in runs) + 2
+    bases = [r for r in rows if r["condition"] == "base"]
+    assert sorted(int(r["seed"]) for r in bases) == [0, 1]
+    for row in bases:
+        first = _metrics(runs[int(row["seed"])])[0]
+        assert float(row["knn_accuracy"]) == pytest.approx(first["eval_knn_accuracy"], rel=1e-5)
     for name in ("precision_vs_queries.png", "reward_vs_queries.png", "accuracy_vs_images.png"):
         assert (tmp_path / "report" / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_runs_csv_holds_the_controls_of_each_seed(two_seeds, tmp_path):
+    import shutil
+
+    grid = tmp_path / "grid"
+    shutil.copytree(two_seeds, grid)
+    for seed, knn in ((0, 0.5), (1, 0.25)):  # the target-only controls a grid writes beside its runs
+        (grid / f"seed-{seed}" / "target-only.json").write_text(
+            json.dumps({"eval_knn_accuracy": knn, "eval_linear_probe_accuracy": knn + 0.125}))
+    write_report([grid], tmp_path / "report")
+    rows = [r for r in csv.DictReader((tmp_path / "report" / "runs.csv").open()) if r["condition"] == "target only"]
+    assert sorted((int(r["seed"]), float(r["knn_accuracy"]), float(r["linear_probe_accuracy"])) for r in rows) == \
+        [(0, 0.5, 0.625), (1, 0.25, 0.375)]
 
 
 def test_report_cli_and_a_clear_error_for_a_folder_without_runs(two_seeds, tmp_path, capsys):
