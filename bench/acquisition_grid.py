@@ -142,13 +142,17 @@ def add_grid_arguments(parser: argparse.ArgumentParser, grid_flag: str) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set iterations=20 (as explorer run --set)")
 
 
 def run_grid_from_args(args: argparse.Namespace) -> list[Path]:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    return run_grid(args.config, args.grid, args.seeds, args.conditions)
+    from explorer.run.config import parse_overrides
+
+    return run_grid(args.config, args.grid, args.seeds, args.conditions, parse_overrides(args.set))
 
 
 def main(argv: list[str] | None = None) -> int:
