@@ -105,14 +105,15 @@ def run_grid(config: Path, out: Path, seeds: list[int], conditions: list[str],
     set on top of the config file (as `explorer run --set` does)."""
     from explorer.run.config import load_config, save_config
     from explorer.run.demo import _ensure_corpus
-    from explorer.run.experiment import local_engine_for
+    from explorer.run.experiment import local_engine_for, searches_by_image
     from explorer.run.image import ImageLoop
 
     base_cfg = load_config(config, overrides)
     _ensure_corpus(base_cfg)
     run_dirs = []
     out.mkdir(parents=True, exist_ok=True)
-    with local_engine_for(base_cfg, error_log=out / "engine.log") as url:
+    by_image = any(searches_by_image(CONDITIONS[name][0]) for name in conditions)
+    with local_engine_for(base_cfg, error_log=out / "engine.log", image_index=by_image) as url:
         for seed in seeds:
             cfg = seeded(base_cfg, seed)
             seed_dir = out / f"seed-{seed}"
@@ -131,7 +132,19 @@ def run_grid(config: Path, out: Path, seeds: list[int], conditions: list[str],
                 loop = ImageLoop(run_cfg, run_dir, engine_url=url, base_checkpoint=base, progress=False,
                                        resume=True, base_scores=json.loads((seed_dir / "base.json").read_text()))
                 loop.run(log=lambda msg: print(msg, flush=True))
+                _check_searched(run_dir)
     return run_dirs
+
+
+def _check_searched(run_dir: Path) -> None:
+    """A run none of whose searches succeeded measured nothing: set it aside (so that the next
+    attempt starts it again) and stop the grid with the engine's answer."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()][1:]
+    if rows and all(row.get("all_searches_failed") for row in rows):
+        failed = run_dir.with_name(f"{run_dir.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(failed)
+        error = next((e for row in rows for e in row.get("search_errors", [])), "no error recorded")
+        raise RuntimeError(f"every search of {run_dir} failed (moved to {failed.name}); first error: {error}")
 
 
 def add_grid_arguments(parser: argparse.ArgumentParser, grid_flag: str) -> None:

@@ -34,10 +34,10 @@ def open_web(cfg: ExperimentConfig, progress: bool = False):
 
 @contextlib.contextmanager
 def local_engine_for(cfg: ExperimentConfig, error_log: Path | None = None, *, progress: bool = False,
-                     port: int = 0):
+                     port: int = 0, image_index: bool | None = None):
     """Yields the URL of the engine a config needs: a started local engine over its corpus (with its
-    image index when the policy queries by example), or None. The engine's request errors are
-    appended to `error_log` (not printed)."""
+    image index when the policy queries by example, or when `image_index` says so: a grid whose
+    other policies do), or None. The engine's request errors are appended to `error_log` (not printed)."""
     if cfg.search.backend != "local" or cfg.search.url:
         yield None
         return
@@ -46,11 +46,16 @@ def local_engine_for(cfg: ExperimentConfig, error_log: Path | None = None, *, pr
     from explorer.web.text_encoder import default_encoder
 
     web = open_web(cfg, progress)
-    by_image = cfg.modality == "image" and getattr(POLICIES.get(cfg.policy.name), "searches_by_image", False)
+    by_image = cfg.modality == "image" and (searches_by_image(cfg.policy.name) if image_index is None else image_index)
     with SearchServer(HybridIndex(web, default_encoder()), port=port, error_log=error_log,
                       html_documents=cfg.modality == "text" and cfg.search.serve_html,
                       image_index=ImageIndex.open(web, progress=progress) if by_image else None) as server:
         yield server.url
+
+
+def searches_by_image(policy: str) -> bool:
+    """Whether a policy queries the engine's image index (it needs an engine that serves one)."""
+    return bool(getattr(POLICIES.get(policy), "searches_by_image", False))
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, engine_url: str | None = None,

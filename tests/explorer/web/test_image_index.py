@@ -105,3 +105,16 @@ def test_a_stale_index_is_rebuilt(tmp_path):
     again = ImageIndex.open(corpus, progress=False)  # rebuilt, to the same vectors
     assert index_is_fresh(corpus.root, first.model)
     assert np.array_equal(again.embeddings, first.embeddings)
+
+
+def test_a_grid_engine_serves_the_image_index_when_any_of_its_policies_needs_it(image_engine, small_corpus,
+                                                                                 tiny_experiment):
+    from explorer.run.experiment import local_engine_for, searches_by_image
+
+    cfg = tiny_experiment()  # a gp config: it alone would get an engine without the image index
+    assert searches_by_image("knn-retrieval") and not searches_by_image(cfg.policy.name)
+    image = base64.b64encode(small_corpus.image_bytes(0)).decode()
+    for wanted in (False, True):
+        with local_engine_for(cfg, image_index=wanted or None) as url:
+            r = httpx.post(f"{url}/knn-service", json={"image": image, "indice_name": IMAGE_INDEX, "num_images": 3})
+            assert (r.status_code == 200 and r.json()[0]["id"] == 0) if wanted else r.status_code == 400, r.text
