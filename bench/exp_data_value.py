@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.acquisition_grid import seeded  # noqa: E402
-from bench.machine import write_machine  # noqa: E402
+from bench.machine import print_report  # noqa: E402
 
 SOURCES = ("oracle", "uniform", "distractor")
 DEFAULT_RUNS = ROOT / "runs" / "bench-data-value"
@@ -211,9 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_grid(args.config, args.runs, args.seeds, args.sources, args.sizes, args.compare_size, overrides,
                     stretch=not args.no_stretch)
     report = write_report(rows, args.out, pixel_scores(load_config(args.config, overrides)))
-    write_machine(args.out, " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]))
-    print(report.read_text())
-    print(f"took {time.time() - t0:.0f}s")
+    print_report(args.out, report, argv, t0)
     return 0
 
 

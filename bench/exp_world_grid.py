@@ -29,7 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import write_machine  # noqa: E402
+from bench.machine import print_report  # noqa: E402
 
 # (left, right): the paired differences of the analysis, per seed, kNN and probe
 DIFFERENCES = [("gp-ucb", "random"), ("gp-ucb", "target only"), ("oracle", "target only"),
@@ -161,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         run_targets(plan, args.runs, args.threads, args.jobs)
     report = write_report(plan, args.runs, args.out)
-    write_machine(args.out, " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]))
-    print(report.read_text())
-    print(f"took {time.time() - t0:.0f}s")
+    print_report(args.out, report, argv, t0)
     return 0
 
 

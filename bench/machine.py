@@ -38,6 +38,17 @@ def finish_report(out: Path, lines: list[str], command: str) -> None:
     print("\n".join(lines))
 
 
+def print_report(out: Path, report: Path, argv: list[str] | None, started: float) -> None:
+    """machine.json beside a written report (with the command that made it), the report on stdout
+    and the time it took since `started` (time.time())."""
+    import sys
+    import time
+
+    write_machine(out, " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]))
+    print(report.read_text())
+    print(f"took {time.time() - started:.0f}s")
+
+
 def write_rows(out: Path, name: str, rows: list[dict]) -> None:
     """rows -> out/name.csv (the union of the rows' keys, in first-seen order) and out/name.json."""
     import csv
