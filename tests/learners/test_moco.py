@@ -1,4 +1,5 @@
 import gzip
+import json
 import os
 import subprocess
 import sys
@@ -132,11 +133,11 @@ def test_lars_and_small_stem_train(images):
 
 
 DDP_WORKER = textwrap.dedent("""
-    import sys, torch, torch.distributed as dist
+    import json, sys, torch, torch.distributed as dist
     from learners.mixture import TrainingMixture
     from learners.moco import MoCoConfig, MoCoLearner
     config = MoCoConfig(backbone="resnet10t", backbone_kwargs={"channels": (8, 16, 32, 64), "stem_width": 8},
-                        dim=16, mlp_dim=32, batch_size=16, warmup_steps=1, total_steps=10)
+                        dim=16, mlp_dim=32, batch_size=16, warmup_steps=1, total_steps=10, **json.loads(sys.argv[2]))
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     learner = MoCoLearner(config, device="cpu")
     losses = learner.train_steps(TrainingMixture(images), 3)
@@ -146,12 +147,14 @@ DDP_WORKER = textwrap.dedent("""
 """)
 
 
-def test_ddp_ranks_end_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("options", [{}, {"frozen_stages": 2, "cached_views": 4}], ids=["views", "cached-views"])
+def test_ddp_ranks_end_with_identical_weights(tmp_path, options):
     script = tmp_path / "worker.py"
     script.write_text(DDP_WORKER)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(tmp_path)], env=env, cwd=REPO, timeout=120, capture_output=True, text=True)
+                          str(script), str(tmp_path), json.dumps(options)], env=env, cwd=REPO, timeout=120,
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(rank0["params"], rank1["params"])
