@@ -105,13 +105,15 @@ def run_grid(config: Path, out: Path, seeds: list[int], conditions: list[str],
     set on top of the config file (as `explorer run --set` does)."""
     from explorer.run.config import load_config, save_config
     from explorer.run.demo import _ensure_corpus
-    from explorer.run.experiment import local_engine_for, searches_by_image
+    from explorer.run.experiment import local_engine_for
     from explorer.run.image import ImageLoop
 
     base_cfg = load_config(config, overrides)
     _ensure_corpus(base_cfg)
     run_dirs = []
     out.mkdir(parents=True, exist_ok=True)
+    from policies import searches_by_image
+
     by_image = any(searches_by_image(CONDITIONS[name][0]) for name in conditions)
     with local_engine_for(base_cfg, error_log=out / "engine.log", image_index=by_image) as url:
         for seed in seeds:

@@ -15,7 +15,7 @@ from policies import gp, hybrid, knn_retrieval, oracle, ppo_llm, random_policy  
 from policies.base import POLICIES, Query, QueryPolicy, register_policy
 
 __all__ = ["POLICIES", "Query", "QueryPolicy", "build_policy", "policy_options", "register_policy",
-           "split_policy_options"]
+           "searches_by_image", "split_policy_options"]
 
 
 def build_policy(name: str, **kwargs) -> QueryPolicy:
@@ -23,6 +23,11 @@ def build_policy(name: str, **kwargs) -> QueryPolicy:
     if name not in POLICIES:
         raise KeyError(f"unknown policy {name!r}; valid: {', '.join(sorted(POLICIES))}")
     return POLICIES[name](**kwargs)
+
+
+def searches_by_image(name: str) -> bool:
+    """Whether a registered policy queries the engine's image index (its engine must serve one)."""
+    return bool(getattr(POLICIES.get(name), "searches_by_image", False))
 
 
 def policy_options(name: str) -> set[str]:

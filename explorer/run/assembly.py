@@ -15,7 +15,7 @@ import numpy as np
 
 from explorer.run.config import ExperimentConfig
 from explorer.web.vocabulary import ConceptVocabulary
-from policies import POLICIES, QueryPolicy, build_policy, split_policy_options
+from policies import QueryPolicy, build_policy, searches_by_image, split_policy_options
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def make_policy(cfg: ExperimentConfig, vocab: ConceptVocabulary, cache_dir: Path
         if truth is None:
             raise ValueError("the oracle policy needs the local web's hidden ground truth")
         kwargs["relevance"] = oracle_relevance(vocab, truth, cfg.search.results_per_query)
-    if getattr(POLICIES[cfg.policy.name], "searches_by_image", False):
+    if searches_by_image(cfg.policy.name):
         kwargs["target_images"] = target_images
     try:
         return build_policy(cfg.policy.name, concepts=list(vocab.concepts), seed=cfg.seed, **kwargs)

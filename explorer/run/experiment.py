@@ -13,7 +13,7 @@ from explorer.run.image import ImageLoop, open_corpus
 from explorer.run.ledger import read_metrics
 from explorer.run.loop import RunLoop, compare_decisions
 from explorer.run.text import TextLoop, open_text_corpus
-from policies import POLICIES
+from policies import searches_by_image
 
 ENGINE_LOG = "engine.log"  # the local engine's request errors, in the run folder
 LOOPS = {"image": ImageLoop, "text": TextLoop}  # modality -> its loop
@@ -51,11 +51,6 @@ def local_engine_for(cfg: ExperimentConfig, error_log: Path | None = None, *, pr
                       html_documents=cfg.modality == "text" and cfg.search.serve_html,
                       image_index=ImageIndex.open(web, progress=progress) if by_image else None) as server:
         yield server.url
-
-
-def searches_by_image(policy: str) -> bool:
-    """Whether a policy queries the engine's image index (it needs an engine that serves one)."""
-    return bool(getattr(POLICIES.get(policy), "searches_by_image", False))
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, engine_url: str | None = None,

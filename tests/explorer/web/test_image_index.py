@@ -109,7 +109,8 @@ def test_a_stale_index_is_rebuilt(tmp_path):
 
 def test_a_grid_engine_serves_the_image_index_when_any_of_its_policies_needs_it(image_engine, small_corpus,
                                                                                  tiny_experiment):
-    from explorer.run.experiment import local_engine_for, searches_by_image
+    from explorer.run.experiment import local_engine_for
+    from policies import searches_by_image
 
     cfg = tiny_experiment()  # a gp config: it alone would get an engine without the image index
     assert searches_by_image("knn-retrieval") and not searches_by_image(cfg.policy.name)
