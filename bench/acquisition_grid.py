@@ -48,11 +48,13 @@ DEFAULT_RUNS = ROOT / "runs" / "bench-acquisition"
 
 
 def _finished(run_dir: Path, iterations: int) -> bool:
+    from explorer.run.ledger import read_metrics
+
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return False
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    return len(lines) == iterations + 1 and "eval_knn_accuracy" in json.loads(lines[-1])
+    rows = read_metrics(path)
+    return len(rows) == iterations + 1 and "eval_knn_accuracy" in rows[-1]
 
 
 def seeded(cfg, seed: int):
@@ -141,7 +143,9 @@ def run_grid(config: Path, out: Path, seeds: list[int], conditions: list[str],
 def _check_searched(run_dir: Path) -> None:
     """A run none of whose searches succeeded measured nothing: set it aside (so that the next
     attempt starts it again) and stop the grid with the engine's answer."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()][1:]
+    from explorer.run.ledger import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.jsonl")[1:]
     if rows and all(row.get("all_searches_failed") for row in rows):
         failed = run_dir.with_name(f"{run_dir.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
         run_dir.rename(failed)

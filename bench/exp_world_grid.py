@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -62,20 +63,21 @@ def run_targets(plan: dict, runs: Path, threads: int, jobs: int) -> None:
     """Each target's grid in its own process, `jobs` at a time; logs in RUNS/<target>.log."""
     runs.mkdir(parents=True, exist_ok=True)
     pending = list(plan["targets"].items())
-    running: list[tuple[str, subprocess.Popen]] = []
+    running: list[tuple[str, subprocess.Popen, object]] = []
     failed = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     while pending or running:
         while pending and len(running) < jobs:
             name, config = pending.pop(0)
             log = (runs / f"{name}.log").open("a")
             print(f"== {name}: {config} (log {runs / f'{name}.log'})", flush=True)
-            env = {**__import__("os").environ, "OMP_NUM_THREADS": str(threads)}
             running.append((name, subprocess.Popen(grid_command(plan, config, runs / name, threads),
-                                                   stdout=log, stderr=subprocess.STDOUT, env=env)))
+                                                   stdout=log, stderr=subprocess.STDOUT, env=env), log))
         time.sleep(2)
-        for name, proc in list(running):
+        for name, proc, log in list(running):
             if proc.poll() is not None:
-                running.remove((name, proc))
+                running.remove((name, proc, log))
+                log.close()
                 print(f"== {name}: {'done' if proc.returncode == 0 else f'FAILED ({proc.returncode})'}", flush=True)
                 if proc.returncode:
                     failed.append(name)
