@@ -60,8 +60,7 @@ def measure(config: MoCoConfig, images: torch.Tensor, steps: int) -> tuple[float
     learner = MoCoLearner(config)
     mixture = TrainingMixture(images)
     if learner.view_cache is not None:  # every image's views computed once, as after a run's first epochs
-        learner.view_cache.pairs(mixture, torch.zeros(len(images), dtype=torch.bool), torch.arange(len(images)),
-                                 torch.Generator())
+        learner.view_cache.warm(mixture)
     learner.train_steps(mixture, 1)  # warm-up: allocator, kernels, autocast caches
     step_times = [_seconds(lambda: learner.train_step(mixture)) for _ in range(steps)]
     learner.embed(images[:512])

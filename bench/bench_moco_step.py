@@ -52,20 +52,19 @@ def main(argv: list[str] | None = None) -> int:
                               MixtureConfig(acquired_cap=0.5))
     mixture.add_accepted(torch.randint(0, 256, (2400, 3, 28, 28), dtype=torch.uint8, generator=generator))
     if learner.view_cache is not None:
-        learner.view_cache.pairs(mixture, torch.zeros(100, dtype=torch.bool), torch.arange(100), generator)
-        learner.view_cache.pairs(mixture, torch.ones(2400, dtype=torch.bool), torch.arange(2400), generator)
+        learner.view_cache.warm(mixture)
     learner.train_steps(mixture, 2)  # warm-up
     model = learner.model
     x1, x2 = learner._views(mixture)
-    h1 = model.prefix(x1)
+    h1, h2 = model.prefix(x1), model.prefix(x2)
 
     def trainable():
-        for h in (h1, h1):
+        for h in (h1, h2):
             model.predictor(model.base_projector(model.base_encoder(h))).sum().backward()
 
     def momentum():
         with torch.no_grad():
-            for h in (h1, h1):
+            for h in (h1, h2):
                 model.momentum_projector(model.momentum_encoder(h))
 
     parts = {"augment both views": lambda: learner._views(mixture),

@@ -30,10 +30,15 @@ def distributed_setup(device: torch.device) -> tuple[int, int]:
     return 0, 1
 
 
+def rank_slice(batch: int, rank: int, world_size: int) -> slice:
+    """This rank's contiguous share of the rows of a global batch of `batch` rows (`world_size` divides it)."""
+    per_rank = batch // world_size
+    return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
 def rank_rows(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """This rank's contiguous share of a global batch whose length `world_size` divides."""
-    per_rank = len(batch) // world_size
-    return batch[rank * per_rank:(rank + 1) * per_rank]
+    return batch[rank_slice(len(batch), rank, world_size)]
 
 
 def global_mean(value: float, world_size: int, device: torch.device) -> float:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from learners.augment import AugmentConfig, apply_view, sample_view_params
 from learners.backbones import create_backbone, normalization, split_backbone
 from learners.checkpoint import atomic_torch_save
-from learners.distributed import default_device, distributed_setup
+from learners.distributed import default_device, distributed_setup, rank_slice
 from learners.losses import cosine_momentum, mocov3_infonce, warmup_cosine_lr
 from learners.mixture import TrainingMixture
 from learners.view_cache import ViewCache
@@ -292,8 +292,7 @@ class MoCoLearner:
         images = mixture.sample(cfg.batch_size, self.generator, multiple_of=self.world_size)
         first = sample_view_params(len(images), cfg.augment, 0, self.generator)
         second = sample_view_params(len(images), cfg.augment, 1, self.generator)
-        per_rank = len(images) // self.world_size
-        shard = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        shard = rank_slice(len(images), self.rank, self.world_size)
         images = self._resize(images[shard].to(self.device, non_blocking=True))
         return (self._layout(apply_view(images, first.take(shard), cfg.augment)),
                 self._layout(apply_view(images, second.take(shard), cfg.augment)))
@@ -301,8 +300,7 @@ class MoCoLearner:
     def _cached_views(self, mixture: TrainingMixture) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's shard of one global batch as two cached prefix outputs per image."""
         acquired, index = mixture.draw(self.config.batch_size, self.generator, multiple_of=self.world_size)
-        per_rank = len(index) // self.world_size
-        shard = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        shard = rank_slice(len(index), self.rank, self.world_size)
         h1, h2 = self.view_cache.pairs(mixture, acquired[shard], index[shard], self.generator)
         return self._layout(h1), self._layout(h2)
 

@@ -13,7 +13,7 @@ first drawn into a batch, and dropped when the mixture's item numbers may change
 (`TrainingMixture.epoch`).
 
 What it trades: each image is seen under V views instead of a fresh one every step; what it saves
-is the augmentation and the prefix at every step (bench/bench_moco.py measures both).
+is the augmentation and the prefix at every step (bench/bench_moco_step.py times each part).
 """
 
 from __future__ import annotations
@@ -85,6 +85,14 @@ class ViewCache:
         if have:
             store[:have], filled[:have] = self.store[kind], self.filled[kind]
         self.store[kind], self.filled[kind] = store, filled
+
+    def warm(self, mixture) -> None:
+        """Compute the views of every image the mixture holds now (the target and the acquired pool),
+        as a run has after its first passes over them: for timing the steady state."""
+        self.check_owner(mixture)
+        self._fill("target", torch.arange(len(mixture.target)), lambda ids: mixture.target[ids])
+        if len(mixture.pool):
+            self._fill("acquired", mixture.pool, mixture.store.read)
 
     def pairs(self, mixture, acquired: torch.Tensor, index: torch.Tensor,
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,3 +95,14 @@ def test_cached_views_need_a_frozen_prefix_and_an_even_count():
         tiny_config(**TINY_RESNET, cached_views=4)
     with pytest.raises(ValueError, match="cached_views"):
         tiny_config(**dict(CACHED, cached_views=3))
+
+
+def test_warm_computes_every_image_the_mixture_holds(images):
+    learner = MoCoLearner(tiny_config(**CACHED), device="cpu")
+    mixture = TrainingMixture(images[:100])
+    mixture.add_accepted(images[100:130])
+    learner.view_cache.warm(mixture)
+    assert len(learner.view_cache) == 130
+    before = learner.view_cache.store["acquired"][:30].clone()
+    learner.view_cache.pairs(mixture, torch.ones(30, dtype=torch.bool), torch.arange(30), torch.Generator())
+    assert torch.equal(learner.view_cache.store["acquired"][:30], before)  # nothing computed again
