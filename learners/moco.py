@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from learners.augment import AugmentConfig, apply_view, sample_view_params
 from learners.backbones import create_backbone, normalization, split_backbone
 from learners.checkpoint import atomic_torch_save
-from learners.distributed import default_device, distributed_setup, rank_slice
+from learners.distributed import (
+    convert_global_batchnorm,
+    default_device,
+    distributed_setup,
+    global_mean,
+    rank_slice,
+)
 from learners.losses import cosine_momentum, mocov3_infonce, warmup_cosine_lr
 from learners.mixture import TrainingMixture
 from learners.view_cache import ViewCache
@@ -142,6 +148,7 @@ class MoCoV3(nn.Module):
         self.momentum_projector = copy.deepcopy(self.base_projector)
         for p in self.momentum_parameters():
             p.requires_grad = False  # updated by EMA only
+        self.gather_keys = False  # set by a learner that trains under DDP: negatives from every rank
 
     def train(self, mode: bool = True) -> "MoCoV3":
         super().train(mode)
@@ -179,7 +186,7 @@ class MoCoV3(nn.Module):
 
     def _contrast(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         offset = 0
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if self.gather_keys:
             # moco-v3: negatives are the keys of the whole global batch
             gathered = [torch.empty_like(k) for _ in range(dist.get_world_size())]
             dist.all_gather(gathered, k.contiguous())
@@ -251,13 +258,15 @@ class MoCoLearner:
     """Trains `MoCoV3` continually and embeds images with its online backbone."""
 
     def __init__(self, config: MoCoConfig, mixture: TrainingMixture | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, distributed: bool = True):
+        """`distributed=False`: a learner of this process alone even under torchrun (it never trains
+        with the others, e.g. a run's base encoder kept for the reward)."""
         if config.total_steps is None:
             raise ValueError("MoCoConfig.total_steps is not set: give the schedule's length (a run derives it "
                              "from train.pretrain_steps + iterations * train.steps_per_iteration)")
         self.config = config
         self.device = torch.device(device) if device is not None else default_device()
-        self.rank, self.world_size = distributed_setup(self.device)
+        self.rank, self.world_size = distributed_setup(self.device) if distributed else (0, 1)
         if config.batch_size % self.world_size:
             raise ValueError(f"batch_size {config.batch_size} does not split over {self.world_size} ranks")
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
@@ -267,8 +276,15 @@ class MoCoLearner:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.trainable: nn.Module = self.model
         if self.world_size > 1:
-            if self.device.type == "cuda":  # SyncBatchNorm has no CPU kernel
-                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.model.gather_keys = True
+            # batch statistics of the global batch: SyncBatchNorm on GPUs (timm's converter keeps its
+            # BatchNormAct layers whole); on CPU ranks, where SyncBatchNorm has no kernel, the same in Python
+            if self.device.type == "cuda":
+                from timm.layers import convert_sync_batchnorm
+
+                self.model = convert_sync_batchnorm(self.model)
+            else:
+                convert_global_batchnorm(self.model)
             ids = [self.device.index] if self.device.type == "cuda" else None
             # during a head warm-up the trunk gets no gradient
             self.trainable = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
@@ -300,8 +316,8 @@ class MoCoLearner:
     def _cached_views(self, mixture: TrainingMixture) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's shard of one global batch as two cached prefix outputs per image."""
         acquired, index = mixture.draw(self.config.batch_size, self.generator, multiple_of=self.world_size)
-        shard = rank_slice(len(index), self.rank, self.world_size)
-        h1, h2 = self.view_cache.pairs(mixture, acquired[shard], index[shard], self.generator)
+        h1, h2 = self.view_cache.pairs(mixture, acquired, index, self.generator,
+                                       rank_slice(len(index), self.rank, self.world_size))
         return self._layout(h1), self._layout(h2)
 
     @torch.no_grad()
@@ -335,10 +351,11 @@ class MoCoLearner:
         loss.backward()
         self.optimizer.step()
         self.step += 1
-        return float(loss.detach())
+        return global_mean(float(loss.detach()), self.world_size, self.device)
 
     def train_steps(self, mixture: TrainingMixture, steps: int, progress: bool = False) -> list[float]:
-        """Run `steps` optimisation steps on batches from `mixture`; returns this rank's losses."""
+        """Run `steps` optimisation steps on batches from `mixture`; returns the losses (each the mean
+        over ranks: the loss of the global batch)."""
         from tqdm.auto import trange
 
         self.mixture = mixture

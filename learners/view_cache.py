@@ -94,14 +94,16 @@ class ViewCache:
         if len(mixture.pool):
             self._fill("acquired", mixture.pool, mixture.store.read)
 
-    def pairs(self, mixture, acquired: torch.Tensor, index: torch.Tensor,
-              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def pairs(self, mixture, acquired: torch.Tensor, index: torch.Tensor, generator: torch.Generator,
+              rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """The two views (float32 prefix outputs) of the images of a `TrainingMixture.draw`: one of
-        each recipe per image, chosen with `generator`."""
+        each recipe per image, chosen with `generator` for the whole draw; only `rows` of it (a DDP
+        rank's share) are returned, so that every rank, and one process, make the same choices."""
         self.check_owner(mixture)
         half = self.views // 2
-        first = torch.randint(half, (len(index),), generator=generator)
-        second = half + torch.randint(half, (len(index),), generator=generator)
+        first = torch.randint(half, (len(index),), generator=generator)[rows]
+        second = half + torch.randint(half, (len(index),), generator=generator)[rows]
+        acquired, index = acquired[rows], index[rows]
         out1 = out2 = None
         for kind, mask, read in (("target", ~acquired, lambda ids: mixture.target[ids]),
                                  ("acquired", acquired, mixture.store.read)):

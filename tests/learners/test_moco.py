@@ -134,31 +134,52 @@ def test_lars_and_small_stem_train(images):
 
 DDP_WORKER = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
-    from learners.mixture import TrainingMixture
-    from learners.moco import MoCoConfig, MoCoLearner
-    config = MoCoConfig(backbone="resnet10t", backbone_kwargs={"channels": (8, 16, 32, 64), "stem_width": 8},
-                        dim=16, mlp_dim=32, batch_size=16, warmup_steps=1, total_steps=10, **json.loads(sys.argv[2]))
-    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    learner = MoCoLearner(config, device="cpu")
-    losses = learner.train_steps(TrainingMixture(images), 3)
-    params = torch.cat([p.detach().flatten() for p in learner.model.parameters()])
+    sys.path.insert(0, sys.argv[3])
+    from tests.learners.test_moco import ddp_case
+    params, losses = ddp_case(json.loads(sys.argv[2]))
     torch.save({"params": params, "losses": losses}, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 """)
 
 
+def ddp_case(options: dict, steps: int = 3) -> tuple[torch.Tensor, list[float]]:
+    """`steps` steps of a tiny MoCo-v3 (global batch 16) on seeded images; the heads' BatchNorm in
+    training mode, the trunk's frozen (`freeze_bn`, as the product's configs have it: with the trunk's
+    BatchNorm training, torch's own float32 CPU BatchNorm backward is off from float64 by up to 3% in
+    this ResNet's stem, so one process is no reference there). LARS, whose step is linear in the
+    gradient: AdamW's first steps divide by the gradient's own size, so a weight whose gradient is ~0
+    moves by ±lr whatever rounding decided its sign."""
+    config = MoCoConfig(backbone="resnet10t", backbone_kwargs={"channels": (8, 16, 32, 64), "stem_width": 8},
+                        dim=16, mlp_dim=32, batch_size=16, warmup_steps=1, total_steps=10, optimizer="lars",
+                        lr=0.05, freeze_bn=True, **options)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    learner = MoCoLearner(config, device="cpu")
+    losses = learner.train_steps(TrainingMixture(images), steps)
+    return torch.cat([p.detach().flatten() for p in learner.model.parameters()]
+                     + [b.flatten().float() for b in learner.model.buffers()]), losses
+
+
 @pytest.mark.parametrize("options", [{}, {"frozen_stages": 2, "cached_views": 4}], ids=["views", "cached-views"])
-def test_ddp_ranks_end_with_identical_weights(tmp_path, options):
+def test_ddp_ranks_train_as_one_process_on_the_same_global_batch(tmp_path, options):
+    """Two gloo ranks end with identical weights, and with the weights (and BatchNorm statistics) one
+    process reaches on the same global batches: BatchNorm reads the global batch on CPU ranks too
+    (`convert_global_batchnorm`), the negatives are every rank's keys, and the gradients are averaged.
+    Tolerance: the global statistics are summed over ranks in another order than one process sums
+    them (float32 rounding, ~1e-7 relative per step)."""
     script = tmp_path / "worker.py"
     script.write_text(DDP_WORKER)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(tmp_path), json.dumps(options)], env=env, cwd=REPO, timeout=120,
-                         capture_output=True, text=True)
+                          str(script), str(tmp_path), json.dumps(options), str(REPO)], env=env, cwd=REPO,
+                         timeout=120, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(rank0["params"], rank1["params"])
-    assert rank0["losses"] != rank1["losses"]  # each rank trained on its own shard
+    assert rank0["losses"] == rank1["losses"]  # the global batch's loss on every rank
+    params, losses = ddp_case(options)
+    assert not torch.equal(params, ddp_case(options, steps=0)[0])  # it trained
+    torch.testing.assert_close(rank0["params"], params, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(rank0["losses"], losses, rtol=1e-5)
 
 
 PRETRAINED = dict(backbone="tf_efficientnet_lite0", backbone_kwargs={}, pretrained="pypi", image_size=48,
