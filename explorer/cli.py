@@ -436,6 +436,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"explorer: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from explorer.run.ranks import RankLost
+
+        if not isinstance(e, RankLost):
+            raise
+        print(f"explorer: error: {e}", file=sys.stderr)  # under torchrun: another rank died
+        return 1
 
 
 if __name__ == "__main__":

@@ -69,7 +69,10 @@ class _GlobalBatchStats:
 def global_batch_norm(bn: torch.nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """`bn` (in training mode) on `x` with the mean and variance of every rank's rows together;
     its running statistics are updated with them (unbiased variance, as BatchNorm does)."""
-    from torch.distributed.nn.functional import all_reduce
+    import torch.distributed._functional_collectives as funcol
+
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:  # a SUM that gradients flow back through (summed too)
+        return funcol.all_reduce(t, "sum", dist.group.WORLD)
 
     channels, dims = x.shape[1], [0, *range(2, x.ndim)]
     shape = [1, channels] + [1] * (x.ndim - 2)

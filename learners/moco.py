@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +77,10 @@ class MoCoConfig:
     total_steps: int | None = None
     # Target images per global batch (acquired images come on top: learners/mixture.py); split over DDP ranks.
     batch_size: int = 128
+    # A global batch (target + acquired) is cut to a multiple of the rank count, so that every rank
+    # trains on as many rows; this cuts it to a multiple of lcm(batch_multiple, ranks) instead. Runs on
+    # 1, 2 or 4 ranks draw the same batches when it is 4 (a run compared across rank counts sets it).
+    batch_multiple: int = 1
     optimizer: str = "adamw"  # "adamw" or "lars" (moco-v3's LARS for large-batch ResNets)
     bf16: bool = True  # bf16 autocast on CUDA
     cpu_bf16: bool = False  # bf16 autocast on CPU (see bench/bench_moco.py for when it pays)
@@ -92,7 +97,7 @@ class MoCoConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
         positive = {"image_size": self.image_size, "dim": self.dim, "mlp_dim": self.mlp_dim,
                     "temperature": self.temperature, "lr": self.lr, "total_steps": self.total_steps or 1,
-                    "batch_size": self.batch_size}
+                    "batch_size": self.batch_size, "batch_multiple": self.batch_multiple}
         bad = [name for name, value in positive.items() if value <= 0]
         if bad:
             raise ValueError(f"{', '.join(bad)} must be > 0")
@@ -269,6 +274,7 @@ class MoCoLearner:
         self.rank, self.world_size = distributed_setup(self.device) if distributed else (0, 1)
         if config.batch_size % self.world_size:
             raise ValueError(f"batch_size {config.batch_size} does not split over {self.world_size} ranks")
+        self.batch_multiple = math.lcm(config.batch_multiple, self.world_size)  # what a global batch is cut to
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
             torch.manual_seed(config.seed)
             self.model = MoCoV3(config).to(self.device)
@@ -305,7 +311,7 @@ class MoCoLearner:
     def _views(self, mixture: TrainingMixture) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's shard of the two augmented views of one global batch."""
         cfg = self.config
-        images = mixture.sample(cfg.batch_size, self.generator, multiple_of=self.world_size)
+        images = mixture.sample(cfg.batch_size, self.generator, multiple_of=self.batch_multiple)
         first = sample_view_params(len(images), cfg.augment, 0, self.generator)
         second = sample_view_params(len(images), cfg.augment, 1, self.generator)
         shard = rank_slice(len(images), self.rank, self.world_size)
@@ -315,7 +321,7 @@ class MoCoLearner:
 
     def _cached_views(self, mixture: TrainingMixture) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's shard of one global batch as two cached prefix outputs per image."""
-        acquired, index = mixture.draw(self.config.batch_size, self.generator, multiple_of=self.world_size)
+        acquired, index = mixture.draw(self.config.batch_size, self.generator, multiple_of=self.batch_multiple)
         h1, h2 = self.view_cache.pairs(mixture, acquired, index, self.generator,
                                        rank_slice(len(index), self.rank, self.world_size))
         return self._layout(h1), self._layout(h2)

@@ -73,7 +73,7 @@ class MemoryStore:
 
     def truncate(self, n: int) -> None:
         self.images = self.images[:n]
-        self.batches = _cut_batches(self.batches, n)
+        self.batches = cut_batches(self.batches, n)
 
     def state_dict(self) -> dict:
         return {"images": self.images, "batches": list(self.batches)}
@@ -83,7 +83,7 @@ class MemoryStore:
         self.images, self.batches = state["images"], list(state["batches"])
 
 
-def _cut_batches(batches: list[int], n: int) -> list[int]:
+def cut_batches(batches: list[int], n: int) -> list[int]:
     """The append sizes of the first n items."""
     out, total = [], 0
     for size in batches:
@@ -264,7 +264,7 @@ class ShardStore:
         self.keys = self.keys[:n]
         self._shard, self._offset = self._shard[:n], self._offset[:n]
         self._size, self._end = self._size[:n], self._end[:n]
-        self.batches = _cut_batches(self.batches, n)
+        self.batches = cut_batches(self.batches, n)
         self._closed = set(range(int(self._shard[-1]))) if n else set()
         self._cut_tails()
 

@@ -6,6 +6,9 @@ kept); on resume the newest complete checkpoint is loaded and logs and ledger ro
 are cut, so a killed daemon restarts exactly where its last checkpoint left it. SIGTERM / SIGINT set a flag that the loop
 honours at its next safe point (after search+fetch, before an iteration writes its logs, or
 between iterations); the interrupted iteration is abandoned and the process exits 0.
+
+Under torchrun (`torchrun --nproc_per_node N -m explorer daemon ...`) rank 0 runs all of the above
+and the other ranks train beside it (explorer/run/ranks.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from explorer.run.dashboard import DashboardServer
 from explorer.run.disk import DiskConfig, folder_usage, format_usage
 from explorer.run.experiment import ENGINE_LOG, build_loop, local_engine_for
 from explorer.run.ledger import LEDGER, RunLedger, read_metrics
+from explorer.run.ranks import Ranks
 
 
 def _event(run_dir: Path, kind: str, **fields) -> None:
@@ -45,6 +49,27 @@ EXIT_STOPPED = 3  # the disk budget is spent or the disk is full; the state is r
 def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, progress: bool = False,
                status_port: int | None = None, keep_checkpoints: int = 3, max_disk_gb: float | None = None,
                log=print) -> int:
+    """The daemon in this process: the whole run, or under torchrun this rank's part of it (rank 0
+    leads; every other rank follows it: explorer/run/ranks.py). Returns the exit code."""
+    ranks = Ranks()
+    if not ranks.leader:
+        previous = ranks.ignore_stop_signals()
+        try:
+            ranks.follow()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        ranks.shutdown()  # only after a run rank 0 closed: a failed rank exits at once (torchrun stops the rest)
+        return 0
+    code = _lead(config, run_dir, ranks, forever=forever, progress=progress, status_port=status_port,
+                 keep_checkpoints=keep_checkpoints, max_disk_gb=max_disk_gb, log=log)
+    ranks.close()  # not after an exception: the others may be inside a collective; torchrun stops them
+    ranks.shutdown()
+    return code
+
+
+def _lead(config: Path | None, run_dir: Path, ranks: Ranks, *, forever: bool, progress: bool,
+          status_port: int | None, keep_checkpoints: int, max_disk_gb: float | None, log) -> int:
     run_dir = Path(run_dir)
     resuming = has_checkpoint(run_dir)
     if resuming:
@@ -66,7 +91,7 @@ def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, pro
         url = stack.enter_context(local_engine_for(cfg, run_dir / ENGINE_LOG,
                                                    port=_recorded_port(run_dir) if resuming else 0))
         loop = build_loop(cfg, run_dir, engine_url=url, progress=progress, resume=resuming,
-                          keep_checkpoints=keep_checkpoints)
+                          keep_checkpoints=keep_checkpoints, ranks=ranks)
         stack.callback(loop.close)
         if status_port is not None:
             status = StatusServer(run_dir, status_port)
@@ -78,7 +103,7 @@ def run_daemon(config: Path | None, run_dir: Path, *, forever: bool = False, pro
             log(f"received {signal.Signals(signum).name}: stopping at the next safe point")
         previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         _event(run_dir, "resume" if resuming else "start", iteration=loop.iteration,
-               checkpoint=str(loop.resumed_from) if loop.resumed_from else None)
+               checkpoint=str(loop.resumed_from) if loop.resumed_from else None, ranks=ranks.world_size)
         log(f"{'resumed' if resuming else 'started'} {run_dir} at iteration {loop.iteration}")
         try:
             until = float("inf") if forever else cfg.iterations

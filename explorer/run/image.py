@@ -32,6 +32,7 @@ from explorer.run.assembly import HiddenTruth, digest, load_vocabulary, make_pol
 from explorer.run.config import ExperimentConfig
 from explorer.run.ledger import FetchRecord
 from explorer.run.loop import Candidates, RunLoop, background_seed, resident_bytes
+from explorer.run.ranks import Ranks, collective, gather_rows, split_rows
 from explorer.score.evaluation import eval_metrics, evaluate_embeddings
 from explorer.score.reward import BackgroundSample, image_signature
 from explorer.score.target import TargetSet, load_target
@@ -40,7 +41,7 @@ from explorer.web.presets import open_image_corpus
 from explorer.web.sources import INSTALLED_TARGETS
 from learners.mixture import TrainingMixture
 from learners.moco import MoCoLearner
-from learners.shards import ShardStore
+from learners.shards import ShardStore, cut_batches
 
 ACQUIRED = "acquired"  # the run folder's shards of accepted images
 
@@ -99,16 +100,72 @@ def target_description(cfg: ExperimentConfig) -> str:
     return f"images like {folder.name}" + (f" ({', '.join(classes)})" if classes else "")
 
 
-def build_learner(cfg: ExperimentConfig, target: TargetSet, store=None) -> MoCoLearner:
+def build_learner(cfg: ExperimentConfig, target: TargetSet, store=None, distributed: bool = True) -> MoCoLearner:
     """The learner on a mixture of the target's acquire split (accepted images kept in `store`, by
     default in memory); an unset `learner.total_steps` is the run's own step count, so that the lr
     and momentum schedules end where the run ends."""
-    acquire, _ = target.part("acquire")
+    return learner_on(cfg, target.part("acquire")[0], store, distributed)
+
+
+def learner_on(cfg: ExperimentConfig, acquire: torch.Tensor, store=None, distributed: bool = True) -> MoCoLearner:
+    """`build_learner` on the target's training images `acquire` (uint8 (N, 3, S, S))."""
     learner_cfg = cfg.learner
     if learner_cfg.total_steps is None:
         steps = cfg.train.pretrain_steps + cfg.iterations * cfg.train.steps_per_iteration
         learner_cfg = dataclasses.replace(learner_cfg, total_steps=max(steps, learner_cfg.warmup_steps, 1))
-    return MoCoLearner(learner_cfg, mixture=TrainingMixture(acquire, cfg.mixture, store=store))
+    return MoCoLearner(learner_cfg, mixture=TrainingMixture(acquire, cfg.mixture, store=store), distributed=distributed)
+
+
+class ImageTraining:
+    """What every rank of an image run holds (explorer/run/ranks.py): the target's training images,
+    the learner and its mixture. Rank 0's mixture keeps the accepted images in the run folder's
+    shards (`store`); the other ranks' keep copies in memory. Its `@collective` methods run on every
+    rank; with one process they are plain calls."""
+
+    def __init__(self, cfg: ExperimentConfig, acquire: torch.Tensor, *, ranks: Ranks, store: ShardStore | None = None):
+        self.cfg, self.acquire, self.store, self.ranks = cfg, acquire, store, ranks
+        self.learner: MoCoLearner | None = None
+
+    @collective
+    def start(self, base_state: dict | None, pretrain: bool, progress: bool) -> None:
+        """The learner: from a shared base's state, or pretrained on the target (`train.pretrain_steps`)."""
+        learner = learner_on(self.cfg, self.acquire, self.store)
+        if base_state is not None:  # the shared starting point of runs that are compared
+            learner.load_state_dict(base_state)
+        elif pretrain and self.cfg.train.pretrain_steps:
+            learner.train_steps(learner.mixture, self.cfg.train.pretrain_steps, progress=progress and self.ranks.leader)
+        self.learner = learner
+
+    @collective
+    def add_accepted(self, images: torch.Tensor, records: list[dict]) -> None:
+        self.learner.mixture.add_accepted(images, records)  # rank 0: written to acquired/
+
+    @collective
+    def train(self, steps: int, progress: bool) -> list[float]:
+        """`steps` steps on the mixture, each rank on its rows of every global batch; the losses."""
+        return self.learner.train_steps(self.learner.mixture, steps, progress=progress and self.ranks.leader)
+
+    @collective
+    def embed(self, images: torch.Tensor) -> np.ndarray:
+        """The current encoder's unit embeddings of `images`, each rank embedding a share of them."""
+        rows = split_rows(len(images), self.ranks.rank, self.ranks.world_size)
+        return np.concatenate(gather_rows(self.learner.embed(images[rows]), self.ranks))
+
+    @collective
+    def restore(self, state: dict, accepted: tuple[torch.Tensor, list[int]] | None) -> None:
+        """Load a checkpoint's learner `state`; the other ranks also get rank 0's `accepted` images
+        and the sizes they were appended in (their mixture keeps no shards of its own)."""
+        if not self.ranks.leader and state["mixture"] is not None:
+            images, batches = accepted
+            state = {**state, "mixture": {**state["mixture"], "store": {"images": images, "batches": batches}}}
+        self.learner.load_state_dict(state)
+
+    def accepted_for_ranks(self, state: dict) -> tuple[torch.Tensor, list[int]] | None:
+        """Rank 0: what `restore` hands the other ranks for a checkpoint's learner `state` (None alone)."""
+        if not self.ranks.distributed or state["mixture"] is None:
+            return None
+        n = int(state["mixture"]["position"])
+        return self.store.read(torch.arange(n)), cut_batches(self.store.batches, n)
 
 
 def evaluate_learner(learner: MoCoLearner, target: TargetSet, k: int) -> dict[str, float]:
@@ -134,9 +191,12 @@ class ImageLoop(RunLoop):
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, engine_url: str | None = None,
                  replay: bool = False, base_checkpoint: Path | None = None, progress: bool = True,
-                 resume: bool = False, keep_checkpoints: int = 3, base_scores: dict | None = None):
+                 resume: bool = False, keep_checkpoints: int = 3, base_scores: dict | None = None,
+                 ranks: Ranks | None = None):
         """`base_scores`: the evaluation of `base_checkpoint`, when already known (runs that share a
-        base share its scores; iteration 0 then reuses them instead of evaluating again)."""
+        base share its scores; iteration 0 then reuses them instead of evaluating again). `ranks`:
+        this process's place in a torchrun run (explorer/run/ranks.py; rank 0 builds the loop)."""
+        self.ranks = ranks or Ranks.alone()
         checkpoint = self._open_run(cfg, run_dir, replay=replay, progress=progress, resume=resume,
                                     keep_checkpoints=keep_checkpoints)
         resume = checkpoint is not None
@@ -151,7 +211,10 @@ class ImageLoop(RunLoop):
             self.policy.use_generation_cache(self.run_dir / "cache" / "generations")
         self._replay_dir = Path(tempfile.mkdtemp(prefix=".replay-acquired-", dir=self.run_dir)) if replay else None
         self.store = ShardStore(self._replay_dir or self.run_dir / ACQUIRED, cfg.fetch.image_size)
-        self.learner = self._learner(None if resume else base_checkpoint, pretrain=not resume)
+        self.training = self.ranks.replicate(ImageTraining, cfg, self.target.part("acquire")[0], store=self.store)
+        base_state = None if resume or base_checkpoint is None else \
+            torch.load(base_checkpoint, map_location="cpu", weights_only=True)
+        self.training.start(base_state, not resume, progress)
         self.backend = self._backend(engine_url)
         self.accepted_sig = np.zeros((0, 0), np.float32)
         self.held_out_sig = image_signature(self.target.part("probe_test")[0])  # no copy of it is accepted
@@ -185,17 +248,12 @@ class ImageLoop(RunLoop):
         `learner.pretrained`): what the reward reads when the current encoder collapses. Built once."""
         if self._base_encoder is None:
             with torch.random.fork_rng():  # the run's own random streams stay as they were
-                self._base_encoder = MoCoLearner(self.learner.config)
+                self._base_encoder = MoCoLearner(self.learner.config, distributed=False)
         return self._base_encoder
 
-    def _learner(self, base_checkpoint: Path | None, pretrain: bool = True) -> MoCoLearner:
-        learner = build_learner(self.cfg, self.target, store=self.store)
-        if base_checkpoint is not None:  # the shared starting point of runs that are compared
-            state = torch.load(base_checkpoint, map_location="cpu", weights_only=True)
-            learner.load_state_dict(state)
-        elif pretrain and self.cfg.train.pretrain_steps:
-            learner.train_steps(learner.mixture, self.cfg.train.pretrain_steps, progress=self.progress)
-        return learner
+    @property
+    def learner(self) -> MoCoLearner:
+        return self.training.learner
 
     def _backend(self, engine_url: str | None) -> SearchBackend:
         return self._open_backend(build_backend, self.cfg.search.backend, engine_url)
@@ -217,34 +275,42 @@ class ImageLoop(RunLoop):
 
     def embed_candidates(self, cand: Candidates) -> tuple[Candidates, np.ndarray]:
         """The current encoder's embeddings of every decoded image."""
-        encoder = self.learner if self.space.encoder == "learner" else self.base_encoder()  # as the space was built
-        return cand, encoder.embed(cand.items) if len(cand) else np.zeros((0, self.space.index.dim), np.float32)
+        if not len(cand):
+            return cand, np.zeros((0, self.space.index.dim), np.float32)
+        if self.space.encoder == "learner":  # as the space was built; split over the ranks
+            return cand, self.training.embed(cand.items)
+        return cand, self.base_encoder().embed(cand.items)
 
     def signatures(self, cand: Candidates, rows: np.ndarray) -> np.ndarray:
         """Pixel signatures (`image_signature`): computed only for the images the reward chose."""
         return image_signature(cand.items[rows])
 
     def keep_accepted(self, cand: Candidates, accepted: np.ndarray, records: list[dict]) -> None:
-        self.learner.mixture.add_accepted(cand.items[accepted], records)  # written to acquired/
+        self.training.add_accepted(cand.items[accepted], records)  # written to acquired/
 
     def background_items(self, cand: Candidates):
         return (img.clone() for img in cand.items)  # rows of their own, not views of the batch
 
     def step(self) -> dict:
         cfg, t0 = self.cfg, time.time()
+        self.take_stage_seconds()  # the split counts this iteration only
         disk = self._check_disk()
         self.iteration += 1
         row = {"iteration": self.iteration, **self.acquire()}
         threshold = self.space.calibration.threshold(cfg.reward.accept_percentile)  # the one the round accepted by
-        losses = self.learner.train_steps(self.learner.mixture, cfg.train.steps_per_iteration, progress=self.progress)
-        self.refresh_index()
+        with self.timed("train"):
+            losses = self.training.train(cfg.train.steps_per_iteration, self.progress)
+        with self.timed("reward"):
+            self.refresh_index()
         row.update({"accept_threshold": round(threshold, 6) if cfg.reward.accept == "value" else None,
                     "acquired_total": len(self.learner.mixture),
                     "ssl_loss": float(np.mean(losses)) if losses else None, "learner_step": self.learner.step,
                     "rss_bytes": resident_bytes(),
                     **disk})  # the folder's size by part before the iteration; with a budget, what was evicted for it
         if self.iteration % cfg.train.eval_every == 0 or self.iteration == cfg.iterations:
-            row.update(self.evaluate())
+            with self.timed("eval"):
+                row.update(self.evaluate())
+        row["stage_seconds"] = self.take_stage_seconds()
         row["seconds"] = round(time.time() - t0, 2)
         row["time"] = round(time.time(), 3)
         return row
@@ -264,7 +330,7 @@ class ImageLoop(RunLoop):
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
-        self.learner.load_state_dict(state["learner"])
+        self.training.restore(state["learner"], self.training.accepted_for_ranks(state["learner"]))
         self.policy.load_state_dict(state["policy"])
         self._reload_accepted()
         if "background" in state:  # checkpoints of earlier versions: the first sample stays

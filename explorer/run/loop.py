@@ -29,8 +29,10 @@ iteration. A replay writes replay-metrics.jsonl and replay-accepted.jsonl and no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -40,12 +42,31 @@ import numpy as np
 
 from explorer.acquire.cache import CacheMode, ResponseCache
 from explorer.acquire.fetch import FetchConfig, allow_origin
-from explorer.acquire.search import ImageQuery, SearchError, UnrecordedAnswer, search_many
-from explorer.run.checkpoints import LoadedCheckpoint, load_latest_checkpoint, write_checkpoint
+from explorer.acquire.search import (
+    ImageQuery,
+    SearchError,
+    UnrecordedAnswer,
+    search_many,
+)
+from explorer.run.checkpoints import (
+    LoadedCheckpoint,
+    load_latest_checkpoint,
+    write_checkpoint,
+)
 from explorer.run.config import ExperimentConfig, save_config
-from explorer.run.disk import DiskBudgetExceeded, enforce_budget, folder_usage, is_disk_full
+from explorer.run.disk import (
+    DiskBudgetExceeded,
+    enforce_budget,
+    folder_usage,
+    is_disk_full,
+)
 from explorer.run.ledger import LEDGER, FetchRecord, RunLedger, read_metrics
-from explorer.run.searches import FailedSearch, query_status, recorded_failures, search_error
+from explorer.run.searches import (
+    FailedSearch,
+    query_status,
+    recorded_failures,
+    search_error,
+)
 from explorer.run.sheets import best_rejected, record_sheet
 from explorer.score.reward import RewardSpace
 
@@ -205,6 +226,7 @@ class RunLoop(ABC):
         self.ledger = None if replay else RunLedger(self.run_dir / LEDGER)
         self.scalars = None  # the TensorBoard writer, opened by the first finished iteration
         self._pending: dict = {}
+        self.stage_seconds: dict[str, float] = {}  # this iteration's time split (`timed`)
         self.cache = ResponseCache(self.run_dir / "cache")
         self.iteration = 0
         # failed searches to ask again (search.failed_query_retries); a checkpoint's are restored here
@@ -285,8 +307,25 @@ class RunLoop(ABC):
     # -- the acquisition round, both modalities alike ------------------------------------------
     def search_and_fetch(self, texts: list[str | ImageQuery], background: bool = False) -> tuple[list, Candidates]:
         """Search `texts` (or images), then fetch and convert every result URL once: (answers, candidates)."""
-        answers, url_queries = self._search(texts, background)
-        return answers, self.fetch_candidates(url_queries, len(texts))
+        with self.timed("search"):
+            answers, url_queries = self._search(texts, background)
+        with self.timed("fetch"):
+            return answers, self.fetch_candidates(url_queries, len(texts))
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        """Adds the seconds spent inside to `stage` of the iteration's time split (the metrics row's
+        `stage_seconds`: search, fetch, reward, train, eval; `bench/bench_gpu.py` reports it)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+    def take_stage_seconds(self) -> dict[str, float]:
+        """The time split since the last call (rounded), and a fresh one."""
+        split, self.stage_seconds = self.stage_seconds, {}
+        return {k: round(v, 3) for k, v in split.items()}
 
     def _fetch_background(self) -> list:
         """The first web sample the reward contrasts with: the results of `reward.background_queries`
@@ -311,10 +350,11 @@ class RunLoop(ABC):
         searches = [1] * (len(queries) - len(retries)) + [f.searches + 1 for f in retries]
         answers, cand = self.search_and_fetch([search_input(q) for q in queries])
         self._check_stop()
-        cand, emb = self.embed_candidates(cand)
-        rewards = self.space.rewards(emb, cfg.reward.chunk_size)
-        q_rewards = cfg.reward.query_rewards(rewards, cand.queries_of, len(queries), self.space.calibration,
-                                             cfg.search.results_per_query)
+        with self.timed("reward"):
+            cand, emb = self.embed_candidates(cand)
+            rewards = self.space.rewards(emb, cfg.reward.chunk_size)
+            q_rewards = cfg.reward.query_rewards(rewards, cand.queries_of, len(queries), self.space.calibration,
+                                                 cfg.search.results_per_query)
         observed = [i for i, a in enumerate(answers) if not isinstance(a, SearchError)]
         if observed:  # a failed search is a missing observation: the policy never hears of it
             self.policy.update([queries[i] for i in observed], [q_rewards[i] for i in observed])

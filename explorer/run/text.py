@@ -37,6 +37,7 @@ from explorer.run.assembly import HiddenTruth, load_vocabulary, make_policy
 from explorer.run.config import ExperimentConfig
 from explorer.run.ledger import FetchRecord
 from explorer.run.loop import Candidates, RunLoop, background_seed, resident_bytes
+from explorer.run.ranks import Ranks, collective, gather_rows, split_rows
 from explorer.score.reward import BackgroundSample, near_duplicates
 from explorer.web.text_corpus import (
     TextCorpus,
@@ -93,6 +94,44 @@ def size_table(max_size: str) -> dict[str, ModelShape]:
     return {n: model_shape(n) for n in list(LM_SIZES)[:list(LM_SIZES).index(max_size) + 1]}
 
 
+class TextTraining:
+    """What every rank of a text run holds (explorer/run/ranks.py): the token stream (the target's
+    documents, then every accepted one) and the LM training on it. Its `@collective` methods run on
+    every rank; with one process they are plain calls."""
+
+    def __init__(self, target_tokens: list[list[int]], seq_len: int, eos_id: int, seed: int, *, ranks: Ranks):
+        self.ranks, self.seq_len = ranks, seq_len
+        self.stream = PackedTextStream(target_tokens, seq_len=seq_len, eos_id=eos_id, seed=seed)
+        self.learner: LMLearner | None = None
+
+    @collective
+    def start(self, config: LMConfig) -> None:
+        """A new LM (a fresh run, a model grown or given experts mid-run, a resume at another size)."""
+        self.learner = LMLearner(config)
+
+    @collective
+    def add_documents(self, tokens: list[list[int]]) -> None:
+        self.stream.add_documents(tokens)
+
+    @collective
+    def train(self, steps: int) -> list[float]:
+        """`steps` steps on the stream, each rank on its rows of every global batch; the losses."""
+        return self.learner.train_steps(self.stream, steps, progress=False)
+
+    @collective
+    def embed(self, tokens: list[list[int]]) -> np.ndarray:
+        """The LM's unit embeddings of documents' tokens (`lm_embeddings`), each rank embedding a share."""
+        rows = split_rows(len(tokens), self.ranks.rank, self.ranks.world_size)
+        parts = gather_rows(lm_embeddings(self.learner.model, tokens[rows], self.seq_len), self.ranks)
+        return np.concatenate(parts)
+
+    @collective
+    def restore(self, learner_state: dict, stream_state: dict) -> None:
+        self.learner.load_state_dict(learner_state)
+        self.stream.load_state_dict(stream_state)
+        self.learner.data = self.stream  # one cursor: the learner's and the loop's
+
+
 class TextLoop(RunLoop):
     """Acquires documents for a target topic and trains the LM on them (see the module docstring)."""
 
@@ -106,9 +145,11 @@ class TextLoop(RunLoop):
     USABLE, MEAN_REWARD = "valid", "mean_doc_reward"
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, engine_url: str | None = None,
-                 replay: bool = False, progress: bool = True, resume: bool = False, keep_checkpoints: int = 3):
+                 replay: bool = False, progress: bool = True, resume: bool = False, keep_checkpoints: int = 3,
+                 ranks=None):
         if cfg.modality != "text":
             raise ValueError(f"TextLoop needs modality: text, got {cfg.modality!r}")
+        self.ranks = ranks or Ranks.alone()
         checkpoint = self._open_run(cfg, run_dir, replay=replay, progress=progress, resume=resume,
                                     keep_checkpoints=keep_checkpoints)
         resume = checkpoint is not None
@@ -127,13 +168,13 @@ class TextLoop(RunLoop):
         self.encoder = default_encoder()
         self.tokenizer = self._tokenizer()
         train_texts = [document_text(d) for d in self.target.train]
-        self.stream = PackedTextStream(self.tokenizer.encode_batch(train_texts), seq_len=tc.seq_len,
-                                       eos_id=self.tokenizer.eos_id, seed=cfg.seed)
+        self.training = self.ranks.replicate(TextTraining, self.tokenizer.encode_batch(train_texts), tc.seq_len,
+                                             self.tokenizer.eos_id, cfg.seed)
         eval_docs = self.target.holdout[:tc.eval_documents]
         self.eval_tokens = self.tokenizer.encode_batch([document_text(d) for d in eval_docs])
         self.lm_size = tc.lm_size
         self.experts = cfg.lm.experts  # add_experts changes it
-        self.learner = self._learner(self.lm_size, self._schedule_steps(self.lm_size, grown=False))
+        self._learner(self.lm_size, self._schedule_steps(self.lm_size, grown=False))
         self.flops = FlopLedger()
         self.law = ScalingLaw(**tc.law)
         self.sizes = size_table(tc.max_lm_size)
@@ -202,13 +243,23 @@ class TextLoop(RunLoop):
         affordable = int(budget // training_flops(model_shape(size).non_embedding_params, tc.tokens_per_step))
         return max(1, min(pretrain + left * self.steps_per_iteration, affordable))
 
-    def _learner(self, size: str, total: int) -> LMLearner:
+    def _learner(self, size: str, total: int) -> None:
+        """A new LM of `size` (on every rank) whose schedule runs `total` steps."""
         tc = self.cfg.text
         self.schedule_steps = total
         config = LMConfig(size=size, vocab_size=self.tokenizer.vocab_size, seq_len=tc.seq_len,
                           batch_size=tc.batch_size, lr=tc.lr, min_lr=tc.lr / 10, warmup=min(tc.warmup_steps, total),
                           total_steps=total, seed=self.cfg.seed, **self.cfg.lm.lm_kwargs(self.experts))
-        return LMLearner(config)
+        self.training.start(config)
+
+    @property
+    def learner(self) -> LMLearner:
+        return self.training.learner
+
+    @property
+    def stream(self) -> PackedTextStream:
+        """The training stream: the target's documents, then every accepted one."""
+        return self.training.stream
 
     @property
     def n_params(self) -> int:
@@ -230,7 +281,7 @@ class TextLoop(RunLoop):
     def _target_embeddings(self) -> np.ndarray:
         if self.cfg.text.reward_encoder == "minilm":
             return self._corpus_embeddings(self.target.train)
-        return lm_embeddings(self.learner.model, self.stream_documents(len(self.target.train)), self.cfg.text.seq_len)
+        return self.training.embed(self.stream_documents(len(self.target.train)))
 
     def refresh_reference(self) -> None:
         """Embed the target, the background and the web sample under the reward encoder (MiniLM
@@ -269,7 +320,7 @@ class TextLoop(RunLoop):
             return sig, sig
         tokens = [t[:self.cfg.text.seq_len] for t in self.tokenizer.encode_batch(texts)]
         self.flops.add("score", forward_flops(self.n_params, sum(map(len, tokens))))
-        return lm_embeddings(self.learner.model, tokens, self.cfg.text.seq_len), sig
+        return self.training.embed(tokens), sig
 
     # -- one iteration ------------------------------------------------------------------------
     def remaining_flops(self) -> float:
@@ -311,7 +362,7 @@ class TextLoop(RunLoop):
     def add_experts(self, decision: Decision) -> int:
         """Restart the LM at the same size with the planned experts per routed layer."""
         self.experts = int(decision.experts)
-        self.learner = self._learner(self.lm_size, self._schedule_steps(self.lm_size, grown=True))
+        self._learner(self.lm_size, self._schedule_steps(self.lm_size, grown=True))
         return self.experts
 
     def expected_round(self) -> AcquisitionRound:
@@ -344,7 +395,8 @@ class TextLoop(RunLoop):
     def grow(self, decision: Decision) -> str:
         """Restart the LM at the planned size on the same documents (no function-preserving growth)."""
         name = next(n for n, s in self.sizes.items() if s.non_embedding_params == int(decision.n_target))
-        self.lm_size, self.learner = name, self._learner(name, self._schedule_steps(name, grown=True))
+        self.lm_size = name
+        self._learner(name, self._schedule_steps(name, grown=True))
         return name
 
     # -- one acquisition round: the modality's part -----------------------------------------------
@@ -386,7 +438,7 @@ class TextLoop(RunLoop):
         return {"title": cand.items[j].split("\n", 1)[0][:200]}
 
     def keep_accepted(self, cand: Candidates, accepted: np.ndarray, records: list[dict]) -> None:
-        self.stream.add_documents(self.tokenizer.encode_batch([cand.items[j] for j in accepted]))
+        self.training.add_documents(self.tokenizer.encode_batch([cand.items[j] for j in accepted]))
 
     def acquired(self, cand: Candidates) -> None:
         """A MiniLM reference moves with the background sample (the LM's moves after training)."""
@@ -395,7 +447,7 @@ class TextLoop(RunLoop):
             self.refresh_reference()
 
     def train(self, steps: int) -> dict:
-        losses = self.learner.train_steps(self.stream, steps, progress=False) if steps else []
+        losses = self.training.train(steps) if steps else []
         tokens = steps * self.cfg.text.tokens_per_step
         self.flops.add_training(self.n_params, tokens)
         self.tokens_trained += tokens
@@ -426,6 +478,7 @@ class TextLoop(RunLoop):
 
     def step(self) -> dict:
         t0 = time.time()
+        self.take_stage_seconds()  # the split counts this iteration only
         disk = self._check_disk()
         self.iteration += 1
         decision = self.plan()
@@ -441,10 +494,12 @@ class TextLoop(RunLoop):
             row.update(self.acquire())
             if not row["all_searches_failed"]:  # a round the engine never answered is no evidence of what one adds
                 self.rounds.append((self._acquisition_flops() - spent, self.stream.num_tokens - tokens))
-        row.update(self.train(self.affordable_steps()))
-        row.update(self.evaluate())
+        with self.timed("train"):
+            row.update(self.train(self.affordable_steps()))
+        with self.timed("eval"):
+            row.update(self.evaluate())
         row.update(self._status())
-        row.update(rss_bytes=resident_bytes(), **disk)
+        row.update(rss_bytes=resident_bytes(), stage_seconds=self.take_stage_seconds(), **disk)
         row["seconds"] = round(time.time() - t0, 2)
         row["time"] = round(time.time(), 3)
         return row
@@ -466,11 +521,9 @@ class TextLoop(RunLoop):
         experts = int(state.get("experts", self.experts))
         if state["lm_size"] != self.lm_size or experts != self.experts:
             self.lm_size, self.experts = state["lm_size"], experts
-            self.learner = self._learner(
+            self._learner(
                 state["lm_size"], int(state.get("schedule_steps") or self._schedule_steps(state["lm_size"], grown=True)))
-        self.learner.load_state_dict(state["learner"])
-        self.stream.load_state_dict(state["stream"])
-        self.learner.data = self.stream  # one cursor: the learner's and the loop's
+        self.training.restore(state["learner"], state["stream"])
         self.policy.load_state_dict(state["policy"])
         self.flops.load_state_dict(state["ledger"])
         self.accepted_sha = set(state["accepted_sha"])

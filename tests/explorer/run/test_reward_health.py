@@ -114,16 +114,16 @@ def test_a_folder_of_another_style_than_the_webs_copies_accepts_its_kind(digit_f
 @pytest.mark.slow
 def test_a_collapsed_reward_says_so_within_one_iteration_and_reads_the_base_encoder(
         digit_folder, small_corpus, tmp_path, monkeypatch):
-    from explorer.run.image import ImageLoop
+    import explorer.run.image
 
-    build = ImageLoop._learner
+    build = explorer.run.image.learner_on  # the run's learner (its base encoder is built apart)
 
-    def collapsing(self, *args, **kwargs):  # fault: an encoder that maps every image onto one point
-        learner = build(self, *args, **kwargs)
+    def collapsing(*args, **kwargs):  # fault: an encoder that maps every image onto one point
+        learner = build(*args, **kwargs)
         learner.embed = lambda images, **kw: np.full((len(images), 1280), 1 / np.sqrt(1280), np.float32)
         return learner
 
-    monkeypatch.setattr(ImageLoop, "_learner", collapsing)
+    monkeypatch.setattr(explorer.run.image, "learner_on", collapsing)
     out = tmp_path / "collapsed"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
