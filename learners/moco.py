@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from learners.augment import AugmentConfig, apply_view, sample_view_params
+from learners.augment import AugmentConfig, apply_view
 from learners.backbones import create_backbone, normalization, split_backbone
 from learners.checkpoint import atomic_torch_save
 from learners.distributed import (
@@ -34,6 +34,7 @@ from learners.distributed import (
     global_mean,
     rank_slice,
 )
+from learners.loader import BatchPlan, plan_views, planned_batches
 from learners.losses import cosine_momentum, mocov3_infonce, warmup_cosine_lr
 from learners.mixture import TrainingMixture
 from learners.view_cache import ViewCache
@@ -87,6 +88,9 @@ class MoCoConfig:
     compile: bool = False  # torch.compile the training module (slow first step)
     # NHWC weights and inputs: on 2 CPU cores a frozen-prefix EfficientNet step's backward ran 3.2x faster
     channels_last: bool = True
+    # Worker processes that read the training batches (learners/loader.py; pinned for a GPU); 0 reads
+    # them in the training process. The same weights either way. Not used with cached_views.
+    loader_workers: int = 0
     seed: int = 0  # seeds parameters, batch sampling and augmentation
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -308,16 +312,22 @@ class MoCoLearner:
         enabled = self.config.bf16 if self.device.type == "cuda" else self.config.cpu_bf16
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    def _views(self, mixture: TrainingMixture) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's shard of the two augmented views of one global batch."""
+    def _views(self, mixture: TrainingMixture, planned: tuple[BatchPlan, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's shard of the two augmented views of one global batch (`planned`: its plan and
+        this rank's images, read ahead by the loader's workers; else drawn and read here)."""
         cfg = self.config
-        images = mixture.sample(cfg.batch_size, self.generator, multiple_of=self.batch_multiple)
-        first = sample_view_params(len(images), cfg.augment, 0, self.generator)
-        second = sample_view_params(len(images), cfg.augment, 1, self.generator)
-        shard = rank_slice(len(images), self.rank, self.world_size)
-        images = self._resize(images[shard].to(self.device, non_blocking=True))
-        return (self._layout(apply_view(images, first.take(shard), cfg.augment)),
-                self._layout(apply_view(images, second.take(shard), cfg.augment)))
+        if planned is None:
+            plan = plan_views(mixture, cfg.batch_size, self.generator, self.batch_multiple, cfg.augment)
+            images = None
+        else:
+            plan, images = planned
+        shard = rank_slice(len(plan.index), self.rank, self.world_size)
+        if images is None:
+            images = mixture.read(plan.acquired[shard], plan.index[shard])
+        images = self._resize(images.to(self.device, non_blocking=True))
+        return (self._layout(apply_view(images, plan.first.take(shard), cfg.augment)),
+                self._layout(apply_view(images, plan.second.take(shard), cfg.augment)))
 
     def _cached_views(self, mixture: TrainingMixture) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's shard of one global batch as two cached prefix outputs per image."""
@@ -342,14 +352,14 @@ class MoCoLearner:
         resized = F.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=True)
         return resized.round().clamp(0, 255).to(torch.uint8)
 
-    def train_step(self, mixture: TrainingMixture) -> float:
+    def train_step(self, mixture: TrainingMixture, planned: tuple[BatchPlan, torch.Tensor] | None = None) -> float:
         cfg = self.config
         lr = warmup_cosine_lr(self.step, cfg.total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         momentum = cosine_momentum(self.step, cfg.total_steps, cfg.base_momentum)
         cached = self.view_cache is not None
-        x1, x2 = self._cached_views(mixture) if cached else self._views(mixture)
+        x1, x2 = self._cached_views(mixture) if cached else self._views(mixture, planned)
         self.model.train()
         with self._autocast():
             loss = self.trainable(x1, x2, momentum, train_trunk=self.step >= cfg.head_warmup_steps, prefixed=cached)
@@ -365,7 +375,13 @@ class MoCoLearner:
         from tqdm.auto import trange
 
         self.mixture = mixture
-        return [self.train_step(mixture) for _ in trange(steps, disable=not progress, desc="moco")]
+        cfg = self.config
+        if not cfg.loader_workers or self.view_cache is not None or steps == 0:
+            return [self.train_step(mixture) for _ in trange(steps, disable=not progress, desc="moco")]
+        plan = lambda: plan_views(mixture, cfg.batch_size, self.generator, self.batch_multiple, cfg.augment)  # noqa: E731
+        batches = planned_batches(mixture, steps, plan, self.rank, self.world_size, cfg.loader_workers,
+                                  pin=self.device.type == "cuda")
+        return [self.train_step(mixture, next(batches)) for _ in trange(steps, disable=not progress, desc="moco")]
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:

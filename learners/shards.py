@@ -268,6 +268,13 @@ class ShardStore:
         self._closed = set(range(int(self._shard[-1]))) if n else set()
         self._cut_tails()
 
+    def __getstate__(self) -> dict:
+        """A copy sent to another process (a DataLoader worker) reads only: no open files, and never
+        a second writer of the same shards."""
+        state = dict(self.__dict__)
+        state["_files"], state["readonly"] = {}, True
+        return state
+
     def _check_writable(self) -> None:
         if self.readonly:
             raise PermissionError(f"{self.folder} was opened read-only")
