@@ -261,7 +261,7 @@ class LLMQueryPolicy(PPOUpdate, VocabularyPolicy):
         digest.update(self.generator.get_state().numpy().tobytes())
         for p in self.model.lm.parameters():  # the weights PPO changes (adapters; all of the tiny LM)
             if p.requires_grad:
-                digest.update(p.detach().numpy().tobytes())
+                digest.update(p.detach().cpu().numpy().tobytes())
         return digest.hexdigest()[:32]
 
     def _generate(self, prompts: list[torch.Tensor], n: int) -> torch.Tensor:

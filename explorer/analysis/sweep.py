@@ -1,4 +1,4 @@
-"""`explorer sweep`: an isoFLOP sweep of the LM on CPU, and the scaling law fitted to it.
+"""`explorer sweep`: an isoFLOP sweep of the LM (on the GPU when there is one, else the CPU), and the scaling law fitted to it.
 
 For every compute budget C and model size N in the config, a fresh LM trains on D = C / (6·N) tokens
 of Wikipedia-lead text (every lead except the held-out target documents) and is evaluated on the
@@ -296,7 +296,7 @@ def train_one(cfg: SweepConfig, budget: float, size: str | int, text: SweepText)
                       total_steps=steps, seed=cfg.seed,
                       spikes=SpikeConfig(enabled=False),  # a rollback would change the run's token count
                       **cfg.lm.lm_kwargs())
-    learner = LMLearner(lm_cfg, device="cpu")
+    learner = LMLearner(lm_cfg)  # the GPU when there is one
     n_params = active_non_embedding_params(learner.model)  # = all of them when dense
     stream = PackedTextStream(text.train, seq_len=cfg.seq_len, eos_id=text.eos_id, seed=cfg.seed)
     losses = learner.train_steps(stream, steps)
