@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "a text run that trained on its target alone (text.strategy: train), evaluated often")
     pl.set_defaults(func=_plan)
 
-    sw = sub.add_parser("sweep", formatter_class=fmt, help="isoFLOP sweep of the LM (GPU when present), then fit L(N, D)",
+    sw = sub.add_parser("sweep", formatter_class=fmt, help="isoFLOP sweep of the LM (GPU if any), then fit L(N, D)",
                         description="For every FLOP budget C and model size N in CONFIG (see configs/isoflop.yaml), "
                                     "trains a fresh LM on D = C / (6N) tokens of Wikipedia-lead text and records its "
                                     "held-out loss on the target topic as one line of RUN_DIR/sweep.jsonl (rerunning "
