@@ -287,6 +287,8 @@ class LMLearner:
         losses = []
         for i in range(cfg.grad_accum):
             batch = rank_rows(data.next_batch(cfg.batch_size), self.rank, self.world_size)
+            if self.device.type == "cuda":  # pinned: the copy overlaps the previous micro-batch's kernels
+                batch = batch.pin_memory()
             batch = batch.to(self.device, non_blocking=True)
             last = i == cfg.grad_accum - 1  # DDP averages gradients once, after the last micro-batch
             sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
