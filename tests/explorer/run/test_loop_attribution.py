@@ -125,13 +125,13 @@ def test_accepted_images_are_the_learners_pool_and_training_batches_draw_them(ti
     loop = ImageLoop(cfg, tmp_path, engine_url=engine.url, progress=False)
     mixture = loop.learner.mixture
     drawn = []  # (iteration, uint8 batch) of every training step after pretraining
-    sample = mixture.sample
+    read = mixture.read  # what a step reads of the batch it drew (all of it: one process)
 
     def spy(*args, **kwargs):
-        batch = sample(*args, **kwargs)
+        batch = read(*args, **kwargs)
         drawn.append((loop.iteration, batch.clone()))
         return batch
-    mixture.sample = spy
+    mixture.read = spy
     try:
         loop.run(log=lambda s: None)
     finally:
