@@ -167,7 +167,16 @@ def bootstrap_law(rows: list[dict], resamples: int, seed: int = 0) -> np.ndarray
     return np.array(fits)
 
 
-def report(rows: list[dict], args, wall: float) -> None:
+def count_floor(args) -> dict:
+    """The count unigram's and bigram's held-out loss on the grid's own training tokens (learners/ngram.py)."""
+    from explorer.analysis.sweep import prepare_text
+    from learners.ngram import count_baselines
+
+    text = prepare_text(sweep_config(args), args.runs)
+    return count_baselines(text.train, text.heldout, text.eos_id, text.vocab_size)
+
+
+def report(rows: list[dict], args, wall: float, floor: dict | None = None) -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "runs.csv", "w", newline="") as f:
@@ -186,6 +195,8 @@ def report(rows: list[dict], args, wall: float) -> None:
              f"Wikipedia-lead text; loss = held-out target-topic nats per token; router {ROUTER} for E > 1; "
              f"seeds {seeds} (n = {len(seeds)} per cell; initialisation and batch order). "
              f"Grid wall time {wall / 60:.1f} min ({args.jobs} runs at a time, {args.threads} thread(s) each).", "",
+             *([f"Count baselines on the same training tokens, same held-out text: unigram {floor['unigram']:.3f}, "
+                f"bigram {floor['bigram']:.3f} nats per token (learners/ngram.py).", ""] if floor else []),
              "## Loss (mean ± 95% t-interval half-width)", "",
              "| size | d_model x layers | N dense | " + " | ".join(f"E = {e}" for e in experts) + " |",
              "|---|---|---:|" + "---:|" * len(experts)]
@@ -310,7 +321,7 @@ def main(argv=None) -> int:
         p.error("--experts must include 1: every gain is measured against the dense run")
     t0 = time.time()
     rows = run_grid(args)
-    report(rows, args, time.time() - t0)
+    report(rows, args, time.time() - t0, count_floor(args))
     return 0
 
 

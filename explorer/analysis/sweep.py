@@ -28,8 +28,18 @@ import numpy as np
 import yaml
 
 from explorer.acquire.cache import atomic_write_bytes
-from explorer.run.config import ConfigError, LMRoutingConfig, apply_overrides, from_dict, to_dict
-from explorer.web.text_sources import DEFAULT_TARGET_TOPIC, load_wikipedia_leads, split_target_text
+from explorer.run.config import (
+    ConfigError,
+    LMRoutingConfig,
+    apply_overrides,
+    from_dict,
+    to_dict,
+)
+from explorer.web.text_sources import (
+    DEFAULT_TARGET_TOPIC,
+    load_wikipedia_leads,
+    split_target_text,
+)
 from learners.budget import (
     FitConfig,
     LawIntervals,
@@ -38,10 +48,17 @@ from learners.budget import (
     fit_scaling_law,
     isoflop_fit,
 )
-from learners.flops import ModelShape, non_embedding_params, swiglu_ffn_dim, training_flops
+from learners.flops import (
+    ModelShape,
+    non_embedding_params,
+    swiglu_ffn_dim,
+    training_flops,
+)
 from learners.lm import LM_SIZES, LMConfig, LMShape
+from learners.ngram import count_baselines
 
 ROWS_FILE, FIT_FILE, CONFIG_FILE, TOKENIZER_FILE = "sweep.jsonl", "fit.json", "sweep_config.yaml", "tokenizer.model"
+BASELINES_FILE = "baselines.json"  # the count unigram and bigram on the sweep's tokens (learners/ngram.py)
 ISOFLOP_PLOT, LAW_PLOT = "isoflop.png", "law_contours.png"
 TRAIN_TEXTS = ("all", "target")
 MIN_PARAMS = 1_000
@@ -316,6 +333,7 @@ class SweepResult:
     rows: list[dict]
     fit: dict
     trained: int  # runs trained by this call (the rest were already in sweep.jsonl)
+    baselines: dict | None = None  # the count unigram's and bigram's held-out loss (learners/ngram.py)
 
 
 def run_sweep(cfg: SweepConfig, run_dir: str | Path, *, progress: bool = True) -> SweepResult:
@@ -328,14 +346,19 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path, *, progress: bool = True) -
     done = {row["key"] for row in read_rows(run_dir)}
     wanted = {run_key(b, resolve_size(s)[0]): (b, s) for b in cfg.budgets for s in cfg.sizes}
     pending = [run for key, run in wanted.items() if key not in done]
+    baselines_file = run_dir / BASELINES_FILE
+    text = prepare_text(cfg, run_dir) if pending or not baselines_file.exists() else None
+    if not baselines_file.exists():  # the floor every run is read against, on the same tokens
+        baselines_file.write_text(json.dumps(count_baselines(text.train, text.heldout, text.eos_id,
+                                                             text.vocab_size), indent=1) + "\n")
     if pending:
-        text = prepare_text(cfg, run_dir)
         bar = tqdm(pending, desc="isoflop runs", unit="run", disable=not progress)
         for budget, size in bar:
             bar.set_postfix_str(f"C={budget:.2g} N={size}")
             append_row(run_dir, train_one(cfg, budget, size, text))
     rows = [r for r in read_rows(run_dir) if r["key"] in wanted]  # a folder may hold runs of other configs
-    return SweepResult(rows=rows, fit=fit_run_dir(cfg, run_dir, rows), trained=len(pending))
+    return SweepResult(rows=rows, fit=fit_run_dir(cfg, run_dir, rows), trained=len(pending),
+                       baselines=json.loads(baselines_file.read_text()))
 
 
 def bootstrap_law(cfg: SweepConfig, n, d, loss, point: ScalingLaw) -> LawIntervals:
@@ -417,4 +440,10 @@ def sweep_summary(result: SweepResult) -> str:
         lines.append(f"  isoFLOP fit skipped: {fit['isoflop']['skipped']}")
     else:
         lines.append(f"  isoFLOP fit: N_opt ~ C^{fit['isoflop']['a']:.3f}, D_opt ~ C^{fit['isoflop']['b']:.3f}")
+    if result.baselines:
+        b = result.baselines
+        best = min((r["loss"] for r in result.rows if r.get("loss") is not None), default=None)
+        lines.append(f"count baselines on the same {b['train_tokens']:,} training tokens (held-out loss): unigram "
+                     f"{b['unigram']:.4f}, bigram {b['bigram']:.4f}"
+                     + (f"; the best run is {b['bigram'] - best:+.4f} nats below the bigram" if best is not None else ""))
     return "\n".join(lines)

@@ -88,6 +88,9 @@ def test_sweep_writes_fit_and_plots(tiny_sweep):
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
     assert (out / TOKENIZER_FILE).exists()
     assert "N_opt=" in stdout and "decision:" in stdout  # summary table, then the plan
+    baselines = json.loads((out / "baselines.json").read_text())  # the count floor, on the same tokens
+    assert 0 < baselines["bigram"] < baselines["unigram"] and baselines["train_tokens"] > 0
+    assert f"bigram {baselines['bigram']:.4f}" in stdout
 
 
 def test_rerun_skips_finished_rows_and_repairs_a_torn_one(tiny_sweep):
