@@ -148,6 +148,7 @@ def status_summary(run_dir: Path) -> dict:
                    last_iteration={k: last.get(k) for k in keys["last"]},
                    last_eval={k: evals[-1][k] for k in keys["eval"]} if evals else None,
                    recent_search_errors=[e for r in rows[-5:] for e in r.get("search_errors", [])][-3:],
+                   stage_seconds=last.get("stage_seconds"),
                    recent_rejected=totals["recent_rejected"], reward=reward_health(last))
     out["disk"] = {"usage": folder_usage(run_dir), "max_bytes": cfg.disk.max_bytes}
     if (run_dir / LEDGER).exists():
@@ -215,6 +216,8 @@ def run_status(run_dir: Path) -> str:
         lines.append(f"rates: {s['iterations_per_hour']:.1f} iterations/h, {s['fetches_per_second']:.1f} fetches/s, "
                      f"{s['queries_issued']} queries issued, {s['accepted_total']} {unit} accepted")
         lines.append("last iteration: " + ", ".join(f"{k} {_fmt(v)}" for k, v in last.items() if k != "time"))
+        if s.get("stage_seconds"):
+            lines.append("its time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["stage_seconds"].items()))
         if s["last_eval"]:
             ev = s["last_eval"]
             lines.append(f"last eval (iteration {ev['iteration']}): "

@@ -32,3 +32,11 @@ def test_status_endpoint_serves_the_run_summary_read_only(tiny_experiment, tmp_p
     assert body["recent_rejected"] == {"decode_error": 2} and body["recent_search_errors"] == ["boom"]
     assert body["last_eval"]["eval_knn_accuracy"] == 0.5
     assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_status_shows_where_the_last_iteration_spent_its_time(tiny_run):
+    from explorer.run.daemon import run_status, status_summary
+
+    split = status_summary(tiny_run)["stage_seconds"]
+    assert set(split) >= {"search", "fetch", "reward", "train"} and all(v >= 0 for v in split.values())
+    assert "its time: search" in run_status(tiny_run)
