@@ -44,20 +44,15 @@ def plan_views(mixture: TrainingMixture, batch_size: int, generator: torch.Gener
 
 
 class _PlannedImages(Dataset):
-    """Maps a plan to this rank's rows of its images (uint8); runs in the loader's workers."""
+    """Maps a plan to this rank's rows of its images (uint8, `TrainingMixture.read`); runs in the
+    loader's workers."""
 
     def __init__(self, mixture: TrainingMixture, rank: int, world_size: int):
-        self.target, self.store, self.side = mixture.target, mixture.store, mixture.side
-        self.rank, self.world_size = rank, world_size
+        self.mixture, self.rank, self.world_size = mixture, rank, world_size
 
     def __getitem__(self, plan: BatchPlan) -> torch.Tensor:
         rows = rank_slice(len(plan.index), self.rank, self.world_size)
-        acquired, index = plan.acquired[rows], plan.index[rows]
-        images = torch.empty((len(index), 3, self.side, self.side), dtype=torch.uint8)
-        images[~acquired] = self.target[index[~acquired]]
-        if acquired.any():
-            images[acquired] = self.store.read(index[acquired])
-        return images
+        return self.mixture.read(plan.acquired[rows], plan.index[rows])
 
     def __len__(self) -> int:  # a DataLoader asks; the plans, not the dataset, say how many
         raise TypeError("planned batches have no length")

@@ -378,7 +378,9 @@ class MoCoLearner:
         cfg = self.config
         if not cfg.loader_workers or self.view_cache is not None or steps == 0:
             return [self.train_step(mixture) for _ in trange(steps, disable=not progress, desc="moco")]
-        plan = lambda: plan_views(mixture, cfg.batch_size, self.generator, self.batch_multiple, cfg.augment)  # noqa: E731
+
+        def plan():
+            return plan_views(mixture, cfg.batch_size, self.generator, self.batch_multiple, cfg.augment)
         batches = planned_batches(mixture, steps, plan, self.rank, self.world_size, cfg.loader_workers,
                                   pin=self.device.type == "cuda")
         return [self.train_step(mixture, next(batches)) for _ in trange(steps, disable=not progress, desc="moco")]

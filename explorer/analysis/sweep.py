@@ -1,4 +1,5 @@
-"""`explorer sweep`: an isoFLOP sweep of the LM (on the GPU when there is one, else the CPU), and the scaling law fitted to it.
+"""`explorer sweep`: an isoFLOP sweep of the LM (on the GPU when there is one), and the scaling law
+fitted to it.
 
 For every compute budget C and model size N in the config, a fresh LM trains on D = C / (6·N) tokens
 of Wikipedia-lead text (every lead except the held-out target documents) and is evaluated on the
@@ -28,18 +29,8 @@ import numpy as np
 import yaml
 
 from explorer.acquire.cache import atomic_write_bytes
-from explorer.run.config import (
-    ConfigError,
-    LMRoutingConfig,
-    apply_overrides,
-    from_dict,
-    to_dict,
-)
-from explorer.web.text_sources import (
-    DEFAULT_TARGET_TOPIC,
-    load_wikipedia_leads,
-    split_target_text,
-)
+from explorer.run.config import ConfigError, LMRoutingConfig, apply_overrides, from_dict, to_dict
+from explorer.web.text_sources import DEFAULT_TARGET_TOPIC, load_wikipedia_leads, split_target_text
 from learners.budget import (
     FitConfig,
     LawIntervals,
@@ -48,12 +39,7 @@ from learners.budget import (
     fit_scaling_law,
     isoflop_fit,
 )
-from learners.flops import (
-    ModelShape,
-    non_embedding_params,
-    swiglu_ffn_dim,
-    training_flops,
-)
+from learners.flops import ModelShape, non_embedding_params, swiglu_ffn_dim, training_flops
 from learners.lm import LM_SIZES, LMConfig, LMShape
 from learners.ngram import count_baselines
 
@@ -443,7 +429,7 @@ def sweep_summary(result: SweepResult) -> str:
     if result.baselines:
         b = result.baselines
         best = min((r["loss"] for r in result.rows if r.get("loss") is not None), default=None)
+        margin = f"; the best run is {b['bigram'] - best:+.4f} nats below the bigram" if best is not None else ""
         lines.append(f"count baselines on the same {b['train_tokens']:,} training tokens (held-out loss): unigram "
-                     f"{b['unigram']:.4f}, bigram {b['bigram']:.4f}"
-                     + (f"; the best run is {b['bigram'] - best:+.4f} nats below the bigram" if best is not None else ""))
+                     f"{b['unigram']:.4f}, bigram {b['bigram']:.4f}{margin}")
     return "\n".join(lines)

@@ -32,7 +32,7 @@ from explorer.run.assembly import HiddenTruth, digest, load_vocabulary, make_pol
 from explorer.run.config import ExperimentConfig
 from explorer.run.ledger import FetchRecord
 from explorer.run.loop import Candidates, RunLoop, background_seed, resident_bytes
-from explorer.run.ranks import Ranks, collective, gather_rows, split_rows
+from explorer.run.ranks import Ranks, collective, map_rows
 from explorer.score.evaluation import eval_metrics, evaluate_embeddings
 from explorer.score.reward import BackgroundSample, image_signature
 from explorer.score.target import TargetSet, load_target
@@ -148,8 +148,7 @@ class ImageTraining:
     @collective
     def embed(self, images: torch.Tensor) -> np.ndarray:
         """The current encoder's unit embeddings of `images`, each rank embedding a share of them."""
-        rows = split_rows(len(images), self.ranks.rank, self.ranks.world_size)
-        return np.concatenate(gather_rows(self.learner.embed(images[rows]), self.ranks))
+        return map_rows(self.learner.embed, images, self.ranks)
 
     @collective
     def restore(self, state: dict, accepted: tuple[torch.Tensor, list[int]] | None) -> None:

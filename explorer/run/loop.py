@@ -42,31 +42,12 @@ import numpy as np
 
 from explorer.acquire.cache import CacheMode, ResponseCache
 from explorer.acquire.fetch import FetchConfig, allow_origin
-from explorer.acquire.search import (
-    ImageQuery,
-    SearchError,
-    UnrecordedAnswer,
-    search_many,
-)
-from explorer.run.checkpoints import (
-    LoadedCheckpoint,
-    load_latest_checkpoint,
-    write_checkpoint,
-)
+from explorer.acquire.search import ImageQuery, SearchError, UnrecordedAnswer, search_many
+from explorer.run.checkpoints import LoadedCheckpoint, load_latest_checkpoint, write_checkpoint
 from explorer.run.config import ExperimentConfig, save_config
-from explorer.run.disk import (
-    DiskBudgetExceeded,
-    enforce_budget,
-    folder_usage,
-    is_disk_full,
-)
+from explorer.run.disk import DiskBudgetExceeded, enforce_budget, folder_usage, is_disk_full
 from explorer.run.ledger import LEDGER, FetchRecord, RunLedger, read_metrics
-from explorer.run.searches import (
-    FailedSearch,
-    query_status,
-    recorded_failures,
-    search_error,
-)
+from explorer.run.searches import FailedSearch, query_status, recorded_failures, search_error
 from explorer.run.sheets import best_rejected, record_sheet
 from explorer.score.reward import RewardSpace
 

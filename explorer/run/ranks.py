@@ -33,6 +33,7 @@ import functools
 import signal
 import sys
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -180,10 +181,12 @@ def split_rows(n: int, rank: int, world_size: int) -> slice:
     return slice(start, start + base + (rank < extra))
 
 
-def gather_rows(local, ranks: Ranks):
-    """Every rank's rows (any picklable array-like), concatenated in rank order, on every rank."""
+def map_rows(fn, items, ranks: Ranks) -> np.ndarray:
+    """`fn` (rows -> array) on this rank's share of `items` (`split_rows`); every rank's results
+    concatenated in rank order, on every rank (one process: `fn(items)`)."""
+    local = fn(items[split_rows(len(items), ranks.rank, ranks.world_size)])
     if not ranks.distributed:
-        return [local]
+        return local
     parts = [None] * ranks.world_size
     dist.all_gather_object(parts, local)
-    return parts
+    return np.concatenate(parts)

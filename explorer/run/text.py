@@ -37,7 +37,7 @@ from explorer.run.assembly import HiddenTruth, load_vocabulary, make_policy
 from explorer.run.config import ExperimentConfig
 from explorer.run.ledger import FetchRecord
 from explorer.run.loop import Candidates, RunLoop, background_seed, resident_bytes
-from explorer.run.ranks import Ranks, collective, gather_rows, split_rows
+from explorer.run.ranks import Ranks, collective, map_rows
 from explorer.score.reward import BackgroundSample, near_duplicates
 from explorer.web.text_corpus import (
     TextCorpus,
@@ -121,9 +121,7 @@ class TextTraining:
     @collective
     def embed(self, tokens: list[list[int]]) -> np.ndarray:
         """The LM's unit embeddings of documents' tokens (`lm_embeddings`), each rank embedding a share."""
-        rows = split_rows(len(tokens), self.ranks.rank, self.ranks.world_size)
-        parts = gather_rows(lm_embeddings(self.learner.model, tokens[rows], self.seq_len), self.ranks)
-        return np.concatenate(parts)
+        return map_rows(lambda rows: lm_embeddings(self.learner.model, rows, self.seq_len), tokens, self.ranks)
 
     @collective
     def restore(self, learner_state: dict, stream_state: dict) -> None:
