@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import write_machine
 
-from explorer.web.corpus import WebCorpus, default_corpus_dir
+from explorer.web.corpus import WebCorpus, fashion_web_dir
 from explorer.web.image_encoder import (
     DEFAULT_IMAGE_MODEL,
     ImageDecodeError,
@@ -60,7 +60,7 @@ def per_source(corpus: WebCorpus, encoder: ImageEncoder, sample: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", type=Path, default=default_corpus_dir())
+    p.add_argument("--corpus", type=Path, default=fashion_web_dir())
     p.add_argument("--sample", type=int, default=1000, help="images per source for the decode / forward split")
     p.add_argument("--no-build", dest="build", action="store_false", help="only the per-source split")
     args = p.parse_args()

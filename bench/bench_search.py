@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from explorer.acquire.fetch import FetchConfig, allow_origin, fetch_images
-from explorer.web.corpus import WebCorpus, default_corpus_dir
+from explorer.web.corpus import WebCorpus, fashion_web_dir
 from explorer.web.engine import HybridIndex, SearchServer
 from explorer.web.text_encoder import default_encoder
 
@@ -30,7 +30,7 @@ def _queries(corpus: WebCorpus, n: int) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", type=Path, default=default_corpus_dir())
+    p.add_argument("--corpus", type=Path, default=fashion_web_dir())
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     p.add_argument("--images", type=int, default=2000)

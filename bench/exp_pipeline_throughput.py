@@ -57,9 +57,9 @@ def _start_engine(port: int) -> subprocess.Popen:
 
 def _urls(port: int, n: int, seed: int) -> tuple[list[str], list[str]]:
     """n image URLs sampled from the default corpus, and each image's source dataset."""
-    from explorer.web.corpus import WebCorpus, default_corpus_dir
+    from explorer.web.corpus import WebCorpus, fashion_web_dir
 
-    corpus = WebCorpus(default_corpus_dir())
+    corpus = WebCorpus(fashion_web_dir())
     keys = np.random.default_rng(seed).choice(len(corpus), size=n, replace=False)
     return ([f"http://127.0.0.1:{port}/image/{corpus.keys[i]}" for i in keys],
             [str(corpus.hidden["source"][i]) for i in keys])

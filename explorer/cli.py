@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from explorer.web.corpus import SOURCE_READERS
-from explorer.web.presets import CORPUS_PRESETS, corpus_location
+from explorer.web.presets import CORPUS_PRESETS, DEFAULT_PRESET, corpus_location
 
 DEFAULT_PORT = 8765
 
@@ -242,7 +242,7 @@ def _sweep(args) -> int:
 def _demo(args) -> int:
     from explorer.run.demo import run_demo
 
-    return run_demo(args.config, args.out, progress=not args.quiet)
+    return run_demo(args.config, args.out, progress=not args.quiet, jobs=args.jobs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,13 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     corpus = sub.add_parser("corpus", help="build or inspect the offline web corpus")
     csub = corpus.add_subparsers(dest="corpus_command", required=True, metavar="ACTION")
     b = csub.add_parser("build", formatter_class=fmt, help="build the offline web from installed datasets",
-                        description="Builds the offline web from a preset (explorer/web/presets.py): 'default' is "
-                                    "Fashion-MNIST train, openclipart and MNIST images; 'world' a web that is mostly "
-                                    "not the target (1,900 Fashion-MNIST images and 2,500 MNIST digits among icons, "
-                                    "emoji, game sprites, stamps and glyphs from Debian packages). Images get alt-text-like captions and "
+                        description="Builds the offline web from a preset (explorer/web/presets.py): 'world' (the "
+                                    "default) is a web that is mostly not the target (1,900 Fashion-MNIST images and "
+                                    "2,500 MNIST digits among openclipart, icons, emoji, game sprites, stamps "
+                                    "and glyphs from Debian packages); 'fashion-web' the first web, 82% Fashion-MNIST train, "
+                                    "with openclipart and MNIST. Images get alt-text-like captions and "
                                     "are written as webdataset tar shards + a parquet manifest + MiniLM caption "
                                     "embeddings for the search engine. Prints the composition and the base rate.")
-    b.add_argument("--preset", default="default", choices=list(CORPUS_PRESETS), help="which composition")
+    b.add_argument("--preset", default=DEFAULT_PRESET, choices=list(CORPUS_PRESETS), help="which composition")
     b.add_argument("--out", type=Path, default=None, help="corpus directory; unset: $EXPLORER_HOME/corpus/PRESET")
     b.add_argument("--sources", default=None, help="comma-separated installed sources, of: " + ", ".join(SOURCE_READERS) + "; unset: the preset's")
     b.add_argument("--limit-per-source", type=int, default=None, help="reproducible slice of each source (tests)")
@@ -271,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="your own web instead: a folder of images, captions from KEY.txt sidecars or file names")
     b.set_defaults(func=_corpus_build)
     info = csub.add_parser("info", formatter_class=fmt, help="print a corpus's build parameters and counts")
-    info.add_argument("corpus", type=_corpus_dir, nargs="?", default="default", help="preset name or directory")
+    info.add_argument("corpus", type=_corpus_dir, nargs="?", default=DEFAULT_PRESET, help="preset name or directory")
     info.set_defaults(func=_corpus_info)
 
     s = sub.add_parser("serve", formatter_class=fmt, help="serve the local search engine over HTTP on 127.0.0.1",
@@ -279,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "SearXNG-style GET /search?q=..&format=json and clip-retrieval-style "
                                    "POST /knn-service (text, or an image by example: the corpus's image index, "
                                    "built beside it on first use), and serves images at /image/KEY.")
-    s.add_argument("--corpus", type=_corpus_dir, default="default", help="preset name or corpus directory")
+    s.add_argument("--corpus", type=_corpus_dir, default=DEFAULT_PRESET, help="preset name or corpus directory")
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
     s.add_argument("--min-score", type=float, default=0.25,
                    help="drop results whose hybrid score is below this (0 returns something for anything)")
@@ -295,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-n", type=int, default=20, help="number of results")
     q.add_argument("--backend", default="local", choices=["local", "searxng", "clip-retrieval"])
     q.add_argument("--url", default=None, help="engine base URL (required for searxng / clip-retrieval)")
-    q.add_argument("--corpus", type=_corpus_dir, default="default",
+    q.add_argument("--corpus", type=_corpus_dir, default=DEFAULT_PRESET,
                    help="corpus for the in-process engine: preset name or directory")
     q.add_argument("--cache", type=Path, default=None, help="cache directory for the answer")
     q.add_argument("--truth", action="store_true",
@@ -417,12 +418,16 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=_sweep)
 
     d = sub.add_parser("demo", formatter_class=fmt, help="the offline demo: gp vs random vs base, one table",
-                       description="Builds the default corpus if missing, starts the local engine, pretrains a "
-                                   "shared base encoder on the target, runs a GP-policy experiment and a "
-                                   "random-policy baseline from it, and prints a table (precision of acquired "
-                                   "data, kNN and linear-probe accuracy).")
+                       description="Builds the config's web if missing (the world web: once, a few minutes), "
+                                   "starts the local engine, pretrains a shared base encoder on the target, runs a "
+                                   "GP-policy experiment, a random-policy baseline and a target-only control from it, "
+                                   "and prints a table (acquired and relevant images, kNN and linear-probe accuracy, "
+                                   "raw pixels beside) that it also writes to DEMO/table.md.")
     d.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
     d.add_argument("--out", type=Path, default=None, help="demo folder (default runs/demo-TIME)")
+    d.add_argument("--jobs", type=int, default=None,
+                   help="processes for the gp run, the random run and the target-only control (unset: all 3 side "
+                        "by side, cores / 3 torch threads each, on a machine with >= 2 cores; 1: one after another)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=_demo)
     return p

@@ -37,6 +37,14 @@ def pretrain_base(cfg: ExperimentConfig, path: Path, *, progress: bool = False, 
     return path
 
 
+def base_scores(cfg: ExperimentConfig, base: Path) -> dict[str, float]:
+    """The base encoder's evaluation, as iteration 0 of a run from it computes it (the 'base' row)."""
+    target = load_target(cfg.target)
+    learner = build_learner(cfg, target)
+    learner.load_state_dict(torch.load(base, map_location="cpu", weights_only=True))
+    return evaluate_learner(learner, target, cfg.train.knn_k)
+
+
 def continue_from_base(cfg: ExperimentConfig, base: Path, *, steps: int | None = None,
                        extra: torch.Tensor | None = None, progress: bool = False) -> dict[str, float]:
     """Train the base `steps` more SSL steps (default: as many as a run's iterations) on the target,

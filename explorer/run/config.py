@@ -243,8 +243,9 @@ class ExperimentConfig:
     seed: int = 0
     iterations: int = 10
     corpus: str | None = None
-    """A corpus preset (default, world: explorer.web.presets; built in $EXPLORER_HOME/corpus/NAME on
-    first use) or a corpus directory; None is the default preset. For modality text: a text corpus."""
+    """A corpus preset (world, fashion-web: explorer.web.presets; built in $EXPLORER_HOME/corpus/NAME
+    on first use) or a corpus directory; None is the default preset, world. For modality text: a text
+    corpus."""
     target: TargetConfig = field(default_factory=TargetConfig)
     vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)

@@ -47,8 +47,9 @@ def explorer_home() -> Path:
     return Path(os.environ.get("EXPLORER_HOME", Path.home() / ".cache" / "explorer"))
 
 
-def default_corpus_dir() -> Path:
-    return explorer_home() / "corpus" / "default"
+def fashion_web_dir() -> Path:
+    """The first web's directory (preset `fashion-web`), which the search and index benchmarks measured."""
+    return explorer_home() / "corpus" / "fashion-web"
 
 
 @dataclass(frozen=True)

@@ -138,9 +138,10 @@ def test_distinct_drops_copies_of_an_image(tmp_path):
     assert len(build_corpus(tmp_path / "all", CorpusSpec(web_dir=str(web)), progress=False)) == 3
 
 
-def test_default_preset_keeps_its_readable_keys(tmp_path):
-    """Benchmarks committed on the default web rebuild it byte for byte: its keys stay as they were."""
-    spec = dataclasses.replace(CORPUS_PRESETS["default"], limit_per_source=3)
+def test_the_first_web_keeps_its_readable_keys(tmp_path):
+    """Benchmarks committed on the first web (preset fashion-web) rebuild it byte for byte: its keys
+    stay as they were."""
+    spec = dataclasses.replace(CORPUS_PRESETS["fashion-web"], limit_per_source=3)
     keys = build_corpus(tmp_path, spec, progress=False).keys
     assert [k.split("-")[0] for k in keys] == ["fmnist"] * 3 + ["clip"] * 3 + ["mnist"] * 3
 
@@ -149,9 +150,11 @@ def test_a_config_names_a_preset_built_on_first_use(tmp_path, monkeypatch, capsy
     from explorer.run.config import load_config
 
     assert load_config("configs/world.yaml").corpus == "world"
+    assert load_config("configs/science.yaml").corpus == "fashion-web"  # where its committed results come from
     monkeypatch.setenv("EXPLORER_HOME", str(tmp_path))
     assert corpus_location("world") == (tmp_path / "corpus" / "world", "world")
-    assert corpus_location(None) == (tmp_path / "corpus" / "default", "default")
+    assert corpus_location(None) == (tmp_path / "corpus" / "world", "world")  # the default web is the world
+    assert corpus_location("fashion-web") == (tmp_path / "corpus" / "fashion-web", "fashion-web")
     assert corpus_location(str(tmp_path / "mine")) == (tmp_path / "mine", None)
     small = dataclasses.replace(CORPUS_PRESETS["world"], limit_per_source=4)
     monkeypatch.setitem(CORPUS_PRESETS, "world", small)  # the preset's path, at a test's size
@@ -164,7 +167,7 @@ def test_a_config_names_a_preset_built_on_first_use(tmp_path, monkeypatch, capsy
     with pytest.warns(UserWarning, match="earlier version of the preset: rebuilding"):
         rebuilt = open_image_corpus("world")  # the preset changed since: built again, not opened stale
     assert len(rebuilt) > len(corpus) and rebuilt.meta["spec"]["limit_per_source"] == 5
-    with pytest.raises(FileNotFoundError, match=r"'wrld' is neither a preset \(default, world\)"):
+    with pytest.raises(FileNotFoundError, match=r"'wrld' is neither a preset \(world, fashion-web\)"):
         open_image_corpus("wrld")
 
 
