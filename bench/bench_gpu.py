@@ -8,7 +8,7 @@ Prints, and writes to bench/results/gpu/<device>/ (report.md, rows.csv / rows.js
 
 - MoCo-v3 train images/s (images of the global batch per second of whole steps: two views, online
   forward and backward, momentum forward, optimizer) and embed images/s, at the demo's learner
-  (configs/demo.yaml: EfficientNet-Lite0, 48 px, four stages frozen, batch 128) and at an
+  (configs/demo.yaml: EfficientNet-Lite0, 32 px, four stages frozen, batch 128) and at an
   Internet-Explorer-like shape (ResNet-50 from scratch, 224 px, batch 256);
 - LM train tokens/s at the demo's LM (configs/text.yaml: `nano`, 128 tokens, batch 8) and at a
   ~100M-parameter LM (`large`, 512 tokens, batch 32);

@@ -1,6 +1,6 @@
 """Search requests per query against a SearXNG-style engine, at the demo config's sizes.
 
-Run: python bench/bench_search_requests.py [--config configs/demo.yaml] [--page-size 20] [--overlap 2]
+Run: python bench/bench_search_requests.py [--config configs/demo-fashion-web.yaml] [--page-size 20] [--overlap 2]
                                           [--totals 0,7,14,...]
 Serves SearXNG's JSON on 127.0.0.1 (the result dicts and top-level keys of the real answer in
 tests/fixtures/searxng/sx_images_p1.json, URLs varied), one query per result total in `--totals`
@@ -78,7 +78,7 @@ class SearxngStyleEngine:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "demo-fashion-web.yaml")
     p.add_argument("--page-size", type=int, default=20)
     p.add_argument("--overlap", type=int, default=2)
     p.add_argument("--totals", type=lambda v: tuple(int(x) for x in v.split(",")), default=TOTALS,

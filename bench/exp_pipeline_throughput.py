@@ -71,7 +71,7 @@ def _learner_and_index():
     from explorer.score.reward import TargetIndex
     from explorer.score.target import load_target
 
-    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    cfg = load_config(ROOT / "configs" / "demo-fashion-web.yaml")
     target = load_target(cfg.target)
     learner = build_learner(cfg, target)
     return cfg, learner, TargetIndex(learner.embed(target.part("acquire")[0]))

@@ -30,6 +30,7 @@ that died, and the run folder resumes from its last checkpoint like after any cr
 from __future__ import annotations
 
 import functools
+import gc
 import signal
 import sys
 
@@ -137,8 +138,13 @@ class Ranks:
 
     def shutdown(self) -> None:
         """Leave the process group (every rank, at the end of the run), together: a rank that left while
-        another still received the last broadcast would abort it."""
+        another still received the last broadcast would abort it. The replica (its model under DDP,
+        which holds the group) is let go first, so the group's worker threads are joined here and not
+        in the interpreter's teardown: a rank torn down holding them once aborted ("terminate called
+        without an active exception") after a finished run."""
         if self.distributed and dist.is_initialized():
+            self.replica = None
+            gc.collect()
             try:
                 dist.barrier()
             except Exception:  # a rank is gone already: leave anyway
