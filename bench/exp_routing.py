@@ -8,7 +8,15 @@ K = 1: a routed model does the dense model's compute per token (plus its router)
 tokens the runs of one size have equal active FLOPs (6·N_active·D, reported).
 
     grid      sizes x E in {1 (dense), 4, 16, 64} with the S-BASE router (the default)
-    routers   the switch and hash routers at E = 16, every size (S-BASE's E = 16 runs are shared)
+    routers   the other routers and the controls at E = 16, every size (S-BASE's E = 16 runs are
+              shared): switch; switch-unit (the switch router with a unit output gate); hash;
+              random (a random expert per token: the parameters without the routing); dense-wide
+              (the dense model with 16x wider MLPs: the routed models' total parameters, all active)
+
+Every routed row also records what its routers did on the held-out text (learners/routing.py
+`routing_stats`): the mean output gate, the busiest expert's load against an even share, S-BASE's
+agreement between the balanced assignment it trains with and the argmax it is evaluated with, and
+two sanity losses: hash routed by scrambled token ids, S-BASE evaluated on its balanced assignment.
 
 Seeds set the initialisation and the batch order; the data split is fixed. Reported: loss per size
 and E with 95% t-intervals; the routing gain (dense - routed loss, paired by seed) per size and E;
@@ -43,7 +51,8 @@ from bench.machine import finish_report  # noqa: E402
 DEFAULT_RUNS = ROOT / "runs" / "bench-routing"
 DEFAULT_OUT = ROOT / "bench" / "results" / "routing"
 ROUTER = "sbase"
-COMPARED_ROUTERS = ("switch", "hash")
+COMPARED_ROUTERS = ("switch", "switch-unit", "hash", "random", "dense-wide")
+DIAGNOSTICS = ("mean_gate", "eval_load", "agreement", "loss_scrambled_ids", "loss_balanced_eval")
 COMPARE_EXPERTS = 16
 
 
@@ -62,8 +71,9 @@ def run_key(size: int, router: str, experts: int, seed: int) -> str:
 def plan_runs(args) -> list[tuple[int, str, int, int]]:
     """(size, router, experts, seed) of every run; the costliest first (largest size, most experts)."""
     runs = {(s, "dense" if e == 1 else ROUTER, e, seed) for s in args.sizes for e in args.experts for seed in args.seeds}
-    if args.routers:
-        runs |= {(s, r, COMPARE_EXPERTS, seed) for s in args.sizes for r in COMPARED_ROUTERS for seed in args.seeds}
+    if args.routers:  # S-BASE at E = COMPARE_EXPERTS too, when the grid's experts lack it
+        runs |= {(s, r, COMPARE_EXPERTS, seed) for s in args.sizes for r in (ROUTER, *COMPARED_ROUTERS)
+                 for seed in args.seeds}
     return sorted(runs, key=lambda r: (-r[0], -r[2], r[1], r[3]))
 
 
@@ -95,7 +105,8 @@ def train_run(base, steps: int, size: int, router: str, experts: int, seed: int)
     return {"key": run_key(size, router, experts, seed), "size": size, "router": router, "experts": experts,
             "seed": seed, "n_dense": dense, **{k: row[k] for k in ("n_params", "n_params_total", "tokens", "flops",
                                                                     "loss", "train_loss", "steps", "d_model",
-                                                                    "n_layers", "seconds")}}
+                                                                    "n_layers", "seconds")},
+            **{k: row[k] for k in DIAGNOSTICS if k in row}}
 
 
 def run_grid(args) -> list[dict]:
@@ -180,7 +191,7 @@ def report(rows: list[dict], args, wall: float, floor: dict | None = None) -> No
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "runs.csv", "w", newline="") as f:
-        fields = list(rows[0])
+        fields = list(dict.fromkeys(k for r in rows for k in r))  # routed rows add their routers' diagnostics
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
@@ -229,19 +240,8 @@ def report(rows: list[dict], args, wall: float, floor: dict | None = None) -> No
             rs = [r for r in grid if r["size"] == s and r["experts"] == e]
             lines.append(f"| {s:,} | {e} | {rs[0]['n_params']:,} | {rs[0]['n_params_total']:,} | "
                          f"{rs[0]['flops']:.3g} | {np.mean([r['seconds'] for r in rs]):.0f} |")
-    routers = [r for r in rows if r["router"] in COMPARED_ROUTERS]
-    if routers:
-        names = [ROUTER, *COMPARED_ROUTERS]
-        lines += ["", f"## Routers at E = {COMPARE_EXPERTS}: gain over dense, paired by seed", "",
-                  "| size | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-        for s in sizes:
-            cells = []
-            for name in names:
-                diff = [by[(s, "dense", 1, seed)]["loss"] - by[(s, name, COMPARE_EXPERTS, seed)]["loss"]
-                        for seed in seeds if (s, name, COMPARE_EXPERTS, seed) in by and (s, "dense", 1, seed) in by]
-                m, h = t_interval(diff)
-                cells.append(f"{m:+.4f} ± {h:.4f}")
-            lines.append(f"| {s:,} | " + " | ".join(cells) + " |")
+    if any(r["router"] in COMPARED_ROUTERS for r in rows):
+        lines += router_table(rows, sizes, seeds)
     coef = fit_routed_law(grid)
     boot = bootstrap_law(grid, args.resamples)
     lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
@@ -264,6 +264,60 @@ def report(rows: list[dict], args, wall: float, floor: dict | None = None) -> No
               + ", ".join(f"{s:,}: {v:+.4f}" for s, v in slope.items()) + "."]
     _plots(grid, experts, sizes, gains, out)
     finish_report(out, lines, "python bench/exp_routing.py " + " ".join(args.argv))
+
+
+def _paired(by: dict, size: int, left: tuple, right: tuple, seeds, key: str = "loss", right_key: str = "loss"):
+    """(mean, 95% half-width, n) of right[right_key] - left[key] over the seeds that have both runs
+    (> 0: `left`'s is the lower loss)."""
+    diff = [by[(size, *right, seed)][right_key] - by[(size, *left, seed)][key] for seed in seeds
+            if (size, *left, seed) in by and (size, *right, seed) in by and key in by[(size, *left, seed)]]
+    return (*t_interval(diff), len(diff)) if diff else (float("nan"), float("nan"), 0)
+
+
+def router_table(rows: list[dict], sizes, seeds) -> list[str]:
+    """Every router and control at E = COMPARE_EXPERTS beside dense: parameters, FLOPs, wall time,
+    loss, its gain over dense (paired by seed) and over dense-wide (the same total parameters), and
+    what its routers did."""
+    by = {(r["size"], r["router"], r["experts"], r["seed"]): r for r in rows}
+    e = COMPARE_EXPERTS
+    names = [("dense", 1), *((name, e) for name in (ROUTER, *COMPARED_ROUTERS))]
+    lines = ["", f"## Routers and controls at E = {e}", "",
+             f"Gains are dense-side loss minus this row's, paired by seed (> 0: this row is better), mean ± 95% "
+             f"t-interval half-width. *vs dense-wide*: against the dense model with {e}x wider MLPs, which has "
+             "the routed models' total parameters (all active). Sanity columns: hash routed by scrambled ids "
+             "(its loss minus the normal one: > 0 means the routing by token carries the gain), S-BASE evaluated "
+             "on its balanced assignment (idem, the argmax protocol's loss minus it).", "",
+             "| size | row | active params | total params | FLOPs per run | s per run | loss | gain vs dense | "
+             "gain vs dense-wide | mean gate | eval load | S-BASE agreement | sanity |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for s in sizes:
+        for name, experts in names:
+            rs = [by[(s, name, experts, seed)] for seed in seeds if (s, name, experts, seed) in by]
+            if not rs:
+                continue
+            m, h = t_interval([r["loss"] for r in rs])
+            gain = _paired(by, s, (name, experts), ("dense", 1), seeds) if name != "dense" else None
+            wide = _paired(by, s, (name, experts), ("dense-wide", e), seeds) if name not in ("dense", "dense-wide") \
+                else None
+
+            def mean_of(key):
+                values = [r[key] for r in rs if r.get(key) is not None]
+                return f"{np.mean(values):.3f}" if values else "-"
+            sanity = "-"
+            if name == "hash":
+                d = _paired(by, s, ("hash", e), ("hash", e), seeds, key="loss", right_key="loss_scrambled_ids")
+                sanity = f"scrambled ids {d[0]:+.3f} ± {d[1]:.3f}"
+            elif name == ROUTER:
+                d = _paired(by, s, (ROUTER, e), (ROUTER, e), seeds, key="loss_balanced_eval", right_key="loss")
+                sanity = f"argmax − balanced {d[0]:+.3f} ± {d[1]:.3f}"
+            lines.append(f"| {s:,} | {name}{'' if name == 'dense' else f' E={e}'} | {rs[0]['n_params']:,} | "
+                         f"{rs[0]['n_params_total']:,} | {rs[0]['flops']:.3g} | "
+                         f"{np.mean([r['seconds'] for r in rs]):.0f} | "
+                         f"{m:.4f} ± {h:.4f} | "
+                         + (f"{gain[0]:+.4f} ± {gain[1]:.4f}" if gain else "-") + " | "
+                         + (f"{wide[0]:+.4f} ± {wide[1]:.4f}" if wide else "-") + " | "
+                         f"{mean_of('mean_gate')} | {mean_of('eval_load')} | {mean_of('agreement')} | {sanity} |")
+    return lines
 
 
 def _plots(grid, experts, sizes, gains, out: Path) -> None:

@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 from learners.checkpoint import atomic_torch_save
 from learners.distributed import default_device, distributed_setup, global_mean, rank_rows
 from learners.losses import warmup_cosine_lr
-from learners.routing import DENSE, ROUTER_NAMES, active_params, make_routed, router_aux_loss
+from learners.routing import DENSE, ROUTER_NAMES, WIDE, active_params, make_routed, make_wide, router_aux_loss
 from learners.spikes import SpikeConfig, SpikeDetector, rollback_target
 from learners.text_data import PackedTextStream
 
@@ -77,7 +77,7 @@ class LMConfig:
     shape: LMShape | None = None
     vocab_size: int = 8192  # must match the tokenizer
     seq_len: int = 256
-    router: str = DENSE  # dense, or a routed MLP chosen by: switch, sbase, hash (learners/routing.py)
+    router: str = DENSE  # dense, a routed MLP (switch, sbase, hash) or a control (learners/routing.py)
     num_experts: int = 4  # experts per routed layer (one per token)
     route_every: int = 1  # route every layer (1) or every other layer (2)
     router_aux_loss_coef: float = 0.01  # weight of the switch router's balancing loss
@@ -115,8 +115,8 @@ class LMConfig:
             raise ValueError(f"{', '.join(bad)} must be > 0")
         if self.router not in ROUTER_NAMES:
             raise ValueError(f"unknown router {self.router!r}; valid: {', '.join(ROUTER_NAMES)}")
-        if self.routed and self.num_experts < 2:
-            raise ValueError(f"a routed layer needs num_experts >= 2, got {self.num_experts}")
+        if self.router != DENSE and self.num_experts < 2:
+            raise ValueError(f"a routed (or dense-wide) layer needs num_experts >= 2, got {self.num_experts}")
         if self.route_every not in (1, 2):
             raise ValueError(f"route_every must be 1 (every layer) or 2 (every other layer), got {self.route_every}")
         if self.weight_decay < 0 or not 0 <= self.min_lr <= self.lr or not 0 <= self.warmup <= self.total_steps:
@@ -126,7 +126,8 @@ class LMConfig:
 
     @property
     def routed(self) -> bool:
-        return self.router != DENSE
+        """Routed MLPs (dense and its dense-wide control are not)."""
+        return self.router not in (DENSE, WIDE)
 
     @property
     def resolved_shape(self) -> LMShape:
@@ -154,7 +155,9 @@ def build_model_config(cfg: LMConfig) -> LlamaConfig:
 
 def build_lm(cfg: LMConfig) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_config(build_model_config(cfg), attn_implementation="sdpa")
-    if cfg.routed:
+    if cfg.router == WIDE:
+        make_wide(model, cfg.num_experts, cfg.route_every, init_std=model.config.initializer_range)
+    elif cfg.routed:
         make_routed(model, cfg.router, cfg.num_experts, cfg.route_every, seed=cfg.seed,
                     init_std=model.config.initializer_range)
     return model

@@ -20,6 +20,25 @@ Scaling Laws for Routed Language Models"):
 - `hash` (Roller et al. 2021): a fixed random map from token id to expert, drawn once from the seed
   and saved with the weights; no parameters, no gradient, weight 1.
 
+Controls, for a fair comparison (bench/exp_routing.py):
+
+- `switch-unit`: the switch router with a unit gate, p / sg(p): the output keeps the dense scale
+  (the plain switch gate, the chosen softmax probability, shrinks every expert's output by ~1/p),
+  while the router still gets the gradient of p.
+- `random`: a uniformly random expert per token at every forward pass (weight 1): the same
+  parameters as a routed model, routing that carries no information. Seeded per layer and per
+  training step (a persistent counter), so runs repeat and resume exactly; an evaluation pass draws
+  from the layer's own seed alone.
+- `dense-wide` (`make_wide`, not a router): the dense model with every `route_every`-th MLP
+  `num_experts` times wider: the same total parameters as the routed model, and that many times its
+  compute per token.
+
+`routing_stats` measures, over the evaluation passes inside it, what each router did: the mean
+output gate, the busiest expert's load against an even share, and S-BASE's agreement between the
+balanced assignment it trains with and the argmax it is evaluated with; inside it the hash routers
+can be made to route by scrambled ids (a sanity check: the gain must vanish) and S-BASE can be
+evaluated on its balanced assignment.
+
 `route_every` routes every layer (1) or every other layer (2, the 2nd, 4th, ...), as in the
 routed-law experiments; the other layers keep their dense MLP. Routing is dropless (no capacity
 factor): on one device an overfull expert costs time, not tokens.
@@ -30,6 +49,7 @@ layer, plus the routers): training costs 6·N_active·D.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -37,9 +57,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import MixtralConfig, PreTrainedModel
+from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 DENSE = "dense"
+WIDE = "dense-wide"  # a control: the dense model with routed layers' MLPs num_experts times wider
 
 
 def sinkhorn(logits: torch.Tensor, iterations: int = 50, tol: float = 1e-4) -> torch.Tensor:
@@ -95,33 +117,56 @@ class Router(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self.aux_loss = torch.zeros(())
+        self.stats: dict | None = None  # set by `routing_stats`: evaluation passes add to it
+
+    def record(self, index: torch.Tensor, weight: torch.Tensor, **counts: float) -> None:
+        """Add one evaluation pass's routing to `stats` (when `routing_stats` is measuring)."""
+        if self.stats is None:
+            return
+        load = torch.bincount(index.detach(), minlength=self.num_experts).cpu()
+        self.stats["load"] = self.stats.get("load", torch.zeros_like(load)) + load
+        self.stats["gate_sum"] = self.stats.get("gate_sum", 0.0) + float(weight.detach().float().sum())
+        for key, value in counts.items():
+            self.stats[key] = self.stats.get(key, 0.0) + value
 
 
 class SwitchRouter(Router):
-    def __init__(self, hidden_size: int, num_experts: int):
+    def __init__(self, hidden_size: int, num_experts: int, unit_gate: bool = False):
         super().__init__(hidden_size, num_experts)
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.unit_gate = unit_gate
 
     def forward(self, hidden):
         probs = F.linear(hidden, self.weight).float().softmax(dim=-1)  # (T, E)
         index = probs.argmax(dim=-1)
         share = torch.bincount(index, minlength=self.num_experts).float() / len(index)  # f_e, no gradient
         self.aux_loss = self.num_experts * (share * probs.mean(dim=0)).sum()
-        return index, probs.gather(1, index[:, None]).squeeze(1)
+        gate = probs.gather(1, index[:, None]).squeeze(1)
+        if self.unit_gate:
+            gate = gate / gate.detach()  # 1 in value, the gradient of p / p
+        self.record(index, gate)
+        return index, gate
 
 
 class SBaseRouter(Router):
     def __init__(self, hidden_size: int, num_experts: int):
         super().__init__(hidden_size, num_experts)
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.balanced_eval = False  # evaluate on the balanced assignment it trains with (routing_stats)
 
     def forward(self, hidden):
         scores = F.linear(hidden, self.weight).float()  # (T, E)
-        if self.training:
-            index = balanced_assignment(sinkhorn(scores))
+        agree = {}
+        if self.training or self.balanced_eval or self.stats is not None:
+            balanced = balanced_assignment(sinkhorn(scores))
+            argmax = scores.argmax(dim=-1)
+            agree = {"agree": float((balanced == argmax).sum())}
+            index = balanced if self.training or self.balanced_eval else argmax
         else:
             index = scores.argmax(dim=-1)
-        return index, torch.sigmoid(scores.gather(1, index[:, None]).squeeze(1))
+        gate = torch.sigmoid(scores.gather(1, index[:, None]).squeeze(1))
+        self.record(index, gate, **agree)
+        return index, gate
 
 
 class HashRouter(Router):
@@ -134,20 +179,49 @@ class HashRouter(Router):
         self.register_buffer("table", torch.randint(num_experts, (vocab_size,), generator=generator))
         self.token_ids: torch.Tensor | None = None
 
+        self.scramble: torch.Generator | None = None  # set by routing_stats: route by random ids instead
+
     def forward(self, hidden):
         if self.token_ids is None or self.token_ids.numel() != len(hidden):
             raise RuntimeError("hash routing needs the token ids of this forward pass (call the model "
                                "with input_ids, not inputs_embeds)")
-        index = self.table[self.token_ids.reshape(-1)]
-        return index, torch.ones(len(hidden), device=hidden.device, dtype=torch.float32)
+        ids = self.token_ids.reshape(-1)
+        if self.scramble is not None:  # the sanity check: the table's routing, but not by these tokens
+            ids = torch.randint(len(self.table), ids.shape, generator=self.scramble).to(ids.device)
+        index = self.table[ids]
+        weight = torch.ones(len(hidden), device=hidden.device, dtype=torch.float32)
+        self.record(index, weight)
+        return index, weight
+
+
+class RandomRouter(Router):
+    """A uniformly random expert per token, weight 1: the control whose routing carries nothing."""
+
+    def __init__(self, hidden_size: int, num_experts: int, seed: int):
+        super().__init__(hidden_size, num_experts)
+        self.seed = seed
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))  # training passes so far
+
+    def forward(self, hidden):
+        if self.training:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.calls) + 1)
+            self.calls += 1
+        else:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003)
+        index = torch.randint(self.num_experts, (len(hidden),), generator=generator).to(hidden.device)
+        weight = torch.ones(len(hidden), device=hidden.device, dtype=torch.float32)
+        self.record(index, weight)
+        return index, weight
 
 
 ROUTERS: dict[str, Callable[..., Router]] = {
     "switch": lambda hidden, experts, vocab, seed: SwitchRouter(hidden, experts),
+    "switch-unit": lambda hidden, experts, vocab, seed: SwitchRouter(hidden, experts, unit_gate=True),
     "sbase": lambda hidden, experts, vocab, seed: SBaseRouter(hidden, experts),
     "hash": lambda hidden, experts, vocab, seed: HashRouter(hidden, experts, vocab, seed),
+    "random": lambda hidden, experts, vocab, seed: RandomRouter(hidden, experts, seed),
 }
-ROUTER_NAMES = (DENSE, *ROUTERS)
+ROUTER_NAMES = (DENSE, WIDE, *ROUTERS)
 
 
 class RoutedMLP(nn.Module):
@@ -221,6 +295,55 @@ def make_routed(model: PreTrainedModel, router: str, num_experts: int, route_eve
                 r.token_ids = ids
         model.model.register_forward_pre_hook(keep_token_ids, with_kwargs=True)
     return model
+
+
+def make_wide(model: PreTrainedModel, factor: int, route_every: int, init_std: float = 0.02) -> PreTrainedModel:
+    """The `dense-wide` control, in place: every `route_every`-th decoder layer's MLP (the layers a
+    routed model routes) becomes a SwiGLU MLP `factor` times wider, so the model has the routed
+    model's total parameters, all of them active. Initialised N(0, init_std) from the global RNG."""
+    cfg = model.config
+    wide = type(cfg)(**{**cfg.to_dict(), "intermediate_size": cfg.intermediate_size * factor})
+    for i, layer in enumerate(model.model.layers):
+        if is_routed_layer(i, route_every):
+            mlp = LlamaMLP(wide)
+            for p in mlp.parameters():
+                nn.init.normal_(p, std=init_std)
+            layer.mlp = mlp.to(next(layer.parameters()).device)
+    return model
+
+
+@contextlib.contextmanager
+def routing_stats(model: nn.Module, *, scramble_hash: bool = False, balanced_eval: bool = False, seed: int = 0):
+    """Measure the routers over the (evaluation) passes run inside: yields a dict that is filled on
+    exit with `mean_gate` (the output weight a token gets, averaged over tokens and routed layers),
+    `eval_load` (max over layers of the busiest expert's tokens / an even share, over every pass)
+    and, for S-BASE, `agreement` (share of tokens whose balanced assignment is their argmax expert).
+    `scramble_hash`: hash routers route by random ids (seeded); `balanced_eval`: S-BASE routes by
+    its balanced assignment, as in training. Without routed layers the dict stays empty."""
+    layers = routed_layers(model)
+    result: dict[str, float] = {}
+    for i, layer in enumerate(layers):
+        layer.router.stats = {}
+        if isinstance(layer.router, HashRouter) and scramble_hash:
+            layer.router.scramble = torch.Generator().manual_seed(seed + i)
+        if isinstance(layer.router, SBaseRouter):
+            layer.router.balanced_eval = balanced_eval
+    try:
+        yield result
+        stats = [layer.router.stats for layer in layers if layer.router.stats]
+        if stats:
+            tokens = [float(s["load"].sum()) for s in stats]
+            result["mean_gate"] = sum(s["gate_sum"] for s in stats) / sum(tokens)
+            result["eval_load"] = max(float(s["load"].max()) * len(s["load"]) / t for s, t in zip(stats, tokens))
+            if all("agree" in s for s in stats):
+                result["agreement"] = sum(s["agree"] for s in stats) / sum(tokens)
+    finally:
+        for layer in layers:
+            layer.router.stats = None
+            if isinstance(layer.router, HashRouter):
+                layer.router.scramble = None
+            if isinstance(layer.router, SBaseRouter):
+                layer.router.balanced_eval = False
 
 
 def router_aux_loss(model: nn.Module) -> torch.Tensor | None:

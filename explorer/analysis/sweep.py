@@ -42,6 +42,7 @@ from learners.budget import (
 from learners.flops import ModelShape, non_embedding_params, swiglu_ffn_dim, training_flops
 from learners.lm import LM_SIZES, LMConfig, LMShape
 from learners.ngram import count_baselines
+from learners.routing import routing_stats
 
 ROWS_FILE, FIT_FILE, CONFIG_FILE, TOKENIZER_FILE = "sweep.jsonl", "fit.json", "sweep_config.yaml", "tokenizer.model"
 BASELINES_FILE = "baselines.json"  # the count unigram and bigram on the sweep's tokens (learners/ngram.py)
@@ -303,7 +304,11 @@ def train_one(cfg: SweepConfig, budget: float, size: str | int, text: SweepText)
     n_params = active_non_embedding_params(learner.model)  # = all of them when dense
     stream = PackedTextStream(text.train, seq_len=cfg.seq_len, eos_id=text.eos_id, seed=cfg.seed)
     losses = learner.train_steps(stream, steps)
-    loss = math.log(learner.evaluate_perplexity(text.heldout, eos_id=text.eos_id))
+    routing = {}
+    with routing_stats(learner.model) as stats:  # what the routers did on the held-out text (routed runs)
+        loss = math.log(learner.evaluate_perplexity(text.heldout, eos_id=text.eos_id))
+    if learner.config.routed:
+        routing = {**stats, **routing_controls(learner, text)}
     tokens = steps * cfg.batch_size * cfg.seq_len
     tail = [x for x in losses[-max(1, steps // 10):] if math.isfinite(x)]
     return {"key": run_key(budget, label), "budget_flops": budget, "size": label, "n_params": n_params,
@@ -311,7 +316,24 @@ def train_one(cfg: SweepConfig, budget: float, size: str | int, text: SweepText)
             "tokens": tokens, "flops": training_flops(n_params, tokens), "loss": loss if math.isfinite(loss) else None,
             "train_loss": float(np.mean(tail)) if tail else None, "steps": steps,
             "d_model": shape.hidden_size, "n_layers": shape.num_layers, "train_tokens": text.train_tokens,
-            "seconds": round(time.perf_counter() - start, 2)}
+            "seconds": round(time.perf_counter() - start, 2), **routing}
+
+
+def routing_controls(learner, text: SweepText) -> dict[str, float]:
+    """The held-out loss of a routed run under the routing benchmark's sanity protocols
+    (learners/routing.py `routing_stats`): hash routers routing by scrambled token ids
+    (`loss_scrambled_ids`: the gain must vanish), S-BASE routing by its balanced assignment
+    (`loss_balanced_eval`: the assignment it trained with, per evaluation batch)."""
+    from learners.routing import HashRouter, SBaseRouter, routed_layers
+
+    routers = [layer.router for layer in routed_layers(learner.model)]
+    out = {}
+    for key, kind, option in (("loss_scrambled_ids", HashRouter, "scramble_hash"),
+                              ("loss_balanced_eval", SBaseRouter, "balanced_eval")):
+        if any(isinstance(r, kind) for r in routers):
+            with routing_stats(learner.model, **{option: True}):
+                out[key] = math.log(learner.evaluate_perplexity(text.heldout, eos_id=text.eos_id))
+    return out
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -190,7 +190,9 @@ class LMRoutingConfig:
 
     router: str = "dense"
     """dense, or one expert per token chosen by: switch (softmax top-1 + balancing loss), sbase
-    (Sinkhorn-balanced assignment), hash (fixed token-id hash)."""
+    (Sinkhorn-balanced assignment), hash (fixed token-id hash); the routing benchmark's controls:
+    switch-unit (switch with a unit output gate), random (a random expert per token), dense-wide (the
+    dense model with num_experts times wider MLPs)."""
     num_experts: int = 4
     """Experts per routed layer; compute per token stays that of the dense model."""
     route_every: int = 1

@@ -1,6 +1,7 @@
 """isoFLOP sweep: real tiny LM runs on Wikipedia leads, resumable rows, strict config, law recovery."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -19,13 +20,15 @@ from explorer.analysis.sweep import (
     bootstrap_law,
     fit_run_dir,
     load_sweep_config,
+    prepare_text,
     read_rows,
     resolve_size,
     run_key,
     run_sweep,
+    train_one,
 )
 from explorer.cli import build_parser, main
-from explorer.run.config import ConfigError
+from explorer.run.config import ConfigError, LMRoutingConfig
 from learners.budget import ScalingLaw, fit_scaling_law
 from learners.lm import LMConfig, build_lm, non_embedding_params
 
@@ -190,3 +193,20 @@ def test_sweep_command_explains_itself(capsys):
     assert exit_.value.code == 0
     help_text = capsys.readouterr().out
     assert "6N" in help_text and "--budget-flops" in help_text and "sweep.jsonl" in help_text
+
+
+def test_routed_rows_carry_what_the_routers_did_and_the_sanity_losses(tiny_sweep):
+    """A routed run's row: the mean gate and evaluation load of its routers; hash rows the loss with
+    scrambled routing ids, S-BASE rows the loss on the balanced assignment and the agreement of the
+    two assignments; dense rows none of these."""
+    cfg, out, _ = tiny_sweep
+    text = prepare_text(cfg, out)
+    rows = {router: train_one(dataclasses.replace(cfg, lm=LMRoutingConfig(router=router, num_experts=2)), 2e8,
+                              cfg.sizes[1], text) for router in ("hash", "sbase", "dense-wide")}
+    hashed, sbase, wide = rows["hash"], rows["sbase"], rows["dense-wide"]
+    assert hashed["mean_gate"] == 1.0 and hashed["eval_load"] >= 1 and math.isfinite(hashed["loss_scrambled_ids"])
+    assert hashed["loss_scrambled_ids"] != hashed["loss"] and "agreement" not in hashed
+    assert 0 < sbase["mean_gate"] < 1 and 0 <= sbase["agreement"] <= 1 and math.isfinite(sbase["loss_balanced_eval"])
+    assert "loss_scrambled_ids" not in sbase
+    assert not {"mean_gate", "loss_scrambled_ids", "loss_balanced_eval"} & set(wide)
+    assert wide["n_params"] == wide["n_params_total"] > hashed["n_params"]  # every parameter active
