@@ -331,6 +331,32 @@ def _num(x: float) -> str:
     return "" if not np.isfinite(x) else f"{x:.6g}"
 
 
+def web_lines(runs: list[RunCurves]) -> list[str]:
+    """The web every image run searched, with its size and the base rate of the target's kind (the
+    share of the web a random draw finds relevant), from the corpus's corpus.json when it is here."""
+    from explorer.web.presets import DEFAULT_PRESET, corpus_location
+
+    webs = {}
+    for run in runs:
+        config = yaml.safe_load((run.path / "config.yaml").read_text()) or {}
+        local = (config.get("search") or {}).get("backend", "local") == "local"
+        if config.get("modality", "image") != "image" or not local:
+            continue
+        corpus, kind = config.get("corpus") or DEFAULT_PRESET, (config.get("target") or {}).get("name", "fashion-mnist")
+        webs.setdefault((str(corpus), kind), []).append(run)
+    lines = []
+    for (corpus, kind), _ in sorted(webs.items()):
+        meta_path = corpus_location(corpus)[0] / "corpus.json"
+        if not meta_path.exists():
+            lines.append(f"Web: {corpus} (its corpus.json is not on this machine: base rate unknown).")
+            continue
+        meta = json.loads(meta_path.read_text())
+        rate = (meta.get("base_rate") or {}).get(kind)
+        lines.append(f"Web: {corpus}, {meta['items']:,} images; base rate of the {kind} target's kind: "
+                     + (f"{rate:.1%}." if rate is not None else "not recorded by this corpus's build."))
+    return lines
+
+
 def write_report(paths: list[Path], out: Path, *, title: str = "explorer report",
                  sections: tuple[str, ...] = ("efficiency", "representation", "pictures")) -> Path:
     """Reads the runs, writes out/report.md, out/runs.csv and the PNG plots; returns report.md."""
@@ -340,6 +366,9 @@ def write_report(paths: list[Path], out: Path, *, title: str = "explorer report"
     write_runs_csv(runs, out / "runs.csv", control)
     lines = [f"# {title}", "", f"{len(runs)} runs: " + ", ".join(f"{k} ({len(v)})" for k, v in groups.items()),
              "", "Mean ± 95% confidence half-width over seeds (Student t); every run's curve is in `runs.csv`.", ""]
+    web = web_lines(runs)
+    if web:
+        lines += [*web, ""]
     if "efficiency" in sections:
         plot_efficiency(groups, out)
         lines += ["## Acquisition efficiency", "",

@@ -36,7 +36,7 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_report_tables_are_the_runs_numbers(two_seeds, tmp_path):
+def test_report_tables_are_the_runs_numbers(two_seeds, small_corpus, tmp_path):
     runs = find_runs([two_seeds])
     assert len(runs) == 2
     report = write_report([two_seeds], tmp_path / "report")
@@ -59,6 +59,9 @@ def test_report_tables_are_the_runs_numbers(two_seeds, tmp_path):
     assert summary["base"]["eval_knn_accuracy"]["n"] == 2
     text = report.read_text()
     assert "| random | 2 |" in text and "## Representation" in text
+    rate = small_corpus.meta["base_rate"]["fashion-mnist"]  # the web the runs searched, and its base rate
+    assert f"Web: {small_corpus.root}, {len(small_corpus):,} images; base rate of the fashion-mnist target's " \
+           f"kind: {rate:.1%}." in text
     rows = list(csv.DictReader((tmp_path / "report" / "runs.csv").open()))
     # every iteration of every run, then each run's own base (the seed's control rows)
     assert len(rows) == sum(len(_metrics(r)) for r in runs) + 2
