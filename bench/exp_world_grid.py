@@ -126,6 +126,7 @@ def share_line(finals: dict, seeds: list[int], method: str = "gp-ucb") -> str:
 
 
 def write_report(plan: dict, runs: Path, out: Path) -> Path:
+    from explorer.analysis.report import find_runs, read_run, web_lines
     from explorer.analysis.report import write_report as target_report
 
     lines = ["# The policy grid on the world web", "",
@@ -137,7 +138,8 @@ def write_report(plan: dict, runs: Path, out: Path) -> Path:
         target_report([runs / name], target_out, title=f"World grid: {name}", sections=("efficiency", "representation"))
         finals = final_rows(target_out / "runs.csv")
         seeds = plan["seeds"]
-        lines += [f"## {name}", "", f"Per-condition tables and every run's curve: `{name}/report.md`, "
+        lines += [f"## {name}", "", *web_lines([read_run(p) for p in find_runs([runs / name])]), "",
+                  f"Per-condition tables and every run's curve: `{name}/report.md`, "
                   f"`{name}/runs.csv`.", "", *difference_lines(finals, seeds), "", share_line(finals, seeds), ""]
         relevant = {c: [finals[c][s].get("relevant") for s in seeds if s in finals[c]]
                     for c in plan["conditions"] if c in finals}
