@@ -200,6 +200,7 @@ def _plan(args) -> int:
         format_plan,
         format_repeat_fit,
         load_observations,
+        load_routed_law,
         plan_from_runs,
         repeat_decay_from_run,
     )
@@ -210,8 +211,12 @@ def _plan(args) -> int:
     missing = [f"--{name}" for name in ("budget", "runs", "tokens") if getattr(args, name) is None]
     if missing:
         raise ValueError(f"explorer plan needs {', '.join(missing)} (or --repeats RUN_DIR alone)")
+    routed = load_routed_law(args.routed_law) if args.routed_law is not None else None
+    if routed is None and args.expert_options:
+        raise ValueError("--expert-options needs --routed-law FIT_JSON (bench/exp_routing.py's fit.json)")
     plan = plan_from_runs(load_observations(args.runs), args.budget, args.tokens,
-                          current_params=args.current_params, n_resamples=args.resamples)
+                          current_params=args.current_params, n_resamples=args.resamples, routed=routed,
+                          experts=args.experts, expert_options=tuple(args.expert_options or ()))
     print(format_plan(plan))
     return 0
 
@@ -393,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--tokens", type=float, help="tokens of text available now")
     pl.add_argument("--current-params", type=float, default=None, help="the current model's parameters")
     pl.add_argument("--resamples", type=int, default=100, help="bootstrap resamples (0: none)")
+    pl.add_argument("--routed-law", type=Path, default=None, metavar="FIT_JSON",
+                    help="the routed law log L = a log N + b log E + c log N log E + d (bench/exp_routing.py's "
+                         "fit.json): also weigh restarting at the same active size with more experts")
+    pl.add_argument("--experts", type=int, default=1, help="experts per routed layer of the current model (1: dense)")
+    pl.add_argument("--expert-options", type=int, nargs="+", default=None, metavar="E",
+                    help="expert counts the model may restart with (with --routed-law), e.g. 4 16 64")
     pl.add_argument("--repeats", type=Path, default=None, metavar="RUN_DIR",
                     help="instead: fit R*, how fast repeated tokens lose their worth (text.repeat_decay), to "
                          "a text run that trained on its target alone (text.strategy: train), evaluated often")

@@ -2,8 +2,10 @@
 
 Observations are runs with `n_params` (non-embedding), `tokens` and final `loss`, given as a list of
 dicts or a JSON / CSV file of them. `plan_from_runs` fits the scaling law with bootstrap intervals,
-splits the budget compute-optimally and decides: acquire text, grow the model, or train.
-`format_plan` renders the result for a terminal. `repeat_decay_from_run` fits the planner's R*
+splits the budget compute-optimally and decides: acquire text, grow the model, or train; with a
+routed law (bench/exp_routing.py's fit.json, `load_routed_law`) also whether restarting at the same
+active size with more experts per routed layer beats that. `format_plan` renders the result for a
+terminal. `repeat_decay_from_run` fits the planner's R*
 (how fast repeated tokens lose their worth) to a text run that trained on its target alone.
 """
 
@@ -23,6 +25,7 @@ from learners.budget import (
     LawFit,
     LawIntervals,
     RepeatFit,
+    RoutedLaw,
     bootstrap_intervals,
     decide,
     fit_repeat_decay,
@@ -66,13 +69,52 @@ class Plan:
     decision: Decision
 
 
+def load_routed_law(path: str | Path) -> RoutedLaw:
+    """The routed law a, b, c, d from a JSON file (bench/exp_routing.py's fit.json, or {a, b, c, d})."""
+    data = json.loads(Path(path).read_text())
+    missing = [k for k in "abcd" if k not in data]
+    if missing:
+        raise KeyError(f"{path}: a routed law needs {', '.join(missing)} "
+                       "(log L = a log N + b log E + c log N log E + d)")
+    return RoutedLaw(**{k: float(data[k]) for k in "abcd"})
+
+
+def with_experts(law, decision: Decision, routed: RoutedLaw, budget_flops: float, tokens_available: float,
+                 current_params: float, experts: int, expert_options: tuple[int, ...]) -> Decision:
+    """The decision, or restarting the current model with more experts per routed layer when the
+    routed law predicts a lower loss for it: at the same active size (the same FLOPs per token) on
+    the tokens the budget trains, against the decision's own predicted loss. Data-limited decisions
+    (acquire) stand: experts do not make up for missing tokens."""
+    if decision.action == "acquire":
+        return decision
+    n = float(current_params)
+    tokens = min(tokens_available, budget_flops / (6.0 * n))
+    own = float(law.loss(decision.n_target, decision.d_target))  # the law of the runs, at the current experts
+    options = sorted(e for e in expert_options if e > experts)
+    if not options:
+        return decision
+    losses = {e: float(law.loss(n, tokens) * routed.factor(n, e) / routed.factor(n, experts)) for e in options}
+    best = min(losses, key=losses.get)
+    compare = ", ".join(f"E={e}: {v:.4f}" for e, v in losses.items())
+    if losses[best] >= own * (1 - 1e-9):
+        return Decision(action=decision.action, n_target=decision.n_target, d_target=decision.d_target,
+                        experts=decision.experts, reason=f"{decision.reason}; more experts per routed layer would "
+                        f"not beat it (predicted {own:.4f}; {compare})")
+    return Decision(action="add_experts", n_target=n, d_target=tokens, experts=best,
+                    reason=f"the routed law: restart with {best} experts per routed layer (now {experts}) at the "
+                           f"same {n:.3g} active params and train on {tokens:.3g} tokens, predicted loss "
+                           f"{losses[best]:.4f} against {own:.4f} for '{decision.action}' ({compare})")
+
+
 def plan_from_runs(observations: str | Path | Iterable[Mapping], budget_flops: float, tokens_available: float,
                    *, current_params: float | None = None, n_resamples: int = 100, level: float = 0.8,
                    seed: int = 0, fit_config: FitConfig | None = None, grow_factor: float = 2.0,
-                   size_table: dict[str, ModelShape] | None = None) -> Plan:
+                   size_table: dict[str, ModelShape] | None = None, routed: RoutedLaw | None = None,
+                   experts: int = 1, expert_options: tuple[int, ...] = ()) -> Plan:
     """Fit, bootstrap (`n_resamples` = 0 skips it) and decide for `budget_flops` of remaining compute.
 
     `current_params` defaults to the largest model among the runs (the one most recently grown to).
+    With a `routed` law and `expert_options`, restarting with more experts is weighed too (`with_experts`).
     """
     runs = load_observations(observations)
     n, d, loss = (np.array([r[k] for r in runs]) for k in OBSERVATION_KEYS)
@@ -84,6 +126,11 @@ def plan_from_runs(observations: str | Path | Iterable[Mapping], budget_flops: f
     n_opt, d_opt = (float(x) for x in fit.law.compute_optimal(budget_flops))
     decision = decide(fit.law, budget_flops, tokens_available, current, grow_factor=grow_factor,
                       size_table=size_table)
+    if routed is not None:
+        if experts < 1 or any(e < 1 for e in expert_options):
+            raise ValueError("experts and expert_options must be >= 1")
+        decision = with_experts(fit.law, decision, routed, budget_flops, tokens_available, current, experts,
+                                tuple(expert_options))
     return Plan(fit=fit, intervals=intervals, budget_flops=float(budget_flops),
                 tokens_available=float(tokens_available), current_params=current, n_opt=n_opt, d_opt=d_opt,
                 decision=decision)
@@ -111,7 +158,8 @@ def format_plan(plan: Plan) -> str:
         f"budget {plan.budget_flops:.3g} FLOPs: N_opt = {plan.n_opt:.3g} params, D_opt = {plan.d_opt:.3g} tokens "
         f"({plan.d_opt / plan.n_opt:.1f} tokens/param), predicted loss {float(law.loss(plan.n_opt, plan.d_opt)):.3f}",
         f"have: {plan.current_params:.3g} params, {plan.tokens_available:.3g} tokens",
-        f"decision: {plan.decision.action} -> N = {plan.decision.n_target:.3g}, D = {plan.decision.d_target:.3g}",
+        f"decision: {plan.decision.action} -> N = {plan.decision.n_target:.3g}, D = {plan.decision.d_target:.3g}"
+        + (f", {plan.decision.experts} experts per routed layer" if plan.decision.experts else ""),
         f"  {plan.decision.reason}",
     ]
     return "\n".join(lines)

@@ -360,3 +360,35 @@ def test_plan_with_costs_adds_experts_when_the_routed_law_says_they_pay():
                               expert_options=(4, 16))
     assert trained.action == "train"
     assert helps.factor(1.0e6, 1) == 1.0 and helps.factor(1.0e6, 16) == pytest.approx(16 ** -0.05)
+
+
+def test_explorer_plan_weighs_more_experts_with_a_routed_law(tmp_path, capsys):
+    """`explorer plan --routed-law FIT_JSON`: a law where experts lower the loss turns a 'train'
+    decision into add_experts at the same active size; one where they raise it leaves the decision
+    and says why; a data-limited decision stays 'acquire'; --expert-options alone is an error."""
+    from explorer.cli import main
+
+    n, d, loss = _synthetic_runs(noise=1e-3, seed=3, n_sizes=5, n_tokens=5)
+    runs = tmp_path / "runs.json"
+    runs.write_text(json.dumps([{"n_params": a, "tokens": b, "loss": c} for a, b, c in zip(n, d, loss)]))
+    helps, hurts = tmp_path / "helps.json", tmp_path / "hurts.json"
+    helps.write_text(json.dumps({"a": -0.1, "b": -0.05, "c": 0.0, "d": 1.0, "form": "log L = ..."}))
+    hurts.write_text(json.dumps({"a": -0.1, "b": 0.02, "c": 0.0, "d": 1.0}))
+    base = ["plan", "--budget", str(BUDGET), "--runs", str(runs), "--resamples", "0"]
+
+    assert main([*base, "--tokens", "1e12"]) == 0
+    assert "decision: train" in capsys.readouterr().out  # the 1e9 model is far above N_opt
+    assert main([*base, "--tokens", "1e12", "--routed-law", str(helps), "--expert-options", "4", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "decision: add_experts -> N = 1e+09" in out and "16 experts per routed layer" in out
+    plan = plan_from_runs(runs, BUDGET, 1e12, n_resamples=0, routed=RoutedLaw(a=-0.1, b=-0.05, c=0.0, d=1.0),
+                          expert_options=(4, 16))
+    trained = plan.fit.law.loss(1e9, min(1e12, BUDGET / 6e9))
+    assert plan.decision.experts == 16 and f"{float(trained) * 16 ** -0.05:.4f}" in plan.decision.reason
+    assert main([*base, "--tokens", "1e12", "--routed-law", str(hurts), "--expert-options", "4", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "decision: train" in out and "would not beat it" in out
+    assert main([*base, "--tokens", "1e3", "--routed-law", str(helps), "--expert-options", "16"]) == 0
+    assert "decision: acquire" in capsys.readouterr().out  # experts do not make up for missing tokens
+    assert main([*base, "--tokens", "1e12", "--expert-options", "16"]) == 2
+    assert "--expert-options needs --routed-law" in capsys.readouterr().err
