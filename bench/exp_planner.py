@@ -158,7 +158,10 @@ def summarise(run_dir: Path) -> dict:
             "train_flops": last["flops"]["train"],
             "acquisition_flops": sum(last["flops"][k] for k in ("query", "fetch", "score")),
             "charged_flops": FlopLedger(spent=dict(last["flops"])).charged, "budget": last["flop_budget"],
-            "actions": actions, "reasons": [r["planner"]["reason"] for r in rows[1:]]}
+            "actions": actions, "reasons": [r["planner"]["reason"] for r in rows[1:]],
+            # the count floor of the target's own tokens (runs since the count baselines; nan before)
+            **{f"count_{n}_ppl": math.exp(rows[0][f"count_{n}_loss"]) if f"count_{n}_loss" in rows[0] else math.nan
+               for n in ("unigram", "bigram")}}
 
 
 def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path, calibration: dict | None = None) -> Path:
@@ -167,7 +170,8 @@ def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path, ca
     out.mkdir(parents=True, exist_ok=True)
     with (out / "runs.csv").open("w", newline="") as f:
         fields = ["budget", "seed", "strategy", "perplexity", "iterations", "rounds", "lm_size", "tokens_trained",
-                  "unique_tokens", "train_flops", "acquisition_flops", "charged_flops"]
+                  "unique_tokens", "train_flops", "acquisition_flops", "charged_flops", "count_unigram_ppl",
+                  "count_bigram_ppl"]
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for budget, seeds in results.items():
@@ -189,6 +193,11 @@ def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path, ca
     decisions = ["# Decisions of the planner (first seed of each budget)", ""]
     for budget, seeds in results.items():
         names = [n for n in STRATEGIES if any(n in s for s in seeds.values())]
+        for n in ("unigram", "bigram"):  # the floor: counts on the target's own tokens (each seed's, once)
+            floor = mean_ci(next(iter(s.values()))[f"count_{n}_ppl"] for s in seeds.values())
+            if floor[2]:
+                lines.append(f"| {budget:.1e} | count {n} (the target's tokens) | {floor[2]} | {fmt(*floor[:2], 1)} "
+                             "| | | | | |")
         for name in names:
             mine = {seed: s[name] for seed, s in seeds.items() if name in s}
             ppl = mean_ci(m["perplexity"] for m in mine.values())

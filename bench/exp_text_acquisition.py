@@ -180,6 +180,9 @@ def summarise(run_dir: Path) -> dict:
             "tokens_trained": rows[-1]["tokens_trained"], "train_flops": rows[-1]["flops"]["train"],
             "acquisition_flops": sum(rows[-1]["flops"][k] for k in ("query", "fetch", "score")),
             "seconds": sum(r.get("seconds", 0.0) for r in rows),
+            # the count floor of the target's own tokens (runs since the count baselines; nan before)
+            **{f"count_{n}_ppl": math.exp(rows[0][f"count_{n}_loss"]) if f"count_{n}_loss" in rows[0] else math.nan
+               for n in ("unigram", "bigram")},
             "curve": [(r["tokens_available"] - start, r["eval_perplexity"]) for r in rows]}
 
 
@@ -199,7 +202,8 @@ def write_report(per_seed: dict[int, dict], rates: dict[int, tuple], out: Path) 
     with (out / "runs.csv").open("w", newline="") as f:
         fields = ["seed", "condition", "perplexity", "documents", "relevant", "precision", "precision_fetched",
                   "tokens_acquired",
-                  "tokens_trained", "train_flops", "acquisition_flops", "seconds"]
+                  "tokens_trained", "train_flops", "acquisition_flops", "seconds", "count_unigram_ppl",
+                  "count_bigram_ppl"]
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for seed, conds in per_seed.items():
@@ -215,6 +219,11 @@ def write_report(per_seed: dict[int, dict], rates: dict[int, tuple], out: Path) 
              "| documents accepted | on topic | precision | precision / base rate | precision fetched | tokens acquired |",
              "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     summary = {"base_rate": mean_ci(base)[:2]}
+    for n in ("unigram", "bigram"):  # the floor: counts on the target's own tokens (each seed's, once)
+        floor = mean_ci(next(iter(conds.values()))[f"count_{n}_ppl"] for conds in per_seed.values())
+        if floor[2]:
+            lines.append(f"| count {n} (the target's tokens) | {floor[2]} | {fmt(*floor[:2], 1)} | | | | | | | | | |")
+            summary[f"count_{n}"] = {"n": floor[2], "perplexity": floor[:2]}
     for name in names:
         mine = [s[name] for s in per_seed.values() if name in s]
         ppl = mean_ci(m["perplexity"] for m in mine)

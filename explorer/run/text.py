@@ -52,6 +52,7 @@ from explorer.web.text_corpus import (
 from learners.budget import AcquisitionRound, Decision, RoutedLaw, ScalingLaw, decide, plan_with_costs
 from learners.flops import FlopLedger, ModelShape, forward_flops, training_flops
 from learners.lm import LM_SIZES, LMConfig, LMLearner, active_non_embedding_params, lm_embeddings, non_embedding_params
+from learners.ngram import count_baselines
 from learners.text_data import PackedTextStream
 from learners.tokenizer import TextTokenizer, TokenizerConfig, train_tokenizer
 
@@ -166,7 +167,8 @@ class TextLoop(RunLoop):
         self.encoder = default_encoder()
         self.tokenizer = self._tokenizer()
         train_texts = [document_text(d) for d in self.target.train]
-        self.training = self.ranks.replicate(TextTraining, self.tokenizer.encode_batch(train_texts), tc.seq_len,
+        self.target_tokens = self.tokenizer.encode_batch(train_texts)
+        self.training = self.ranks.replicate(TextTraining, self.target_tokens, tc.seq_len,
                                              self.tokenizer.eos_id, cfg.seed)
         eval_docs = self.target.holdout[:tc.eval_documents]
         self.eval_tokens = self.tokenizer.encode_batch([document_text(d) for d in eval_docs])
@@ -467,12 +469,21 @@ class TextLoop(RunLoop):
                 "flops_total": self.flops.total, "flop_budget": self.cfg.text.flop_budget,
                 "flops_remaining": self.remaining_flops()}
 
+    def count_baselines(self) -> dict:
+        """The floor the LM is read against: a count unigram and an interpolated bigram fitted on the
+        target's training tokens, as held-out nats per token on the evaluation documents
+        (learners/ngram.py), beside `eval_loss`."""
+        floor = count_baselines(self.target_tokens, self.eval_tokens, self.tokenizer.eos_id,
+                                self.tokenizer.vocab_size)
+        return {"count_unigram_loss": round(floor["unigram"], 6), "count_bigram_loss": round(floor["bigram"], 6)}
+
     def pretrain(self) -> dict:
-        """Iteration 0: the target alone, before any query."""
+        """Iteration 0: the target alone, before any query; with the count baselines' losses."""
         t0 = time.time()
         row = {"iteration": 0, **self.train(math.ceil(self.cfg.text.pretrain_tokens / self.cfg.text.tokens_per_step))}
         self.pretrained = True
-        return {**row, **self.evaluate(), **self._status(), "seconds": round(time.time() - t0, 2)}
+        return {**row, **self.evaluate(), **self.count_baselines(), **self._status(),
+                "seconds": round(time.time() - t0, 2)}
 
     def step(self) -> dict:
         t0 = time.time()

@@ -70,6 +70,8 @@ def test_two_iterations_write_flops_decisions_and_finite_perplexity(recorded_run
     assert len(accepted) == sum(r["accepted"] for r in rows[1:]) > 0
     assert rows[2]["tokens_available"] > rows[0]["tokens_available"]  # accepted text joined the stream
     assert (recorded_run / "tokenizer.model").exists() and has_checkpoint(recorded_run)
+    # the count floor of the target's own tokens, on the same held-out documents (learners/ngram.py)
+    assert 0 < rows[0]["count_bigram_loss"] < rows[0]["count_unigram_loss"] < math.log(512)
 
 
 def test_replay_from_the_cache_makes_the_same_decisions(recorded_run):
