@@ -20,9 +20,9 @@ from tests.explorer.run.processes import daemon_env, hostless, start_daemon, sto
 
 pytestmark = pytest.mark.slow
 
-SOAK_ITERATIONS = 20
-KILL_AFTER = 8  # SIGKILL once this iteration's checkpoint is complete (and the next has begun)
-REFERENCE_ITERATIONS = 12  # the uninterrupted run the killed one is compared with
+SOAK_ITERATIONS = 14
+KILL_AFTER = 6  # SIGKILL once this iteration's checkpoint is complete (and the next has begun)
+REFERENCE_ITERATIONS = 9  # the uninterrupted run the killed one is compared with
 CHECKPOINT_TOLERANCE = 0.05  # checkpoint bytes: max / min over iterations 2.. (the issue's +-5%)
 # Resident memory may rise this much over the resumed process's iterations. Not zero: measured with
 # bench/bench_daemon_storage.py, the loop's resident memory grows, more slowly the longer it runs,

@@ -157,19 +157,24 @@ def _worker_of_rank(launcher: int, rank: int) -> int:
 def test_sigterm_and_a_killed_rank_each_leave_a_folder_that_resumes_to_the_same_end(case, unbroken, tmp_path):
     """SIGTERM to the launcher: every rank stops at rank 0's safe point (exit 0 there). Then, in the
     resumed run, rank 1 is killed: rank 0 says which operation lost it, torchrun which rank died.
-    Resumed again, the run ends exactly where the unbroken 2-rank run ends."""
+    Resumed again, the run ends exactly where the unbroken 2-rank run ends. (The text case skips the
+    SIGTERM stop, which the daemon and the ranks handle alike for both modalities: its rank 1 is
+    killed in the first launch, so that its resume still restores the text training side.)"""
     modality, config = case
     run_dir = tmp_path / "run"
-    proc = start(2, str(config), "--out", str(run_dir))
-    wait_for_iteration(proc, run_dir)
-    os.kill(proc.pid, signal.SIGTERM)  # torchrun passes it on to both ranks
-    _, out = finish(proc)
-    assert events(run_dir)[-1] == "stop", out[-3000:]
-    assert "rank 1: received SIGTERM" in out
-    stopped_at = load_latest_checkpoint(run_dir).state["iteration"]
-    assert stopped_at < ITERATIONS - 1
+    first = [str(config), "--out", str(run_dir)]
+    if modality == "image":
+        proc = start(2, *first)
+        wait_for_iteration(proc, run_dir)
+        os.kill(proc.pid, signal.SIGTERM)  # torchrun passes it on to both ranks
+        _, out = finish(proc)
+        assert events(run_dir)[-1] == "stop", out[-3000:]
+        assert "rank 1: received SIGTERM" in out
+        stopped_at = load_latest_checkpoint(run_dir).state["iteration"]
+        assert stopped_at < ITERATIONS - 1
+        first = ["--out", str(run_dir)]  # resume: no config, the run folder's own
 
-    proc = start(2, "--out", str(run_dir))  # resume: no config, the run folder's own
+    proc = start(2, *first)
     wait_for_iteration(proc, run_dir)
     os.kill(_worker_of_rank(proc.pid, 1), signal.SIGKILL)
     code, out = finish(proc)
@@ -178,7 +183,7 @@ def test_sigterm_and_a_killed_rank_each_leave_a_folder_that_resumes_to_the_same_
     assert load_latest_checkpoint(run_dir).state["iteration"] < ITERATIONS
 
     run(2, "--out", str(run_dir))
-    assert events(run_dir).count("resume") == 2 and events(run_dir)[-1] == "done"
+    assert events(run_dir).count("resume") == (2 if modality == "image" else 1) and events(run_dir)[-1] == "done"
     assert_same_run(modality, unbroken / "two", run_dir, exact=True)
 
 
