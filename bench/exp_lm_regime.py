@@ -18,7 +18,6 @@ Runs (resumable: a finished run is skipped) are rows of RUNS/runs.jsonl.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import sys
@@ -31,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.exp_routing import _init_worker, sweep_config, t_interval  # noqa: E402
+from bench.exp_routing import count_floor, lm_grid_parser, run_pool, t_interval  # noqa: E402
 from bench.machine import finish_report  # noqa: E402
 
 DEFAULT_RUNS = ROOT / "runs" / "bench-lm-regime"
@@ -51,44 +50,17 @@ def train_dense(base, steps: int, size: int, lr: float, seed: int) -> dict:
 
 def run_all(args) -> list[dict]:
     """Train what runs.jsonl does not hold yet, `--jobs` at a time; every wanted row, in plan order."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    from explorer.analysis.sweep import append_row, prepare_text, read_rows
+    from explorer.analysis.sweep import read_rows
 
     args.runs.mkdir(parents=True, exist_ok=True)
-    base = sweep_config(args)
     done = {r["key"]: r for r in read_rows(args.runs) if "lr" in r}
     wanted = sorted(((s, lr, args.steps, seed) for s in args.sizes for lr in args.lrs for seed in args.seeds),
                     key=lambda r: (-r[0], r[1], r[3]))  # the costliest first
     todo = [r for r in wanted if run_key(*r) not in done]
     print(f"{len(wanted)} runs, {len(wanted) - len(todo)} already done; {args.jobs} at a time, "
           f"{args.threads} torch thread(s) each", flush=True)
-    if todo:
-        text = prepare_text(base, args.runs)
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(text, args.threads)) as pool:
-            queue, running = list(todo), {}
-            while queue or running:
-                while queue and len(running) < args.jobs:
-                    size, lr, steps, seed = queue.pop(0)
-                    running[pool.submit(train_dense, base, steps, size, lr, seed)] = size
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    running.pop(future)
-                    row = future.result()
-                    append_row(args.runs, row)
-                    done[row["key"]] = row
-                    print(f"  {row['key']}: loss {row['loss']:.4f}  ({row['seconds']:.0f} s)", flush=True)
+    run_pool(args, train_dense, [(size, lr, seed) for size, lr, _, seed in todo], done)
     return [done[run_key(*r)] for r in wanted]
-
-
-def count_floor(args) -> dict:
-    from explorer.analysis.sweep import prepare_text
-    from learners.ngram import count_baselines
-
-    text = prepare_text(sweep_config(args), args.runs)
-    return count_baselines(text.train, text.heldout, text.eos_id, text.vocab_size)
 
 
 def report(rows: list[dict], args, wall: float, floor: dict) -> None:
@@ -168,19 +140,8 @@ def _plot(rows, sizes, lrs, mean, floor, out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("--sizes", type=int, nargs="+", default=[30_000, 100_000, 300_000, 1_000_000],
-                   help="dense non-embedding parameter counts (a LLaMA shape is chosen for each)")
+    p = lm_grid_parser(__doc__, seeds=[0], steps=2000, jobs=1, runs=DEFAULT_RUNS, out=DEFAULT_OUT)
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="peak learning rates")
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps per run (every run: the same tokens)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--eval-tokens", type=int, default=32_768)
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where runs.jsonl and the tokenizer live")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     t0 = time.time()

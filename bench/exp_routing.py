@@ -24,7 +24,7 @@ the fit of the routed law log L = a·log N + b·log E + c·log N·log E + d (Cla
 squares over every run, with 95% intervals from a bootstrap over seeds; plots of loss vs N per E and
 of the gain vs N. c > 0 means the gain of more experts shrinks as N grows.
 
-    python bench/exp_routing.py                           # 4 sizes x (4 E + 2 routers) x 3 seeds
+    python bench/exp_routing.py                           # 4 sizes x (4 E + the routers and controls) x 3 seeds
     python bench/exp_routing.py --sizes 30000 --experts 1 4 --seeds 0 --steps 20 --no-routers
 Outputs bench/results/routing/: report.md, runs.csv, fit.json, loss_vs_n.png, gain_vs_n.png,
 machine.json. Runs (resumable: a finished run is skipped) are rows of runs/bench-routing/runs.jsonl.
@@ -109,38 +109,48 @@ def train_run(base, steps: int, size: int, router: str, experts: int, seed: int)
             **{k: row[k] for k in DIAGNOSTICS if k in row}}
 
 
-def run_grid(args) -> list[dict]:
-    """Run what runs.jsonl does not hold yet, `--jobs` at a time; returns every row of the grid."""
+def run_pool(args, train, todo: list[tuple], done: dict) -> None:
+    """`train(base, args.steps, *run)` for every run of `todo`, `args.jobs` at a time in spawned
+    processes of `args.threads` torch threads (the training text sent once to each); each row is
+    appended to RUNS/runs.jsonl as it finishes and kept in `done` under its key."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    from explorer.analysis.sweep import append_row, prepare_text, read_rows
+    from explorer.analysis.sweep import append_row, prepare_text
+
+    if not todo:
+        return
+    base = sweep_config(args)
+    text = prepare_text(base, args.runs)
+    print(f"training text: {text.train_tokens:,} tokens; {args.steps} steps x {base.batch_size * base.seq_len} "
+          f"tokens per run", flush=True)
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(text, args.threads)) as pool:
+        queue, running = list(todo), {}
+        while queue or running:
+            while queue and len(running) < args.jobs:
+                run = queue.pop(0)
+                running[pool.submit(train, base, args.steps, *run)] = run
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                running.pop(future)
+                row = future.result()
+                append_row(args.runs, row)
+                done[row["key"]] = row
+                print(f"  {row['key']}: loss {row['loss']:.4f}  ({row['seconds']:.0f} s)", flush=True)
+
+
+def run_grid(args) -> list[dict]:
+    """Run what runs.jsonl does not hold yet, `--jobs` at a time; returns every row of the grid."""
+    from explorer.analysis.sweep import read_rows
 
     args.runs.mkdir(parents=True, exist_ok=True)
-    base = sweep_config(args)
     done = {r["key"]: r for r in read_rows(args.runs) if "router" in r}
     wanted = plan_runs(args)
     todo = [r for r in wanted if run_key(*r) not in done]
     print(f"{len(wanted)} runs, {len(wanted) - len(todo)} already done; {args.jobs} at a time, "
           f"{args.threads} torch thread(s) each", flush=True)
-    if todo:
-        text = prepare_text(base, args.runs)
-        print(f"training text: {text.train_tokens:,} tokens; {args.steps} steps x {base.batch_size * base.seq_len} "
-              f"tokens per run", flush=True)
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(text, args.threads)) as pool:
-            queue, running = list(todo), {}
-            while queue or running:
-                while queue and len(running) < args.jobs:
-                    run = queue.pop(0)
-                    running[pool.submit(train_run, base, args.steps, *run)] = run
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    running.pop(future)
-                    row = future.result()
-                    append_row(args.runs, row)
-                    done[row["key"]] = row
-                    print(f"  {row['key']}: loss {row['loss']:.4f}  ({row['seconds']:.0f} s)", flush=True)
+    run_pool(args, train_run, todo, done)
     return [done[run_key(*r)] for r in wanted]
 
 
@@ -352,23 +362,31 @@ def _plots(grid, experts, sizes, gains, out: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+def lm_grid_parser(doc: str, *, seeds: list[int], steps: int, jobs: int, runs: Path,
+                   out: Path) -> argparse.ArgumentParser:
+    """The options every LM grid of this kind takes (sizes, seeds, steps, batch, evaluation tokens,
+    jobs, threads, folders); the script adds its own."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog="\n\n".join(doc.split("\n\n")[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[30_000, 100_000, 300_000, 1_000_000],
                    help="dense non-embedding parameter counts (a LLaMA shape is chosen for each)")
-    p.add_argument("--experts", type=int, nargs="+", default=[1, 4, 16, 64], help="E per routed layer; 1 = dense")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=500, help="optimizer steps per run (every run: the same tokens)")
+    p.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps per run (every run: the same tokens)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-tokens", type=int, default=32_768)
+    p.add_argument("--jobs", type=int, default=jobs, help="runs at a time, each in its own process")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--runs", type=Path, default=runs, help="where runs.jsonl and the tokenizer live")
+    p.add_argument("--out", type=Path, default=out)
+    return p
+
+
+def main(argv=None) -> int:
+    p = lm_grid_parser(__doc__, seeds=[0, 1, 2], steps=500, jobs=2, runs=DEFAULT_RUNS, out=DEFAULT_OUT)
+    p.add_argument("--experts", type=int, nargs="+", default=[1, 4, 16, 64], help="E per routed layer; 1 = dense")
     p.add_argument("--no-routers", dest="routers", action="store_false",
                    help=f"skip the router comparison ({', '.join(COMPARED_ROUTERS)} at E = {COMPARE_EXPERTS})")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap refits of the routed law")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time, each in its own process")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where runs.jsonl and the tokenizer live")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if 1 not in args.experts:
