@@ -65,20 +65,13 @@ def seeded(cfg, seed: int):
 
 def _base(cfg, seed_dir: Path) -> Path:
     """The seed's base encoder, pretrained once, and its scores (base.json)."""
-    from explorer.run.baselines import pretrain_base
-    from explorer.run.image import build_learner, evaluate_learner
-    from explorer.score.target import load_target
+    from explorer.run.baselines import base_scores, pretrain_base
 
     path = seed_dir / "base.pt"
     if not path.exists():
         pretrain_base(cfg, path)
     if not (seed_dir / "base.json").exists():
-        import torch
-
-        target = load_target(cfg.target)
-        learner = build_learner(cfg, target)
-        learner.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        (seed_dir / "base.json").write_text(json.dumps(evaluate_learner(learner, target, cfg.train.knn_k)) + "\n")
+        (seed_dir / "base.json").write_text(json.dumps(base_scores(cfg, path)) + "\n")
     return path
 
 

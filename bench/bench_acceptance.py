@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from explorer.run.baselines import pretrain_base
+    from explorer.run.baselines import load_base, pretrain_base
     from explorer.run.config import load_config
-    from explorer.run.image import build_learner, open_corpus
+    from explorer.run.image import open_corpus
     from explorer.score.reward import TargetIndex
     from explorer.score.target import load_target
 
@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = seeded(cfg, args.seed)
     target = load_target(cfg.target)
     base = args.base or pretrain_base(cfg, args.out / "base.pt")
-    learner = build_learner(cfg, target)
-    learner.load_state_dict(torch.load(base, map_location="cpu", weights_only=True))
+    learner = load_base(cfg, base, target)
     index = TargetIndex(learner.embed(target.part("acquire")[0]))
     corpus = open_corpus(cfg)
     hidden = np.asarray(corpus.hidden["source"])

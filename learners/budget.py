@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
@@ -318,15 +318,61 @@ def _sci(x: float) -> str:
 
 
 def decide(law: ScalingLaw, budget_flops: float, tokens_available: float, current_params: float, *,
-           grow_factor: float = 2.0, size_table: dict[str, ModelShape] | None = None) -> Decision:
+           grow_factor: float = 2.0, size_table: dict[str, ModelShape] | None = None,
+           routed: RoutedLaw | None = None, experts: int = 1, expert_options: tuple[int, ...] = ()) -> Decision:
     """What to do with `budget_flops` of remaining training compute.
 
     - data-limited (compute-optimal D_opt > tokens available): acquire the missing tokens;
     - parameter-limited (current model < N_opt / `grow_factor`): grow to the table size nearest N_opt;
     - otherwise train the current model on min(tokens available, C / 6N) tokens.
+
+    With a `routed` law, a decision that is not `acquire` gives way to restarting the current model
+    with more experts per routed layer (`expert_options` above `experts`) when the law predicts a
+    lower loss for that (`_with_experts`).
     """
     if budget_flops <= 0 or tokens_available < 0 or current_params <= 0 or grow_factor < 1:
         raise ValueError("need budget_flops > 0, tokens_available >= 0, current_params > 0, grow_factor >= 1")
+    _check_experts(experts, expert_options)
+    decision = _decide(law, budget_flops, tokens_available, current_params, grow_factor, size_table)
+    if routed is None or decision.action == "acquire":  # experts do not make up for missing tokens
+        return decision
+    return _with_experts(law, decision, routed, budget_flops, tokens_available, current_params, experts,
+                         expert_options)
+
+
+def _check_experts(experts: int, expert_options: tuple[int, ...]) -> None:
+    if experts < 1 or any(e < 1 for e in expert_options):
+        raise ValueError("experts and expert_options must be >= 1")
+
+
+def _with_experts(law: ScalingLaw, decision: Decision, routed: RoutedLaw, budget_flops: float,
+                  tokens_available: float, current_params: float, experts: int,
+                  expert_options: tuple[int, ...]) -> Decision:
+    """The decision, or restarting the current model with more experts per routed layer when the
+    routed law predicts a lower loss for it: at the same active size (the same FLOPs per token) on
+    the tokens the budget trains, against the decision's own predicted loss (the law of the runs,
+    at the current experts)."""
+    options = sorted(e for e in expert_options if e > experts)
+    if not options:
+        return decision
+    n = float(current_params)
+    tokens = min(tokens_available, budget_flops / (6.0 * n))
+    own = float(law.loss(decision.n_target, decision.d_target))
+    losses = {e: float(law.loss(n, tokens) * routed.factor(n, e) / routed.factor(n, experts)) for e in options}
+    best = min(losses, key=losses.get)
+    compare = ", ".join(f"E={e}: {v:.4f}" for e, v in losses.items())
+    if losses[best] >= own * (1 - 1e-9):
+        return replace(decision, reason=f"{decision.reason}; more experts per routed layer would not beat it "
+                                        f"(predicted {own:.4f}; {compare})")
+    return Decision(action="add_experts", n_target=n, d_target=tokens, experts=best,
+                    reason=f"the routed law: restart with {best} experts per routed layer (now {experts}) at the "
+                           f"same {n:.3g} active params and train on {tokens:.3g} tokens, predicted loss "
+                           f"{losses[best]:.4f} against {own:.4f} for '{decision.action}' ({compare})")
+
+
+def _decide(law: ScalingLaw, budget_flops: float, tokens_available: float, current_params: float,
+            grow_factor: float, size_table: dict[str, ModelShape] | None) -> Decision:
+    """`decide` without a routed law."""
     n_opt, d_opt = (float(x) for x in law.compute_optimal(budget_flops))
     optimum = (f"for C={_sci(budget_flops)} FLOPs the compute-optimal split is "
                f"N_opt={_sci(n_opt)} params, D_opt={_sci(d_opt)} tokens")
@@ -491,8 +537,7 @@ def plan_with_costs(law: ScalingLaw, budget_flops: float, *, unique_tokens: floa
     left = budget_flops - k * rnd.flops - np.where(k > 0, first_round_extra, 0.0)  # for training after k rounds
     k, left = k[left > 0], left[left > 0]
     unique = unique_tokens + k * rnd.tokens
-    if experts < 1 or any(e < 1 for e in expert_options):
-        raise ValueError("experts and expert_options must be >= 1")
+    _check_experts(experts, expert_options)
     plans = [("current", float(current_params), float(trained_tokens), experts)]
     plans += [(name, float(s.non_embedding_params), 0.0, experts) for name, s in (size_table or {}).items()
               if s.non_embedding_params > current_params]

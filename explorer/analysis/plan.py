@@ -79,33 +79,6 @@ def load_routed_law(path: str | Path) -> RoutedLaw:
     return RoutedLaw(**{k: float(data[k]) for k in "abcd"})
 
 
-def with_experts(law, decision: Decision, routed: RoutedLaw, budget_flops: float, tokens_available: float,
-                 current_params: float, experts: int, expert_options: tuple[int, ...]) -> Decision:
-    """The decision, or restarting the current model with more experts per routed layer when the
-    routed law predicts a lower loss for it: at the same active size (the same FLOPs per token) on
-    the tokens the budget trains, against the decision's own predicted loss. Data-limited decisions
-    (acquire) stand: experts do not make up for missing tokens."""
-    if decision.action == "acquire":
-        return decision
-    n = float(current_params)
-    tokens = min(tokens_available, budget_flops / (6.0 * n))
-    own = float(law.loss(decision.n_target, decision.d_target))  # the law of the runs, at the current experts
-    options = sorted(e for e in expert_options if e > experts)
-    if not options:
-        return decision
-    losses = {e: float(law.loss(n, tokens) * routed.factor(n, e) / routed.factor(n, experts)) for e in options}
-    best = min(losses, key=losses.get)
-    compare = ", ".join(f"E={e}: {v:.4f}" for e, v in losses.items())
-    if losses[best] >= own * (1 - 1e-9):
-        return Decision(action=decision.action, n_target=decision.n_target, d_target=decision.d_target,
-                        experts=decision.experts, reason=f"{decision.reason}; more experts per routed layer would "
-                        f"not beat it (predicted {own:.4f}; {compare})")
-    return Decision(action="add_experts", n_target=n, d_target=tokens, experts=best,
-                    reason=f"the routed law: restart with {best} experts per routed layer (now {experts}) at the "
-                           f"same {n:.3g} active params and train on {tokens:.3g} tokens, predicted loss "
-                           f"{losses[best]:.4f} against {own:.4f} for '{decision.action}' ({compare})")
-
-
 def plan_from_runs(observations: str | Path | Iterable[Mapping], budget_flops: float, tokens_available: float,
                    *, current_params: float | None = None, n_resamples: int = 100, level: float = 0.8,
                    seed: int = 0, fit_config: FitConfig | None = None, grow_factor: float = 2.0,
@@ -114,7 +87,7 @@ def plan_from_runs(observations: str | Path | Iterable[Mapping], budget_flops: f
     """Fit, bootstrap (`n_resamples` = 0 skips it) and decide for `budget_flops` of remaining compute.
 
     `current_params` defaults to the largest model among the runs (the one most recently grown to).
-    With a `routed` law and `expert_options`, restarting with more experts is weighed too (`with_experts`).
+    With a `routed` law and `expert_options`, restarting with more experts is weighed too (`decide`).
     """
     runs = load_observations(observations)
     n, d, loss = (np.array([r[k] for r in runs]) for k in OBSERVATION_KEYS)
@@ -125,12 +98,7 @@ def plan_from_runs(observations: str | Path | Iterable[Mapping], budget_flops: f
     current = float(n.max()) if current_params is None else float(current_params)
     n_opt, d_opt = (float(x) for x in fit.law.compute_optimal(budget_flops))
     decision = decide(fit.law, budget_flops, tokens_available, current, grow_factor=grow_factor,
-                      size_table=size_table)
-    if routed is not None:
-        if experts < 1 or any(e < 1 for e in expert_options):
-            raise ValueError("experts and expert_options must be >= 1")
-        decision = with_experts(fit.law, decision, routed, budget_flops, tokens_available, current, experts,
-                                tuple(expert_options))
+                      size_table=size_table, routed=routed, experts=experts, expert_options=tuple(expert_options))
     return Plan(fit=fit, intervals=intervals, budget_flops=float(budget_flops),
                 tokens_available=float(tokens_available), current_params=current, n_opt=n_opt, d_opt=d_opt,
                 decision=decision)

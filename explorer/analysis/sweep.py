@@ -304,11 +304,9 @@ def train_one(cfg: SweepConfig, budget: float, size: str | int, text: SweepText)
     n_params = active_non_embedding_params(learner.model)  # = all of them when dense
     stream = PackedTextStream(text.train, seq_len=cfg.seq_len, eos_id=text.eos_id, seed=cfg.seed)
     losses = learner.train_steps(stream, steps)
-    routing = {}
     with routing_stats(learner.model) as stats:  # what the routers did on the held-out text (routed runs)
         loss = math.log(learner.evaluate_perplexity(text.heldout, eos_id=text.eos_id))
-    if learner.config.routed:
-        routing = {**stats, **routing_controls(learner, text)}
+    routing = {**stats, **routing_controls(learner, text)} if learner.config.routed else {}
     tokens = steps * cfg.batch_size * cfg.seq_len
     tail = [x for x in losses[-max(1, steps // 10):] if math.isfinite(x)]
     return {"key": run_key(budget, label), "budget_flops": budget, "size": label, "n_params": n_params,

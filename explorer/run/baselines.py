@@ -37,12 +37,17 @@ def pretrain_base(cfg: ExperimentConfig, path: Path, *, progress: bool = False, 
     return path
 
 
+def load_base(cfg: ExperimentConfig, base: Path, target: TargetSet):
+    """The config's learner for `target`, with the base checkpoint's weights and state."""
+    learner = build_learner(cfg, target)
+    learner.load_state_dict(torch.load(base, map_location="cpu", weights_only=True))
+    return learner
+
+
 def base_scores(cfg: ExperimentConfig, base: Path) -> dict[str, float]:
     """The base encoder's evaluation, as iteration 0 of a run from it computes it (the 'base' row)."""
     target = load_target(cfg.target)
-    learner = build_learner(cfg, target)
-    learner.load_state_dict(torch.load(base, map_location="cpu", weights_only=True))
-    return evaluate_learner(learner, target, cfg.train.knn_k)
+    return evaluate_learner(load_base(cfg, base, target), target, cfg.train.knn_k)
 
 
 def continue_from_base(cfg: ExperimentConfig, base: Path, *, steps: int | None = None,
@@ -59,8 +64,7 @@ def continue_from_base(cfg: ExperimentConfig, base: Path, *, steps: int | None =
         cfg = dataclasses.replace(cfg, learner=dataclasses.replace(
             cfg.learner, total_steps=cfg.train.pretrain_steps + steps))
     target = load_target(cfg.target)
-    learner = build_learner(cfg, target)
-    learner.load_state_dict(torch.load(base, map_location="cpu", weights_only=True))
+    learner = load_base(cfg, base, target)
     if extra is not None and len(extra):
         learner.mixture.add_accepted(extra)
     t0 = time.time()

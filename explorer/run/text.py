@@ -167,8 +167,7 @@ class TextLoop(RunLoop):
         self.encoder = default_encoder()
         self.tokenizer = self._tokenizer()
         train_texts = [document_text(d) for d in self.target.train]
-        self.target_tokens = self.tokenizer.encode_batch(train_texts)
-        self.training = self.ranks.replicate(TextTraining, self.target_tokens, tc.seq_len,
+        self.training = self.ranks.replicate(TextTraining, self.tokenizer.encode_batch(train_texts), tc.seq_len,
                                              self.tokenizer.eos_id, cfg.seed)
         eval_docs = self.target.holdout[:tc.eval_documents]
         self.eval_tokens = self.tokenizer.encode_batch([document_text(d) for d in eval_docs])
@@ -473,8 +472,8 @@ class TextLoop(RunLoop):
         """The floor the LM is read against: a count unigram and an interpolated bigram fitted on the
         target's training tokens, as held-out nats per token on the evaluation documents
         (learners/ngram.py), beside `eval_loss`."""
-        floor = count_baselines(self.target_tokens, self.eval_tokens, self.tokenizer.eos_id,
-                                self.tokenizer.vocab_size)
+        floor = count_baselines(self.stream_documents(len(self.target.train)), self.eval_tokens,
+                                self.tokenizer.eos_id, self.tokenizer.vocab_size)
         return {"count_unigram_loss": round(floor["unigram"], 6), "count_bigram_loss": round(floor["bigram"], 6)}
 
     def pretrain(self) -> dict:
