@@ -89,7 +89,10 @@ def _controls(cfg, base: Path, seed_dir: Path) -> None:
 
 
 def _condition(cfg, name: str, seed: int):
+    """The config with the condition's policy; options the config sets for that same policy stay
+    (under the condition's own), so `--set policy.options.KEY=VALUE` reaches the gp conditions."""
     policy, options = CONDITIONS[name]
+    options = {**cfg.policy.options, **options} if cfg.policy.name == policy else options
     return dataclasses.replace(cfg, name=f"{cfg.name}-{name}-s{seed}",
                                policy=dataclasses.replace(cfg.policy, name=policy, options=options))
 
@@ -99,12 +102,12 @@ def run_grid(config: Path, out: Path, seeds: list[int], conditions: list[str],
     """Runs what is missing; returns every run folder of the grid. `overrides`: dotted config fields
     set on top of the config file (as `explorer run --set` does)."""
     from explorer.run.config import load_config, save_config
-    from explorer.run.demo import _ensure_corpus
     from explorer.run.experiment import local_engine_for
     from explorer.run.image import ImageLoop
+    from explorer.web.presets import ensure_corpus
 
     base_cfg = load_config(config, overrides)
-    _ensure_corpus(base_cfg)
+    ensure_corpus(base_cfg.corpus)
     run_dirs = []
     out.mkdir(parents=True, exist_ok=True)
     from policies import searches_by_image

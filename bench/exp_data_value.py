@@ -97,10 +97,10 @@ def run_grid(config: Path, out: Path, seeds: list[int], sources: list[str], size
     from bench.acquisition_grid import _base  # one base per seed, as the policy grid's
     from explorer.run.baselines import continue_from_base
     from explorer.run.config import load_config
-    from explorer.run.demo import _ensure_corpus
+    from explorer.web.presets import ensure_corpus
 
     base_cfg = load_config(config, overrides)
-    _ensure_corpus(base_cfg)
+    ensure_corpus(base_cfg.corpus)
     rows = []
     for seed in seeds:
         cfg = seeded(base_cfg, seed)

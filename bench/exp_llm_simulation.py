@@ -300,14 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from explorer.run.config import load_config
-    from explorer.run.demo import _ensure_corpus
     from explorer.run.image import image_vocabulary
     from explorer.web.presets import open_image_corpus
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
-    _ensure_corpus(cfg)
-    corpus = open_image_corpus(cfg.corpus)
+    corpus = open_image_corpus(cfg.corpus, progress=True)  # a preset not built yet is built now
     vocab = image_vocabulary(cfg, corpus)
     web = SimulatedWeb(cfg, corpus, vocab)
     args.runs.mkdir(parents=True, exist_ok=True)

@@ -95,10 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--gp", default="gp-ucb", choices=["gp-ucb", "gp-softmax"],
                         help="the gp condition of bench/acquisition_grid.py (default gp-ucb, the config's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, as `explorer run --set` does (e.g. --set iterations=4)")
     args = parser.parse_args(argv)
     import torch
 
     from explorer.analysis.report import read_run, write_report
+    from explorer.run.config import parse_overrides
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out or ROOT / "bench" / "results" / f"own_target{suffix}"
     folder = build(args.runs)
     overrides = {"target.name": str(folder.resolve()), "target.acquire_size": None,
-                 "target.probe_train_size": None, "target.relevant": kinds}
+                 "target.probe_train_size": None, "target.relevant": kinds, **parse_overrides(args.set)}
     run_dirs = run_grid(args.config, args.runs / args.folder, args.seeds, ["random", args.gp], overrides)
     report = write_report(run_dirs, args.out, title=f"Experiment 3: a user's own target folder ({args.folder})")
     runs = [read_run(p) for p in run_dirs]

@@ -127,14 +127,12 @@ def main(argv=None) -> None:
 
     from explorer.run.assembly import concept_embeddings
     from explorer.run.config import load_config
-    from explorer.run.demo import _ensure_corpus
     from explorer.run.image import image_vocabulary
     from explorer.web.presets import open_image_corpus
     from policies import build_policy
 
     cfg = load_config(args.config)
-    _ensure_corpus(cfg)
-    corpus = open_image_corpus(cfg.corpus)
+    corpus = open_image_corpus(cfg.corpus, progress=True)  # a preset not built yet is built now
     vocab = image_vocabulary(cfg, corpus)
     counts, sources = source_counts(cfg, corpus, vocab)
     embeddings = {"name": concept_embeddings(vocab, corpus.root, glosses=False),

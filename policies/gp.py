@@ -67,6 +67,11 @@ class GPConfig:
     # nearly deterministic given the encoder; with a few hits among many zeros the marginal
     # likelihood otherwise can explain the hits away as noise and predict nothing.
     max_noise: float = 0.5
+    # Hear the rewards of the run's background queries (random vocabulary queries whose results the
+    # reward contrasts with) before the first batch (`observe`): evidence fetched anyway, so a first
+    # batch can already follow it instead of being uniform. Off by default until its pre-registered
+    # measurement (BENCHMARKS.md, own target on the world web) is in; the committed runs are without.
+    observe_background: bool = False
     optimizer_restarts: int = 1  # extra random starts of the marginal-likelihood optimiser
     optimizer_iterations: int = 60  # L-BFGS iteration cap per start
 
@@ -280,6 +285,14 @@ class GPPolicy(VocabularyPolicy):
         super().update(queries, rewards)
         self.text_vectors.update(zip(new_texts, vectors))
         self._log_changed()
+
+    def observe(self, queries: list[Query], rewards: list[float]) -> bool:
+        """Rewards of queries the run issued that the policy did not choose (the background sample's):
+        the same evidence as its own, if `observe_background`. Returns whether they were taken."""
+        if not self.config.observe_background:
+            return False
+        self.update(queries, rewards)
+        return True
 
     def fitted(self) -> FittedGP:
         """The GP fitted on the latest distinct observations (refit lazily after each update)."""

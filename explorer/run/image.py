@@ -231,6 +231,10 @@ class ImageLoop(RunLoop):
                 "base_checkpoint": str(Path(base_checkpoint).resolve()) if base_checkpoint else None,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}})
         self.refresh_index()
+        if resume:  # the policy heard them before its checkpoint
+            self._background_round = None
+        else:
+            self.observe_background()
 
     def refresh_index(self) -> None:
         """Re-embed the target, the background and the web sample with the current encoder (or the

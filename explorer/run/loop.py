@@ -50,6 +50,7 @@ from explorer.run.ledger import LEDGER, FetchRecord, RunLedger, read_metrics
 from explorer.run.searches import FailedSearch, query_status, recorded_failures, search_error
 from explorer.run.sheets import best_rejected, record_sheet
 from explorer.score.reward import RewardSpace
+from policies.base import Query
 
 # Seeds the draw of background queries apart from the policy's own stream (same run seed).
 BACKGROUND_STREAM = 0xB6
@@ -83,15 +84,20 @@ def background_seed(cfg: ExperimentConfig) -> int:
     return int(np.random.default_rng([cfg.seed, BACKGROUND_STREAM]).integers(2**31))
 
 
-def background_queries(cfg: ExperimentConfig, vocab) -> list[str]:
-    """The `reward.background_queries` vocabulary concepts of the reward's background sample,
-    drawn with the run's seed on a stream of its own: every policy of a seed contrasts with the
-    same sample of the web."""
+def background_concepts(cfg: ExperimentConfig, vocab) -> list[int]:
+    """The `reward.background_queries` vocabulary concepts (indices) of the reward's background
+    sample, drawn with the run's seed on a stream of its own: every policy of a seed contrasts with
+    the same sample of the web."""
     n = min(cfg.reward.background_queries, len(vocab.concepts))
     if n == 0:
         return []
     rng = np.random.default_rng([cfg.seed, BACKGROUND_STREAM])
-    return [vocab.concepts[i] for i in sorted(rng.choice(len(vocab.concepts), n, replace=False))]
+    return [int(i) for i in sorted(rng.choice(len(vocab.concepts), n, replace=False))]
+
+
+def background_queries(cfg: ExperimentConfig, vocab) -> list[str]:
+    """The texts of `background_concepts`."""
+    return [vocab.concepts[i] for i in background_concepts(cfg, vocab)]
 
 
 def record_background(run_dir: Path, mode: CacheMode, texts: list[str], answers: list, rejected: dict[str, int],
@@ -215,6 +221,7 @@ class RunLoop(ABC):
                                 (checkpoint.state.get("failed_searches", []) if checkpoint else [])]
         # iterations in a row that accepted nothing (a warning at two), carried across a resume
         self.empty_rounds = checkpoint.state.get("empty_rounds", 0) if checkpoint else 0
+        self._background_round = None  # the background queries and their finds, until the policy hears them
         return checkpoint
 
     def _open_backend(self, build, name: str, engine_url: str | None):
@@ -312,13 +319,38 @@ class RunLoop(ABC):
         """The first web sample the reward contrasts with: the results of `reward.background_queries`
         vocabulary concepts drawn with the run's seed (`background_queries`: the same for every
         policy of a seed), fetched through the run's cache, so a replay gets the same items back."""
-        texts = background_queries(self.cfg, self.vocab) if self.cfg.reward.background_size else []
-        if not texts:
+        concepts = background_concepts(self.cfg, self.vocab) if self.cfg.reward.background_size else []
+        if not concepts:
             return []
+        texts = [self.vocab.concepts[i] for i in concepts]
         answers, cand = self.search_and_fetch(texts, background=True)
         record_background(self.run_dir, self.mode, texts, answers, cand.rejected,
                           self.truth.precision(cand.urls) if self.truth else None, **{self.USABLE: len(cand)})
+        self._background_round = ([Query(t, c) for t, c in zip(texts, concepts)], answers, cand)
         return list(self.background_items(cand))
+
+    def observe_background(self) -> None:
+        """A policy that takes observations it did not choose (`observe`: the GP) hears the background
+        queries' rewards under the first reward space before its first batch: their results were
+        fetched and scored anyway, so the evidence costs no download. Each image's own background
+        entry is left out of its contrast (`RewardSpace.member_rewards`). The rewards go into
+        background.json as `query_rewards`."""
+        pending, self._background_round = self._background_round, None
+        observe = getattr(self.policy, "observe", None)
+        if pending is None or observe is None:
+            return
+        queries, answers, cand = pending
+        with self.timed("reward"):
+            cand, emb = self.embed_candidates(cand)
+            q_rewards = self.cfg.reward.query_rewards(self.space.member_rewards(emb), cand.queries_of, len(queries),
+                                                      self.space.calibration, self.cfg.search.results_per_query)
+        observed = [i for i, a in enumerate(answers) if not isinstance(a, SearchError)]
+        heard = observe([queries[i] for i in observed], [q_rewards[i] for i in observed]) if observed else False
+        path = self.run_dir / "background.json"
+        if heard and self.mode is not CacheMode.REPLAY and path.exists():
+            info = json.loads(path.read_text())
+            info["query_rewards"] = [round(float(r), 6) if i in observed else None for i, r in enumerate(q_rewards)]
+            write_json(path, info)
 
     def acquire(self) -> dict:
         """One search round: propose -> search -> fetch -> embed -> reward -> update the policy ->

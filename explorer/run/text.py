@@ -204,6 +204,7 @@ class TextLoop(RunLoop):
         self.web_sample = list(self.background_sample.items)  # the first sample: the web's reference
         self.background_fetched = True
         self.refresh_reference()
+        self.observe_background()
 
     # -- parts ------------------------------------------------------------------------------
     def _known_documents(self, train_texts: list[str]) -> None:

@@ -139,9 +139,15 @@ def leave_one_out_rewards(index: TargetIndex, k: int = 10) -> np.ndarray:
         raise ValueError("leave-one-out rewards need at least 2 target images")
     k = min(k, len(index) - 1)
     sims, ids = index.knn(index.embeddings, k + 1)  # (N_t, k+1), usually self first
-    own = ids == np.arange(len(ids))[:, None]
-    own[~own.any(axis=1), -1] = True  # self not among the k+1 (ties): drop the farthest instead
-    return sims[~own].reshape(len(ids), k).mean(axis=1).astype(np.float32)
+    return _mean_without(sims, ids == np.arange(len(ids))[:, None])
+
+
+def _mean_without(sims: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """Row means of (N, k+1) neighbour similarities less one entry per row: the first marked in
+    `own` (the row's own entry), else the farthest (self not among the k+1: ties) -> (N,) float32."""
+    own = own & (np.cumsum(own, axis=1) == 1)  # at most one per row
+    own[~own.any(axis=1), -1] = True
+    return sims[~own].reshape(len(sims), sims.shape[1] - 1).mean(axis=1).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -412,6 +418,19 @@ class RewardSpace:
             return np.zeros(0, np.float32)
         return contrast_reward(centred(candidate_emb, self.centre), self.index, self.background, k=self.k,
                                weight=self.weight, chunk_size=chunk_size)
+
+    def member_rewards(self, member_emb: np.ndarray) -> np.ndarray:
+        """The rewards of items that are themselves in the background sample (M, D) -> (M,) float32:
+        as `rewards`, with each one's own background entry left out of its contrast (the entry at
+        cosine 1, else its farthest of k + 1 neighbours), as a new image of the same kind would score."""
+        if len(member_emb) == 0:
+            return np.zeros(0, np.float32)
+        emb = centred(member_emb, self.centre)
+        rewards = knn_reward(emb, self.index, self.k)
+        if self.background is None or self.weight == 0.0 or len(self.background) < 2:
+            return rewards
+        sims, _ = self.background.knn(emb, min(self.k, len(self.background) - 1) + 1)
+        return rewards - np.float32(self.weight) * _mean_without(sims, sims >= 1.0 - 1e-4)
 
     def health(self, min_spread: float) -> dict:
         """The reward's scale, for the log: the target's own spread, the anisotropy, collapsed or not."""

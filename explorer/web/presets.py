@@ -62,6 +62,11 @@ def built_spec(meta: dict) -> dict:
     return {**BEFORE_FIELDS, **meta.get("spec", {})}
 
 
+def ensure_corpus(corpus: str | Path | None) -> None:
+    """The corpus a config names, built now if it is a preset not built yet (`open_image_corpus`)."""
+    open_image_corpus(corpus, progress=True).close()
+
+
 def open_image_corpus(corpus: str | Path | None, progress: bool = False) -> WebCorpus:
     """The corpus a config names, building a preset's on first use (a few minutes, once), and again
     when the preset has changed since its corpus was built."""

@@ -185,3 +185,18 @@ def test_a_failed_encoding_leaves_the_log_untouched(embeddings):
     with pytest.raises(RuntimeError, match="encoder unavailable"):
         policy.update([Query("sandal", CONCEPTS.index("sandal")), Query("winter boots")], [0.5, 0.6])
     assert policy.log.texts == ["boot"] and policy.text_vectors == {}
+
+
+def test_observed_background_queries_steer_the_first_batch(embeddings):
+    """`observe` (the run's background queries, which the policy did not choose) is evidence like its
+    own: the first batch already follows it instead of being uniform; off, nothing is heard."""
+    queries = [Query(c, CONCEPTS.index(c)) for c in REWARDED + UNREWARDED]
+    rewards = [0.8] * len(REWARDED) + [0.3] * len(UNREWARDED)
+    policy = build_policy("gp", concepts=CONCEPTS, embeddings=embeddings, seed=0, acquisition="ucb",
+                          explore_first=8, explore_share=0.0, observe_background=True)
+    assert policy.observe(queries, rewards) is True
+    assert len(policy.log) == len(queries) and policy.log.tried[CONCEPTS.index("sneaker")]
+    first = [q.text for q in policy.propose(4)]
+    assert sum(t in FOOTWEAR for t in first) >= 3 and not set(first) & set(REWARDED + UNREWARDED), first
+    deaf = build_policy("gp", concepts=CONCEPTS, embeddings=embeddings, seed=0)  # the default
+    assert deaf.observe(queries, rewards) is False and len(deaf.log) == 0

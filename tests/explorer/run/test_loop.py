@@ -35,7 +35,8 @@ def test_run_folder_records_everything(recorded_run, small_corpus):
     assert checkpoint.path.name == "iter-000002"
     state = checkpoint.state
     assert state["iteration"] == 2 and state["learner"]["step"] == 2 + 2 * 2
-    assert len(state["policy"]["log"]["rewards"]) == 8
+    heard = [r for r in json.loads((run_dir / "background.json").read_text())["query_rewards"] if r is not None]
+    assert len(state["policy"]["log"]["rewards"]) == len(heard) + 8  # the background's queries, then its own
     assert load_config(run_dir / "config.yaml").policy.name == "gp"
     for row in rows[1:]:
         assert len(row["queries"]) == len(row["query_rewards"]) == 4
@@ -92,6 +93,21 @@ def test_the_background_is_the_seeds_draw_shared_by_every_policy(recorded_run, t
     plain = leave_one_out_rewards(space.index, cfg.reward.k)
     contrasted = plain - cfg.reward.background_weight * knn_reward(space.index.embeddings, space.background, cfg.reward.k)
     np.testing.assert_allclose(space.calibration.reference, np.sort(contrasted), atol=1e-6)
+
+
+def test_the_gp_hears_the_background_queries_before_its_first_batch(recorded_run):
+    """The background queries' rewards (scored like the first round's, each image's own background
+    entry left out) go to the GP before it proposes: its log starts with them, and they are in
+    background.json for the reader."""
+    run_dir, rows = recorded_run
+    recorded = json.loads((run_dir / "background.json").read_text())
+    log = load_latest_checkpoint(run_dir).state["policy"]["log"]
+    heard = [r for r in recorded["query_rewards"] if r is not None]
+    assert len(recorded["query_rewards"]) == len(recorded["queries"]) and len(heard) > 0
+    assert log["texts"][:len(heard)] == [q for q, r in zip(recorded["queries"], recorded["query_rewards"])
+                                         if r is not None]
+    np.testing.assert_allclose(log["rewards"][:len(heard)], heard, atol=1e-6)
+    assert log["texts"][len(heard):len(heard) + len(rows[1]["queries"])] == rows[1]["queries"]
 
 
 def test_accept_drops_copies_of_probe_test_earlier_accepts_and_batch_mates(tiny_experiment, engine, tmp_path):

@@ -487,3 +487,21 @@ def test_blank_images_are_copies_of_each_other_and_of_nothing_else():
     np.testing.assert_allclose(np.linalg.norm(sig, axis=1), 1.0, atol=1e-5)
     assert dedupe_within(sig, 0.99).tolist() == [True, False, False, False, True, True, True]
     assert not near_duplicates(sig[4:], sig[:1], 0.5).any()  # no real image is a copy of a blank one
+
+
+def test_a_background_members_reward_leaves_its_own_entry_out():
+    """The background queries' images are in the background sample: scored as they are, each would
+    be contrasted with itself too (one neighbour at cosine 1). member_rewards scores each as if it
+    were not there, which is what a new image of its kind would get."""
+    rng = np.random.default_rng(3)
+    target, web = rng.normal(size=(50, 8)), rng.normal(size=(40, 8))
+    cfg = RewardConfig(k=5, background_weight=0.5, web_percentile=None)
+    space = cfg.space(target, web, web)
+    members = space.member_rewards(web)
+    assert np.all(members > space.rewards(web) + 1e-3)  # raw: each one's own entry pulled it down
+    for i in (0, 17, 39):  # exactly the reward against the background without it, same centre
+        without = cfg.space(target, np.delete(web, i, axis=0), web)
+        np.testing.assert_allclose(members[i], without.rewards(web[i:i + 1])[0], atol=1e-5)
+    # with no background there is nothing to leave out
+    plain = RewardConfig(k=5, background_size=0, web_percentile=None).space(target, None, web)
+    np.testing.assert_allclose(plain.member_rewards(web), plain.rewards(web))
