@@ -47,7 +47,7 @@ TINY_EXPERIMENT = {
     "name": "tiny", "iterations": 2, "seed": 0,
     "target": {"limit": 300},
     "vocabulary": {"n_random": 30},
-    "policy": {"name": "gp", "queries_per_iteration": 4, "options": {"explore_first": 4, "observe_background": True}},
+    "policy": {"name": "gp", "queries_per_iteration": 4, "options": {"explore_first": 4}},
     "search": {"results_per_query": 15},
     "learner": {"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8},
                 "dim": 16, "mlp_dim": 32, "batch_size": 16, "warmup_steps": 1, "total_steps": 50},

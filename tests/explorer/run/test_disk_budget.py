@@ -14,7 +14,7 @@ from explorer.run.ledger import LEDGER, RunLedger
 
 QUIET = {"progress": False}
 # more results and a stricter acceptance than the tiny default: most fetched bodies are rejected
-RUN = {"iterations": 3, "search": {"results_per_query": 30}, "reward": {"accept_percentile": 75.0}}
+RUN = {"iterations": 3, "search": {"results_per_query": 30}, "reward": {"accept_percentile": 90.0}}
 
 
 def rejected_bytes(run_dir) -> int:

@@ -17,10 +17,14 @@ from explorer.run.loop import background_queries, compare_decisions
 from explorer.score.reward import knn_reward, leave_one_out_rewards
 
 
+# the GP hears the background queries before its first batch (GPConfig.observe_background)
+HEARING_GP = {"name": "gp", "queries_per_iteration": 4, "options": {"explore_first": 4, "observe_background": True}}
+
+
 @pytest.fixture(scope="module")
 def recorded_run(tiny_experiment, engine, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    loop = ImageLoop(tiny_experiment(), run_dir, engine_url=engine.url, progress=False)
+    loop = ImageLoop(tiny_experiment(policy=HEARING_GP), run_dir, engine_url=engine.url, progress=False)
     rows = loop.run(log=lambda line: None)
     return run_dir, rows
 

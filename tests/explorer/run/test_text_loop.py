@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from explorer.run.checkpoints import has_checkpoint
+from explorer.run.checkpoints import has_checkpoint, load_latest_checkpoint
 from explorer.run.config import PRIOR_LAW, ExperimentConfig, from_dict, load_config
 from explorer.run.experiment import local_engine_for, replay_run, run_experiment
 from explorer.run.text import TextLoop
@@ -40,7 +40,8 @@ def tiny_text(corpus, **changes) -> ExperimentConfig:
     return from_dict(ExperimentConfig, {
         "name": "text-tiny", "modality": "text", "iterations": 2, "seed": 0, "corpus": str(corpus.root),
         "vocabulary": {"n_random": 20}, "search": {"results_per_query": 6}, "reward": {"background_queries": 4},
-        "policy": {"name": "gp", "queries_per_iteration": 3, "options": {"explore_first": 3}},
+        "policy": {"name": "gp", "queries_per_iteration": 3,
+                   "options": {"explore_first": 3, "observe_background": True}},
         "text": text, **changes})
 
 
@@ -72,6 +73,11 @@ def test_two_iterations_write_flops_decisions_and_finite_perplexity(recorded_run
     assert (recorded_run / "tokenizer.model").exists() and has_checkpoint(recorded_run)
     # the count floor of the target's own tokens, on the same held-out documents (learners/ngram.py)
     assert 0 < rows[0]["count_bigram_loss"] < rows[0]["count_unigram_loss"] < math.log(512)
+    # the GP heard the background queries before its first batch (as the image loop's does)
+    background = json.loads((recorded_run / "background.json").read_text())
+    heard = [q for q, r in zip(background["queries"], background["query_rewards"]) if r is not None]
+    log = load_latest_checkpoint(recorded_run).state["policy"]["log"]
+    assert heard and log["texts"] == heard + rows[1]["queries"] + rows[2]["queries"]
 
 
 def test_replay_from_the_cache_makes_the_same_decisions(recorded_run):
