@@ -3,7 +3,9 @@
 A policy proposes queries — text, usually drawn from a concept vocabulary, or an image to find the
 neighbours of (a query by example) — hears back one scalar reward per query (the aggregate kNN
 reward of the images the query found), and keeps all of its state in a
-`state_dict` so that a run can be checkpointed, resumed and replayed.
+`state_dict` so that a run can be checkpointed, resumed and replayed. A policy may also define
+`observe(queries, rewards) -> bool`: rewards of queries the run issued that it did not choose (the
+reward's background sample), heard before its first batch (the GP does; see `GPConfig`).
 """
 
 from __future__ import annotations
