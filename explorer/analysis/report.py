@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import yaml
 
 from explorer.analysis.gallery import gallery_section
@@ -336,23 +337,31 @@ def web_lines(runs: list[RunCurves]) -> list[str]:
     share of the web a random draw finds relevant), from the corpus's corpus.json when it is here."""
     from explorer.web.presets import DEFAULT_PRESET, corpus_location
 
-    webs = {}
+    webs = set()
     for run in runs:
         config = yaml.safe_load((run.path / "config.yaml").read_text()) or {}
         local = (config.get("search") or {}).get("backend", "local") == "local"
         if config.get("modality", "image") != "image" or not local:
             continue
-        corpus, kind = config.get("corpus") or DEFAULT_PRESET, (config.get("target") or {}).get("name", "fashion-mnist")
-        webs.setdefault((str(corpus), kind), []).append(run)
+        target = config.get("target") or {}
+        kinds = tuple(target.get("relevant") or ())
+        webs.add((str(config.get("corpus") or DEFAULT_PRESET), target.get("name", "fashion-mnist"), kinds))
     lines = []
-    for (corpus, kind), _ in sorted(webs.items()):
-        meta_path = corpus_location(corpus)[0] / "corpus.json"
-        if not meta_path.exists():
+    for corpus, kind, kinds in sorted(webs):
+        root = corpus_location(corpus)[0]
+        if not (root / "corpus.json").exists():
             lines.append(f"Web: {corpus} (its corpus.json is not on this machine: base rate unknown).")
             continue
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads((root / "corpus.json").read_text())
         rate = (meta.get("base_rate") or {}).get(kind)
-        lines.append(f"Web: {corpus}, {meta['items']:,} images; base rate of the {kind} target's kind: "
+        name = Path(kind).name  # a target folder by its name, not the path it had on the machine that ran it
+        if kinds:  # the kinds the run's hidden truth counts (`target.relevant`), read from the manifest
+            hidden = pq.read_table(root / "manifest.parquet", columns=["source", "class_name"]).to_pydict()
+            rate = float(np.mean([s in kinds or c in kinds for s, c in zip(hidden["source"], hidden["class_name"])]))
+            name = f"{name} target's kind ({', '.join(kinds)})"
+        else:
+            name = f"{name} target's kind"
+        lines.append(f"Web: {corpus}, {meta['items']:,} images; base rate of the {name}: "
                      + (f"{rate:.1%}." if rate is not None else "not recorded by this corpus's build."))
     return lines
 

@@ -110,3 +110,26 @@ def test_gain_per_relevant_is_the_slope_of_paired_gains_on_relevant_images():
     [line] = gain_per_relevant(groups, control)
     assert "all 4 acquisition runs" in line and "+0.0010 + (+0.0020 ± 0.0000) per 1,000" in line
     assert "r = 1.00" in line
+
+
+def test_the_web_line_of_an_own_target_counts_the_kinds_its_truth_names(small_corpus, tmp_path):
+    """A folder target has no base rate in corpus.json: the line reads the share of `target.relevant`
+    (hidden sources or classes) from the manifest, and names the folder, not the path it had."""
+    from types import SimpleNamespace
+
+    import pyarrow.parquet as pq
+    import yaml
+
+    from explorer.analysis.report import web_lines
+
+    run = tmp_path / "run"
+    run.mkdir()
+    kinds = ["Sandal", "mnist"]
+    (run / "config.yaml").write_text(yaml.safe_dump({"corpus": str(small_corpus.root),
+                                                     "target": {"name": "/home/u/my-shoes", "relevant": kinds}}))
+    hidden = pq.read_table(small_corpus.root / "manifest.parquet", columns=["source", "class_name"]).to_pydict()
+    share = sum(s in kinds or c in kinds for s, c in zip(hidden["source"], hidden["class_name"])) / len(small_corpus)
+    assert 0 < share < 1
+    assert web_lines([SimpleNamespace(path=run)]) == [
+        f"Web: {small_corpus.root}, {len(small_corpus):,} images; base rate of the my-shoes target's kind "
+        f"(Sandal, mnist): {share:.1%}."]
