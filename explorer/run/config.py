@@ -270,6 +270,8 @@ class ExperimentConfig:
         if self.modality not in MODALITIES:
             raise ValueError(f"unknown modality {self.modality!r}; valid: {', '.join(MODALITIES)}")
         if self.modality == "text":
+            if self.reward.encoder != "learner":
+                raise ValueError("reward.encoder is for image runs; a text run chooses with text.reward_encoder")
             from learners.lm import LM_SIZES  # only text runs pay for importing transformers
 
             for name in (self.text.lm_size, self.text.max_lm_size):

@@ -404,7 +404,7 @@ class RunLoop(ABC):
     def reward_space(self, embed_target, embed_items, embed_base=None) -> RewardSpace:
         """The reward space under the current encoder (`embed_target()`: the target's embeddings,
         `embed_items(items)`: any background items'), or under the base encoder (`embed_base`, the
-        same pair) when the current one has collapsed (its target rewards no longer spread:
+        same pair) when `reward.encoder` is "base", or when the current one has collapsed (its target rewards no longer spread:
         `RewardConfig.min_spread`) and the base's spread more. The collapse is logged either way
         (`reward_collapsed`)."""
         rc = self.cfg.reward
@@ -414,6 +414,10 @@ class RunLoop(ABC):
             return rc.space(target_fn(), items_fn(bg) if len(bg) else None, items_fn(web) if len(web) else None,
                             encoder=name)
 
+        if rc.encoder == "base" and embed_base is not None:  # the configured choice: no fallback to weigh
+            space = build(*embed_base, "base")
+            self.reward_health = {**space.health(rc.min_spread), "reward_encoder": space.encoder}
+            return space
         space = build(embed_target, embed_items, "learner")
         health = space.health(rc.min_spread)
         if health["reward_collapsed"]:

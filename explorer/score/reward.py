@@ -254,6 +254,7 @@ QUERY_AGGREGATES: dict[str, Callable[[np.ndarray, int], float]] = {
 QUERY_REWARDS = ("yield", "aggregate")
 ACCEPT_RULES = ("value", "top_fraction")
 BACKGROUND_UPDATES = ("reservoir", "fixed")
+REWARD_ENCODERS = ("learner", "base")
 
 # Reward of a query with no usable images. Cosine 0 means "unrelated": below the reward of any
 # image that resembles the target at all, yet not so far below the usual spread of rewards
@@ -476,6 +477,11 @@ class RewardConfig:
     background_update: str = "reservoir"
     """"reservoir": the background is a uniform reservoir over everything fetched (`BackgroundSample`);
     "fixed": it stays the first sample (the random queries' results)."""
+    encoder: str = "learner"
+    """Image runs: whose embeddings the reward reads. "learner": the current encoder, as it trains
+    (Internet Explorer's choice); "base": the learner as the config builds it, before any training
+    (ImageNet weights with `learner.pretrained`), which does not drift with what the run accepts.
+    Text runs choose with `text.reward_encoder`."""
     min_spread: float = 0.01
     """Below this spread of the target's own rewards (10th to 90th percentile) the reward has
     collapsed: the run says so and reads the base encoder's embeddings for that iteration."""
@@ -532,6 +538,8 @@ class RewardConfig:
         if self.background_update not in BACKGROUND_UPDATES:
             raise ValueError(f"unknown background_update {self.background_update!r}; "
                              f"valid: {', '.join(BACKGROUND_UPDATES)}")
+        if self.encoder not in REWARD_ENCODERS:
+            raise ValueError(f"unknown reward encoder {self.encoder!r}; valid: {', '.join(REWARD_ENCODERS)}")
         if self.min_spread < 0:
             raise ValueError(f"min_spread must be >= 0, got {self.min_spread}")
         if self.max_accept is not None and self.max_accept < 0:

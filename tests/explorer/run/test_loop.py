@@ -14,8 +14,7 @@ from explorer.run.config import ConfigError, ExperimentConfig, load_config
 from explorer.run.experiment import read_metrics, replay_run
 from explorer.run.image import ImageLoop
 from explorer.run.loop import background_queries, compare_decisions
-from explorer.score.reward import knn_reward, leave_one_out_rewards
-
+from explorer.score.reward import RewardConfig, knn_reward, leave_one_out_rewards
 
 # the GP hears the background queries before its first batch (GPConfig.observe_background)
 HEARING_GP = {"name": "gp", "queries_per_iteration": 4, "options": {"explore_first": 4, "observe_background": True}}
@@ -229,3 +228,28 @@ def test_a_log_line_torn_by_a_crash_does_not_block_resume(tmp_path):
     truncate_logs(tmp_path, ["accepted.jsonl", "metrics.jsonl"], 1)
     assert (tmp_path / "accepted.jsonl").read_text() == '{"iteration": 1, "url": "a"}\n'
     assert (tmp_path / "metrics.jsonl").read_text() == '{"iteration": 0}\n{"iteration": 1}\n'
+
+
+def test_a_reward_read_from_the_base_encoder_does_not_move_with_training(tiny_experiment, engine, tmp_path):
+    """`reward.encoder: base`: the reward reads the learner as the config builds it, so with the first
+    web sample kept as the background the target's own scale is the same in every iteration, while
+    the learner trains on (the current encoder's scale moves)."""
+    reward = {"background_update": "fixed", "web_percentile": None, "min_spread": 0.0}  # no fallback
+    rows = {}
+    for encoder in ("base", "learner"):
+        loop = ImageLoop(tiny_experiment(iterations=3, reward={**reward, "encoder": encoder}), tmp_path / encoder,
+                         engine_url=engine.url, progress=False)
+        rows[encoder] = loop.run(log=lambda line: None)[1:]
+        loop.close()
+    assert [r["reward_encoder"] for r in rows["base"]] == ["base"] * 3
+    assert len({r["reward_spread"] for r in rows["base"]}) == 1
+    assert [r["reward_encoder"] for r in rows["learner"]] == ["learner"] * 3
+    assert len({r["reward_spread"] for r in rows["learner"]}) > 1
+    assert rows["base"][-1]["learner_step"] == rows["learner"][-1]["learner_step"]  # the learner trained alike
+
+
+def test_reward_encoder_is_checked():
+    with pytest.raises(ValueError, match="unknown reward encoder"):
+        RewardConfig(encoder="projector")
+    with pytest.raises(ValueError, match="text.reward_encoder"):
+        ExperimentConfig(modality="text", reward=RewardConfig(encoder="base"))
