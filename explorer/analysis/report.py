@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import yaml
 
 from explorer.analysis.gallery import gallery_section
@@ -355,9 +354,11 @@ def web_lines(runs: list[RunCurves]) -> list[str]:
         meta = json.loads((root / "corpus.json").read_text())
         rate = (meta.get("base_rate") or {}).get(kind)
         name = Path(kind).name  # a target folder by its name, not the path it had on the machine that ran it
-        if kinds:  # the kinds the run's hidden truth counts (`target.relevant`), read from the manifest
-            hidden = pq.read_table(root / "manifest.parquet", columns=["source", "class_name"]).to_pydict()
-            rate = float(np.mean([s in kinds or c in kinds for s, c in zip(hidden["source"], hidden["class_name"])]))
+        if kinds:  # the kinds the run's hidden truth counts (`target.relevant`)
+            from explorer.run.image import GroundTruth
+            from explorer.web.corpus import WebCorpus
+
+            rate = GroundTruth(WebCorpus(root), frozenset(kinds)).base_rate()
             name = f"{name} target's kind ({', '.join(kinds)})"
         else:
             name = f"{name} target's kind"

@@ -74,6 +74,10 @@ class HiddenTruth:
         i = self.item(url)
         return None if i is None else self.is_relevant(i)
 
+    def base_rate(self) -> float:
+        """The share of the web's items of the target's kind: what a uniform draw finds relevant."""
+        return float(np.mean([self.is_relevant(i) for i in range(len(self.corpus))]))
+
     def precision(self, urls: Sequence[str]) -> float | None:
         marks = [m for m in (self.relevant(u) for u in urls) if m is not None]
         return float(np.mean(marks)) if marks else None

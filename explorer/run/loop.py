@@ -416,7 +416,7 @@ class RunLoop(ABC):
 
         if rc.encoder == "base" and embed_base is not None:  # the configured choice: no fallback to weigh
             space = build(*embed_base, "base")
-            self.reward_health = {**space.health(rc.min_spread), "reward_encoder": space.encoder}
+            self.reward_health = space.health(rc.min_spread)  # names its encoder
             return space
         space = build(embed_target, embed_items, "learner")
         health = space.health(rc.min_spread)
