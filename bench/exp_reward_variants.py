@@ -1,0 +1,207 @@
+"""What the reward should read on an own target: its background and its encoder, compared on new seeds.
+
+Three variants of the reward (score/reward.py, `reward.*` in the config), each run from the same
+per-seed bases (base.pt, the pixel and target-only controls are computed once per target and seed
+and linked into every variant's folder):
+
+- `reservoir-learner`: the demo config as it is: the background the reward contrasts with is a
+  reservoir over everything fetched, and the reward reads the encoder being trained;
+- `fixed-learner`: `reward.background_update: fixed` (the first web sample stays the background);
+- `fixed-base`: `fixed` and `reward.encoder: base` (the reward reads the untrained base encoder).
+
+Targets: the two folders of bench/exp_own_target.py (`digits`: scikit-learn's blurry digits, a kind
+the web holds in another style; `footwear`: Fashion-MNIST test footwear), each with gp (UCB, the
+background heard, as configs/demo.yaml) and random at the demo's 4 iterations; and the demo's own
+target (`demo`: Fashion-MNIST, configs/demo.yaml as it is, 10 iterations), gp only.
+
+Reported per target, seed and variant (report.md, per_seed.csv): images of the kind accepted,
+gp's precision, random's (folders), the own-target bar (gp >= 100 of the kind, >= 2x random's, at
+precision >= 0.5), `reward_auc` by iteration, final kNN; and each variant minus `reservoir-learner`,
+paired by seed, with a 95% t-interval. Each run's metrics.jsonl, background.json, accepted.jsonl and
+config.yaml are copied to OUT/TARGET/VARIANT/runs/seed-S/CONDITION/, beside that variant's
+bench report.
+
+    python bench/exp_reward_variants.py --targets digits footwear   # the folders
+    python bench/exp_reward_variants.py --targets demo              # the demo target
+    python bench/exp_reward_variants.py --report-only               # the tables from the runs there
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.acquisition_grid import run_grid  # noqa: E402
+from bench.exp_own_target import FOLDERS  # noqa: E402
+from bench.machine import write_machine  # noqa: E402
+
+VARIANTS = {
+    "reservoir-learner": {},
+    "fixed-learner": {"reward.background_update": "fixed"},
+    "fixed-base": {"reward.background_update": "fixed", "reward.encoder": "base"},
+}
+REFERENCE = "reservoir-learner"
+TARGETS = ["digits", "footwear", "demo"]
+SHARED = ["base.pt", "base.json", "pixels.json", "pixels-centred.json", "target-only.json"]
+KEPT = ["metrics.jsonl", "background.json", "accepted.jsonl", "config.yaml"]
+BAR = {"relevant": 100, "ratio": 2.0, "precision": 0.5}
+
+
+def _setup(target: str, runs: Path) -> tuple[dict, list[str]]:
+    """The overrides and conditions of a target (on top of configs/demo.yaml)."""
+    if target == "demo":
+        return {}, ["gp-ucb"]
+    build, kinds, _ = FOLDERS[target]
+    folder = build(runs)
+    return ({"iterations": 4, "target.name": str(folder.resolve()), "target.acquire_size": None,
+             "target.probe_train_size": None, "target.relevant": kinds}, ["random", "gp-ucb"])
+
+
+def _share_bases(src: Path, dst: Path, seeds: list[int]) -> None:
+    """Links the seed's base and controls from the first variant's folder, so every variant starts
+    from the same encoder (and the base is trained once)."""
+    for seed in seeds:
+        for name in SHARED:
+            a, b = src / f"seed-{seed}" / name, dst / f"seed-{seed}" / name
+            if a.exists() and not b.exists():
+                b.parent.mkdir(parents=True, exist_ok=True)
+                os.link(a, b)
+
+
+def run(target: str, runs: Path, seeds: list[int], config: Path) -> None:
+    overrides, conditions = _setup(target, runs)
+    first = runs / target / REFERENCE
+    for variant, options in VARIANTS.items():
+        folder = runs / target / variant
+        if folder != first:
+            _share_bases(first, folder, seeds)
+        print(f"=== {target}: {variant} ===", flush=True)
+        run_grid(config, folder, seeds, conditions, {**overrides, **options})
+
+
+def _row(run_dir: Path) -> dict:
+    from explorer.analysis.report import read_run
+    from explorer.run.ledger import read_metrics
+
+    curves = read_run(run_dir)
+    steps = read_metrics(run_dir / "metrics.jsonl")[1:]
+    return {"relevant": int(curves.relevant[-1]), "accepted": int(curves.accepted[-1]),
+            "precision": float(curves.precision[-1]), "knn": float(curves.knn[-1]),
+            "auc": [row.get("reward_auc") for row in steps]}
+
+
+def _interval(values: list[float]) -> str:
+    from scipy import stats
+
+    x = np.asarray(values, float)
+    if len(x) < 2:
+        return f"{x.mean():+.1f} (n = 1)"
+    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return f"{x.mean():+.1f} ± {half:.1f} (n = {len(x)})"
+
+
+def report(runs: Path, out: Path, seeds: list[int], targets: list[str]) -> str:
+    from explorer.analysis.report import write_report
+
+    rows, lines = [], ["# The reward's background and encoder on own targets and the demo target", "",
+                       "Images of the target's kind accepted (hidden truth), gp (UCB, background heard) and "
+                       "random; bar: gp >= 100 of the kind, >= 2x random's, precision >= 0.5 (folders only).", ""]
+    for target in targets:
+        lines += [f"## {target}", "",
+                  "| seed | variant | gp kind | gp precision | random kind | gp / random | bar met | "
+                  "reward_auc by iteration | gp final kNN |", "|---|---|---:|---:|---:|---:|---|---|---:|"]
+        found = {}
+        for variant in VARIANTS:
+            folder = runs / target / variant
+            dirs = [folder / f"seed-{s}" / c for s in seeds for c in ("gp-ucb", "random")
+                    if (folder / f"seed-{s}" / c / "metrics.jsonl").exists()]
+            if not dirs:
+                continue
+            write_report(dirs, out / target / variant, title=f"{target}: reward {variant}", sections=("efficiency",
+                         "representation"))
+            for d in dirs:
+                keep = out / target / variant / "runs" / d.parent.name / d.name
+                keep.mkdir(parents=True, exist_ok=True)
+                for name in KEPT:
+                    if (d / name).exists():
+                        shutil.copyfile(d / name, keep / name)
+            for seed in seeds:
+                gp_dir, rnd_dir = folder / f"seed-{seed}" / "gp-ucb", folder / f"seed-{seed}" / "random"
+                if not (gp_dir / "metrics.jsonl").exists():
+                    continue
+                gp = _row(gp_dir)
+                rnd = _row(rnd_dir) if (rnd_dir / "metrics.jsonl").exists() else None
+                ratio = gp["relevant"] / max(rnd["relevant"], 1) if rnd else math.nan
+                met = (gp["relevant"] >= BAR["relevant"] and ratio >= BAR["ratio"]
+                       and gp["precision"] >= BAR["precision"]) if rnd else None
+                found[variant, seed] = gp
+                auc = ", ".join("–" if a is None else f"{a:.2f}" for a in gp["auc"])
+                lines.append(f"| {seed} | {variant} | {gp['relevant']} | {gp['precision']:.2f} | "
+                             f"{rnd['relevant'] if rnd else '–'} | {ratio:.1f}× | "
+                             f"{'–' if met is None else ('yes' if met else 'no')} | {auc} | {gp['knn']:.4f} |")
+                rows.append({"target": target, "seed": seed, "variant": variant, "gp_relevant": gp["relevant"],
+                             "gp_accepted": gp["accepted"], "gp_precision": f"{gp['precision']:.4f}",
+                             "random_relevant": rnd["relevant"] if rnd else "", "bar_met": "" if met is None else met,
+                             "gp_knn": f"{gp['knn']:.4f}", "reward_auc": json.dumps(gp["auc"])})
+        lines += ["", f"Paired by seed, variant minus {REFERENCE} (mean ± 95% t half-width):", ""]
+        for variant in VARIANTS:
+            pairs = [s for s in seeds if (variant, s) in found and (REFERENCE, s) in found]
+            if variant == REFERENCE or not pairs:
+                continue
+            kind = [found[variant, s]["relevant"] - found[REFERENCE, s]["relevant"] for s in pairs]
+            knn = [100 * (found[variant, s]["knn"] - found[REFERENCE, s]["knn"]) for s in pairs]
+            lines.append(f"- {variant}: kind accepted {_interval(kind)}; final kNN {_interval(knn)} points")
+        lines.append("")
+    out.mkdir(parents=True, exist_ok=True)
+    if rows:
+        with (out / "per_seed.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-reward-variants")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "reward_variants")
+    parser.add_argument("--targets", nargs="+", choices=TARGETS, default=TARGETS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[22, 23, 24],
+                        help="pre-registered in BENCHMARKS.md (default 22 23 24)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--report-only", action="store_true", help="only write the tables from the runs there")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    if not args.report_only:
+        for target in args.targets:
+            run(target, args.runs, args.seeds, args.config)
+    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    if not args.report_only:  # where and how each part ran; the tables come from --report-only
+        write_machine(args.out / f"machine-{'-'.join(args.targets)}", command)
+        print(f"runs finished in {args.runs}; the tables: --report-only")
+    else:
+        print(report(args.runs, args.out, args.seeds, [t for t in TARGETS if (args.runs / t).exists()]))
+    print(f"took {time.time() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
