@@ -73,6 +73,12 @@ class GPConfig:
     # BENCHMARKS.md ("own targets on the world web"); on in configs/demo.yaml, off by default so that
     # the other configs' committed results, measured without it, still reproduce.
     observe_background: bool = False
+    # After each round, hear the captions of up to this many of its best-scored fetched images
+    # (distinct, non-empty, scored above 0) as free-text observations; 0: off. Each is worth what a
+    # query returning only images like it would earn (RewardConfig.image_values). A kind the
+    # policy's queries only graze (a few shoes among what *photo* fetched) names itself in its
+    # captions ("kids' ankle boot"), and the prediction rises at the concepts near those words.
+    caption_feedback: int = 0
     optimizer_restarts: int = 1  # extra random starts of the marginal-likelihood optimiser
     optimizer_iterations: int = 60  # L-BFGS iteration cap per start
 
@@ -100,6 +106,8 @@ class GPConfig:
                 raise ValueError(f"length_scale_bounds must satisfy 0 < low <= high, got {self.length_scale_bounds}")
         if not 0 < self.max_noise <= 10:
             raise ValueError(f"max_noise must be in (0, 10], got {self.max_noise}")
+        if self.caption_feedback < 0:
+            raise ValueError(f"caption_feedback must be >= 0, got {self.caption_feedback}")
         if self.optimizer_restarts < 0 or self.optimizer_iterations < 1:
             raise ValueError("optimizer_restarts must be >= 0 and optimizer_iterations >= 1")
 
@@ -293,6 +301,19 @@ class GPPolicy(VocabularyPolicy):
         if not self.config.observe_background:
             return False
         self.update(queries, rewards)
+        return True
+
+    @property
+    def captions_wanted(self) -> int:
+        """How many of a round's best-scored captions the loop hands to `observe_captions`."""
+        return self.config.caption_feedback
+
+    def observe_captions(self, captions: list[str], values: list[float]) -> bool:
+        """Captions of a round's best-scored images, each heard as a free-text query worth `values`,
+        if `caption_feedback`. They inform the GP's fit; proposals stay vocabulary concepts."""
+        if not self.config.caption_feedback or not captions:
+            return False
+        self.update([Query(c) for c in captions], values)
         return True
 
     def fitted(self) -> FittedGP:

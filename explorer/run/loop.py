@@ -371,6 +371,7 @@ class RunLoop(ABC):
         observed = [i for i, a in enumerate(answers) if not isinstance(a, SearchError)]
         if observed:  # a failed search is a missing observation: the policy never hears of it
             self.policy.update([queries[i] for i in observed], [q_rewards[i] for i in observed])
+        captions_heard = self.hear_captions(answers, cand, rewards)
         accepted = self.accept(cand, rewards)
         self._check_stop()  # last safe point: from here on the iteration writes its logs
         self.failed_searches = [FailedSearch(q, n) for q, n, a in zip(queries, searches, answers)
@@ -393,7 +394,33 @@ class RunLoop(ABC):
                 self.MEAN_REWARD: round(float(rewards.mean()), 6) if len(rewards) else None,
                 "rejected_best": best_rejected(cand, rewards, accepted, cfg.reward.accept_mask(rewards, self.space.calibration)
                                                if len(rewards) else [], self.record_fields),  # for the contact sheet
-                "policy_stats": dict(getattr(self.policy, "stats", None) or {})}  # LLM policies: seconds, KL, clean-up
+                "policy_stats": dict(getattr(self.policy, "stats", None) or {}),  # LLM policies: seconds, KL, clean-up
+                **({"captions_heard": captions_heard} if captions_heard else {})}
+
+    def hear_captions(self, answers: list, cand: Candidates, rewards: np.ndarray) -> list[list]:
+        """A policy that asks for them (`captions_wanted`: the GP's `caption_feedback`) hears the
+        captions of the round's best-scored candidates, distinct and non-empty, each worth what a
+        query returning only images like it would earn (`RewardConfig.image_values`); those worth
+        nothing are not heard. Returns [caption, value] pairs as heard, for the metrics row."""
+        wanted = int(getattr(self.policy, "captions_wanted", 0) or 0)
+        if not wanted or not len(rewards):
+            return []
+        caption_of = {}
+        for answer in answers:
+            for r in [] if isinstance(answer, SearchError) else answer:
+                for url in (r.image_url, r.page_url):
+                    caption_of.setdefault(url, " ".join(str(r.caption or "").split()))
+        values = self.cfg.reward.image_values(rewards, self.space.calibration)
+        heard: dict[str, float] = {}
+        for j in np.argsort(-values, kind="stable"):
+            caption = caption_of.get(cand.urls[j], "")
+            if len(heard) == wanted or not values[j] > 0:
+                break
+            if caption and caption not in heard:
+                heard[caption] = round(float(values[j]), 6)
+        if heard:
+            self.policy.observe_captions(list(heard), list(heard.values()))
+        return [[c, v] for c, v in heard.items()]
 
     def accept(self, cand: Candidates, rewards: np.ndarray) -> np.ndarray:
         """Indices of accepted candidates: reward selection (`RewardConfig.select`), then near-duplicate

@@ -593,6 +593,14 @@ class RewardConfig:
         return query_reward(image_rewards, how=self.aggregate, top_m=self.top_m,
                             empty=self.empty_query_reward)
 
+    def image_values(self, rewards: np.ndarray, calibration: RewardCalibration) -> np.ndarray:
+        """(M,) what a query whose results were all like each image would earn, on the scale of
+        `query_rewards`: its percentile under `yield`, its reward under `aggregate`."""
+        rewards = np.asarray(rewards, np.float64).reshape(-1)
+        if self.query == "aggregate":
+            return np.where(np.isfinite(rewards), rewards, self.empty_query_reward)
+        return calibration.percentile(rewards)
+
     def query_rewards(self, rewards: np.ndarray, queries_of: list[list[int]], n_queries: int,
                       calibration: RewardCalibration, requested: int) -> list[float]:
         """One reward per query from the rewards (M,) of the candidates and which queries found each."""

@@ -200,3 +200,31 @@ def test_observed_background_queries_steer_the_first_batch(embeddings):
     assert sum(t in FOOTWEAR for t in first) >= 3 and not set(first) & set(REWARDED + UNREWARDED), first
     deaf = build_policy("gp", concepts=CONCEPTS, embeddings=embeddings, seed=0)  # the default
     assert deaf.observe(queries, rewards) is False and len(deaf.log) == 0
+
+
+def test_captions_of_well_scored_images_lead_to_the_concepts_they_name(embeddings):
+    """`observe_captions` (a round's best-scored images' captions, heard as free text): when every
+    query so far earned little, two shoe captions worth a typical target image's yield raise the
+    prediction at the footwear concepts above every other untried one, and the next batch takes the
+    two they name (without them: 'loafer, running shoe, rice, boot', far from what was tried);
+    off (the default), nothing is heard."""
+    queries = [Query(c, CONCEPTS.index(c)) for c in UNREWARDED]
+    rewards = [0.02, 0.01, 0.03, 0.0, 0.02, 0.01, 0.0, 0.02, 0.01, 0.03, 0.0, 0.02]
+    captions = ["kids' ankle boot", "new arrival slipper"]
+    policy = build_policy("gp", concepts=CONCEPTS, embeddings=embeddings, seed=0, acquisition="ucb",
+                          explore_first=4, explore_share=0.0, caption_feedback=8)
+    policy.update(queries, rewards)
+    assert policy.captions_wanted == 8
+    assert policy.observe_captions(captions, [0.5, 0.45]) is True
+    assert policy.log.texts[-2:] == captions and policy.log.rewards[-2:] == [0.5, 0.45]
+    assert not policy.log.tried[CONCEPTS.index("slipper")]  # free text: no concept counts as tried
+    mean, _ = policy.predict()
+    at = {c: m for c, m in zip(CONCEPTS, mean)}
+    assert min(at["ankle boot"], at["slipper"], at["boot"]) > max(at[c] for c in OTHER if c not in UNREWARDED)
+    batch = [q.text for q in policy.propose(4)]
+    assert {"ankle boot", "slipper"} <= set(batch), batch
+    deaf = build_policy("gp", concepts=CONCEPTS, embeddings=embeddings, seed=0)
+    assert deaf.captions_wanted == 0 and deaf.observe_captions(captions, [0.5, 0.45]) is False
+    assert len(deaf.log) == 0
+    with pytest.raises(ValueError, match="caption_feedback"):
+        GPConfig(caption_feedback=-1)

@@ -253,3 +253,37 @@ def test_reward_encoder_is_checked():
         RewardConfig(encoder="projector")
     with pytest.raises(ValueError, match="text.reward_encoder"):
         ExperimentConfig(modality="text", reward=RewardConfig(encoder="base"))
+
+
+def test_the_gp_hears_the_captions_of_the_best_scored_images(tiny_experiment, engine, small_corpus, tmp_path):
+    """With `caption_feedback`, each round's best-scored fetched images' captions (distinct, worth
+    more than 0, at most that many) go to the GP as free-text observations after its own queries:
+    the metrics row lists them, the policy's log holds them, and each is the caption of an image
+    decoded in that round."""
+    policy = {"name": "gp", "queries_per_iteration": 4, "options": {"explore_first": 4, "caption_feedback": 3}}
+    run_dir = tmp_path / "run"
+    loop = ImageLoop(tiny_experiment(policy=policy), run_dir, engine_url=engine.url, progress=False)
+    rows = loop.run(log=lambda line: None)
+    loop.close()
+    heard = [row.get("captions_heard", []) for row in rows[1:]]
+    assert any(heard)
+    manifest = pq.read_table(small_corpus.root / "manifest.parquet", columns=["key", "caption"]).to_pydict()
+    caption_of = {k: " ".join(c.split()) for k, c in zip(manifest["key"], manifest["caption"])}
+    log = load_latest_checkpoint(run_dir).state["policy"]["log"]
+    entries = list(zip(log["concepts"], log["texts"], log["rewards"]))
+    at = 0
+    with sqlite3.connect(run_dir / "ledger.sqlite") as db:
+        for row, pairs in zip(rows[1:], heard):
+            assert len(pairs) <= 3 and len({c for c, _ in pairs}) == len(pairs)
+            values = [v for _, v in pairs]
+            assert all(v > 0 for v in values) and values == sorted(values, reverse=True)
+            decoded = {caption_of[urlsplit(u).path[len("/image/"):]] for (u,) in db.execute(
+                "SELECT url FROM fetches WHERE iteration = ? AND status = 'decoded'", (row["iteration"],))}
+            assert {c for c, _ in pairs} <= decoded
+            own = entries[at:at + len(row["queries"])]  # the policy's own queries first, then the captions
+            assert [t for _, t, _ in own] == row["queries"] and all(c >= 0 for c, _, _ in own)
+            at += len(row["queries"])
+            assert [(t, pytest.approx(r)) for c, t, r in entries[at:at + len(pairs)] if c == -1] == [
+                (c, pytest.approx(v)) for c, v in pairs]
+            at += len(pairs)
+    assert at == len(entries)
