@@ -7,7 +7,9 @@ and linked into every variant's folder):
 - `reservoir-learner`: the demo config as it is: the background the reward contrasts with is a
   reservoir over everything fetched, and the reward reads the encoder being trained;
 - `fixed-learner`: `reward.background_update: fixed` (the first web sample stays the background);
-- `fixed-base`: `fixed` and `reward.encoder: base` (the reward reads the untrained base encoder).
+- `fixed-base`: `fixed` and `reward.encoder: base` (the reward reads the untrained base encoder);
+- `captions` (`--variants`; not a reward variant): the GP hears the captions of each round's 8
+  best-scored images as well (`policy.options.caption_feedback: 8`).
 
 Targets: the two folders of bench/exp_own_target.py (`digits`: scikit-learn's blurry digits, a kind
 the web holds in another style; `footwear`: Fashion-MNIST test footwear), each with gp (UCB, the
@@ -51,7 +53,10 @@ VARIANTS = {
     "reservoir-learner": {},
     "fixed-learner": {"reward.background_update": "fixed"},
     "fixed-base": {"reward.background_update": "fixed", "reward.encoder": "base"},
+    # not a reward variant: the GP also hears the captions of each round's 8 best-scored images
+    "captions": {"policy.options.caption_feedback": 8},
 }
+PREREGISTERED = ["reservoir-learner", "fixed-learner", "fixed-base"]  # BENCHMARKS.md, seeds 22-24
 REFERENCE = "reservoir-learner"
 TARGETS = ["digits", "footwear", "demo"]
 SHARED = ["base.pt", "base.json", "pixels.json", "pixels-centred.json", "target-only.json"]
@@ -80,10 +85,11 @@ def _share_bases(src: Path, dst: Path, seeds: list[int]) -> None:
                 os.link(a, b)
 
 
-def run(target: str, runs: Path, seeds: list[int], config: Path) -> None:
+def run(target: str, runs: Path, seeds: list[int], config: Path, variants: list[str]) -> None:
     overrides, conditions = _setup(target, runs)
     first = runs / target / REFERENCE
-    for variant, options in VARIANTS.items():
+    for variant in [REFERENCE, *[v for v in variants if v != REFERENCE]]:
+        options = VARIANTS[variant]
         folder = runs / target / variant
         if folder != first:
             _share_bases(first, folder, seeds)
@@ -181,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-reward-variants")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "reward_variants")
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=TARGETS)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=PREREGISTERED,
+                        help=f"run these beside {REFERENCE} (default: the three reward variants)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[22, 23, 24],
                         help="pre-registered in BENCHMARKS.md (default 22 23 24)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -192,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     if not args.report_only:
         for target in args.targets:
-            run(target, args.runs, args.seeds, args.config)
+            run(target, args.runs, args.seeds, args.config, args.variants)
     command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     if not args.report_only:  # where and how each part ran; the tables come from --report-only
         write_machine(args.out / f"machine-{'-'.join(args.targets)}", command)
