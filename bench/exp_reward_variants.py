@@ -121,7 +121,7 @@ def _interval(values: list[float]) -> str:
 def report(runs: Path, out: Path, seeds: list[int], targets: list[str]) -> str:
     from explorer.analysis.report import write_report
 
-    rows, lines = [], ["# The reward's background and encoder on own targets and the demo target", "",
+    rows, lines = [], ["# Reward variants and the GP's caption feedback on own targets and the demo target", "",
                        "Images of the target's kind accepted (hidden truth), gp (UCB, background heard) and "
                        "random; bar: gp >= 100 of the kind, >= 2x random's, precision >= 0.5 (folders only).", ""]
     for target in targets:
@@ -155,7 +155,7 @@ def report(runs: Path, out: Path, seeds: list[int], targets: list[str]) -> str:
                 found[variant, seed] = gp
                 auc = ", ".join("–" if a is None else f"{a:.2f}" for a in gp["auc"])
                 lines.append(f"| {seed} | {variant} | {gp['relevant']} | {gp['precision']:.2f} | "
-                             f"{rnd['relevant'] if rnd else '–'} | {ratio:.1f}× | "
+                             f"{rnd['relevant'] if rnd else '–'} | {f'{ratio:.1f}×' if rnd else '–'} | "
                              f"{'–' if met is None else ('yes' if met else 'no')} | {auc} | {gp['knn']:.4f} |")
                 rows.append({"target": target, "seed": seed, "variant": variant, "gp_relevant": gp["relevant"],
                              "gp_accepted": gp["accepted"], "gp_precision": f"{gp['precision']:.4f}",
