@@ -101,6 +101,7 @@ def run_grid(config: Path, out: Path, seeds: list[int], conditions: list[str],
              overrides: dict | None = None) -> list[Path]:
     """Runs what is missing; returns every run folder of the grid. `overrides`: dotted config fields
     set on top of the config file (as `explorer run --set` does)."""
+    from explorer.run.checkpoints import prune_checkpoints
     from explorer.run.config import load_config, save_config
     from explorer.run.experiment import local_engine_for
     from explorer.run.image import ImageLoop
@@ -133,6 +134,7 @@ def run_grid(config: Path, out: Path, seeds: list[int], conditions: list[str],
                                        resume=True, base_scores=json.loads((seed_dir / "base.json").read_text()))
                 loop.run(log=lambda msg: print(msg, flush=True))
                 _check_searched(run_dir)
+                prune_checkpoints(run_dir, keep=1)  # finished: its last checkpoint is all it needs
     return run_dirs
 
 

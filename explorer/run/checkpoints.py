@@ -89,6 +89,17 @@ def write_checkpoint(run_dir: Path, iteration: int, state: dict, keep: int = 3) 
     return final
 
 
+def prune_checkpoints(run_dir: Path, keep: int = 1) -> None:
+    """Keep only the newest `keep` complete checkpoints of a run. A finished run resumes from its
+    last one alone; a benchmark grid that keeps three per run (about 100 MB each for the image
+    learner) fills a disk."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    root = run_dir / CHECKPOINTS
+    if root.is_dir():
+        _prune(root, keep)
+
+
 def _remove(path: Path) -> None:
     """Marker first: a removal cut short leaves a directory that no longer counts as complete."""
     (path / MARKER).unlink(missing_ok=True)

@@ -17,6 +17,7 @@ from explorer.run.checkpoints import (
     checkpoint_dir,
     has_checkpoint,
     load_latest_checkpoint,
+    prune_checkpoints,
     write_checkpoint,
 )
 
@@ -39,6 +40,17 @@ def test_keeps_the_last_k_complete_directories(tmp_path):
     assert torch.equal(latest.state["weights"], torch.full((10,), 5.0))
     with pytest.raises(ValueError, match="keep must be >= 1"):
         write_checkpoint(tmp_path, 6, state(6), keep=0)
+
+
+def test_a_finished_run_keeps_only_its_last_checkpoint(tmp_path):
+    for it in range(1, 4):
+        write_checkpoint(tmp_path, it, state(it), keep=3)
+    prune_checkpoints(tmp_path, keep=1)
+    assert names(tmp_path) == ["iter-000003"]
+    assert load_latest_checkpoint(tmp_path).iteration == 3
+    prune_checkpoints(tmp_path / "no-run-here")  # nothing to prune: no error
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        prune_checkpoints(tmp_path, keep=0)
 
 
 @pytest.mark.parametrize("damage, reason", [
