@@ -40,8 +40,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -109,13 +107,10 @@ def _row(run_dir: Path) -> dict:
 
 
 def _interval(values: list[float]) -> str:
-    from scipy import stats
+    from explorer.analysis.report import mean_ci
 
-    x = np.asarray(values, float)
-    if len(x) < 2:
-        return f"{x.mean():+.1f} (n = 1)"
-    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
-    return f"{x.mean():+.1f} ± {half:.1f} (n = {len(x)})"
+    mean, half, n = mean_ci(values)
+    return f"{mean:+.1f} (n = 1)" if n < 2 else f"{mean:+.1f} ± {half:.1f} (n = {n})"
 
 
 def report(runs: Path, out: Path, seeds: list[int], targets: list[str]) -> str:

@@ -5,7 +5,9 @@ neighbours of (a query by example) — hears back one scalar reward per query (t
 reward of the images the query found), and keeps all of its state in a
 `state_dict` so that a run can be checkpointed, resumed and replayed. A policy may also define
 `observe(queries, rewards) -> bool`: rewards of queries the run issued that it did not choose (the
-reward's background sample), heard before its first batch (the GP does; see `GPConfig`).
+reward's background sample), heard before its first batch; and `captions_wanted` (how many) with
+`observe_captions(captions, values) -> bool`: the captions of a round's best-scored images, heard
+as free text (the GP does both; see `GPConfig`).
 """
 
 from __future__ import annotations
