@@ -9,7 +9,10 @@ and linked into every variant's folder):
 - `fixed-learner`: `reward.background_update: fixed` (the first web sample stays the background);
 - `fixed-base`: `fixed` and `reward.encoder: base` (the reward reads the untrained base encoder);
 - `captions` (`--variants`; not a reward variant): the GP hears the captions of each round's 8
-  best-scored images as well (`policy.options.caption_feedback: 8`).
+  best-scored images as well (`policy.options.caption_feedback: 8`);
+- `class-names` (`--variants`; not a reward variant): both policies search the target's class names
+  (its class folders' names) first (`policy.class_name_queries`); the random run then is random with
+  class names, and `random plain` (the reference's random) is the policy without them.
 
 Targets: the two folders of bench/exp_own_target.py (`digits`: scikit-learn's blurry digits, a kind
 the web holds in another style; `footwear`: Fashion-MNIST test footwear), each with gp (UCB, the
@@ -19,7 +22,9 @@ target (`demo`: Fashion-MNIST, configs/demo.yaml as it is, 10 iterations), gp on
 Reported per target, seed and variant (report.md, per_seed.csv): images of the kind accepted,
 gp's precision, random's (folders), the own-target bar (gp >= 100 of the kind, >= 2x random's, at
 precision >= 0.5), `reward_auc` by iteration, final kNN; and each variant minus `reservoir-learner`,
-paired by seed, with a 95% t-interval. Each run's metrics.jsonl, background.json, accepted.jsonl and
+paired by seed, with a 95% t-interval. Where a variant changes what random does (class-names), the
+bar is also checked against the reference's random (`random plain`), and `named only` counts the
+gp's images of the kind that only class-name queries found (accepted.jsonl's `queries`). Each run's metrics.jsonl, background.json, accepted.jsonl and
 config.yaml are copied to OUT/TARGET/VARIANT/runs/seed-S/CONDITION/, beside that variant's
 bench report.
 
@@ -53,6 +58,8 @@ VARIANTS = {
     "fixed-base": {"reward.background_update": "fixed", "reward.encoder": "base"},
     # not a reward variant: the GP also hears the captions of each round's 8 best-scored images
     "captions": {"policy.options.caption_feedback": 8},
+    # not a reward variant: gp and random search the target's class names first
+    "class-names": {"policy.class_name_queries": True},
 }
 PREREGISTERED = ["reservoir-learner", "fixed-learner", "fixed-base"]  # BENCHMARKS.md, seeds 22-24
 REFERENCE = "reservoir-learner"
@@ -99,11 +106,27 @@ def _row(run_dir: Path) -> dict:
     from explorer.analysis.report import read_run
     from explorer.run.ledger import read_metrics
 
+    from explorer.run.config import load_config
+    from explorer.run.loop import class_name_texts
+    from explorer.score.target import load_target
+
     curves = read_run(run_dir)
     steps = read_metrics(run_dir / "metrics.jsonl")[1:]
+    cfg = load_config(run_dir / "config.yaml")
+    named = set(class_name_texts(load_target(cfg.target).class_names)) if cfg.policy.class_name_queries else set()
+    accepted = [json.loads(line) for line in (run_dir / "accepted.jsonl").read_text().splitlines() if line.strip()]
     return {"relevant": int(curves.relevant[-1]), "accepted": int(curves.accepted[-1]),
             "precision": float(curves.precision[-1]), "knn": float(curves.knn[-1]),
-            "auc": [row.get("reward_auc") for row in steps]}
+            "auc": [row.get("reward_auc") for row in steps],
+            "named_only": sum(bool(a["relevant"]) and set(a["queries"]) <= named for a in accepted) if named else None}
+
+
+def _bar(gp: dict, rnd: dict | None) -> tuple[float, bool | None]:
+    """gp / random (kind accepted), and whether the own-target bar is met (None: no random run)."""
+    if rnd is None:
+        return math.nan, None
+    ratio = gp["relevant"] / max(rnd["relevant"], 1)
+    return ratio, (gp["relevant"] >= BAR["relevant"] and ratio >= BAR["ratio"] and gp["precision"] >= BAR["precision"])
 
 
 def _interval(values: list[float]) -> str:
@@ -123,7 +146,7 @@ def report(runs: Path, out: Path, seeds: list[int], targets: list[str]) -> str:
         lines += [f"## {target}", "",
                   "| seed | variant | gp kind | gp precision | random kind | gp / random | bar met | "
                   "reward_auc by iteration | gp final kNN |", "|---|---|---:|---:|---:|---:|---|---|---:|"]
-        found = {}
+        found, named_lines = {}, []
         for variant in VARIANTS:
             folder = runs / target / variant
             dirs = [folder / f"seed-{s}" / c for s in seeds for c in ("gp-ucb", "random")
@@ -144,10 +167,17 @@ def report(runs: Path, out: Path, seeds: list[int], targets: list[str]) -> str:
                     continue
                 gp = _row(gp_dir)
                 rnd = _row(rnd_dir) if (rnd_dir / "metrics.jsonl").exists() else None
-                ratio = gp["relevant"] / max(rnd["relevant"], 1) if rnd else math.nan
-                met = (gp["relevant"] >= BAR["relevant"] and ratio >= BAR["ratio"]
-                       and gp["precision"] >= BAR["precision"]) if rnd else None
+                ratio, met = _bar(gp, rnd)
                 found[variant, seed] = gp
+                if gp["named_only"] is not None:  # random searched the class names too: also against plain random
+                    plain_dir = runs / target / REFERENCE / f"seed-{seed}" / "random"
+                    plain = _row(plain_dir) if (plain_dir / "metrics.jsonl").exists() else None
+                    plain_ratio, plain_met = _bar(gp, plain)
+                    named_lines.append(
+                        f"| {seed} | {variant} | {gp['relevant']} | {gp['named_only']} | "
+                        f"{rnd['relevant'] if rnd else '–'} | {plain['relevant'] if plain else '–'} | "
+                        f"{'–' if plain is None else f'{plain_ratio:.1f}×'} | "
+                        f"{'–' if plain_met is None else ('yes' if plain_met else 'no')} |")
                 auc = ", ".join("–" if a is None else f"{a:.2f}" for a in gp["auc"])
                 lines.append(f"| {seed} | {variant} | {gp['relevant']} | {gp['precision']:.2f} | "
                              f"{rnd['relevant'] if rnd else '–'} | {f'{ratio:.1f}×' if rnd else '–'} | "
@@ -156,6 +186,11 @@ def report(runs: Path, out: Path, seeds: list[int], targets: list[str]) -> str:
                              "gp_accepted": gp["accepted"], "gp_precision": f"{gp['precision']:.4f}",
                              "random_relevant": rnd["relevant"] if rnd else "", "bar_met": "" if met is None else met,
                              "gp_knn": f"{gp['knn']:.4f}", "reward_auc": json.dumps(gp["auc"])})
+        if named_lines:
+            lines += ["", "Class names searched first: the gp's images of the kind found by class-name queries only, "
+                      "random with class names, and random plain (the reference's random run):", "",
+                      "| seed | variant | gp kind | named only | random kind | random plain kind | gp / random plain | "
+                      "bar met vs random plain |", "|---|---|---:|---:|---:|---:|---:|---|", *named_lines]
         lines += ["", f"Paired by seed, variant minus {REFERENCE} (mean ± 95% t half-width):", ""]
         for variant in VARIANTS:
             pairs = [s for s in seeds if (variant, s) in found and (REFERENCE, s) in found]

@@ -53,6 +53,12 @@ class PolicyConfig:
     queries_per_iteration: int = 16
     options: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the policy's constructor (e.g. acquisition, temperature for gp)."""
+    class_name_queries: bool = False
+    """Search the target's class names (a folder's class subfolders, an installed target's classes)
+    as free-text queries at the start of the first round, before the policy's own batch, at most
+    `queries_per_iteration` a round; the policy hears their rewards as its own. For the vocabulary
+    policies (random, gp, oracle); the LLM policies read the class names in their prompt instead
+    (`target_description`). Without class names it does nothing (and says so)."""
 
     def __post_init__(self):
         if self.queries_per_iteration < 1:

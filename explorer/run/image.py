@@ -208,6 +208,7 @@ class ImageLoop(RunLoop):
                                   target_description(cfg), self.target.part("acquire")[0])
         if hasattr(self.policy, "use_generation_cache"):  # LLM policies: a replay reads what they wrote
             self.policy.use_generation_cache(self.run_dir / "cache" / "generations")
+        self.use_class_names(self.target.class_names)
         self._replay_dir = Path(tempfile.mkdtemp(prefix=".replay-acquired-", dir=self.run_dir)) if replay else None
         self.store = ShardStore(self._replay_dir or self.run_dir / ACQUIRED, cfg.fetch.image_size)
         self.training = self.ranks.replicate(ImageTraining, cfg, self.target.part("acquire")[0], store=self.store)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 import warnings
 from abc import ABC, abstractmethod
@@ -51,6 +52,7 @@ from explorer.run.searches import FailedSearch, query_status, recorded_failures,
 from explorer.run.sheets import best_rejected, record_sheet
 from explorer.score.reward import RewardSpace
 from policies.base import Query
+from policies.random_policy import VocabularyPolicy
 
 # Seeds the draw of background queries apart from the policy's own stream (same run seed).
 BACKGROUND_STREAM = 0xB6
@@ -77,6 +79,17 @@ def search_input(query) -> str | ImageQuery:
     """What the search backend is asked for a policy's `Query`: its text, or its image (a query by
     example, which its text names)."""
     return query.text if query.image is None else ImageQuery(query.image, query.text)
+
+
+def class_name_texts(names) -> list[str]:
+    """A target's class names as search queries (`policy.class_name_queries`): underscores read as
+    spaces, a leading catalogue number ('017.Cardinal') dropped, each distinct name once, in order."""
+    texts = []
+    for name in names:
+        text = " ".join(re.sub(r"^\d+\.(?=\D)", "", str(name)).replace("_", " ").split())
+        if text and text not in texts:
+            texts.append(text)
+    return texts
 
 
 def background_seed(cfg: ExperimentConfig) -> int:
@@ -222,7 +235,26 @@ class RunLoop(ABC):
         # iterations in a row that accepted nothing (a warning at two), carried across a resume
         self.empty_rounds = checkpoint.state.get("empty_rounds", 0) if checkpoint else 0
         self._background_round = None  # the background queries and their finds, until the policy hears them
+        self.class_names: list[str] = []  # searched first with policy.class_name_queries (`use_class_names`)
         return checkpoint
+
+    def use_class_names(self, names) -> None:
+        """The target's class names, searched before the policy's batch if `policy.class_name_queries`."""
+        if not self.cfg.policy.class_name_queries:
+            return
+        if not isinstance(self.policy, VocabularyPolicy):
+            raise ValueError(f"policy.class_name_queries needs a vocabulary policy (random, gp, oracle), not "
+                             f"{self.cfg.policy.name!r}; the LLM policies read the class names in their prompt")
+        self.class_names = class_name_texts(names)
+        if not self.class_names:
+            warnings.warn("policy.class_name_queries: the target has no class names (no class subfolders), so "
+                          "every round is the policy's own", stacklevel=2)
+
+    def class_name_round(self, n: int) -> list[Query]:
+        """The class names this round searches before the policy's batch: the first round's n, then
+        the next n, ... (fixed by the iteration number, so a resumed or replayed round asks the same)."""
+        start = (self.iteration - 1) * n
+        return [Query(text) for text in self.class_names[start:start + n]]
 
     def _open_backend(self, build, name: str, engine_url: str | None):
         """The run's search backend, built by the modality's registry (`build(name, ...)`): in a
@@ -359,7 +391,10 @@ class RunLoop(ABC):
         before anything is written."""
         cfg = self.cfg
         retries = self.failed_searches  # searched after the policy's batch
-        queries = self.policy.propose(cfg.policy.queries_per_iteration) + [f.query for f in retries]
+        n = cfg.policy.queries_per_iteration
+        named = self.class_name_round(n)  # policy.class_name_queries: the target's class names first
+        own = self.policy.propose(n - len(named)) if len(named) < n else []
+        queries = named + own + [f.query for f in retries]
         searches = [1] * (len(queries) - len(retries)) + [f.searches + 1 for f in retries]
         answers, cand = self.search_and_fetch([search_input(q) for q in queries])
         self._check_stop()

@@ -163,6 +163,7 @@ class TextLoop(RunLoop):
                                   f"encyclopedia articles on {tc.topic.lower()}")
         if hasattr(self.policy, "use_generation_cache"):  # LLM policies: a replay reads what they wrote
             self.policy.use_generation_cache(self.run_dir / "cache" / "generations")
+        self.use_class_names(())  # a text target is a topic, without classes
         from explorer.web.text_encoder import default_encoder
         self.encoder = default_encoder()
         self.tokenizer = self._tokenizer()

@@ -287,3 +287,43 @@ def test_the_gp_hears_the_captions_of_the_best_scored_images(tiny_experiment, en
                 (c, pytest.approx(v)) for c, v in pairs]
             at += len(pairs)
     assert at == len(entries)
+
+
+def test_class_name_queries_search_the_targets_class_names_first(tiny_experiment, engine, small_corpus, tmp_path):
+    """With `policy.class_name_queries`, each round starts with the next `queries_per_iteration` of the
+    target's class names, searched as free text (not vocabulary concepts); the policy hears their rewards
+    as its own, and what they fetch is mostly the target's kind (well above the corpus's share of it)."""
+    from explorer.web.sources import FASHION_CLASSES
+
+    cfg = tiny_experiment(policy={"name": "random", "queries_per_iteration": 4, "class_name_queries": True})
+    run_dir = tmp_path / "run"
+    loop = ImageLoop(cfg, run_dir, engine_url=engine.url, progress=False)
+    rows = loop.run(log=lambda line: None)
+    loop.close()
+    assert [row["queries"] for row in rows[1:]] == [list(FASHION_CLASSES[:4]), list(FASHION_CLASSES[4:8])]
+    log = load_latest_checkpoint(run_dir).state["policy"]["log"]
+    assert log["texts"] == [q for row in rows[1:] for q in row["queries"]]
+    assert log["concepts"] == [-1] * 8  # free text, not vocabulary concepts
+    assert log["rewards"] == pytest.approx([r for row in rows[1:] for r in row["query_rewards"]], abs=1e-6)
+    sources = pq.read_table(small_corpus.root / "manifest.parquet", columns=["source"])["source"].to_pylist()
+    share = sources.count("fashion-mnist") / len(sources)
+    assert all(row["precision_fetched"] > max(0.8, 2 * share) for row in rows[1:])
+
+
+def test_class_name_queries_need_a_vocabulary_policy_and_class_names():
+    from types import SimpleNamespace
+
+    from explorer.run.loop import RunLoop, class_name_texts
+
+    assert class_name_texts(["017.Cardinal", "ankle_boot", "0", "3.5 inch", "ankle boot", " "]) == [
+        "Cardinal", "ankle boot", "0", "3.5 inch"]
+    from explorer.run.config import from_dict
+
+    cfg = from_dict(ExperimentConfig, {"policy": {"name": "ppo", "class_name_queries": True}})
+    with pytest.raises(ValueError, match="class_name_queries needs a vocabulary policy"):
+        RunLoop.use_class_names(SimpleNamespace(cfg=cfg, policy=object()), ["sandal"])
+    from policies.random_policy import RandomPolicy
+
+    loop = SimpleNamespace(cfg=cfg, policy=RandomPolicy(["a", "b"]))
+    with pytest.warns(UserWarning, match="no class names"):
+        RunLoop.use_class_names(loop, [])
