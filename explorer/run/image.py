@@ -17,6 +17,7 @@ writes its shards to a temporary folder that is removed when it closes.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from explorer.acquire.cache import CacheMode
 from explorer.acquire.fetch import fetch_images
 from explorer.acquire.search import SearchBackend, build_backend
 from explorer.run.assembly import HiddenTruth, digest, load_vocabulary, make_policy
@@ -86,6 +88,9 @@ def ground_truth(cfg: ExperimentConfig, corpus: WebCorpus | None) -> GroundTruth
     if corpus is None or not kinds:
         return None
     return GroundTruth(corpus, frozenset(kinds))
+
+
+START_ENCODER = "start-encoder.pt"  # reward.encoder: start -- the encoder the run's first round read
 
 
 def target_description(cfg: ExperimentConfig) -> str:
@@ -215,6 +220,7 @@ class ImageLoop(RunLoop):
         base_state = None if resume or base_checkpoint is None else \
             torch.load(base_checkpoint, map_location="cpu", weights_only=True)
         self.training.start(base_state, not resume, progress)
+        self._start_encoder = self._keep_start_encoder(resume) if cfg.reward.encoder == "start" else None
         self.backend = self._backend(engine_url)
         self.accepted_sig = np.zeros((0, 0), np.float32)
         self.held_out_sig = image_signature(self.target.part("probe_test")[0])  # no copy of it is accepted
@@ -245,7 +251,29 @@ class ImageLoop(RunLoop):
         def encoder_pair(learner):  # `learner()` is called only when its embeddings are needed
             return lambda: learner().embed(acquire), lambda items: learner().embed(torch.stack(items))
 
-        self.space = self.reward_space(*encoder_pair(lambda: self.learner), embed_base=encoder_pair(self.base_encoder))
+        reference = (lambda: self._start_encoder) if self._start_encoder is not None else self.base_encoder
+        self.space = self.reward_space(*encoder_pair(lambda: self.learner), embed_base=encoder_pair(reference))
+
+    def _keep_start_encoder(self, resume: bool) -> MoCoLearner:
+        """`reward.encoder: start`: a frozen copy of the learner as the run's first round reads it (after
+        `train.pretrain_steps` on the target, or the shared base), kept in the run folder
+        (`START_ENCODER`) so that a resumed run reads the same one."""
+        path = self.run_dir / START_ENCODER
+        if resume:
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is missing: this run's rewards read the encoder it held there "
+                                        "(reward.encoder: start), so it cannot be resumed without it")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            state = self.learner.state_dict()
+            if self.mode is not CacheMode.REPLAY:  # a replay retrains to the same state
+                tmp = path.with_name(f".{path.name}.{os.getpid()}")
+                torch.save(state, tmp)
+                os.replace(tmp, path)
+        with torch.random.fork_rng():  # the run's own random streams stay as they were
+            encoder = MoCoLearner(self.learner.config, distributed=False)
+        encoder.load_state_dict(state)
+        return encoder
 
     def base_encoder(self) -> MoCoLearner:
         """The learner as the config builds it, before any training here (ImageNet weights with
@@ -283,7 +311,8 @@ class ImageLoop(RunLoop):
             return cand, np.zeros((0, self.space.index.dim), np.float32)
         if self.space.encoder == "learner":  # as the space was built; split over the ranks
             return cand, self.training.embed(cand.items)
-        return cand, self.base_encoder().embed(cand.items)
+        encoder = self._start_encoder if self.space.encoder == "start" else self.base_encoder()
+        return cand, encoder.embed(cand.items)
 
     def signatures(self, cand: Candidates, rows: np.ndarray) -> np.ndarray:
         """Pixel signatures (`image_signature`): computed only for the images the reward chose."""

@@ -465,8 +465,8 @@ class RunLoop(ABC):
 
     def reward_space(self, embed_target, embed_items, embed_base=None) -> RewardSpace:
         """The reward space under the current encoder (`embed_target()`: the target's embeddings,
-        `embed_items(items)`: any background items'), or under the base encoder (`embed_base`, the
-        same pair) when `reward.encoder` is "base", or when the current one has collapsed (its target rewards no longer spread:
+        `embed_items(items)`: any background items'), or under `embed_base` (the same pair: the base
+        encoder, or the start encoder) when `reward.encoder` is "base" or "start", or when the current one has collapsed (its target rewards no longer spread:
         `RewardConfig.min_spread`) and the base's spread more. The collapse is logged either way
         (`reward_collapsed`)."""
         rc = self.cfg.reward
@@ -476,8 +476,8 @@ class RunLoop(ABC):
             return rc.space(target_fn(), items_fn(bg) if len(bg) else None, items_fn(web) if len(web) else None,
                             encoder=name)
 
-        if rc.encoder == "base" and embed_base is not None:  # the configured choice: no fallback to weigh
-            space = build(*embed_base, "base")
+        if rc.encoder in ("base", "start") and embed_base is not None:  # the configured choice: no fallback
+            space = build(*embed_base, rc.encoder)
             self.reward_health = space.health(rc.min_spread)  # names its encoder
             return space
         space = build(embed_target, embed_items, "learner")

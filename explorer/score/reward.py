@@ -254,7 +254,7 @@ QUERY_AGGREGATES: dict[str, Callable[[np.ndarray, int], float]] = {
 QUERY_REWARDS = ("yield", "aggregate")
 ACCEPT_RULES = ("value", "top_fraction")
 BACKGROUND_UPDATES = ("reservoir", "fixed")
-REWARD_ENCODERS = ("learner", "base")
+REWARD_ENCODERS = ("learner", "base", "start")
 
 # Reward of a query with no usable images. Cosine 0 means "unrelated": below the reward of any
 # image that resembles the target at all, yet not so far below the usual spread of rewards
@@ -480,8 +480,11 @@ class RewardConfig:
     encoder: str = "learner"
     """Image runs: whose embeddings the reward reads. "learner": the current encoder, as it trains
     (Internet Explorer's choice); "base": the learner as the config builds it, before any training
-    (ImageNet weights with `learner.pretrained`), which does not drift with what the run accepts.
-    Text runs choose with `text.reward_encoder`."""
+    (ImageNet weights with `learner.pretrained`), which does not drift with what the run accepts;
+    "start": the learner as the run's first round read it (after `train.pretrain_steps` on the
+    target, or the shared base), frozen there: it ranks the target's kind as the trained-on-target
+    encoder does, without the drift that training on the accepted images brings (kept in the run
+    folder as start-encoder.pt). Text runs choose with `text.reward_encoder`."""
     min_spread: float = 0.01
     """Below this spread of the target's own rewards (10th to 90th percentile) the reward has
     collapsed: the run says so and reads the base encoder's embeddings for that iteration."""

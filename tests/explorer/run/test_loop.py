@@ -248,6 +248,35 @@ def test_a_reward_read_from_the_base_encoder_does_not_move_with_training(tiny_ex
     assert rows["base"][-1]["learner_step"] == rows["learner"][-1]["learner_step"]  # the learner trained alike
 
 
+def test_a_reward_read_from_the_start_encoder_is_the_first_rounds_and_stays(tiny_experiment, engine, tmp_path):
+    """`reward.encoder: start`: the reward reads the learner as the first round read it, frozen there:
+    round 1 scores exactly as a run that reads the current learner, later rounds keep the target's
+    scale while the learner trains on, and a resumed run reads the same encoder from the run folder
+    (and refuses to go on without it)."""
+    reward = {"background_update": "fixed", "web_percentile": None, "min_spread": 0.0}
+    rows = {}
+    for encoder in ("start", "learner"):
+        loop = ImageLoop(tiny_experiment(iterations=3, reward={**reward, "encoder": encoder}), tmp_path / encoder,
+                         engine_url=engine.url, progress=False)
+        rows[encoder] = loop.run(until=1 if encoder == "start" else None, log=lambda line: None)[1:]
+        loop.close()
+    loop = ImageLoop(tiny_experiment(iterations=3, reward={**reward, "encoder": "start"}), tmp_path / "start",
+                     engine_url=engine.url, progress=False, resume=True)
+    rows["start"] += loop.run(log=lambda line: None)
+    loop.close()
+    start, learner = rows["start"], rows["learner"]
+    assert [r["iteration"] for r in start] == [1, 2, 3]
+    assert [r["reward_encoder"] for r in start] == ["start"] * 3
+    assert start[0]["query_rewards"] == learner[0]["query_rewards"]  # round 1 read the same encoder
+    assert start[0]["reward_spread"] == learner[0]["reward_spread"]
+    assert len({r["reward_spread"] for r in start}) == 1  # after the resume too
+    assert len({r["reward_spread"] for r in learner}) > 1
+    (tmp_path / "start" / "start-encoder.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="start-encoder.pt is missing"):
+        ImageLoop(tiny_experiment(iterations=4, reward={**reward, "encoder": "start"}), tmp_path / "start",
+                  engine_url=engine.url, progress=False, resume=True)
+
+
 def test_reward_encoder_is_checked():
     with pytest.raises(ValueError, match="unknown reward encoder"):
         RewardConfig(encoder="projector")
