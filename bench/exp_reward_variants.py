@@ -13,7 +13,8 @@ and linked into every variant's folder):
 - `class-names` (`--variants`; not a reward variant): both policies search the target's class names
   (its class folders' names) first (`policy.class_name_queries`); the random run then is random with
   class names, and `random plain` (the reference's random) is the policy without them;
-- `class-names-fixed`: class names first and `reward.background_update: fixed`.
+- `class-names-fixed`: class names first and `reward.background_update: fixed`;
+- `class-names-start`: as class-names-fixed, and `reward.encoder: start`.
 
 Targets: the two folders of bench/exp_own_target.py (`digits`: scikit-learn's blurry digits, a kind
 the web holds in another style; `footwear`: Fashion-MNIST test footwear), each with gp (UCB, the
@@ -64,6 +65,9 @@ VARIANTS = {
     # class names first, and the background stays the first web sample (not a reservoir over what the
     # names fetched, which is mostly the kind: later finds of the kind are then scored like the web)
     "class-names-fixed": {"policy.class_name_queries": True, "reward.background_update": "fixed"},
+    # and the reward reads the encoder the first round read, frozen (no drift from training on the finds)
+    "class-names-start": {"policy.class_name_queries": True, "reward.background_update": "fixed",
+                          "reward.encoder": "start"},
 }
 PREREGISTERED = ["reservoir-learner", "fixed-learner", "fixed-base"]  # BENCHMARKS.md, seeds 22-24
 REFERENCE = "reservoir-learner"
