@@ -466,8 +466,9 @@ class RunLoop(ABC):
     def reward_space(self, embed_target, embed_items, embed_base=None) -> RewardSpace:
         """The reward space under the current encoder (`embed_target()`: the target's embeddings,
         `embed_items(items)`: any background items'), or under `embed_base` (the same pair: the base
-        encoder, or the start encoder) when `reward.encoder` is "base" or "start", or when the current one has collapsed (its target rewards no longer spread:
-        `RewardConfig.min_spread`) and the base's spread more. The collapse is logged either way
+        encoder, or the start encoder) when `reward.encoder` is "base" or "start", or when the current
+        one has collapsed (its target rewards no longer spread: `RewardConfig.min_spread`) and the
+        base's spread more. The collapse is logged either way
         (`reward_collapsed`)."""
         rc = self.cfg.reward
         bg, web = self.background_sample.items, self.web_sample
