@@ -147,7 +147,8 @@ def _interval(values: list[float]) -> str:
     return f"{mean:+.1f} (n = 1)" if n < 2 else f"{mean:+.1f} ± {half:.1f} (n = {n})"
 
 
-def report(runs: Path, out: Path, seeds: list[int], targets: list[str]) -> str:
+def report(runs: Path, out: Path, seeds: list[int], targets: list[str], paired_against: str | None = None) -> str:
+    """report.md and per_seed.csv; the paired differences are against REFERENCE and `paired_against`."""
     from explorer.analysis.report import write_report
 
     rows, lines = [], ["# Reward variants and the GP's caption feedback on own targets and the demo target", "",
@@ -202,14 +203,15 @@ def report(runs: Path, out: Path, seeds: list[int], targets: list[str]) -> str:
                       "random with class names, and random plain (the reference's random run):", "",
                       "| seed | variant | gp kind | named only | random kind | random plain kind | gp / random plain | "
                       "bar met vs random plain |", "|---|---|---:|---:|---:|---:|---:|---|", *named_lines]
-        lines += ["", f"Paired by seed, variant minus {REFERENCE} (mean ± 95% t half-width):", ""]
-        for variant in VARIANTS:
-            pairs = [s for s in seeds if (variant, s) in found and (REFERENCE, s) in found]
-            if variant == REFERENCE or not pairs:
-                continue
-            kind = [found[variant, s]["relevant"] - found[REFERENCE, s]["relevant"] for s in pairs]
-            knn = [100 * (found[variant, s]["knn"] - found[REFERENCE, s]["knn"]) for s in pairs]
-            lines.append(f"- {variant}: kind accepted {_interval(kind)}; final kNN {_interval(knn)} points")
+        for against in dict.fromkeys([REFERENCE, paired_against or REFERENCE]):
+            lines += ["", f"Paired by seed, variant minus {against} (mean ± 95% t half-width):", ""]
+            for variant in VARIANTS:
+                pairs = [s for s in seeds if (variant, s) in found and (against, s) in found]
+                if variant == against or not pairs:
+                    continue
+                kind = [found[variant, s]["relevant"] - found[against, s]["relevant"] for s in pairs]
+                knn = [100 * (found[variant, s]["knn"] - found[against, s]["knn"]) for s in pairs]
+                lines.append(f"- {variant}: kind accepted {_interval(kind)}; final kNN {_interval(knn)} points")
         lines.append("")
     out.mkdir(parents=True, exist_ok=True)
     if rows:
@@ -234,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="pre-registered in BENCHMARKS.md (default 22 23 24)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--report-only", action="store_true", help="only write the tables from the runs there")
+    parser.add_argument("--paired-against", choices=list(VARIANTS), default=None,
+                        help=f"also pair every variant against this one in the report (always: {REFERENCE})")
     args = parser.parse_args(argv)
     import torch
 
@@ -247,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         write_machine(args.out / f"machine-{'-'.join(args.targets)}", command)
         print(f"runs finished in {args.runs}; the tables: --report-only")
     else:
-        print(report(args.runs, args.out, args.seeds, [t for t in TARGETS if (args.runs / t).exists()]))
+        print(report(args.runs, args.out, args.seeds, [t for t in TARGETS if (args.runs / t).exists()],
+                     args.paired_against))
     print(f"took {time.time() - t0:.0f}s")
     return 0
 
