@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -118,18 +119,25 @@ def _row(run_dir: Path) -> dict:
     from explorer.analysis.report import read_run
     from explorer.run.config import load_config
     from explorer.run.ledger import read_metrics
-    from explorer.run.loop import class_name_texts
-    from explorer.score.target import load_target
 
     curves = read_run(run_dir)
     steps = read_metrics(run_dir / "metrics.jsonl")[1:]
     cfg = load_config(run_dir / "config.yaml")
-    named = set(class_name_texts(load_target(cfg.target).class_names)) if cfg.policy.class_name_queries else set()
+    named = _class_name_queries(cfg.target.name) if cfg.policy.class_name_queries else frozenset()
     accepted = [json.loads(line) for line in (run_dir / "accepted.jsonl").read_text().splitlines() if line.strip()]
     return {"relevant": int(curves.relevant[-1]), "accepted": int(curves.accepted[-1]),
             "precision": float(curves.precision[-1]), "knn": float(curves.knn[-1]),
             "auc": [row.get("reward_auc") for row in steps],
             "named_only": sum(bool(a["relevant"]) and set(a["queries"]) <= named for a in accepted) if named else None}
+
+
+@functools.lru_cache(maxsize=None)
+def _class_name_queries(target: str) -> frozenset[str]:
+    """The class-name queries of a target (a folder or an installed one); loaded once per target."""
+    from explorer.run.loop import class_name_texts
+    from explorer.score.target import TargetConfig, load_target
+
+    return frozenset(class_name_texts(load_target(TargetConfig(name=target)).class_names))
 
 
 def _bar(gp: dict, rnd: dict | None) -> tuple[float, bool | None]:

@@ -17,7 +17,6 @@ writes its shards to a temporary folder that is removed when it closes.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import tempfile
 import time
@@ -41,6 +40,7 @@ from explorer.score.target import TargetSet, load_target
 from explorer.web.corpus import WebCorpus
 from explorer.web.presets import open_image_corpus
 from explorer.web.sources import INSTALLED_TARGETS
+from learners.checkpoint import atomic_torch_save
 from learners.mixture import TrainingMixture
 from learners.moco import MoCoLearner
 from learners.shards import ShardStore, cut_batches
@@ -251,8 +251,13 @@ class ImageLoop(RunLoop):
         def encoder_pair(learner):  # `learner()` is called only when its embeddings are needed
             return lambda: learner().embed(acquire), lambda items: learner().embed(torch.stack(items))
 
-        reference = (lambda: self._start_encoder) if self._start_encoder is not None else self.base_encoder
-        self.space = self.reward_space(*encoder_pair(lambda: self.learner), embed_base=encoder_pair(reference))
+        self.space = self.reward_space(*encoder_pair(lambda: self.learner),
+                                       embed_base=encoder_pair(self.reference_encoder))
+
+    def reference_encoder(self) -> MoCoLearner:
+        """What the reward reads instead of the current learner: the start encoder with
+        `reward.encoder: start`, else the base encoder (`reward.encoder: base`, or a collapse)."""
+        return self._start_encoder if self._start_encoder is not None else self.base_encoder()
 
     def _keep_start_encoder(self, resume: bool) -> MoCoLearner:
         """`reward.encoder: start`: a frozen copy of the learner as the run's first round reads it (after
@@ -267,9 +272,7 @@ class ImageLoop(RunLoop):
         else:
             state = self.learner.state_dict()
             if self.mode is not CacheMode.REPLAY:  # a replay retrains to the same state
-                tmp = path.with_name(f".{path.name}.{os.getpid()}")
-                torch.save(state, tmp)
-                os.replace(tmp, path)
+                atomic_torch_save(state, path)
         with torch.random.fork_rng():  # the run's own random streams stay as they were
             encoder = MoCoLearner(self.learner.config, distributed=False)
         encoder.load_state_dict(state)
@@ -311,8 +314,7 @@ class ImageLoop(RunLoop):
             return cand, np.zeros((0, self.space.index.dim), np.float32)
         if self.space.encoder == "learner":  # as the space was built; split over the ranks
             return cand, self.training.embed(cand.items)
-        encoder = self._start_encoder if self.space.encoder == "start" else self.base_encoder()
-        return cand, encoder.embed(cand.items)
+        return cand, self.reference_encoder().embed(cand.items)
 
     def signatures(self, cand: Candidates, rows: np.ndarray) -> np.ndarray:
         """Pixel signatures (`image_signature`): computed only for the images the reward chose."""
