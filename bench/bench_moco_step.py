@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cached-views", type=int, default=0)
     parser.add_argument("--mlp-dim", type=int, default=1024)
     parser.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast for the trainable part on the CPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the training module (learner.compile); it compiles in the warm-up")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     config = MoCoConfig(backbone="tf_efficientnet_lite0", backbone_kwargs={}, pretrained="pypi",
                         image_size=args.image_size, frozen_stages=args.frozen_stages, freeze_bn=True,
                         cached_views=args.cached_views, mlp_dim=args.mlp_dim, cpu_bf16=args.cpu_bf16,
-                        batch_size=128, total_steps=1000)
+                        compile=args.compile, batch_size=128, total_steps=1000)
     learner = MoCoLearner(config, device="cpu")
     generator = torch.Generator().manual_seed(0)
     mixture = TrainingMixture(torch.randint(0, 256, (100, 3, 28, 28), dtype=torch.uint8, generator=generator),
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     mixture.add_accepted(torch.randint(0, 256, (2400, 3, 28, 28), dtype=torch.uint8, generator=generator))
     if learner.view_cache is not None:
         learner.view_cache.warm(mixture)
-    learner.train_steps(mixture, 2)  # warm-up
+    learner.train_steps(mixture, 3)  # warm-up (and, with --compile, the compilation)
     model = learner.model
     x1, x2 = learner._views(mixture)
     h1, h2 = model.prefix(x1), model.prefix(x2)
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
              "trainable fwd + bwd, both views": trainable, "momentum branch, both views": momentum,
              "whole step": lambda: learner.train_step(mixture)}
     print(f"{args.image_size} px, frozen_stages {args.frozen_stages}, cached_views {args.cached_views}, "
-          f"mlp_dim {args.mlp_dim}, cpu_bf16 {args.cpu_bf16}, batch {len(x1)}, {args.threads} thread(s)")
+          f"mlp_dim {args.mlp_dim}, cpu_bf16 {args.cpu_bf16}, compile {args.compile}, batch {len(x1)}, "
+          f"{args.threads} thread(s)")
     for name, work in parts.items():
         print(f"  {name:32s} {fastest(work, args.repeats):7.0f} ms")
     return 0

@@ -202,9 +202,11 @@ class MoCoV3(nn.Module):
             offset, k = dist.get_rank() * k.shape[0], torch.cat(gathered)
         return mocov3_infonce(q, k, self.temperature, offset)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: float, train_trunk: bool = True,
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, train_trunk: bool = True,
                 prefixed: bool = False) -> torch.Tensor:
-        """Symmetrised loss of two views (B, 3, S, S); updates the momentum branch with momentum m.
+        """Symmetrised loss of two views (B, 3, S, S); the momentum branch gives the keys as it is
+        (the caller moves it first: `update_momentum`, outside the module's forward so that a
+        compiled forward does not see a new momentum constant at every step and recompile).
 
         train_trunk=False trains only projector and predictor (the trunk's features are detached);
         prefixed=True: x1 and x2 are already the frozen prefix's outputs (learners/view_cache.py)."""
@@ -214,7 +216,6 @@ class MoCoV3(nn.Module):
         q1 = self.predictor(self.base_projector(f1))
         q2 = self.predictor(self.base_projector(f2))
         with torch.no_grad():
-            self.update_momentum(m)
             k1 = self.momentum_projector(self.momentum_encoder(h1))
             k2 = self.momentum_projector(self.momentum_encoder(h2))
         return self._contrast(q1, k2) + self._contrast(q2, k1)
@@ -361,8 +362,9 @@ class MoCoLearner:
         cached = self.view_cache is not None
         x1, x2 = self._cached_views(mixture) if cached else self._views(mixture, planned)
         self.model.train()
+        self.model.update_momentum(momentum)  # before the keys are computed, as moco-v3 does
         with self._autocast():
-            loss = self.trainable(x1, x2, momentum, train_trunk=self.step >= cfg.head_warmup_steps, prefixed=cached)
+            loss = self.trainable(x1, x2, train_trunk=self.step >= cfg.head_warmup_steps, prefixed=cached)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -84,6 +84,22 @@ def test_momentum_encoder_follows_base_by_ema():
         assert torch.equal(b_new, b)  # the EMA never writes to the online branch
 
 
+def test_a_compiled_step_is_traced_once_while_the_momentum_moves(images, monkeypatch):
+    """`learner.compile`: the momentum changes every step, so it must not be an argument of the
+    compiled forward (each new float constant recompiled it, and compiling never paid)."""
+    import torch._dynamo
+
+    learner = MoCoLearner(tiny_config(base_momentum=0.9, total_steps=4), device="cpu")
+    learner.trainable = torch.compile(learner.trainable, backend="eager")  # dynamo's tracing, no codegen
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    momentum = [p.detach().clone() for p in learner.model.momentum_parameters()]
+    losses = learner.train_steps(TrainingMixture(images), 3)  # momenta 0.9, 0.915, 0.95: three constants
+    assert all(np.isfinite(losses))
+    assert any(not torch.equal(a, b) for a, b in zip(momentum, learner.model.momentum_parameters()))
+    torch._dynamo.reset()
+
+
 def test_resume_reproduces_the_next_loss_exactly(images, tmp_path):
     learner = MoCoLearner(tiny_config(), device="cpu")
     learner.train_steps(TrainingMixture(images), 2)
