@@ -14,13 +14,15 @@ status) and the local web's hidden truth (`target.relevant` of the run's config)
 So it tells a policy that cannot reach more of the kind (few new) from a reward that refuses what
 the policy reaches (many new, few accepted).
 
-    python bench/diag_new_finds.py runs/bench-class-names-start/digits/class-names-start/seed-3*/gp-ucb \
-        --out bench/results/class_names_start/new_finds.md
+    python bench/diag_new_finds.py \
+        runs/bench-class-names-start/digits/class-names-{fixed,start}/seed-3{4,5,6}/{gp-ucb,random} \
+        --out bench/results/class_names_start/new_finds_digits.md
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sqlite3
 import sys
 from pathlib import Path
@@ -35,7 +37,7 @@ from explorer.web.presets import open_image_corpus  # noqa: E402
 
 def new_finds(run: Path, truth) -> list[dict]:
     """Per iteration: {iteration, kind, new, new_accepted, accepted} from the run's ledger."""
-    with sqlite3.connect(f"file:{run / 'ledger.sqlite'}?mode=ro", uri=True) as db:
+    with contextlib.closing(sqlite3.connect(f"file:{run / 'ledger.sqlite'}?mode=ro", uri=True)) as db:
         fetches = db.execute("SELECT iteration, url FROM fetches WHERE status IN ('decoded', 'already_accepted') "
                              "ORDER BY iteration").fetchall()
         accepted = set(db.execute("SELECT iteration, url FROM accepted").fetchall())

@@ -86,7 +86,7 @@ def test_momentum_encoder_follows_base_by_ema():
 
 def test_a_compiled_step_is_traced_once_while_the_momentum_moves(images, monkeypatch):
     """`learner.compile`: the momentum changes every step, so it must not be an argument of the
-    compiled forward (each new float constant recompiled it, and compiling never paid)."""
+    compiled forward (each new float constant recompiled it)."""
     import torch._dynamo
 
     learner = MoCoLearner(tiny_config(base_momentum=0.9, total_steps=4), device="cpu")
