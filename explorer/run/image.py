@@ -269,13 +269,13 @@ class ImageLoop(RunLoop):
                 raise FileNotFoundError(f"{path} is missing: this run's rewards read the encoder it held there "
                                         "(reward.encoder: start), so it cannot be resumed without it")
             state = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            state = self.learner.state_dict()
+        else:  # the model's weights only: a frozen encoder has no use for the optimizer or the mixture
+            state = {"model": self.learner.model.state_dict()}
             if self.mode is not CacheMode.REPLAY:  # a replay retrains to the same state
                 atomic_torch_save(state, path)
         with torch.random.fork_rng():  # the run's own random streams stay as they were
             encoder = MoCoLearner(self.learner.config, distributed=False)
-        encoder.load_state_dict(state)
+        encoder.model.load_state_dict(state["model"])  # a whole learner's state (written before) has it too
         return encoder
 
     def base_encoder(self) -> MoCoLearner:
