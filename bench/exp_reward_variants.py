@@ -15,7 +15,9 @@ and linked into every variant's folder):
   (its class folders' names) first (`policy.class_name_queries`); the random run then is random with
   class names, and `random plain` (the reference's random) is the policy without them;
 - `class-names-fixed`: class names first and `reward.background_update: fixed`;
-- `class-names-start`: as class-names-fixed, and `reward.encoder: start`.
+- `class-names-start`: as class-names-fixed, and `reward.encoder: start`;
+- `class-names-skip`, `class-names-start-skip`: as class-names-fixed and class-names-start, and
+  `search.skip_seen` (each query's results are ones earlier rounds' searches did not return).
 
 Targets: the two folders of bench/exp_own_target.py (`digits`: scikit-learn's blurry digits, a kind
 the web holds in another style; `footwear`: Fashion-MNIST test footwear), each with gp (UCB, the
@@ -73,6 +75,11 @@ VARIANTS = {name: {**BEFORE, **options} for name, options in {
     # and the reward reads the encoder the first round read, frozen (no drift from training on the finds)
     "class-names-start": {"policy.class_name_queries": True, "reward.background_update": "fixed",
                           "reward.encoder": "start"},
+    # as class-names-fixed / -start, and each query skips the results earlier rounds returned (search.skip_seen)
+    "class-names-skip": {"policy.class_name_queries": True, "reward.background_update": "fixed",
+                         "search.skip_seen": True},
+    "class-names-start-skip": {"policy.class_name_queries": True, "reward.background_update": "fixed",
+                               "reward.encoder": "start", "search.skip_seen": True},
 }.items()}
 PREREGISTERED = ["reservoir-learner", "fixed-learner", "fixed-base"]  # BENCHMARKS.md, seeds 22-24
 REFERENCE = "reservoir-learner"

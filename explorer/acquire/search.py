@@ -20,7 +20,10 @@ A query's results are distinct by image URL, each at the rank of its first occur
 engine's answer (engines repeat results across pages). SearXNG-style paging stops at `n` distinct
 results, at the first short or empty page, at a page with nothing new, and when the engine's
 `number_of_results` is reached; a page that fails after earlier pages answered keeps their results,
-marked partial (`SearchResults.partial`).
+marked partial (`SearchResults.partial`). Given `known` URLs (a run's earlier results,
+`search.skip_seen`), a text query skips them and pages on until it has `n` others: a page of known
+results alone does not end the paging, a page with nothing the query had not already been given
+does. clip-retrieval has no pages: it asks for `known_depth` times as many neighbours instead.
 
 Real engines defend themselves, so the client behaves like a polite browser (`HttpPolicy`): Accept
 and Accept-Language headers (SearXNG's bot detection answers 429 without them), a pace between
@@ -39,7 +42,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
@@ -116,7 +119,7 @@ class ImageQuery:
 class SearchBackend(Protocol):
     name: str
 
-    def search(self, query: str, n: int) -> list[SearchResult]: ...
+    def search(self, query: str, n: int, known: Collection[str] = ()) -> list[SearchResult]: ...
 
     def describe(self) -> dict[str, Any]: ...   # what `build_backend` needs to rebuild it (for replay)
 
@@ -391,9 +394,10 @@ class SearxngBackend:
         return {"name": self.name, "url": self.url, "max_pages": self.max_pages, "per_page": self.per_page,
                 "categories": self.categories}
 
-    def search(self, query: str, n: int) -> SearchResults:
-        """Up to `n` distinct results, page by page (see the module docstring for when paging stops).
-        A failing first page raises; a later one ends the paging with the results so far, partial."""
+    def search(self, query: str, n: int, known: Collection[str] = ()) -> SearchResults:
+        """Up to `n` distinct results not in `known`, page by page (see the module docstring for when
+        paging stops). A failing first page raises; a later one ends the paging with the results so
+        far, partial."""
         results, seen = SearchResults(), set()
         answered, full_page = 0, self.per_page if self.per_page_param else None  # SearXNG: page 1's size
         for page in range(1, self.max_pages + 1):
@@ -408,7 +412,7 @@ class SearxngBackend:
             batch = self.parse(payload, query, answered, where)
             answered += len(batch)  # the engine's results so far, repeats included: the next page's first rank
             new = distinct_results(batch, seen)
-            results.extend(new[:n - len(results)])
+            results.extend([r for r in new if r.image_url not in known][:n - len(results)])
             size = len(payload["results"])  # the page's entries (a parser checked the list)
             full_page = full_page or size
             if len(results) >= n or not new or size < full_page or _all_answered(payload, answered):
@@ -453,11 +457,15 @@ class ClipRetrievalBackend:
     http_defaults: dict[str, Any] = {"min_interval_s": 0.0}
 
     def __init__(self, url: str, *, http: CachedHttp, indice_name: str = "laion5B-L-14", modality: str = "image",
-                 deduplicate: bool = True, result_ids_factor: int = 3, image_model: str | None = None):
+                 deduplicate: bool = True, result_ids_factor: int = 3, image_model: str | None = None,
+                 known_depth: int = 4):
         """`image_model`: the model the index was built with (a key of explorer.web.image_encoder's
         IMAGE_MODELS); image queries are then embedded here and sent as `embedding_input`, else sent
-        as base64 `image` for the back end to embed."""
-        self.image_model = image_model
+        as base64 `image` for the back end to embed. `known_depth`: a text query with results to skip
+        (`known`) asks for that many times `n` neighbours, so that `n` others can remain."""
+        if not isinstance(known_depth, int) or known_depth < 1:
+            raise ValueError(f"clip-retrieval known_depth must be an integer >= 1, got {known_depth!r}")
+        self.image_model, self.known_depth = image_model, known_depth
         if modality not in CLIP_MODALITIES:
             raise ValueError(f"unknown clip-retrieval modality {modality!r}; valid: {', '.join(CLIP_MODALITIES)}")
         if not isinstance(result_ids_factor, int) or result_ids_factor < 1:
@@ -474,12 +482,16 @@ class ClipRetrievalBackend:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "url": self.url, "indice_name": self.indice_name, "modality": self.modality,
                 "deduplicate": self.deduplicate, "result_ids_factor": self.result_ids_factor,
-                **({"image_model": self.image_model} if self.image_model else {})}
+                "known_depth": self.known_depth, **({"image_model": self.image_model} if self.image_model else {})}
 
-    def search(self, query: str, n: int) -> SearchResults:
-        ids = n * self.result_ids_factor if self.deduplicate else n
+    def search(self, query: str, n: int, known: Collection[str] = ()) -> SearchResults:
+        """The `n` nearest neighbours of the text not in `known` (among `known_depth` × `n` when
+        there are URLs to skip)."""
+        asked = n * self.known_depth if known else n
+        ids = asked * self.result_ids_factor if self.deduplicate else asked
         body = {"text": query, "image": None, "image_url": None, "embedding_input": None,
-                "modality": self.modality, "num_images": n, "indice_name": self.indice_name, "num_result_ids": ids,
+                "modality": self.modality, "num_images": asked, "indice_name": self.indice_name,
+                "num_result_ids": ids,
                 "use_mclip": False, "deduplicate": self.deduplicate, "use_safety_model": False,
                 "use_violence_detector": False, "aesthetic_score": "", "aesthetic_weight": 0.5}
         where = f"clip-retrieval search {query!r} at {self.url}"
@@ -490,7 +502,7 @@ class ClipRetrievalBackend:
         results, skipped = parse_clip_retrieval(payload, query, where)
         with self._lock:
             self.skipped += skipped
-        return SearchResults(distinct_results(results)[:n])
+        return SearchResults([r for r in distinct_results(results) if r.image_url not in known][:n])
 
     def search_image(self, query: ImageQuery, n: int) -> list[SearchResult]:
         """The image's neighbours in `indice_name` (see `knn_image_search`)."""
@@ -544,10 +556,12 @@ def query_embedding(http: CachedHttp, model: str, query: ImageQuery) -> list[flo
     return vector
 
 
-def search_one(backend: SearchBackend, query: str | ImageQuery, n: int) -> list[SearchResult]:
-    """A text query's results, or an image query's from a backend that can search by image."""
+def search_one(backend: SearchBackend, query: str | ImageQuery, n: int,
+               known: Collection[str] = ()) -> list[SearchResult]:
+    """A text query's results (none of `known`), or an image query's from a backend that can search
+    by image (its nearest neighbours, `known` or not)."""
     if not isinstance(query, ImageQuery):
-        return backend.search(query, n)
+        return backend.search(query, n, known) if known else backend.search(query, n)
     search_image = getattr(backend, "search_image", None)
     if search_image is None:
         raise SearchError(f"the {backend.name} backend cannot search by image: use clip-retrieval (a back end "
@@ -579,13 +593,13 @@ def build_backend(name: str, *, cache: ResponseCache | None, mode: CacheMode | s
 
 
 def search_many(backend: SearchBackend, queries: Sequence[str | ImageQuery], n: int, *,
-                concurrency: int | None = None) -> list[SearchResults | SearchError]:
+                concurrency: int | None = None, known: Collection[str] = ()) -> list[SearchResults | SearchError]:
     """All queries (text, or images by example), `concurrency` at a time (None: the backend's own
-    default), in input order: a query's SearchResults (distinct by image URL, whatever the backend),
-    or its SearchError."""
+    default), in input order: a query's SearchResults (distinct by image URL, whatever the backend;
+    a text query's without the URLs in `known`), or its SearchError."""
     def one(q: str | ImageQuery):
         try:
-            answer = search_one(backend, q, n)
+            answer = search_one(backend, q, n, known)
         except SearchError as e:
             return e
         distinct = SearchResults(distinct_results(answer))

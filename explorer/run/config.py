@@ -78,6 +78,12 @@ class SearchConfig:
     """How many later iterations a query whose search failed (transport error, 403, 429, 5xx, engines
     down) is searched again in, on top of the policy's batch; 0: never. A failed search is never a
     reward: the policy hears of the query only once a search of it answers."""
+    skip_seen: bool = False
+    """Each query's results_per_query are results the run's searches have not returned before: the
+    backend pages on past them (up to its max_pages; clip-retrieval asks for deeper neighbours), so
+    a concept whose top results an earlier query already brought reaches further down the engine's
+    list instead of fetching them again. Off: the engine's top results, had before or not. Image
+    queries (knn-retrieval) and the background's searches are not affected."""
     serve_html: bool = False
     """Text runs on the local engine: serve the documents as web pages (text/html with navigation and
     footer, whose main text the fetcher extracts) instead of text/plain, as the real web does."""

@@ -160,6 +160,10 @@ class RunLedger:
             return 0, 0
         return n, int(freed)
 
+    def result_urls(self) -> set[str]:
+        """Every URL the run's queries have returned (the results table)."""
+        return {url for (url,) in self.db.execute("SELECT DISTINCT url FROM results")}
+
     def last_iteration(self) -> int | None:
         return self.db.execute("SELECT MAX(iteration) FROM iterations").fetchone()[0]
 

@@ -229,6 +229,7 @@ class RunLoop(ABC):
         self.stage_seconds: dict[str, float] = {}  # this iteration's time split (`timed`)
         self.cache = ResponseCache(self.run_dir / "cache")
         self.iteration = 0
+        self.seen_urls: set[str] = set()  # every result URL of the policy's searches so far (search.skip_seen)
         # failed searches to ask again (search.failed_query_retries); a checkpoint's are restored here
         self.failed_searches = [FailedSearch.from_state(f) for f in
                                 (checkpoint.state.get("failed_searches", []) if checkpoint else [])]
@@ -275,11 +276,14 @@ class RunLoop(ABC):
     def _search(self, texts: list[str | ImageQuery], background: bool = False) -> tuple[list, dict[str, list[int]]]:
         """Every query's answer (results, or a SearchError) and, per result URL in first-seen order,
         the queries that returned it; the URLs are what the modality fetches next. A replay fails
-        the searches the recording logged as failed (`background`: in background.json) again."""
+        the searches the recording logged as failed (`background`: in background.json) again. With
+        `search.skip_seen` the policy's queries skip the URLs earlier rounds' searches returned."""
         failed = (recorded_failures(self.run_dir, self.iteration, texts, background)
                   if self.mode is CacheMode.REPLAY else {})
+        known = frozenset(self.seen_urls) if self.cfg.search.skip_seen and not background else frozenset()
         searched = iter(search_many(self.backend, [t for i, t in enumerate(texts) if i not in failed],
-                                    self.cfg.search.results_per_query, concurrency=self.cfg.search.concurrency))
+                                    self.cfg.search.results_per_query, concurrency=self.cfg.search.concurrency,
+                                    known=known))
         answers = [failed[i] if i in failed else next(searched) for i in range(len(texts))]
         for answer in answers:
             if isinstance(answer, UnrecordedAnswer):  # a replay's cache lost an answer the recording had
@@ -288,6 +292,8 @@ class RunLoop(ABC):
         for qi, a in enumerate(answers):
             for r in [] if isinstance(a, SearchError) else a:
                 url_queries.setdefault(r.image_url, []).append(qi)
+        if not background:
+            self.seen_urls.update(url_queries)
         return answers, url_queries
 
     def _fetch_config(self) -> FetchConfig:
@@ -320,9 +326,12 @@ class RunLoop(ABC):
             write_json(self.run_dir / name, data)
 
     def _resume_logs(self) -> None:
-        """Cut logs and ledger back to the loaded checkpoint's iteration."""
+        """Cut logs and ledger back to the loaded checkpoint's iteration; the URLs searched so far
+        come back from the ledger."""
         self._truncate_logs()
         self._cut_ledger()
+        if self.ledger is not None:
+            self.seen_urls = self.ledger.result_urls()
 
     # -- the acquisition round, both modalities alike ------------------------------------------
     def search_and_fetch(self, texts: list[str | ImageQuery], background: bool = False) -> tuple[list, Candidates]:

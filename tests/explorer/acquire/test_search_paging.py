@@ -144,3 +144,35 @@ class RepeatingEngine:
 def test_search_many_hands_on_each_image_once_whatever_the_backend():
     [answer] = search_many(RepeatingEngine(), ["sneaker"], 3)
     assert [(r.rank, r.image_url) for r in answer] == [(0, "https://a.example/1.jpg"), (1, "https://a.example/2.jpg")]
+
+
+def test_known_results_are_skipped_and_the_paging_goes_deeper(tmp_path):
+    """`known` (a run's earlier results, `search.skip_seen`): page 1's images are known, so the query
+    pages on for 7 others; a page of known images alone does not end the paging, and none comes back."""
+    pages = _answers()
+    routes = {_page("sneaker", i + 1): _json(p) for i, p in enumerate(pages)}
+    routes[_page("sneaker", 5)] = _json({**pages[0], "results": []})
+    first = list(_first_ranks(pages))
+    known = {r["img_src"] for r in pages[0]["results"]}
+    with FaultServer(routes) as srv:
+        backend = build_backend("searxng", cache=ResponseCache(tmp_path), url=srv.url(""), **FAST)
+        top = backend.search("sneaker", 7)
+        assert srv.hits(_page("sneaker", 2)) == 0 and {r.image_url for r in top} == known
+        deeper = backend.search("sneaker", 7, known)
+        everything = backend.search("sneaker", 40, set(first))
+    assert [r.image_url for r in deeper] == [u for u in first if u not in known][:7]
+    assert min(r.rank for r in deeper) >= len(pages[0]["results"])
+    assert everything == []  # the engine holds nothing the run has not had: no result, no endless paging
+    assert srv.hits(_page("sneaker", 5)) == 1
+
+
+def test_clip_retrieval_asks_deeper_for_known_results(tmp_path):
+    with FaultServer({"/knn-service": _json(_clip_answer(13, 13))}) as srv:
+        backend = build_backend("clip-retrieval", cache=ResponseCache(tmp_path), url=srv.url("/knn-service"),
+                                indice_name="laion5B-L-14", known_depth=3, **FAST)
+        got = backend.search("sneaker", 4, {"https://laion.example/0.jpg", "https://laion.example/1.jpg"})
+        body = json.loads(srv.request_bodies[0])
+    assert body["num_images"] == 12 and body["num_result_ids"] == 36
+    assert [r.image_url for r in got] == [f"https://laion.example/{i}.jpg" for i in (2, 4, 5, 6)]
+    with pytest.raises(ValueError, match="known_depth must be an integer >= 1"):
+        build_backend("clip-retrieval", cache=None, url="http://127.0.0.1:9/knn-service", known_depth=0)

@@ -339,6 +339,47 @@ def test_class_name_queries_search_the_targets_class_names_first(tiny_experiment
     assert all(row["precision_fetched"] > max(0.8, 2 * share) for row in rows[1:])
 
 
+def _results_by_round(run_dir) -> dict[int, set[str]]:
+    with sqlite3.connect(run_dir / "ledger.sqlite") as db:
+        rows = db.execute("SELECT iteration, url FROM results").fetchall()
+    by_round: dict[int, set[str]] = {}
+    for iteration, url in rows:
+        by_round.setdefault(iteration, set()).add(url)
+    return by_round
+
+
+def test_skip_seen_searches_past_what_earlier_rounds_returned(tiny_experiment, engine, tmp_path):
+    """`search.skip_seen`: the class names' rounds overlap (shirt and T-shirt, sandal and ankle boot), so
+    without it later rounds bring images earlier ones had; with it no round repeats an earlier round's
+    result, its queries go down the engine's list instead (a query's first result is then below the
+    top), a resumed run remembers what was returned before the kill (from the ledger), and the replay
+    asks the same pages."""
+    policy = {"name": "random", "queries_per_iteration": 4, "class_name_queries": True}
+    rounds = {}
+    for skip in (False, True):
+        cfg = tiny_experiment(iterations=3, policy=policy, search={"results_per_query": 15, "skip_seen": skip})
+        run_dir = tmp_path / str(skip)
+        loop = ImageLoop(cfg, run_dir, engine_url=engine.url, progress=False)
+        loop.run(until=2 if skip else None, log=lambda line: None)
+        loop.close()
+        if skip:
+            loop = ImageLoop(cfg, run_dir, engine_url=engine.url, progress=False, resume=True)
+            assert loop.seen_urls == set().union(*_results_by_round(run_dir).values())
+            loop.run(log=lambda line: None)
+            loop.close()
+        rounds[skip] = _results_by_round(run_dir)
+    assert sorted(rounds[True]) == sorted(rounds[False]) == [1, 2, 3]
+    assert rounds[False][3] & (rounds[False][1] | rounds[False][2])  # the top results repeat
+    assert rounds[False][2] & rounds[False][1]
+    assert not rounds[True][3] & (rounds[True][1] | rounds[True][2])
+    assert not rounds[True][2] & rounds[True][1]
+    assert rounds[True][1] == rounds[False][1]  # nothing to skip in the first round
+    with sqlite3.connect(tmp_path / "True" / "ledger.sqlite") as db:
+        firsts = db.execute("SELECT MIN(rank) FROM results WHERE iteration > 1 GROUP BY iteration, query").fetchall()
+    assert max(first for (first,) in firsts) > 0
+    assert replay_run(tmp_path / "True", progress=False, log=lambda line: None) == []  # the same searches, cached
+
+
 def test_class_name_queries_need_a_vocabulary_policy_and_class_names():
     from types import SimpleNamespace
 
