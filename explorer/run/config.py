@@ -117,6 +117,7 @@ class TrainConfig:
 
 MODALITIES = ("image", "text")
 REWARD_ENCODERS = ("minilm", "lm")
+TEXT_SCORERS = ("knn", "dsir", "classifier")  # the reward, or a peer in its place (explorer/score/selectors.py)
 # L(N, D) = E + A/N^alpha + B/D^beta as fitted to Chinchilla's runs by Besiroglu et al. 2024: the
 # planner's prior until a law fitted to this agent's own runs (`explorer plan`) is given.
 TEXT_STRATEGIES = ("planner", "compute_optimal", "acquire", "train", "grow")
@@ -157,6 +158,13 @@ class TextConfig:
     """Total FLOPs (training + acquisition + evaluation); the run stops when they are spent."""
     reward_encoder: str = "minilm"
     """Document embeddings for rewards: minilm (all-MiniLM-L6-v2) or lm (the LM's mean-pooled states)."""
+    scorer: str = "knn"
+    """What scores a fetched document for acceptance and for its query's reward: "knn" (the reward:
+    k nearest target documents under `reward_encoder`, contrasted with the background), or a peer
+    data-selection method in its place (explorer/score/selectors.py), fitted on the target and the
+    background sample: "dsir" (hashed n-gram importance weights) or "classifier" (logistic regression
+    on hashed n-grams, target positive, background negative). Each score is read on the target's own
+    out-of-fold scores, so `reward.accept` and `reward.query` apply unchanged."""
     grow_factor: float = 2.0
     """Grow the LM when it is this many times below the compute-optimal size."""
     strategy: str = "planner"
@@ -179,6 +187,8 @@ class TextConfig:
             raise ValueError("holdout_fraction must be in (0, 1) and target_fraction in (0, 1]")
         if self.reward_encoder not in REWARD_ENCODERS:
             raise ValueError(f"unknown reward_encoder {self.reward_encoder!r}; valid: {', '.join(REWARD_ENCODERS)}")
+        if self.scorer not in TEXT_SCORERS:
+            raise ValueError(f"unknown text.scorer {self.scorer!r}; valid: {', '.join(TEXT_SCORERS)}")
         positive = ("tokenizer_vocab", "seq_len", "batch_size", "lr", "tokens_per_iteration", "flop_budget")
         bad = [name for name in positive if not getattr(self, name) > 0]
         if bad or self.pretrain_tokens < 0 or self.warmup_steps < 0 or self.grow_factor < 1:

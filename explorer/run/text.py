@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse
 import torch
 
 from explorer.acquire.cache import CacheMode
@@ -39,6 +40,7 @@ from explorer.run.ledger import FetchRecord
 from explorer.run.loop import Candidates, RunLoop, background_seed, resident_bytes
 from explorer.run.ranks import Ranks, collective, map_rows
 from explorer.score.reward import BackgroundSample, near_duplicates
+from explorer.score.selectors import PeerSpace, ngram_counts, peer_space
 from explorer.web.text_corpus import (
     TextCorpus,
     TextCorpusSpec,
@@ -187,6 +189,8 @@ class TextLoop(RunLoop):
         self.background_fetched = False  # fetched before the first round: a run that never queries never pays
         self.web_sample: list[str] = []
         self.space = None  # the reward space, built by refresh_reference
+        self._target_counts = None  # a peer scorer's n-gram counts of the target, and of background documents
+        self._ngram_rows: dict[str, scipy.sparse.csr_matrix] = {}
         if resume:
             self.load_state_dict(checkpoint.state)
             self._resume_logs()
@@ -286,13 +290,33 @@ class TextLoop(RunLoop):
 
     def refresh_reference(self) -> None:
         """Embed the target, the background and the web sample under the reward encoder (MiniLM
-        when the LM's own states have collapsed): neighbours and scale."""
+        when the LM's own states have collapsed): neighbours and scale. A peer scorer
+        (`text.scorer`) is fitted on the target and the background instead (none before the
+        background is fetched: no round scores anything before it)."""
+        if self.cfg.text.scorer != "knn":
+            self.space = self._peer_space()
+            return
         minilm = (lambda: self._corpus_embeddings(self.target.train), self._minilm_embeddings)
         if self.cfg.text.reward_encoder == "minilm":
             self.space = self.reward_space(*minilm)
         else:
             self.space = self.reward_space(self._target_embeddings, lambda items: self.embed(items)[0],
                                            embed_base=minilm)
+
+    def _peer_space(self) -> PeerSpace | None:
+        bg = self.background_sample.items
+        if not len(bg):
+            self.reward_health = {"reward_encoder": self.cfg.text.scorer}
+            return None
+        if self._target_counts is None:
+            self._target_counts = ngram_counts([document_text(d) for d in self.target.train])
+        missing = [t for t in dict.fromkeys(bg) if t not in self._ngram_rows]
+        self._ngram_rows.update(zip(missing, ngram_counts(missing)))
+        self._ngram_rows = {t: self._ngram_rows[t] for t in bg}
+        space = peer_space(self.cfg.text.scorer, self._target_counts,
+                           scipy.sparse.vstack([self._ngram_rows[t] for t in bg], format="csr"), self.cfg.seed)
+        self.reward_health = space.health(self.cfg.reward.min_spread)
+        return space
 
     def _minilm_embeddings(self, items: list[str]) -> np.ndarray:
         """Background or web-sample documents under MiniLM (each embedding counted as scoring).
@@ -317,6 +341,8 @@ class TextLoop(RunLoop):
         The reward embeddings are MiniLM's under that reward encoder or after a collapse of the LM's."""
         sig = self.encoder.encode(texts) if texts else np.zeros((0, self.holdout_sig.shape[1]), np.float32)
         self.flops.add_scoring(len(texts))
+        if self.cfg.text.scorer != "knn":
+            return ngram_counts(texts), sig
         if self.cfg.text.reward_encoder == "minilm" or self.space is not None and self.space.encoder == "base":
             return sig, sig
         tokens = [t[:self.cfg.text.seq_len] for t in self.tokenizer.encode_batch(texts)]

@@ -12,12 +12,14 @@
 
 Both give the target's own scores out of fold (`target_scores`): the scale on which a candidate's
 score is read, as `explorer.score.reward.RewardCalibration` reads the kNN reward, so that either
-can stand where the reward stands (acceptance, query reward).
+can stand where the reward stands (`PeerSpace`, `text.scorer`): the same acceptance rule and query
+reward, on the same candidates and downloads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse
@@ -26,6 +28,8 @@ from sklearn.feature_extraction.text import TfidfTransformer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
+
+from explorer.score.reward import RewardCalibration
 
 NUM_BUCKETS = 10_000  # DSIR's default
 NGRAMS = 2  # unigrams and bigrams
@@ -131,3 +135,43 @@ class NgramClassifier:
             held = held[self.y[held] == 1]
             out[held] = self._fit(self.x[train], self.y[train]).predict_proba(self.x[held])[:, 1]
         return out
+
+
+PEERS = ("dsir", "classifier")
+
+
+@dataclass(frozen=True)
+class PeerSpace:
+    """A peer's scores standing where the kNN reward space stands in a text run (`text.scorer`):
+    candidates come as their `ngram_counts`, and a score is read on the target's own out-of-fold
+    scores (`calibration`), so the loop's acceptance rule and query reward apply unchanged."""
+
+    encoder: str  # the peer's name, logged as the reward's encoder
+    score: Callable[[scipy.sparse.spmatrix], np.ndarray]
+    calibration: RewardCalibration
+
+    def rewards(self, counts: scipy.sparse.spmatrix, chunk_size: int | None = None) -> np.ndarray:
+        return np.asarray(self.score(counts), dtype=np.float32)
+
+    def member_rewards(self, counts: scipy.sparse.spmatrix) -> np.ndarray:
+        """Scores of the background's own documents (the policy hears the background queries): the
+        classifier saw them as negatives, so they read lower than new documents would."""
+        return self.rewards(counts)
+
+    def health(self, min_spread: float) -> dict:
+        spread = self.calibration.spread()
+        return {"reward_encoder": self.encoder, "reward_spread": round(spread, 6), "reward_anisotropy": None,
+                "reward_offset": 0.0, "reward_collapsed": bool(spread < min_spread)}
+
+
+def peer_space(name: str, target: scipy.sparse.spmatrix, background: scipy.sparse.spmatrix,
+               seed: int = 0) -> PeerSpace:
+    """The peer `name` fitted on the target's and the background's counts: DSIR with the background
+    as its raw pool, or the classifier with the background as its negatives."""
+    if name == "dsir":
+        dsir = DSIR(target, background)
+        return PeerSpace(name, dsir.log_weights, RewardCalibration(np.sort(dsir.target_scores(seed=seed))))
+    if name == "classifier":
+        clf = NgramClassifier(target, background, seed=seed)
+        return PeerSpace(name, clf.scores, RewardCalibration(np.sort(clf.target_scores())))
+    raise ValueError(f"unknown peer {name!r}; valid: {', '.join(PEERS)}")

@@ -315,3 +315,34 @@ def test_each_iteration_gets_a_page_of_its_documents_that_rebuilds_the_same(reco
     for p in pages:
         p.unlink()
     assert {p.name: p.read_text() for p in rebuild_sheets(recorded_run)} == live
+
+
+def test_a_peer_scores_the_documents_in_the_rewards_place(text_corpus, tmp_path):
+    """`text.scorer`: DSIR or the n-gram classifier, fitted on the target and the background sample,
+    scores the same fetched documents in the reward's place: the first round (random queries, the
+    same for all three) gets other query rewards, the log names the peer, its calibration is the
+    peer's own out-of-fold scores of the target, and the replay makes the same decisions."""
+    from explorer.score.selectors import ngram_counts, peer_space
+    from explorer.web.text_corpus import document_text
+
+    rows, spreads = {}, {}
+    for scorer in ("knn", "dsir", "classifier"):
+        cfg = tiny_text(text_corpus, text={"scorer": scorer}, policy={"name": "random", "queries_per_iteration": 4})
+        with local_engine_for(cfg) as url:
+            loop = TextLoop(cfg, tmp_path / scorer, engine_url=url, progress=False)
+            rows[scorer] = loop.run(log=lambda _: None)
+            if scorer != "knn":
+                bg = loop.background_sample.items
+                space = peer_space(scorer, ngram_counts([document_text(d) for d in loop.target.train]),
+                                   ngram_counts(bg), cfg.seed)
+                spreads[scorer] = space.calibration.spread()
+            loop.close()
+    first = {scorer: r[1] for scorer, r in rows.items()}
+    assert first["knn"]["queries"] == first["dsir"]["queries"] == first["classifier"]["queries"]
+    for peer in ("dsir", "classifier"):
+        assert first[peer]["query_rewards"] != first["knn"]["query_rewards"]
+        assert [r["reward_encoder"] for r in rows[peer][1:]] == [peer, peer]
+        assert rows[peer][-1]["reward_spread"] == pytest.approx(spreads[peer], abs=1e-6)
+        assert all(r["above_threshold"] >= r["accepted"] for r in rows[peer][1:])
+    assert first["dsir"]["query_rewards"] != first["classifier"]["query_rewards"]
+    assert replay_run(tmp_path / "dsir", progress=False, log=lambda _: None) == []
