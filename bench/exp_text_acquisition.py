@@ -10,6 +10,9 @@ same target, so training FLOPs are equal; what differs is the acquired documents
     random       uniform vocabulary queries
     gp           the config's GP (UCB, a quarter of every batch uniform)
     oracle       queries ranked by the hidden share of on-topic documents among their results
+    gp-dsir, gp-classifier, random-dsir, random-classifier
+                 the policy with a peer data-selection method scoring the same fetched documents in
+                 the reward's place (`text.scorer`: DSIR, or the n-gram classifier; not run by default)
 
 A seed sets the target split, the LM's initialisation and batch order, and the policy's draws.
 Reported per condition: final held-out perplexity, its paired difference from the same seed's
@@ -47,7 +50,13 @@ CONDITIONS = {
     "random": {"policy.name": "random", "policy.options": {}},
     "gp": {},
     "oracle": {"policy.name": "oracle", "policy.options": {}},
+    # the peers in the reward's place (explorer/score/selectors.py): policy x acceptance
+    "gp-dsir": {"text.scorer": "dsir"},
+    "gp-classifier": {"text.scorer": "classifier"},
+    "random-dsir": {"policy.name": "random", "policy.options": {}, "text.scorer": "dsir"},
+    "random-classifier": {"policy.name": "random", "policy.options": {}, "text.scorer": "classifier"},
 }
+DEFAULT_CONDITIONS = ["target-only", "random", "gp", "oracle"]
 DEFAULT_RUNS = ROOT / "runs" / "bench-text-acquisition"
 
 
@@ -216,13 +225,14 @@ def write_report(per_seed: dict[int, dict], rates: dict[int, tuple], out: Path) 
              f"target topic's share of the web a run can acquire from, {fmt(*mean_ci(base)[:2])} "
              f"({', '.join(f'{rates[s][1]} of {rates[s][2]}' for s in per_seed)} documents).", "",
              "| condition | n | held-out ppl | Δ log ppl vs target only | per seed | Δ log ppl vs random "
-             "| documents accepted | on topic | precision | precision / base rate | precision fetched | tokens acquired |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| Δ log ppl vs gp | documents accepted | on topic | precision | precision / base rate | precision fetched "
+             "| tokens acquired |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     summary = {"base_rate": mean_ci(base)[:2]}
     for n in ("unigram", "bigram"):  # the floor: counts on the target's own tokens (each seed's, once)
         floor = mean_ci(next(iter(conds.values()))[f"count_{n}_ppl"] for conds in per_seed.values())
         if floor[2]:
-            lines.append(f"| count {n} (the target's tokens) | {floor[2]} | {fmt(*floor[:2], 1)} | | | | | | | | | |")
+            lines.append(f"| count {n} (the target's tokens) | {floor[2]} | {fmt(*floor[:2], 1)} | | | | | | | | | | |")
             summary[f"count_{n}"] = {"n": floor[2], "perplexity": floor[:2]}
     for name in names:
         mine = [s[name] for s in per_seed.values() if name in s]
@@ -230,15 +240,17 @@ def write_report(per_seed: dict[int, dict], rates: dict[int, tuple], out: Path) 
         row = {"n": len(mine), "perplexity": ppl[:2]}
         cells = [f"| {name} | {len(mine)} | {fmt(*ppl[:2], 1)}"]
         if name == "target-only":
-            cells.append("| | | | | | | | | |")
+            cells.append("| | | | | | | | | | |")
         else:
             diffs, d = paired(per_seed, name, "target-only")
             vs_random = paired(per_seed, name, "random")[1] if name != "random" else None
+            vs_gp = paired(per_seed, name, "gp")[1] if name not in ("gp", "target-only") and "gp" in names else None
             precision = mean_ci(m["precision"] for m in mine)
             ratio = mean_ci(m["precision"] / rates[seed][0] for seed, s in per_seed.items()
                             for m in [s.get(name)] if m is not None)
             cells += [f"| {fmt(d[0], d[1], 4)} | {' / '.join(f'{x:+.4f}' for x in diffs)}",
                       f"| {fmt(vs_random[0], vs_random[1], 4) if vs_random else ''}",
+                      f"| {fmt(vs_gp[0], vs_gp[1], 4) if vs_gp and vs_gp[2] else ''}",
                       f"| {fmt(*mean_ci(m['documents'] for m in mine)[:2], 0)}",
                       f"| {fmt(*mean_ci(m['relevant'] for m in mine)[:2], 0)}",
                       f"| {fmt(*precision[:2])} | {fmt(*ratio[:2], 1)}",
@@ -246,7 +258,8 @@ def write_report(per_seed: dict[int, dict], rates: dict[int, tuple], out: Path) 
                       f"| {fmt(*mean_ci(m['tokens_acquired'] for m in mine)[:2], 0)} |"]
             row.update({"delta_log_ppl": d[:2], "per_seed": diffs.tolist(), "precision": precision[:2],
                         "precision_over_base": ratio[:2],
-                        "delta_log_ppl_vs_random": vs_random[:2] if vs_random else None})
+                        "delta_log_ppl_vs_random": vs_random[:2] if vs_random else None,
+                        "delta_log_ppl_vs_gp": vs_gp[:2] if vs_gp and vs_gp[2] else None})
         lines.append(" ".join(cells))
         summary[name] = row
     ratio = "random" in names and "gp" in names
@@ -343,7 +356,7 @@ def text_bench_setup(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = text_bench_parser(__doc__, DEFAULT_RUNS, ROOT / "bench" / "results" / "text_acquisition", [0, 1, 2, 3, 4])
-    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
+    parser.add_argument("--conditions", nargs="+", default=DEFAULT_CONDITIONS, choices=list(CONDITIONS))
     args = parser.parse_args(argv)
 
     from explorer.run.config import load_config
