@@ -225,8 +225,8 @@ def write_report(per_seed: dict[int, dict], rates: dict[int, tuple], out: Path) 
              f"target topic's share of the web a run can acquire from, {fmt(*mean_ci(base)[:2])} "
              f"({', '.join(f'{rates[s][1]} of {rates[s][2]}' for s in per_seed)} documents).", "",
              "| condition | n | held-out ppl | Δ log ppl vs target only | per seed | Δ log ppl vs random "
-             "| Δ log ppl vs gp | documents accepted | on topic | precision | precision / base rate | precision fetched "
-             "| tokens acquired |",
+             "| Δ log ppl vs gp | documents accepted | on topic | precision | precision / base rate "
+             "| precision fetched | tokens acquired |",
              "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     summary = {"base_rate": mean_ci(base)[:2]}
     for n in ("unigram", "bigram"):  # the floor: counts on the target's own tokens (each seed's, once)
