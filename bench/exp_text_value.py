@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import write_machine  # noqa: E402
+from bench.machine import finish_report  # noqa: E402
 
 SOURCES = ("oracle", "uniform", "off-topic")
 DEFAULT_RUNS = ROOT / "runs" / "bench-text-value"
@@ -158,7 +158,8 @@ def paired(rows: list[dict], name: str, reference: str) -> tuple[np.ndarray, tup
     return diffs, mean_ci(diffs)
 
 
-def write_report(rows: list[dict], out: Path, command: str) -> Path:
+def write_report(rows: list[dict], out: Path, command: str) -> list[str]:
+    """runs.csv and summary.json in `out`; returns the report's lines."""
     from explorer.analysis.report import fmt, mean_ci
 
     out.mkdir(parents=True, exist_ok=True)
@@ -204,9 +205,7 @@ def write_report(rows: list[dict], out: Path, command: str) -> Path:
     trained = {r["tokens_trained"] for r in rows}
     lines += ["", f"Every run trained {', '.join(f'{t:,}' for t in sorted(trained))} tokens."]
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {**parse_overrides(args.set), "text.strategy": "train"}
     rows = run_grid(args, overrides)
     command = "python bench/exp_text_value.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = write_report(rows, args.out, command)
-    write_machine(args.out, command)
-    print(report.read_text())
+    finish_report(args.out, write_report(rows, args.out, command), command)
     return 0
 
 
