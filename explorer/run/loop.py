@@ -229,7 +229,7 @@ class RunLoop(ABC):
         self.stage_seconds: dict[str, float] = {}  # this iteration's time split (`timed`)
         self.cache = ResponseCache(self.run_dir / "cache")
         self.iteration = 0
-        self.seen_urls: set[str] = set()  # every result URL of the policy's searches so far (search.skip_seen)
+        self.seen_urls: set[str] = set()  # with search.skip_seen: every result URL of the policy's searches so far
         # failed searches to ask again (search.failed_query_retries); a checkpoint's are restored here
         self.failed_searches = [FailedSearch.from_state(f) for f in
                                 (checkpoint.state.get("failed_searches", []) if checkpoint else [])]
@@ -292,7 +292,7 @@ class RunLoop(ABC):
         for qi, a in enumerate(answers):
             for r in [] if isinstance(a, SearchError) else a:
                 url_queries.setdefault(r.image_url, []).append(qi)
-        if not background:
+        if self.cfg.search.skip_seen and not background:
             self.seen_urls.update(url_queries)
         return answers, url_queries
 
@@ -330,7 +330,7 @@ class RunLoop(ABC):
         come back from the ledger."""
         self._truncate_logs()
         self._cut_ledger()
-        if self.ledger is not None:
+        if self.ledger is not None and self.cfg.search.skip_seen:
             self.seen_urls = self.ledger.result_urls()
 
     # -- the acquisition round, both modalities alike ------------------------------------------
