@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import print_and_save  # noqa: E402
 from explorer.run.config import load_config  # noqa: E402
 from explorer.run.image import ground_truth  # noqa: E402
 from explorer.web.presets import open_image_corpus  # noqa: E402
@@ -75,11 +76,7 @@ def main(argv=None) -> int:
                          f"| {row['accepted']} | {row['kind'] - row['new']} |")
             if row is not totals:
                 totals.update({k: totals[k] + row[k] for k in ("kind", "new", "new_accepted", "accepted")})
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    print_and_save("\n".join(lines) + "\n", args.out)
     return 0
 
 

@@ -24,6 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import print_and_save  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,11 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | {roc_auc_score(on, s):.3f} | {threshold:.4g} | {kept.mean():.3f} | "
                      f"{on[kept].mean() if kept.any() else float('nan'):.3f} | {on[top].mean():.3f} | {q(inside)} "
                      f"| {q(own)} | {q(s[on])} | {q(s[~on])} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    print_and_save("\n".join(lines) + "\n", args.out)
     return 0
 
 

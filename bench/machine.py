@@ -38,6 +38,14 @@ def finish_report(out: Path, lines: list[str], command: str) -> None:
     print("\n".join(lines))
 
 
+def print_and_save(text: str, path: Path | None) -> None:
+    """`text` on stdout, and in `path` too when one is given (its folder made)."""
+    print(text, end="" if text.endswith("\n") else "\n")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
 def print_report(out: Path, report: Path, argv: list[str] | None, started: float) -> None:
     """machine.json beside a written report (with the command that made it), the report on stdout
     and the time it took since `started` (time.time())."""

@@ -280,7 +280,7 @@ class RunLoop(ABC):
         `search.skip_seen` the policy's queries skip the URLs earlier rounds' searches returned."""
         failed = (recorded_failures(self.run_dir, self.iteration, texts, background)
                   if self.mode is CacheMode.REPLAY else {})
-        known = frozenset(self.seen_urls) if self.cfg.search.skip_seen and not background else frozenset()
+        known = () if background else self.seen_urls  # read only while the searches run; empty without skip_seen
         searched = iter(search_many(self.backend, [t for i, t in enumerate(texts) if i not in failed],
                                     self.cfg.search.results_per_query, concurrency=self.cfg.search.concurrency,
                                     known=known))
