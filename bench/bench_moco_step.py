@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast for the trainable part on the CPU")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the training module (learner.compile); it compiles in the warm-up")
+    parser.add_argument("--small-input-convs", action="store_true",
+                        help="convolutions on inputs of <= 4 pixels as gathers and matmuls (learners/small_convs.py)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     config = MoCoConfig(backbone="tf_efficientnet_lite0", backbone_kwargs={}, pretrained="pypi",
                         image_size=args.image_size, frozen_stages=args.frozen_stages, freeze_bn=True,
                         cached_views=args.cached_views, mlp_dim=args.mlp_dim, cpu_bf16=args.cpu_bf16,
-                        compile=args.compile, batch_size=128, total_steps=1000)
+                        compile=args.compile, small_input_convs=args.small_input_convs,
+                        batch_size=128, total_steps=1000)
     learner = MoCoLearner(config, device="cpu")
     generator = torch.Generator().manual_seed(0)
     mixture = TrainingMixture(torch.randint(0, 256, (100, 3, 28, 28), dtype=torch.uint8, generator=generator),
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
              "trainable fwd + bwd, both views": trainable, "momentum branch, both views": momentum,
              "whole step": lambda: learner.train_step(mixture)}
     print(f"{args.image_size} px, frozen_stages {args.frozen_stages}, cached_views {args.cached_views}, "
-          f"mlp_dim {args.mlp_dim}, cpu_bf16 {args.cpu_bf16}, compile {args.compile}, batch {len(x1)}, "
+          f"mlp_dim {args.mlp_dim}, cpu_bf16 {args.cpu_bf16}, compile {args.compile}, "
+          f"small_input_convs {args.small_input_convs}, batch {len(x1)}, "
           f"{args.threads} thread(s)")
     for name, work in parts.items():
         print(f"  {name:32s} {fastest(work, args.repeats):7.0f} ms")
