@@ -12,13 +12,15 @@ sys.path.insert(0, str(REPO))
 from bench import exp_world_grid as grid  # noqa: E402
 
 
-def test_the_committed_plan_loads_and_its_overrides_are_config_fields():
+@pytest.mark.parametrize("name, frozen_stages", [("grid-world.yaml", 4), ("grid-world-2.yaml", 5)])
+def test_the_committed_plans_load_and_their_overrides_are_config_fields(name, frozen_stages):
     from explorer.run.config import load_config
 
-    plan = grid.load_plan(REPO / "configs" / "grid-world.yaml")
+    plan = grid.load_plan(REPO / "configs" / name)
     assert len(plan["seeds"]) >= 5 and set(plan["targets"]) == {"fashion-mnist", "mnist"}
     for config in plan["targets"].values():
-        load_config(REPO / config, plan.get("set") or {})  # an unknown field raises
+        resolved = load_config(REPO / config, plan.get("set") or {})  # an unknown field raises
+        assert resolved.learner.frozen_stages == frozen_stages  # the learner each plan ran (BENCHMARKS 0c, 0d)
     command = grid.grid_command(plan, plan["targets"]["mnist"], Path("out"), threads=1)
     seeds = command[command.index("--seeds") + 1:command.index("--conditions")]
     assert seeds == [str(s) for s in plan["seeds"]]
