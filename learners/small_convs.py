@@ -5,7 +5,7 @@ convolution is a per-channel product with the few taps that meet a pixel, and a 
 matrix product; the CPU's convolution kernels do not know it: on one core the depthwise
 backward at 1x1 took 10 ms a call and a pointwise convolution ran at a third of a matmul's speed
 (`bench/bench_moco_step.py`). `small_input_convs(module)` gives every `Conv2d` in `module` (and
-timm's TF-"same" `Conv2dSame`) a forward that, on inputs of at most `max_pixels` pixels, gathers
+timm's TF-"same" `Conv2dSame`) a forward that, on CPU inputs of at most `max_pixels` pixels, gathers
 the taps that meet the input and multiplies: the same function of the same parameters (state dict,
 optimizer and momentum copy unchanged), equal to the convolution up to float rounding
 (`tests/learners/test_small_convs.py`). Larger inputs take the ordinary convolution.
@@ -46,7 +46,8 @@ def small_input_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     out_h, out_w, pad_top, pad_left = _geometry(conv, height, width)
     (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
     weight = conv.weight
-    if (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and (pad_top, pad_left) == (0, 0):  # pointwise: a matmul per pixel
+    pointwise = (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and (pad_top, pad_left) == (0, 0)
+    if pointwise and conv.groups == 1:  # a matmul per pixel
         rows = x.permute(0, 2, 3, 1).reshape(-1, channels)  # (B*H*W, C_in); free for channels_last x
         out = F.linear(rows, weight.flatten(1), conv.bias)
         return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
@@ -80,12 +81,13 @@ def _supported(conv: nn.Conv2d) -> bool:
 
 
 class SmallInputConv2d(nn.Conv2d):
-    """An `nn.Conv2d` that takes the gather-and-multiply route on inputs of at most `max_pixels` pixels."""
+    """An `nn.Conv2d` that takes the gather-and-multiply route on CPU inputs of at most `max_pixels` pixels
+    (measured on the CPU only; a GPU keeps its convolution kernels)."""
 
     max_pixels: int = 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2] * x.shape[-1] <= self.max_pixels:
+        if x.is_cpu and x.shape[-2] * x.shape[-1] <= self.max_pixels:
             return small_input_conv(self, x)
         return super().forward(x)
 
@@ -96,7 +98,7 @@ class SmallInputConv2dSame(Conv2dSame):
     max_pixels: int = 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2] * x.shape[-1] <= self.max_pixels:
+        if x.is_cpu and x.shape[-2] * x.shape[-1] <= self.max_pixels:
             return small_input_conv(self, x)
         return super().forward(x)
 

@@ -19,6 +19,7 @@ CASES = [
     (lambda: Conv2dSame(6, 6, 3, stride=2, groups=6, bias=False), (1, 1)),
     (lambda: nn.Conv2d(6, 10, 1, bias=False), (2, 2)),                        # pointwise
     (lambda: nn.Conv2d(6, 10, 1, bias=True), (1, 1)),
+    (lambda: nn.Conv2d(6, 6, 1, groups=6, bias=True), (2, 2)),               # depthwise 1x1
     (lambda: nn.Conv2d(6, 10, 3, padding=1, bias=True), (2, 2)),             # dense 3x3
     (lambda: nn.Conv2d(6, 10, 3, stride=2, padding=1, bias=False), (2, 2)),
     (lambda: nn.Conv2d(6, 10, (3, 1), bias=False), (3, 1)),                  # no padding, a 3x1 kernel
