@@ -15,6 +15,7 @@ A preset's corpus lives in $EXPLORER_HOME/corpus/NAME and is built on first use.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import warnings
 from pathlib import Path
@@ -69,23 +70,43 @@ def ensure_corpus(corpus: str | Path | None) -> None:
 
 def open_image_corpus(corpus: str | Path | None, progress: bool = False) -> WebCorpus:
     """The corpus a config names, building a preset's on first use (a few minutes, once), and again
-    when the preset has changed since its corpus was built."""
+    when the preset has changed since its corpus was built. Processes that start together build it
+    once: the first holds a lock on the preset while it builds, the others wait and open its build."""
     root, preset = corpus_location(corpus)
-    if preset is not None:
-        meta = root / "corpus.json"
-        stale = meta.exists() and built_spec(json.loads(meta.read_text())) != spec_json(CORPUS_PRESETS[preset])
-        if stale or not meta.exists():
-            if stale:
-                warnings.warn(f"the {preset!r} corpus in {root} was built from an earlier version of the preset: "
-                              "rebuilding it", stacklevel=2)
-                meta.unlink()  # an interrupted rebuild is then rebuilt again, never opened half-written
-            if progress:
-                print(f"building the {preset!r} corpus in {root} (once; a few minutes) ...")
-            return build_corpus(root, CORPUS_PRESETS[preset], progress=progress)
+    if preset is not None and _needs_build(root, preset):
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with open(root.parent / f".{preset}.lock", "w") as lock:
+            if progress and _try_lock(lock) is False:
+                print(f"waiting for another process to finish building the {preset!r} corpus in {root} ...")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if _needs_build(root, preset):  # (another process may have built it while this one waited)
+                meta = root / "corpus.json"
+                if meta.exists():
+                    warnings.warn(f"the {preset!r} corpus in {root} was built from an earlier version of the "
+                                  "preset: rebuilding it", stacklevel=2)
+                    meta.unlink()  # an interrupted rebuild is then rebuilt again, never opened half-written
+                if progress:
+                    print(f"building the {preset!r} corpus in {root} (once; a few minutes) ...")
+                return build_corpus(root, CORPUS_PRESETS[preset], progress=progress)
     if preset is None and not root.exists():
         raise FileNotFoundError(f"corpus {str(corpus)!r} is neither a preset ({', '.join(CORPUS_PRESETS)}) "
                                 "nor a corpus directory")
     return WebCorpus(root)
+
+
+def _needs_build(root: Path, preset: str) -> bool:
+    """Whether a preset's directory lacks a finished build of the preset as it is now."""
+    meta = root / "corpus.json"
+    return not meta.exists() or built_spec(json.loads(meta.read_text())) != spec_json(CORPUS_PRESETS[preset])
+
+
+def _try_lock(lock) -> bool:
+    """Takes the lock if it is free (True); False while another process holds it."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def composition_table(meta: dict) -> str:

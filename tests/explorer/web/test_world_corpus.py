@@ -210,3 +210,33 @@ def test_cli_build_prints_composition_and_base_rate(tmp_path, capsys):
     assert re.search(r"fashion-mnist\s+3\s+\d+\.\d%", out) and "wesnoth" in out
     assert re.search(r"base rate: \d+\.\d% of the web is the fashion-mnist target's kind", out)
     assert re.search(r"base rate: \d+\.\d% of the web is the mnist target's kind", out)
+
+
+def test_processes_that_start_together_build_a_preset_once(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from explorer.web import presets
+
+    monkeypatch.setenv("EXPLORER_HOME", str(tmp_path))
+    monkeypatch.setitem(CORPUS_PRESETS, "world", dataclasses.replace(CORPUS_PRESETS["world"], limit_per_source=2))
+    builds = []
+
+    def slow_build(*args, **kwargs):  # the real build, held open long enough for the others to arrive
+        builds.append(1)
+        time.sleep(0.5)
+        return build_corpus(*args, **kwargs)
+
+    monkeypatch.setattr(presets, "build_corpus", slow_build)
+    opened = [None] * 3
+
+    def open_it(i):
+        opened[i] = open_image_corpus("world")
+
+    threads = [threading.Thread(target=open_it, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1  # (each open holds its own lock file description, as separate processes do)
+    assert all(c is not None and c.keys == opened[0].keys for c in opened)
