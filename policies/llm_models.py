@@ -174,7 +174,9 @@ _SCORE_TAIL = re.compile(r"\s*(?:[(\[]\s*(?:reward\s*)?[-+]?\d*\.?\d+\s*[)\]]|:?
 
 def clean_query(raw: str | None) -> tuple[str | None, str]:
     """(query, verdict) of a pretrained LM's line: its first line, a bullet, quotes and a copied
-    "(reward 0.42)" stripped; None with the reason (empty, not_text, url, too_long) when it is no query."""
+    "(reward 0.42)" stripped; None with the reason (empty, not_text, url, too_long, malformed) when
+    it is no query. `malformed` (`malformed_reason`): brackets or markup symbols, a copied number
+    with a fraction, letters glued to digits ("turn54"), or fewer than half its words English."""
     if raw is None:
         return None, "not_text"
     line = raw.split("\n", 1)[0].strip().lstrip("-*•").strip()
@@ -186,7 +188,33 @@ def clean_query(raw: str | None) -> tuple[str | None, str]:
     if len(line) > MAX_QUERY_CHARS or len(line.split()) > MAX_QUERY_WORDS:
         return None, "too_long"
     text = query_text(line)
-    return (text, "ok") if text is not None else (None, "not_text")
+    if text is None:
+        return None, "not_text"
+    return (None, "malformed") if malformed_reason(text) else (text, "ok")
+
+
+_MARKUP = re.compile(r"[()\[\]{}<>|=_#@$%^~\\*+]")
+_FRACTION = re.compile(r"\d[.,:]\d")
+_GLUED = re.compile(r"[a-z]{3,}\d|\d[a-z]{3,}", re.IGNORECASE)
+
+
+def malformed_reason(text: str) -> str | None:
+    """Why a query is no search a person would write ("brackets or symbols", "a number with a
+    fraction", "letters glued to digits", "non-words"), or None. Words are English when WordNet
+    knows them, inflected or not (explorer/web/vocabulary.py `english_words`)."""
+    from explorer.web.vocabulary import english_words, is_english_word
+
+    if _MARKUP.search(text):
+        return "brackets or symbols"
+    if _FRACTION.search(text):
+        return "a number with a fraction"
+    if _GLUED.search(text):
+        return "letters glued to digits"
+    words = re.findall(r"[a-z]+", text.lower())
+    known = english_words()
+    if words and 2 * sum(is_english_word(w, known) for w in words) < len(words):
+        return "non-words"
+    return None
 
 
 class QueryLM(nn.Module):

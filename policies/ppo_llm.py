@@ -11,8 +11,9 @@ with LoRA adapters (peft, `lora_rank`) on its attention and MLP projections and 
 last hidden state; only those train, and the KL reference is the same model with its adapters
 disabled, so no second copy is held. Its prompt is few-shot: the target description and past
 queries with their rewards, worst first (`_few_shot`); a sample ends at its first newline and is
-cleaned up (`clean_query`: bullet, quotes and a copied reward stripped; URLs, over-long and empty
-lines rejected, counted by verdict in `stats["cleanup"]`). `model_path` loads any local causal LM
+cleaned up (`clean_query`: bullet, quotes and a copied reward stripped; URLs, over-long, empty and
+malformed lines rejected: brackets, numbers with a fraction, letters glued to digits, mostly
+non-words; counted by verdict in `stats["cleanup"]`). `model_path` loads any local causal LM
 the same way. `llm-prompt` is the ablation: the same LM and prompt, never updated.
 `model: tiny` is a randomly initialised LlamaForCausalLM of ~270k parameters over a byte-level
 tokenizer (bytes 0-255 + BOS/EOS/PAD), fully fine-tuned, for fast tests. Before PPO it is taught
@@ -27,7 +28,7 @@ loop (`train()` over a prompt dataset); the step API that took external scores w
 and `update` runs `ppo_epochs` epochs of the clipped objective on that batch.
 
 Reward shaping (in units of the running reward std, as rewards are normalised first):
-an empty or undecodable sample scores INVALID_QUERY_PENALTY instead of a reward (the `ppo` policy
+an empty, undecodable or malformed sample scores INVALID_QUERY_PENALTY instead of a reward (the `ppo` policy
 issues a vocabulary concept in its place so the iteration still searches), and a query already
 issued (before, or earlier in the batch) gets DUPLICATE_QUERY_PENALTY on top of its reward.
 Sampling uses a seeded torch.Generator and all state (adapters or the tiny model and its reference,

@@ -20,7 +20,7 @@ from policies import ppo
 from policies.base import Query
 from policies.llm_models import QueryLM, response_mask, token_logprobs, torch_threads
 
-INVALID_QUERY_PENALTY = -2.0  # empty text, bytes that are not UTF-8, control characters, no letter
+INVALID_QUERY_PENALTY = -2.0  # empty text, not UTF-8, control characters, no letter; malformed (clean_query)
 DUPLICATE_QUERY_PENALTY = -1.0  # exact repeat of a query already issued
 
 

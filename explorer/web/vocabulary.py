@@ -191,6 +191,41 @@ def _load_once(wordnet_dir: Path) -> WordNetNouns:
     return WordNetNouns.load(wordnet_dir)
 
 
+# WordNet's detachment rules of the other parts of speech (morph.c), for `is_english_word`.
+VERB_SUFFIX_RULES = (("s", ""), ("ies", "y"), ("es", "e"), ("es", ""), ("ed", "e"), ("ed", ""), ("ing", "e"),
+                     ("ing", ""))
+ADJECTIVE_SUFFIX_RULES = (("er", ""), ("est", ""), ("er", "e"), ("est", "e"))
+POS_FILES = ("noun", "verb", "adj", "adv")
+
+
+@functools.lru_cache(maxsize=2)
+def english_words(wordnet_dir: Path | str | None = None) -> frozenset[str]:
+    """Every word of WordNet's lemmas in all four parts of speech (the words of a compound one by
+    one), the inflected forms its exception files list, and FUNCTION_WORDS."""
+    wordnet_dir = Path(wordnet_dir) if wordnet_dir is not None else default_wordnet_dir()
+    missing = [f"index.{pos}" for pos in POS_FILES if not (wordnet_dir / f"index.{pos}").is_file()]
+    if missing:
+        raise FileNotFoundError(f"WordNet files not found in {wordnet_dir} ({', '.join(missing)}): install them "
+                                f"with `apt-get install -y {WORDNET_PACKAGE}`, or point EXPLORER_WORDNET_DIR "
+                                "at a WordNet 3.0 dict directory")
+    words = set(FUNCTION_WORDS)
+    for pos in POS_FILES:
+        for line in _data_lines(wordnet_dir / f"index.{pos}"):
+            words.update(re.findall(r"[a-z]+", line.split(" ", 1)[0].lower()))
+        for form in _parse_exceptions(wordnet_dir / f"{pos}.exc"):
+            words.update(re.findall(r"[a-z]+", form))
+    return frozenset(words)
+
+
+def is_english_word(word: str, words: frozenset[str]) -> bool:
+    """Whether a lower-case word is in `words` (english_words) as it is or after one of WordNet's
+    suffix rules ('sneakers', 'running', 'darker')."""
+    if word in words:
+        return True
+    rules = NOUN_SUFFIX_RULES + VERB_SUFFIX_RULES + ADJECTIVE_SUFFIX_RULES
+    return len(word) > 2 and any(word.endswith(s) and word[:-len(s)] + base in words for s, base in rules)
+
+
 def query_nouns(wn: WordNetNouns, *, max_words: int, exclude_proper: bool) -> list[str]:
     """Nouns usable as search queries, in index order (see `ConceptVocabulary.from_wordnet`)."""
     return [lemma for lemma in wn.lemmas

@@ -8,7 +8,7 @@ import torch
 
 from explorer.run.image import ImageLoop
 from policies import Query, QueryPolicy, build_policy, ppo
-from policies.llm_models import ByteTokenizer, clean_query, query_text, response_mask
+from policies.llm_models import ByteTokenizer, clean_query, malformed_reason, query_text, response_mask
 from policies.ppo_llm import LLMPolicyConfig
 from policies.ppo_update import INVALID_QUERY_PENALTY
 
@@ -111,12 +111,22 @@ def test_a_pretrained_lms_line_is_cleaned_into_a_query_or_rejected_with_its_reas
     assert clean_query(' - "summer dress": 0.4') == ("summer dress", "ok")
     assert clean_query("red sneakers 0.91") == ("red sneakers", "ok")
     assert clean_query("4x5 shirt") == ("4x5 shirt", "ok")  # numbers that are no reward stay
-    assert clean_query("iphone 12") == ("iphone 12", "ok") and clean_query("boots reward 0.3") == ("boots", "ok")
+    assert clean_query("iphone 12 case") == ("iphone 12 case", "ok")
+    assert clean_query("boots reward 0.3") == ("boots", "ok")
     assert clean_query("https://example.com/shoes") == (None, "url")
     assert clean_query("www.shoes.com") == (None, "url")
     assert clean_query("a b c d e f g h i j") == (None, "too_long")
     assert clean_query("   \n") == (None, "empty") and clean_query("(0.5)") == (None, "empty")
     assert clean_query("123 456") == (None, "not_text") and clean_query(None) == (None, "not_text")
+    # malformed: what a person would not type into a search box scores the invalid penalty instead
+    assert clean_query("(hums 1.23 (turn54))") == (None, "malformed")
+    assert malformed_reason("hums (turn)") == "brackets or symbols"
+    assert malformed_reason("hums 1.23 shoes") == "a number with a fraction"
+    assert malformed_reason("turn54 shoes") == "letters glued to digits"
+    assert malformed_reason("xqzt blorf shoes") == "non-words" and clean_query("xqzt blorf") == (None, "malformed")
+    assert malformed_reason("iphone") == "non-words"  # one word, not English
+    for ok in ("running shoes", "darker wool coats", "t-shirt with stripes", "mice", "4x5 shirt"):
+        assert malformed_reason(ok) is None, ok  # inflected and irregular forms are words
     # stop tokens: a response ends at any of them; a list of stops works like one EOS
     assert response_mask(torch.tensor([[5, 9, 7], [5, 6, 8]]), [8, 9]).tolist() == [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
 
