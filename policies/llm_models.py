@@ -167,9 +167,10 @@ def query_text(raw: str | None) -> str | None:
 
 MAX_QUERY_CHARS = 80
 MAX_QUERY_WORDS = 8
-# a copied reward at the end of a line: "(reward 0.42)", "(0.42)", ": 0.42", " 0.42" (not "iphone 12")
-_SCORE_TAIL = re.compile(r"\s*(?:[(\[]\s*(?:reward\s*)?[-+]?\d*\.?\d+\s*[)\]]|:?\s*(?:reward\s*)?[-+]?\d*\.\d+)\s*$",
-                         re.IGNORECASE)
+# a copied reward at the end of a line: "(reward 0.42)", "(0.42)", ": 0.42", " 0.42" (not "iphone 12"), or
+# one the length cap cut off unclosed: "(reward 0", "(reward", "("
+_SCORE_TAIL = re.compile(r"\s*(?:[(\[]\s*(?:reward\s*)?[-+]?\d*\.?\d+\s*[)\]]|:?\s*(?:reward\s*)?[-+]?\d*\.\d+"
+                         r"|[(\[]\s*(?:reward\s*)?(?:[-+]?\d*\.?\d*)?)\s*$", re.IGNORECASE)
 
 
 def clean_query(raw: str | None) -> tuple[str | None, str]:

@@ -113,6 +113,8 @@ def test_a_pretrained_lms_line_is_cleaned_into_a_query_or_rejected_with_its_reas
     assert clean_query("4x5 shirt") == ("4x5 shirt", "ok")  # numbers that are no reward stay
     assert clean_query("iphone 12 case") == ("iphone 12 case", "ok")
     assert clean_query("boots reward 0.3") == ("boots", "ok")
+    for cut in ("10 year loan (reward 0", "10 year loan (reward", "10 year loan ("):  # cut off by the length cap
+        assert clean_query(cut) == ("10 year loan", "ok"), cut
     assert clean_query("https://example.com/shoes") == (None, "url")
     assert clean_query("www.shoes.com") == (None, "url")
     assert clean_query("a b c d e f g h i j") == (None, "too_long")

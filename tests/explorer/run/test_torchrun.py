@@ -54,8 +54,13 @@ def daemon_command(ranks: int, *args: str) -> list[str]:
     return [*launcher, "-m", "explorer", "daemon", *args, "--quiet"]
 
 
+# The CPU kernels pinned to AVX2: with AVX-512/AMX, oneDNN picks convolution algorithms by batch size,
+# so a rank's half batch rounds differently from the whole one and the runs drift apart (on an
+# AVX-512/AMX Xeon: the weights 2.2% of their last move apart unpinned; under the 1% bar pinned).
+PORTABLE_ENV = {**daemon_env(1), "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
 def start(ranks: int, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(daemon_command(ranks, *args), env=daemon_env(1), stdout=subprocess.PIPE,
+    return subprocess.Popen(daemon_command(ranks, *args), env=PORTABLE_ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
