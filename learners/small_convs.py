@@ -80,9 +80,9 @@ def _supported(conv: nn.Conv2d) -> bool:
             and (conv.groups == 1 or depthwise))
 
 
-class SmallInputConv2d(nn.Conv2d):
-    """An `nn.Conv2d` that takes the gather-and-multiply route on CPU inputs of at most `max_pixels` pixels
-    (measured on the CPU only; a GPU keeps its convolution kernels)."""
+class _SmallInputRoute:
+    """The forward of a convolution class that takes the gather-and-multiply route on CPU inputs of at
+    most `max_pixels` pixels (measured on the CPU only; a GPU keeps its convolution kernels)."""
 
     max_pixels: int = 4
 
@@ -92,15 +92,12 @@ class SmallInputConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-class SmallInputConv2dSame(Conv2dSame):
-    """timm's TF-"same" convolution with the same small-input route."""
+class SmallInputConv2d(_SmallInputRoute, nn.Conv2d):
+    """An `nn.Conv2d` with the small-input route."""
 
-    max_pixels: int = 4
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cpu and x.shape[-2] * x.shape[-1] <= self.max_pixels:
-            return small_input_conv(self, x)
-        return super().forward(x)
+class SmallInputConv2dSame(_SmallInputRoute, Conv2dSame):
+    """timm's TF-"same" convolution with the small-input route."""
 
 
 def small_input_convs(module: nn.Module, max_pixels: int = 4) -> int:

@@ -76,9 +76,10 @@ def open_image_corpus(corpus: str | Path | None, progress: bool = False) -> WebC
     if preset is not None and _needs_build(root, preset):
         root.parent.mkdir(parents=True, exist_ok=True)
         with open(root.parent / f".{preset}.lock", "w") as lock:
-            if progress and _try_lock(lock) is False:
-                print(f"waiting for another process to finish building the {preset!r} corpus in {root} ...")
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not _try_lock(lock):
+                if progress:
+                    print(f"waiting for another process to finish building the {preset!r} corpus in {root} ...")
+                fcntl.flock(lock, fcntl.LOCK_EX)
             if _needs_build(root, preset):  # (another process may have built it while this one waited)
                 meta = root / "corpus.json"
                 if meta.exists():

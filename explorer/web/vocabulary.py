@@ -195,6 +195,7 @@ def _load_once(wordnet_dir: Path) -> WordNetNouns:
 VERB_SUFFIX_RULES = (("s", ""), ("ies", "y"), ("es", "e"), ("es", ""), ("ed", "e"), ("ed", ""), ("ing", "e"),
                      ("ing", ""))
 ADJECTIVE_SUFFIX_RULES = (("er", ""), ("est", ""), ("er", "e"), ("est", "e"))
+_WORD_SUFFIX_RULES = NOUN_SUFFIX_RULES + VERB_SUFFIX_RULES + ADJECTIVE_SUFFIX_RULES
 POS_FILES = ("noun", "verb", "adj", "adv")
 
 
@@ -222,8 +223,8 @@ def is_english_word(word: str, words: frozenset[str]) -> bool:
     suffix rules ('sneakers', 'running', 'darker')."""
     if word in words:
         return True
-    rules = NOUN_SUFFIX_RULES + VERB_SUFFIX_RULES + ADJECTIVE_SUFFIX_RULES
-    return len(word) > 2 and any(word.endswith(s) and word[:-len(s)] + base in words for s, base in rules)
+    return len(word) > 2 and any(word.endswith(s) and word[:-len(s)] + base in words
+                                 for s, base in _WORD_SUFFIX_RULES)
 
 
 def query_nouns(wn: WordNetNouns, *, max_words: int, exclude_proper: bool) -> list[str]:
