@@ -4,7 +4,8 @@
 2. starts the local engine on 127.0.0.1;
 3. evaluates raw pixels (the trivial baseline every encoder must beat);
 4. pretrains one base encoder on the target alone and evaluates it (the 'base' row);
-5. runs the GP policy and the random policy from that same base, and continues the base with
+5. runs the GP policy and the random policy (random exploration: without the target's class names
+   even where the config searches them first for the GP) from that same base, and continues the base with
    target-only SSL for the same number of steps the runs train (a control: do acquired images
    help beyond more steps?). With `jobs` > 1 the three run side by side, one process each at
    cores / jobs torch threads, their iterations' lines prefixed by the run's name;
@@ -48,10 +49,19 @@ def _row(name: str, metrics: list[dict] | None, scores: dict) -> str:
             f"| {scores.get('eval_linear_probe_accuracy', float('nan')):9.3f} |")
 
 
+RANDOM_NOTE = ("random: queries drawn uniformly from the vocabulary, without the target's class names "
+               "(random exploration, as the grids' random)")
+
+
 def _policy_config(cfg: ExperimentConfig, policy: str) -> ExperimentConfig:
-    options = cfg.policy.options if policy == cfg.policy.name else {}  # gp's options are not random's
-    return dataclasses.replace(cfg, policy=dataclasses.replace(cfg.policy, name=policy, options=options),
-                               name=f"{cfg.name}-{policy}")
+    """The config of one policy's run. The configured policy keeps its options and class-name queries;
+    the random run is random exploration: no options and no class names (they are knowledge of the
+    target, so searching them first made the demo's random a half-targeted policy)."""
+    if policy == cfg.policy.name:
+        spec = dataclasses.replace(cfg.policy, name=policy)
+    else:
+        spec = dataclasses.replace(cfg.policy, name=policy, options={}, class_name_queries=False)
+    return dataclasses.replace(cfg, policy=spec, name=f"{cfg.name}-{policy}")
 
 
 def _job(name: str, cfg: ExperimentConfig, out: Path, url: str, base: Path, scores: dict, threads: int,
@@ -118,13 +128,14 @@ def run_demo(config_path: Path, out: Path | None = None, progress: bool = True, 
     where = (f"web: {cfg.corpus or 'world'}, {web['items']:,} images, "
              + (f"{rate:.1%} of them the {kind} target's kind" if rate is not None else "base rate unknown"))
     table = "\n".join(lines)
-    (out / "table.md").write_text(f"{table}\n\n{where}\n")
+    (out / "table.md").write_text(f"{table}\n\n{RANDOM_NOTE}\n\n{where}\n")
     (out / "summary.json").write_text(json.dumps({**pixels, "base": scores, "target_only": control,
                                                   "random": results["random"][-1], "gp": results["gp"][-1],
                                                   "web": {"items": web["items"], "base_rate": rate},
                                                   "seconds": round(time.time() - t0, 1)}, indent=2))
-    print(f"\n{table}\n\n{where}. relevant = accepted images of the target's kind (hidden ground truth, never "
-          f"seen by the agent); kNN (k={cfg.train.knn_k}) and linear probe on the target's held-out probe split.")
+    print(f"\n{table}\n\n{RANDOM_NOTE}\n{where}. relevant = accepted images of the target's kind (hidden "
+          f"ground truth, never seen by the agent); kNN (k={cfg.train.knn_k}) and linear probe on the target's "
+          "held-out probe split.")
     print(f"run folders: {out}/gp, {out}/random  (replay one offline: explorer replay {out}/gp)")
     print("contact sheets (what each iteration accepted, by query, and the best-scored rejected): "
           f"{last_sheet(out / 'gp')}, {last_sheet(out / 'random')}; see a run in the browser: "
