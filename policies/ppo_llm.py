@@ -27,12 +27,16 @@ loop (`train()` over a prompt dataset); the step API that took external scores w
 `propose` caches the sampled tokens, log-probabilities, values and reference log-probabilities
 and `update` runs `ppo_epochs` epochs of the clipped objective on that batch.
 
-Reward shaping (in units of the running reward std, as rewards are normalised first):
+Reward shaping: with `reward_shape: log` a query's reward r becomes log(1 + s r) / log(1 + s)
+(`ppo.shape_reward`, s = `reward_scale`, the results a query asks for), so the first new finds pay
+most; then (in units of the running reward std, as rewards are normalised first):
 an empty, undecodable or malformed sample scores INVALID_QUERY_PENALTY instead of a reward (the `ppo` policy
 issues a vocabulary concept in its place so the iteration still searches), and a query already
 issued (before, or earlier in the batch) gets DUPLICATE_QUERY_PENALTY on top of its reward.
+With `kl_target` (nats per query) the KL coefficient adapts after every update towards it
+(`ppo.AdaptiveKL`), so a policy drifting from fluent text is pulled back harder.
 Sampling uses a seeded torch.Generator and all state (adapters or the tiny model and its reference,
-value head, optimiser, generator, reward statistics, pending batch) round-trips through
+value head, optimiser, generator, reward statistics, KL coefficient, pending batch) round-trips through
 `state_dict`; a pretrained model's base weights are not in it (they are the named model's).
 """
 
@@ -93,7 +97,11 @@ class LLMPolicyConfig:
     clip: float = 0.2  # ratio clip of the surrogate
     value_clip: float = 0.2
     value_coef: float = 0.5
-    kl_coef: float = 0.05  # per-token KL penalty to the reference LM
+    kl_coef: float = 0.05  # per-token KL penalty to the reference LM (the start value when kl_target is set)
+    kl_target: float | None = None  # nats per query: the coefficient adapts towards it (ppo.AdaptiveKL); None: fixed
+    kl_horizon: int = 32  # queries over which the adaptive coefficient moves by its clipped error
+    reward_shape: str = "raw"  # "log": log(1 + reward_scale * r) / log(1 + reward_scale) (ppo.shape_reward)
+    reward_scale: float = 40.0  # the log shape's scale: the results a query asks for, so 1 new find counts
     gamma: float = 1.0
     lam: float = 0.95
     max_grad_norm: float = 1.0
@@ -120,6 +128,12 @@ class LLMPolicyConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.kl_coef < 0 or self.value_coef < 0 or self.value_clip <= 0:
             raise ValueError("warmup_steps, kl_coef, value_coef must be >= 0 and value_clip > 0")
+        if self.kl_target is not None and not self.kl_target > 0 or self.kl_horizon < 1:
+            raise ValueError(f"kl_target must be None or > 0 and kl_horizon >= 1, got {self.kl_target}, "
+                             f"{self.kl_horizon}")
+        if self.reward_shape not in ppo.REWARD_SHAPES or not self.reward_scale > 0:
+            raise ValueError(f"reward_shape must be one of {', '.join(ppo.REWARD_SHAPES)} and reward_scale > 0, "
+                             f"got {self.reward_shape!r}, {self.reward_scale}")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError(f"gamma and lam must lie in [0, 1], got {self.gamma}, {self.lam}")
         if self.threads is not None and self.threads < 1:
@@ -166,6 +180,7 @@ class LLMQueryPolicy(PPOUpdate, VocabularyPolicy):
                                           lr=cfg.learning_rate)
         self.cleanup: dict[str, int] = {}
         self.moments = ppo.RunningMoments()
+        self.kl = ppo.AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.rollout: Rollout | None = None
         self.stats: dict[str, float] = {}
 
@@ -371,7 +386,8 @@ class LLMQueryPolicy(PPOUpdate, VocabularyPolicy):
         state.update(copy.deepcopy({
             **self._weights(),
             "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-            "moments": asdict(self.moments), "stats": dict(self.stats), "cleanup": dict(self.cleanup),
+            "moments": asdict(self.moments), "kl_coef": self.kl.coef, "stats": dict(self.stats),
+            "cleanup": dict(self.cleanup),
             "rollout": None if self.rollout is None else self.rollout.state_dict()}))
         return state
 
@@ -382,6 +398,7 @@ class LLMQueryPolicy(PPOUpdate, VocabularyPolicy):
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.generator.set_state(state["generator"])
         self.moments = ppo.RunningMoments(**state["moments"])
+        self.kl.coef = float(state.get("kl_coef", self.config.kl_coef))
         self.stats = dict(state["stats"])
         self.cleanup = dict(state.get("cleanup", {}))
         self.rollout = None if state["rollout"] is None else Rollout.from_state(copy.deepcopy(state["rollout"]))

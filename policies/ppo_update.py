@@ -4,8 +4,8 @@
 (log-probabilities, values, reference log-probabilities) when it is proposed and, once the rewards
 arrive, runs `ppo_epochs` epochs of the clipped objective on it (policies/ppo.py has the math). It
 reads the policy's `config` (an LLMPolicyConfig), `model` (a QueryLM), `reference` (a frozen LM, or
-None: the model with its LoRA adapters disabled), `optimizer`, `moments`, `tokenizer`, `banned` and
-writes `stats`.
+None: the model with its LoRA adapters disabled), `optimizer`, `moments`, `kl` (a ppo.AdaptiveKL),
+`tokenizer`, `banned` and writes `stats`.
 """
 
 from __future__ import annotations
@@ -130,7 +130,9 @@ class PPOUpdate:
 
     def _scores(self, rollout: Rollout, rewards: list[float]) -> torch.Tensor:
         """(B,) shaped scores: normalised reward of the issued query, or a penalty."""
-        earned = [rewards[i] for i, bad in zip(rollout.query_index, rollout.invalid) if not bad]
+        cfg = self.config
+        earned = [ppo.shape_reward(rewards[i], cfg.reward_shape, cfg.reward_scale)
+                  for i, bad in zip(rollout.query_index, rollout.invalid) if not bad]
         self.moments.update(earned)
         normalised = iter(self.moments.normalise(earned))
         scores = [INVALID_QUERY_PENALTY if bad else next(normalised) + DUPLICATE_QUERY_PENALTY * dup
@@ -141,7 +143,7 @@ class PPOUpdate:
         cfg = self.config
         mask = response_mask(rollout.responses, self.tokenizer.stops)
         scores = self._scores(rollout, rewards)
-        per_token = ppo.token_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, cfg.kl_coef)
+        per_token = ppo.token_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, self.kl.coef)
         advantages, returns = ppo.gae(per_token, rollout.values, mask, cfg.gamma, cfg.lam)
         advantages = ppo.whiten(advantages, mask)
         self.model.train()
@@ -161,6 +163,8 @@ class PPOUpdate:
             self.optimizer.step()
         logprobs, _ = self._evaluate_all(rollout, self.model)
         kl = (ppo.approx_kl(logprobs, rollout.ref_logprobs) * mask).sum(dim=1).mean()
-        self.stats.update({"kl_to_reference": float(kl), "clip_fraction": float(clipped),
+        used = self.kl.coef  # the coefficient this update used; the controller sets the next one's
+        self.kl.update(float(kl), len(rollout.responses))
+        self.stats.update({"kl_to_reference": float(kl), "kl_coef": used, "clip_fraction": float(clipped),
                            "policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
                            "mean_score": float(scores.mean())})

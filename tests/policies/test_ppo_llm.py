@@ -96,6 +96,55 @@ def test_running_moments_match_numpy():
 
 # ---------------------------------------------------------------- tokenizer and query checks
 
+def test_the_adaptive_kl_coefficient_moves_towards_its_target_by_at_most_the_clipped_error():
+    controller = ppo.AdaptiveKL(0.05, target=1.0, horizon=32)
+    controller.update(kl=1.1, n=16)  # 10% over the target: the coefficient rises by 0.1 * 16 / 32
+    assert controller.coef == pytest.approx(0.05 * 1.05)
+    controller.update(kl=6.0, n=16)  # far over: the error is clipped at +0.2
+    assert controller.coef == pytest.approx(0.05 * 1.05 * 1.1)
+    controller.update(kl=0.0, n=32)  # far under: clipped at -0.2 over a whole horizon
+    assert controller.coef == pytest.approx(0.05 * 1.05 * 1.1 * 0.8)
+    fixed = ppo.AdaptiveKL(0.05)  # no target: a fixed coefficient
+    fixed.update(kl=6.0, n=16)
+    assert fixed.coef == 0.05
+
+
+def test_the_log_reward_shape_pays_most_for_the_first_finds():
+    shaped = [ppo.shape_reward(finds / 40, "log", 40.0) for finds in (0, 1, 2, 4, 40)]
+    assert shaped[0] == 0.0 and shaped[-1] == pytest.approx(1.0)
+    assert shaped[1] == pytest.approx(np.log(2) / np.log(41))  # one new find of 40 earns 0.19, not 0.025
+    gains = np.diff(shaped)
+    assert (gains > 0).all() and gains[0] > gains[1] > 0  # rising, with diminishing returns
+    assert ppo.shape_reward(-0.1, "log", 40.0) == -ppo.shape_reward(0.1, "log", 40.0)
+    assert ppo.shape_reward(0.3, "raw", 40.0) == 0.3
+    with pytest.raises(ValueError, match="unknown reward shape 'tiers'"):
+        ppo.shape_reward(0.3, "tiers", 40.0)
+    with pytest.raises(ValueError, match="reward_shape must be one of raw, log"):
+        LLMPolicyConfig(reward_shape="square")
+    with pytest.raises(ValueError, match="kl_target must be None or > 0"):
+        LLMPolicyConfig(kl_target=0.0)
+
+
+def test_the_policy_trains_on_the_shaped_reward_and_keeps_its_adapted_kl_coefficient():
+    policy = build_policy("ppo", concepts=CONCEPTS, seed=5, **FAST, reward_shape="log", kl_target=0.5,
+                          kl_horizon=4)
+    batch = policy.propose(4)
+    rewards = [0.0, 0.025, 0.1, 1.0]
+    valid = [r for r, bad in zip(rewards, policy.rollout.invalid) if not bad]
+    shaped = [ppo.shape_reward(r, "log", 40.0) for r in valid]
+    scores = policy._scores(policy.rollout, rewards)  # normalised by the moments of the shaped rewards
+    assert policy.moments.mean == pytest.approx(np.mean(shaped))
+    policy.update(batch, rewards)
+    kl = policy.stats["kl_to_reference"]
+    assert policy.stats["kl_coef"] == 0.05  # this update used the start value ...
+    step = min(max(kl / 0.5 - 1, -0.2), 0.2) * 4 / 4
+    assert policy.kl.coef == pytest.approx(0.05 * (1 + step)) and policy.kl.coef != 0.05  # ... the next one moved
+    resumed = build_policy("ppo", concepts=CONCEPTS, seed=5, **{**FAST, "warmup_steps": 0})
+    resumed.load_state_dict(policy.state_dict())
+    assert resumed.kl.coef == policy.kl.coef and resumed.config.reward_shape == "log"
+    assert len(scores) == 4
+
+
 def test_byte_tokenizer_and_query_validation():
     tok = ByteTokenizer()
     assert tok.decode(tok.encode("Käse boot")) == "Käse boot"
