@@ -35,6 +35,9 @@ class HybridPolicy(LLMQueryPolicy):
         from policies.gp import GPPolicy
 
         self._text_encoder = text_encoder
+        if config.get("found_in_prompt") or config.get("novelty_bonus"):
+            raise ValueError("hybrid has no found_in_prompt or novelty_bonus: its prompt is one concept to "
+                             "expand and the GP chooses among the expansions (use the ppo policy)")
         super().__init__(concepts, seed, **config)
         self.bandit = GPPolicy(concepts, seed, embeddings=embeddings, text_encoder=self._encode_texts,
                                **(gp or {}))

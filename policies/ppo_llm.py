@@ -33,7 +33,9 @@ most; then (in units of the running reward std, as rewards are normalised first)
 an empty, undecodable or malformed sample scores INVALID_QUERY_PENALTY instead of a reward (the `ppo` policy
 issues a vocabulary concept in its place so the iteration still searches), and a query already
 issued (before, or earlier in the batch) gets DUPLICATE_QUERY_PENALTY on top of its reward.
-With `kl_target` (nats per query) the KL coefficient adapts after every update towards it
+With `novelty_bonus` b a query also earns b x (1 - its largest word overlap with an earlier query)
+(`word_novelty`), and with `found_in_prompt` the prompt lists past queries that found something as
+found already. With `kl_target` (nats per query) the KL coefficient adapts after every update towards it
 (`ppo.AdaptiveKL`), so a policy drifting from fluent text is pulled back harder.
 Sampling uses a seeded torch.Generator and all state (adapters or the tiny model and its reference,
 value head, optimiser, generator, reward statistics, KL coefficient, pending batch) round-trips through
@@ -102,6 +104,10 @@ class LLMPolicyConfig:
     kl_horizon: int = 32  # queries over which the adaptive coefficient moves by its clipped error
     reward_shape: str = "raw"  # "log": log(1 + reward_scale * r) / log(1 + reward_scale) (ppo.shape_reward)
     reward_scale: float = 40.0  # the log shape's scale: the results a query asks for, so 1 new find counts
+    found_in_prompt: int = 0  # pretrained LM: up to this many past queries that found something (reward > 0),
+    # newest first, listed in the prompt as found already, so that it writes about something else (0: none)
+    novelty_bonus: float = 0.0  # added to a query's shaped reward: bonus x (1 - its largest word overlap
+    # (Jaccard) with a query issued before its batch), so a new subject pays even before it finds
     gamma: float = 1.0
     lam: float = 0.95
     max_grad_norm: float = 1.0
@@ -131,6 +137,9 @@ class LLMPolicyConfig:
         if self.kl_target is not None and not self.kl_target > 0 or self.kl_horizon < 1:
             raise ValueError(f"kl_target must be None or > 0 and kl_horizon >= 1, got {self.kl_target}, "
                              f"{self.kl_horizon}")
+        if self.found_in_prompt < 0 or self.novelty_bonus < 0:
+            raise ValueError(f"found_in_prompt and novelty_bonus must be >= 0, got {self.found_in_prompt}, "
+                             f"{self.novelty_bonus}")
         if self.reward_shape not in ppo.REWARD_SHAPES or not self.reward_scale > 0:
             raise ValueError(f"reward_shape must be one of {', '.join(ppo.REWARD_SHAPES)} and reward_scale > 0, "
                              f"got {self.reward_shape!r}, {self.reward_scale}")
@@ -144,6 +153,15 @@ class LLMPolicyConfig:
             raise ValueError(f"lora_rank must be >= 1 and lora_alpha > 0, got {self.lora_rank}, {self.lora_alpha}")
         if self.hidden_size % self.heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
+
+
+def word_novelty(text: str, before: list[set[str]]) -> float:
+    """1 - the largest Jaccard overlap of the text's words (lower case) with any of `before`: 1 for a
+    query sharing no word with an earlier one, 0 for one with exactly an earlier one's words."""
+    words = set(text.lower().split())
+    if not words or not before:
+        return 1.0
+    return 1.0 - max(len(words & b) / len(words | b) for b in before)
 
 
 @register_policy("ppo")
@@ -237,15 +255,29 @@ class LLMQueryPolicy(PPOUpdate, VocabularyPolicy):
         ranked = sorted(means, key=lambda t: -float(np.mean(means[t])))
         k = min(self.config.history, len(ranked) // 2)
         if self.config.pretrained:
-            return self._few_shot([(t, float(np.mean(means[t]))) for t in ranked[:k] + ranked[len(ranked) - k:]])
+            return self._few_shot([(t, float(np.mean(means[t]))) for t in ranked[:k] + ranked[len(ranked) - k:]],
+                                  self.found())
         lines = [f"good: {t}" for t in ranked[:k]] + [f"bad: {t}" for t in ranked[len(ranked) - k:]]
         return self._prompt_text(lines)
 
-    def _few_shot(self, scored: list[tuple[str, float]]) -> str:
-        """A prompt a base LM can continue: the target, past queries with their rewards, worst
-        first so the best stand next to the line it writes (before any reward: vocabulary concepts)."""
+    def found(self) -> list[str]:
+        """Up to `found_in_prompt` distinct past queries (lower case) that found something, newest first."""
+        found: list[str] = []
+        for text, reward in zip(reversed(self.log.texts), reversed(self.log.rewards)):
+            if len(found) >= self.config.found_in_prompt:
+                break
+            if reward > 0 and text.lower() not in found:
+                found.append(text.lower())
+        return found
+
+    def _few_shot(self, scored: list[tuple[str, float]], found: list[str] = ()) -> str:
+        """A prompt a base LM can continue: the target, what was found already (when asked for), past
+        queries with their rewards, worst first so the best stand next to the line it writes (before
+        any reward: vocabulary concepts)."""
         description = self.config.target_description or "the target images"
         head = f"Web search queries that find {description}.\n"
+        if found:
+            head += f"Found already, so search for something else: {', '.join(found)}.\n"
         if scored:
             lines = [f"- {t} (reward {r:.2f})" for t, r in sorted(scored, key=lambda x: x[1])]
             head += "Queries tried so far, with their reward (higher finds more):\n"
@@ -332,16 +364,18 @@ class LLMQueryPolicy(PPOUpdate, VocabularyPolicy):
         self.stats = {}  # this batch's: generation and PPO seconds, the update's losses
         prompts, responses, texts = self._sample([self.prompt()], n)
         issued = set(self.log.texts)
-        queries, invalid, duplicate = [], [], []
+        before = [set(t.lower().split()) for t in issued]  # novelty is against queries issued before this batch
+        queries, invalid, duplicate, novelty = [], [], [], []
         stand_ins = iter(rank_untried_first(np.zeros(len(self.concepts)), self.log.tried, n, self.rng))
         for text in texts:
             invalid.append(text is None)
             duplicate.append(text in issued)
             self.cleanup["duplicate"] = self.cleanup.get("duplicate", 0) + duplicate[-1]
             queries.append(self._query(text) if text is not None else self._stand_in(stand_ins))
+            novelty.append(0.0 if text is None else word_novelty(text, before))
             issued.add(queries[-1].text)
         self.rollout = self._score_samples(Rollout(queries, prompts, [n], responses, list(range(n)),
-                                                   invalid, duplicate))
+                                                   invalid, duplicate, novelty=novelty))
         return queries
 
     def _stand_in(self, concepts) -> Query:

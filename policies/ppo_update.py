@@ -39,6 +39,7 @@ class Rollout:
     logprobs: torch.Tensor | None = None  # (B, T) under the sampling policy
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    novelty: list[float] | None = None  # per row, ppo_llm.word_novelty (None: no bonus)
 
     def state_dict(self) -> dict:
         state = asdict(self)
@@ -61,7 +62,8 @@ class Rollout:
                 sizes.append(size)
         rows = sorted(keep)
         return Rollout(self.queries, prompts, sizes, self.responses[rows], [self.query_index[r] for r in rows],
-                       [self.invalid[r] for r in rows], [self.duplicate[r] for r in rows])
+                       [self.invalid[r] for r in rows], [self.duplicate[r] for r in rows],
+                       novelty=None if self.novelty is None else [self.novelty[r] for r in rows])
 
     def observed(self, queries: list[Query]) -> Rollout | None:
         """The rollout for the rewards of `queries`, the issued queries whose search answered (in
@@ -129,10 +131,11 @@ class PPOUpdate:
             return self._evaluate_all(rollout, self.model.lm)[0]
 
     def _scores(self, rollout: Rollout, rewards: list[float]) -> torch.Tensor:
-        """(B,) shaped scores: normalised reward of the issued query, or a penalty."""
+        """(B,) scores: the issued query's shaped reward plus its novelty bonus, normalised, or a penalty."""
         cfg = self.config
-        earned = [ppo.shape_reward(rewards[i], cfg.reward_shape, cfg.reward_scale)
-                  for i, bad in zip(rollout.query_index, rollout.invalid) if not bad]
+        novelty = rollout.novelty or [0.0] * len(rollout.invalid)
+        earned = [ppo.shape_reward(rewards[i], cfg.reward_shape, cfg.reward_scale) + cfg.novelty_bonus * new
+                  for i, bad, new in zip(rollout.query_index, rollout.invalid, novelty) if not bad]
         self.moments.update(earned)
         normalised = iter(self.moments.normalise(earned))
         scores = [INVALID_QUERY_PENALTY if bad else next(normalised) + DUPLICATE_QUERY_PENALTY * dup

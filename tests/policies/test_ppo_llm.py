@@ -145,6 +145,36 @@ def test_the_policy_trains_on_the_shaped_reward_and_keeps_its_adapted_kl_coeffic
     assert len(scores) == 4
 
 
+def test_word_novelty_is_one_minus_the_largest_word_overlap_with_an_earlier_query():
+    from policies.ppo_llm import word_novelty
+
+    before = [{"leather", "boot"}, {"red", "dress"}]
+    assert word_novelty("Leather Boot", before) == 0.0  # the same words, in other case
+    assert word_novelty("leather sandal", before) == pytest.approx(1 - 1 / 3)
+    assert word_novelty("wool coat", before) == 1.0
+    assert word_novelty("anything", []) == 1.0
+
+
+def test_the_prompt_lists_what_was_found_and_the_novelty_bonus_is_paid():
+    policy = build_policy("ppo", concepts=CONCEPTS, seed=6, **FAST, found_in_prompt=2, novelty_bonus=1.0)
+    policy.update([Query("boot"), Query("red dress"), Query("cat"), Query("Boot")], [0.2, 0.1, 0.0, 0.3])
+    assert policy.found() == ["boot", "red dress"]  # newest first, distinct, only those that found something
+    prompt = policy._few_shot([("boot", 0.25)], policy.found())
+    assert "Found already, so search for something else: boot, red dress.\n" in prompt
+    assert "Found already" not in policy._few_shot([("boot", 0.25)])
+    policy.propose(4)
+    rollout = policy.rollout
+    issued = [set(t.lower().split()) for t in ("boot", "red dress", "cat", "Boot")]
+    from policies.ppo_llm import word_novelty
+    expected = [0.0 if bad else word_novelty(q.text, issued) for q, bad in zip(rollout.queries, rollout.invalid)]
+    assert rollout.novelty == pytest.approx(expected)
+    policy._scores(rollout, [0.0] * 4)  # no reward at all: what the moments saw is the novelty bonus
+    earned = [n for n, bad in zip(expected, rollout.invalid) if not bad]
+    assert policy.moments.mean == pytest.approx(np.mean(earned))
+    with pytest.raises(ValueError, match="hybrid has no found_in_prompt"):
+        build_policy("hybrid", concepts=CONCEPTS, seed=0, **FAST, novelty_bonus=0.5)
+
+
 def test_byte_tokenizer_and_query_validation():
     tok = ByteTokenizer()
     assert tok.decode(tok.encode("Käse boot")) == "Käse boot"
