@@ -234,6 +234,30 @@ class QueryLM(nn.Module):
         return out.logits, self.value_head(hidden).squeeze(-1)
 
 
+def response_outputs(model: nn.Module, prompt: torch.Tensor,
+                     responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits (B, T, V) that predict each token of the (B, T) responses after the (1, P) prompt, and
+    the value head's values (B, T) at the same positions when `model` is a QueryLM (else None).
+
+    The prompt runs once and its keys and values serve every response (the cache repeated B times),
+    so B responses cost one prompt, not B: equal to running each prompt + response whole, gradients
+    included (tests/policies/test_ppo_llm.py). Position t's logits come from the position before
+    the token: the prompt's last for t = 0, the response's token t - 1 after it."""
+    value = isinstance(model, QueryLM)
+    lm, size = (model.lm if value else model), len(responses)
+    head = lm(input_ids=prompt, use_cache=True, output_hidden_states=value, logits_to_keep=1)
+    logits = [head.logits[:, -1:].expand(size, -1, -1)]
+    hidden = [head.hidden_states[-1][:, -1:].expand(size, -1, -1)] if value else []
+    if responses.shape[1] > 1:
+        cache = head.cache
+        cache.batch_repeat_interleave(size)
+        out = lm(input_ids=responses[:, :-1], cache=cache, use_cache=True, output_hidden_states=value)
+        logits.append(out.logits)
+        hidden += [out.hidden_states[-1]] if value else []
+    values = model.value_head(torch.cat(hidden, dim=1)).squeeze(-1) if value else None
+    return torch.cat(logits, dim=1), values
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
                    banned: Sequence[int]) -> torch.Tensor:
     """Log-probabilities (B, T) of `tokens` under logits (B, T, V) at `temperature`, banned tokens removed."""

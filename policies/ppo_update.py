@@ -18,7 +18,7 @@ from torch import nn
 
 from policies import ppo
 from policies.base import Query
-from policies.llm_models import QueryLM, response_mask, token_logprobs, torch_threads
+from policies.llm_models import response_mask, response_outputs, token_logprobs, torch_threads
 
 INVALID_QUERY_PENALTY = -2.0  # empty text, not UTF-8, control characters, no letter; malformed (clean_query)
 DUPLICATE_QUERY_PENALTY = -1.0  # exact repeat of a query already issued
@@ -89,17 +89,21 @@ class PPOUpdate:
     """Scores a proposed batch and runs the PPO update on it (see the module docstring)."""
 
     def _evaluate(self, rollout: Rollout, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probabilities (B, T) of the rollout's responses (and values when `model` is a QueryLM)."""
+        """Log-probabilities (B, T) of the rollout's responses (and values when `model` is a QueryLM).
+        Each group's prompt runs once for all its responses (`response_outputs`), and only up to the
+        group's longest response: the padding after every row's stop token is never computed (its
+        log-probabilities and values are 0, as the mask ignores them)."""
         logprobs, values, start = [], [], 0
+        width = rollout.responses.shape[1]
         for prompt, size in zip(rollout.prompts, rollout.group_sizes):
             responses = rollout.responses[start:start + size]
-            ids = torch.cat([prompt.expand(size, -1), responses], dim=1)
-            keep = responses.shape[1] + 1  # the last prompt position predicts the first response token
-            out = model(ids, keep) if isinstance(model, QueryLM) else (model(input_ids=ids, logits_to_keep=keep).logits, None)
-            logprobs.append(token_logprobs(out[0][:, :-1], responses, self.config.temperature, self.banned)
-                            .masked_fill(response_mask(responses, self.tokenizer.stops) == 0, 0.0))  # PAD: -inf
-            if out[1] is not None:
-                values.append(out[1][:, :-1])
+            mask = response_mask(responses, self.tokenizer.stops)
+            used = max(1, int(mask.sum(dim=1).max()))
+            logits, value = response_outputs(model, prompt, responses[:, :used])
+            lp = token_logprobs(logits, responses[:, :used], self.config.temperature, self.banned)
+            logprobs.append(nn.functional.pad(lp.masked_fill(mask[:, :used] == 0, 0.0), (0, width - used)))
+            if value is not None:
+                values.append(nn.functional.pad(value, (0, width - used)))
             start += size
         return torch.cat(logprobs), (torch.cat(values) if values else None)
 

@@ -255,6 +255,38 @@ def test_kl_to_the_reference_stays_bounded(trained):
     assert 0.0 < policy.stats["kl_to_reference"] < 15.0, policy.stats
 
 
+def test_the_prompt_runs_once_for_all_responses_and_gives_what_the_whole_sequences_give():
+    """response_outputs shares the prompt's keys and values among the responses; its logits, values
+    and gradients equal those of each prompt + response run whole (the way PPO scored before)."""
+    from policies.llm_models import response_outputs
+
+    policy = build_policy("ppo", concepts=CONCEPTS, seed=2, **FAST)
+    policy.propose(6)
+    prompt, responses, model = policy.rollout.prompts[0], policy.rollout.responses, policy.model
+    model.train()
+
+    def whole():
+        logits, values = model(torch.cat([prompt.expand(len(responses), -1), responses], dim=1),
+                               responses.shape[1] + 1)
+        return logits[:, :-1], values[:, :-1]
+
+    grads = []
+    for outputs in (whole, lambda: response_outputs(model, prompt, responses)):
+        model.zero_grad()
+        logits, values = outputs()
+        grads.append([logits, values])
+        (torch.log_softmax(logits, -1).gather(-1, responses[..., None]).sum() + values.sum()).backward()
+        grads[-1].append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    (a_logits, a_values, a_grad), (b_logits, b_values, b_grad) = grads
+    assert a_logits.shape == b_logits.shape and a_values.shape == b_values.shape
+    torch.testing.assert_close(b_logits, a_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b_values, a_values, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b_grad, a_grad, rtol=1e-3, atol=1e-4)
+    # the reference (a bare LM) takes the same path without values
+    logits, values = response_outputs(policy.reference, prompt, responses)
+    assert values is None and logits.shape == a_logits.shape
+
+
 def test_invalid_samples_are_replaced_and_penalised():
     policy = build_policy("ppo", concepts=CONCEPTS, seed=3, **{**FAST, "warmup_steps": 0})
     batch = policy.propose(16)  # an untrained byte LM writes mostly garbage
