@@ -9,6 +9,7 @@ fresh process per policy, so each peak RSS is that policy's alone; torch threads
 
     python bench/bench_llm_policy.py                     # ppo, llm-prompt, hybrid; 16 queries, 3 rounds
     python bench/bench_llm_policy.py --policies ppo --rounds 5
+    python bench/bench_llm_policy.py --policies ppo --option ppo_epochs=2 --option ppo_minibatch=16
 Outputs bench/results/llm_policy/: report.md, results.csv/json, machine.json.
 """
 
@@ -35,7 +36,20 @@ def toy_reward(text: str) -> float:
     return sum(w in WORDS for w in words) / max(1, len(words))
 
 
-def measure(name: str, batch: int, rounds: int, threads: int, vocabulary: int) -> dict:
+def parse_options(pairs: list[str]) -> dict:
+    """KEY=VALUE policy options (LLMPolicyConfig fields), values read as YAML scalars: ppo_epochs=2."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--option wants KEY=VALUE, got {pair!r}")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def measure(name: str, batch: int, rounds: int, threads: int, vocabulary: int, extra: dict | None = None) -> dict:
     """One policy in this process: load, then `rounds` rounds; seconds and peak RSS."""
     import torch
 
@@ -47,7 +61,7 @@ def measure(name: str, batch: int, rounds: int, threads: int, vocabulary: int) -
 
     nouns = query_nouns(cached_wordnet(), max_words=2, exclude_proper=True)
     concepts = sorted(np.random.default_rng(0).choice(nouns, size=min(vocabulary, len(nouns)), replace=False).tolist())
-    options = {"target_description": "product photos of clothes, shoes and bags on a plain background"}
+    options = {"target_description": "product photos of clothes, shoes and bags on a plain background", **(extra or {})}
     if name == "hybrid":
         from explorer.web.text_encoder import default_encoder
         options["embeddings"] = default_encoder().encode(concepts)
@@ -68,7 +82,8 @@ def measure(name: str, batch: int, rounds: int, threads: int, vocabulary: int) -
                           "kl": policy.stats.get("kl_to_reference"), "queries": [q.text for q in queries]})
     later = per_round[1:] or per_round
     mean = lambda key: sum(r[key] for r in later) / len(later)  # noqa: E731
-    return {"policy": name, "batch": batch, "rounds": rounds, "threads": threads, "load_s": round(load, 2),
+    return {"policy": name, "options": " ".join(f"{k}={v}" for k, v in (extra or {}).items()) or "-",
+            "batch": batch, "rounds": rounds, "threads": threads, "load_s": round(load, 2),
             "propose_s": round(mean("propose_s"), 2), "generate_s": round(mean("generate_s"), 2),
             "generate_per_query_s": round(mean("generate_s") / batch, 3), "update_s": round(mean("update_s"), 2),
             "ppo_s": round(mean("ppo_s"), 2), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -85,10 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vocabulary", type=int, default=2000, help="concepts: WordNet nouns, a seeded sample")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "llm_policy")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a policy option (LLMPolicyConfig field) for every policy measured, e.g. --option "
+                             "ppo_epochs=2 --option ppo_minibatch=16 (repeatable)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child process: measure one policy
     args = parser.parse_args(argv)
+    extra = parse_options(args.option)
     if args.one:
-        print(json.dumps(measure(args.one, args.batch, args.rounds, args.threads, args.vocabulary)))
+        print(json.dumps(measure(args.one, args.batch, args.rounds, args.threads, args.vocabulary, extra)))
         return 0
     from bench.machine import finish_report, write_rows
 
@@ -96,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.policies:
         print(f"== {name} ==", flush=True)
         out = subprocess.run([sys.executable, __file__, "--one", name, "--batch", str(args.batch), "--rounds",
-                              str(args.rounds), "--threads", str(args.threads), "--vocabulary", str(args.vocabulary)],
+                              str(args.rounds), "--threads", str(args.threads), "--vocabulary", str(args.vocabulary),
+                              *[f"--option={pair}" for pair in args.option]],
                              capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1], indent=1), flush=True)
@@ -104,10 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# Cost of the LLM query policies (Gemma 3 270M, LoRA rank 8, CPU)", "",
              f"{args.batch} queries per round, {args.rounds} rounds (the first left out of the means), "
              f"{args.threads} torch threads, one fresh process per policy.", "",
-             "| policy | load s | propose s | of which generation s | generation s / query | update s | of which PPO s "
-             "| peak RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| policy | options | load s | propose s | of which generation s | generation s / query | update s "
+             "| of which PPO s | peak RSS MiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['policy']} | {r['load_s']} | {r['propose_s']} | {r['generate_s']} | {r['generate_per_query_s']} "
+        lines.append(f"| {r['policy']} | {r['options']} | {r['load_s']} | {r['propose_s']} | {r['generate_s']} | {r['generate_per_query_s']} "
                      f"| {r['update_s']} | {r['ppo_s']} | {r['peak_rss_mib']} |")
     finish_report(args.out, lines, "python bench/bench_llm_policy.py " + " ".join(argv or sys.argv[1:]))
     return 0
