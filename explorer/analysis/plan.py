@@ -37,12 +37,20 @@ OBSERVATION_KEYS = ("n_params", "tokens", "loss")
 
 
 def load_observations(source: str | Path | Iterable[Mapping]) -> list[dict[str, float]]:
-    """Runs as dicts with n_params, tokens, loss: from a list, a .json (list or {"runs": [...]}) or a .csv."""
+    """Runs as dicts with n_params, tokens, loss: from a list, a .json (list or {"runs": [...]}), a
+    .jsonl (one run per line, as `explorer sweep` writes sweep.jsonl) or a .csv."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.suffix.lower() == ".csv":
             with path.open(newline="") as f:
                 rows = list(csv.DictReader(f))
+        elif path.suffix.lower() == ".jsonl":
+            rows = []
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                try:
+                    rows += [json.loads(line)] if line.strip() else []
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not a JSON object ({e.msg})") from None
         else:
             data = json.loads(path.read_text())
             rows = data["runs"] if isinstance(data, dict) else data

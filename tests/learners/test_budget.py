@@ -314,6 +314,12 @@ def test_plan_reads_json_and_defaults_to_the_largest_run(tmp_path):
     assert plan.decision.action == "train"  # a 1e9 model is already far above N_opt = 2.85e7
     with pytest.raises(KeyError, match="loss"):
         load_observations([{"n_params": 1.0, "tokens": 2.0}])
+    lines = tmp_path / "sweep.jsonl"  # as `explorer sweep` writes its runs: one JSON object per line
+    lines.write_text("".join(json.dumps(run) + "\n" for run in runs) + "\n")
+    assert load_observations(lines) == load_observations(runs)
+    lines.write_text(json.dumps(runs[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"sweep.jsonl:2: not a JSON object"):
+        load_observations(lines)
 
 
 def test_law_rejects_non_positive_parameters():
