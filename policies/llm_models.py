@@ -78,13 +78,19 @@ def resolve_model(name_or_path: str, log=print) -> Path:
     return path
 
 
-def load_query_lm(name_or_path: str, log=print):
-    """(transformers tokenizer, causal LM in fp32, eval mode) of a named model or a local folder."""
+BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_query_lm(name_or_path: str, log=print, dtype: str = "float32"):
+    """(transformers tokenizer, causal LM in `dtype` (float32 or bfloat16), eval mode) of a named
+    model or a local folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if dtype not in BASE_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(BASE_DTYPES)}")
     folder = resolve_model(name_or_path, log)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=BASE_DTYPES[dtype])
     return tokenizer, model.eval()
 
 
@@ -231,7 +237,7 @@ class QueryLM(nn.Module):
         vocabulary is large (262k for Gemma): the prompt's positions need neither."""
         out = self.lm(input_ids=ids, output_hidden_states=True, logits_to_keep=keep)
         hidden = out.hidden_states[-1][:, -keep:] if keep else out.hidden_states[-1]
-        return out.logits, self.value_head(hidden).squeeze(-1)
+        return out.logits, self.value_head(hidden.float()).squeeze(-1)  # the head is float32 on a bf16 LM too
 
 
 def response_outputs(model: nn.Module, prompt: torch.Tensor,
@@ -254,7 +260,7 @@ def response_outputs(model: nn.Module, prompt: torch.Tensor,
         out = lm(input_ids=responses[:, :-1], cache=cache, use_cache=True, output_hidden_states=value)
         logits.append(out.logits)
         hidden += [out.hidden_states[-1]] if value else []
-    values = model.value_head(torch.cat(hidden, dim=1)).squeeze(-1) if value else None
+    values = model.value_head(torch.cat(hidden, dim=1).float()).squeeze(-1) if value else None
     return torch.cat(logits, dim=1), values
 
 

@@ -59,6 +59,7 @@ from torch import nn
 from policies import ppo
 from policies.base import Query, register_policy
 from policies.llm_models import (
+    BASE_DTYPES,
     MODELS,
     ByteTokenizer,
     PretrainedTokenizer,
@@ -81,6 +82,8 @@ class LLMPolicyConfig:
     history: int = 2  # best and worst past queries shown in the prompt (each)
     model: str = "gemma3-270m"  # a pretrained LM (policies/llm_models.py) with LoRA, or "tiny": the byte Llama below
     model_path: str | None = None  # a local pretrained causal LM folder instead of `model`
+    base_dtype: str = "float32"  # a pretrained LM's frozen weights: "bfloat16" halves them (adapters and value
+    # head stay float32); fast where the CPU has bf16 matrix units, slow where it emulates them
     lora_rank: int = 8  # LoRA adapters of a pretrained LM (its base weights stay frozen)
     lora_alpha: float = 16.0
     ppo_updates: bool = True  # False: the prompt alone (`llm-prompt`, the ablation of PPO)
@@ -149,6 +152,8 @@ class LLMPolicyConfig:
             raise ValueError(f"threads must be None or >= 1, got {self.threads}")
         if self.model not in ("tiny", *MODELS) and self.model_path is None:
             raise ValueError(f"unknown model {self.model!r}; valid: tiny, {', '.join(MODELS)} (or model_path)")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ValueError(f"base_dtype must be one of {', '.join(BASE_DTYPES)}, got {self.base_dtype!r}")
         if self.lora_rank < 1 or not self.lora_alpha > 0:
             raise ValueError(f"lora_rank must be >= 1 and lora_alpha > 0, got {self.lora_rank}, {self.lora_alpha}")
         if self.hidden_size % self.heads:
@@ -205,7 +210,7 @@ class LLMQueryPolicy(PPOUpdate, VocabularyPolicy):
     def _load_lm(self):
         cfg = self.config
         if cfg.pretrained:
-            tokenizer, lm = load_query_lm(cfg.model_path or cfg.model)
+            tokenizer, lm = load_query_lm(cfg.model_path or cfg.model, dtype=cfg.base_dtype)
             return PretrainedTokenizer(tokenizer), add_lora(lm, cfg.lora_rank, cfg.lora_alpha)
         from transformers import LlamaConfig, LlamaForCausalLM
         tok = ByteTokenizer()

@@ -68,3 +68,17 @@ def test_llm_prompt_is_the_same_lm_without_updates():
     assert "ppo_seconds" not in ablation.stats and "good" not in ablation.prompt()
     assert ablation.prompt().startswith("Web search queries that find product photos of clothes and shoes")
     assert all(torch.equal(v, dict(ablation.model.lm.named_parameters())[k]) for k, v in lora.items())
+
+
+def test_a_bfloat16_base_halves_the_frozen_weights_and_still_trains_float32_adapters():
+    policy = build_policy("ppo", concepts=CONCEPTS, seed=1, **OPTIONS, base_dtype="bfloat16")
+    named = dict(policy.model.lm.named_parameters())
+    assert {v.dtype for k, v in named.items() if "lora_" not in k} == {torch.bfloat16}
+    assert {v.dtype for k, v in named.items() if "lora_" in k} == {torch.float32}
+    _, lora = base_and_adapters(policy)
+    batch = policy.propose(4)
+    policy.update(batch, [footwear(q.text) for q in batch])
+    assert policy.rollout is None and math.isfinite(policy.stats["kl_to_reference"])
+    assert policy.stats["value_loss"] >= 0
+    _, after = base_and_adapters(policy)
+    assert any(not torch.equal(lora[k], after[k]) for k in lora)  # PPO moved the float32 adapters
