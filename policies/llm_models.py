@@ -81,14 +81,37 @@ def resolve_model(name_or_path: str, log=print) -> Path:
 BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def _cast_folder(folder: Path, dtype: str, log=print) -> Path:
+    """A copy of a float32 model folder with its weights stored in `dtype`, built once beside it:
+    loading it reads half the bytes, and the load's peak memory is no longer the float32 file read
+    whole before the cast copy exists (BENCHMARKS.md 8). The same tensors as casting at load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cast = folder.with_name(f"{folder.name}-{dtype}")
+    if (cast / "config.json").exists() and (cast / "model.safetensors").exists():
+        return cast
+    log(f"{folder.name}: keeping a {dtype} copy in {cast} (once)")
+    partial = cast.with_name(f"{cast.name}.partial-{os.getpid()}")  # processes that race each write their own
+    shutil.rmtree(partial, ignore_errors=True)
+    AutoModelForCausalLM.from_pretrained(folder, dtype=BASE_DTYPES[dtype]).save_pretrained(partial)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(partial)
+    try:
+        partial.rename(cast)
+    except OSError:  # another process finished first: its copy is the same
+        shutil.rmtree(partial, ignore_errors=True)
+    return cast
+
+
 def load_query_lm(name_or_path: str, log=print, dtype: str = "float32"):
     """(transformers tokenizer, causal LM in `dtype` (float32 or bfloat16), eval mode) of a named
-    model or a local folder."""
+    model or a local folder. A named model in bfloat16 is read from its bf16 copy (`_cast_folder`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in BASE_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(BASE_DTYPES)}")
     folder = resolve_model(name_or_path, log)
+    if name_or_path in MODELS and dtype != "float32":
+        folder = _cast_folder(folder, dtype, log)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=BASE_DTYPES[dtype])
     return tokenizer, model.eval()

@@ -70,11 +70,16 @@ def test_llm_prompt_is_the_same_lm_without_updates():
     assert all(torch.equal(v, dict(ablation.model.lm.named_parameters())[k]) for k, v in lora.items())
 
 
-def test_a_bfloat16_base_halves_the_frozen_weights_and_still_trains_float32_adapters():
+def test_a_bfloat16_base_halves_the_frozen_weights_and_still_trains_float32_adapters(policy):
+    from policies.llm_models import GEMMA, models_home
+
+    float32 = dict(policy.model.lm.named_parameters())
     policy = build_policy("ppo", concepts=CONCEPTS, seed=1, **OPTIONS, base_dtype="bfloat16")
+    assert (models_home() / f"{GEMMA}-bfloat16" / "model.safetensors").exists()  # read from its bf16 copy
     named = dict(policy.model.lm.named_parameters())
     assert {v.dtype for k, v in named.items() if "lora_" not in k} == {torch.bfloat16}
     assert {v.dtype for k, v in named.items() if "lora_" in k} == {torch.float32}
+    assert all(torch.equal(v, float32[k].detach().to(torch.bfloat16)) for k, v in named.items() if "lora_" not in k)
     _, lora = base_and_adapters(policy)
     batch = policy.propose(4)
     policy.update(batch, [footwear(q.text) for q in batch])
