@@ -48,6 +48,14 @@ POLICIES = {
     # the options of issue "PPO that earns its cost" (policies/ppo_llm.py), at the <= 15 s round's settings
     "ppo-shaped": ("ppo", {"reward_shape": "log", "novelty_bonus": 0.2, "found_in_prompt": 8, "kl_target": 1.0,
                            "ppo_epochs": 2, "max_query_tokens": 12, "base_dtype": "bfloat16"}),
+    # development (seeds 98-99): novelty by meaning instead of words, then also a tighter KL target;
+    # ppo-meaning against llm-prompt is the pre-registered comparison (seeds 40-47, BENCHMARKS 8)
+    "ppo-meaning": ("ppo", {"reward_shape": "log", "novelty_bonus": 0.3, "novelty_measure": "meaning",
+                            "found_in_prompt": 8, "kl_target": 1.0, "ppo_epochs": 2, "max_query_tokens": 12,
+                            "base_dtype": "bfloat16"}),
+    "ppo-meaning-kl": ("ppo", {"reward_shape": "log", "novelty_bonus": 0.3, "novelty_measure": "meaning",
+                               "found_in_prompt": 8, "kl_target": 0.3, "ppo_epochs": 2, "max_query_tokens": 12,
+                               "base_dtype": "bfloat16"}),
 }
 TARGET = "fashion-mnist"
 DEFAULT_RUNS = ROOT / "runs" / "llm-simulation"
@@ -165,20 +173,31 @@ def novelty(rows: list[dict]) -> list[float]:
     return shares
 
 
-def repeats(rows: list[dict], web: SimulatedWeb) -> list[float]:
-    """Per round of one run (in order), the share of its results passing acceptance that the run had
-    accepted before: what it lost to repeating itself. Replays the logged queries, and checks that
-    the replay accepts what the run logged."""
+def repeat_counts(rows: list[dict], web: SimulatedWeb) -> list[tuple[int, int]]:
+    """Per round of one run (in order): of its results passing acceptance, how many the run had accepted
+    before (what it lost to repeating itself), and how many passed. Replays the logged queries, and
+    checks that the replay accepts what the run logged."""
     passes, _ = web.acceptance(rows[0]["seed"])
     accepted_before = np.zeros(len(passes), bool)
-    shares = []
+    counts = []
     for row in sorted(rows, key=lambda r: r["round"]):
         new, passing, repeated = accept_round(row["queries"].split(" | "), web, passes, accepted_before)
         if sum(map(len, new)) != row["accepted"]:
             raise RuntimeError(f"replay of {row['policy']} seed {row['seed']} round {row['round']} accepts "
                                f"{sum(map(len, new))}, the run logged {row['accepted']}")
-        shares.append(repeated / passing if passing else float("nan"))
-    return shares
+        counts.append((repeated, passing))
+    return counts
+
+
+def repeats(rows: list[dict], web: SimulatedWeb) -> list[float]:
+    """Per round of one run, the share of its results passing acceptance that the run had accepted before."""
+    return [repeated / passing if passing else float("nan") for repeated, passing in repeat_counts(rows, web)]
+
+
+def run_repeat_share(rows: list[dict], web: SimulatedWeb) -> float:
+    """One run's repeat share over all its rounds: results accepted before / results passing acceptance."""
+    repeated, passing = np.sum(repeat_counts(rows, web), axis=0)
+    return float(repeated / passing) if passing else float("nan")
 
 
 def report(rows: list[dict], policies: list[str], seeds: list[int], rounds: int, out: Path, command: str,
@@ -199,9 +218,10 @@ def report(rows: list[dict], policies: list[str], seeds: list[int], rounds: int,
             mean, half, _ = mean_ci(curves[p][:, m - 1])
             cells.append(f"{mean:.0f} ± {half:.0f}")
         lines.append(f"| {p} | {len(seeds)} | " + " | ".join(cells) + " |")
-    pairs = [(a, b) for a, b in (("ppo", "llm-prompt"), ("ppo-shaped", "llm-prompt"), ("ppo-shaped", "ppo"),
-                                 ("ppo", "random"), ("llm-prompt", "random"),
-                                 ("gp-ucb", "random"), ("ppo", "gp-ucb")) if a in curves and b in curves]
+    ppos = [p for p in policies if p.startswith("ppo")]
+    pairs = [(a, b) for a, b in ([(p, "llm-prompt") for p in ppos] + [(p, "ppo") for p in ppos if p != "ppo"]
+                                 + [("ppo", "random"), ("llm-prompt", "random"), ("gp-ucb", "random"),
+                                    ("ppo", "gp-ucb")]) if a in curves and b in curves]
     if pairs:
         lines += ["", "Paired differences in relevant results accepted so far (per seed at the last round):", "",
                   "| difference | " + " | ".join(f"round {m}" for m in marks) + " | per seed |",
@@ -244,6 +264,16 @@ def report(rows: list[dict], policies: list[str], seeds: list[int], rounds: int,
                 mean, half, _ = mean_ci([np.nanmean(values[s][lo - 1:hi]) for s in seeds])
                 cells.append(f"{mean:.{digits}f} ± {half:.{digits}f}")
             lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    shares = {p: np.array([run_repeat_share(run_rows(p, s), web) for s in seeds]) for p in policies}
+    lines += ["", f"Repeat share over all {rounds} rounds (results accepted before / results passing acceptance, "
+              "per run), and paired differences:", "", "| policy or difference | mean | per seed |", "|---|---:|---|"]
+    for p in policies:
+        mean, half, _ = mean_ci(shares[p])
+        lines.append(f"| {p} | {mean:.3f} ± {half:.3f} | " + " / ".join(f"{x:.3f}" for x in shares[p]) + " |")
+    for a, b in pairs:
+        d = shares[a] - shares[b]
+        mean, half, _ = mean_ci(d)
+        lines.append(f"| {a} − {b} | {mean:+.3f} ± {half:.3f} | " + " / ".join(f"{x:+.3f}" for x in d) + " |")
     lines += ["", "Seconds per round (mean over seeds and rounds 2 onwards; load: building the policy):", "",
               "| policy | load s | propose s | of which generation s | update s | of which PPO s | KL to reference |",
               "|---|---:|---:|---:|---:|---:|---:|"]

@@ -216,7 +216,8 @@ def clean_query(raw: str | None) -> tuple[str | None, str]:
     """(query, verdict) of a pretrained LM's line: its first line, a bullet, quotes and a copied
     "(reward 0.42)" stripped; None with the reason (empty, not_text, url, too_long, malformed) when
     it is no query. `malformed` (`malformed_reason`): brackets or markup symbols, a copied number
-    with a fraction, letters glued to digits ("turn54"), or fewer than half its words English."""
+    with a fraction, letters glued to digits ("turn54"), a list's numbering ("3695. more price"), more
+    than half its words numbers or codes ("2x07 show 11"), or fewer than half its words English."""
     if raw is None:
         return None, "not_text"
     line = raw.split("\n", 1)[0].strip().lstrip("-*•").strip()
@@ -236,12 +237,14 @@ def clean_query(raw: str | None) -> tuple[str | None, str]:
 _MARKUP = re.compile(r"[()\[\]{}<>|=_#@$%^~\\*+]")
 _FRACTION = re.compile(r"\d[.,:]\d")
 _GLUED = re.compile(r"[a-z]{3,}\d|\d[a-z]{3,}", re.IGNORECASE)
+_NUMBERING = re.compile(r"(?:^|\s)\d+[.)](?:\s|$)")  # "3695. some each case 2. more": a list's numbers
 
 
 def malformed_reason(text: str) -> str | None:
     """Why a query is no search a person would write ("brackets or symbols", "a number with a
-    fraction", "letters glued to digits", "non-words"), or None. Words are English when WordNet
-    knows them, inflected or not (explorer/web/vocabulary.py `english_words`)."""
+    fraction", "letters glued to digits", "list numbering", "mostly numbers", "non-words"), or None.
+    Words are English when WordNet knows them, inflected or not (explorer/web/vocabulary.py
+    `english_words`)."""
     from explorer.web.vocabulary import english_words, is_english_word
 
     if _MARKUP.search(text):
@@ -250,6 +253,11 @@ def malformed_reason(text: str) -> str | None:
         return "a number with a fraction"
     if _GLUED.search(text):
         return "letters glued to digits"
+    if _NUMBERING.search(text):
+        return "list numbering"
+    tokens = text.split()
+    if 2 * sum(any(c.isdigit() for c in t) for t in tokens) > len(tokens):
+        return "mostly numbers"  # "1x07", "2x07 show 11": codes, not a subject
     words = re.findall(r"[a-z]+", text.lower())
     known = english_words()
     if words and 2 * sum(is_english_word(w, known) for w in words) < len(words):

@@ -34,9 +34,11 @@ an empty, undecodable or malformed sample scores INVALID_QUERY_PENALTY instead o
 issues a vocabulary concept in its place so the iteration still searches), and a query already
 issued (before, or earlier in the batch) gets DUPLICATE_QUERY_PENALTY on top of its reward.
 With `novelty_bonus` b a query also earns b x (1 - its largest word overlap with an earlier query)
-(`word_novelty`), and with `found_in_prompt` the prompt lists past queries that found something as
-found already. With `kl_target` (nats per query) the KL coefficient adapts after every update towards it
-(`ppo.AdaptiveKL`), so a policy drifting from fluent text is pulled back harder.
+(`word_novelty`) or, with `novelty_measure: meaning`, b x (1 - its largest cosine similarity with an
+earlier query in the sentence encoder's space, `meaning_novelty`), and with `found_in_prompt` the
+prompt lists past queries that found something as found already. With `kl_target` (nats per query)
+the KL coefficient adapts after every update towards it (`ppo.AdaptiveKL`), so a policy drifting from
+fluent text is pulled back harder.
 Sampling uses a seeded torch.Generator and all state (adapters or the tiny model and its reference,
 value head, optimiser, generator, reward statistics, KL coefficient, pending batch) round-trips through
 `state_dict`; a pretrained model's base weights are not in it (they are the named model's).
@@ -75,6 +77,8 @@ from policies.llm_models import (
 from policies.ppo_update import PPOUpdate, Rollout
 from policies.random_policy import VocabularyPolicy, rank_untried_first
 
+NOVELTY_MEASURES = ("words", "meaning")
+
 
 @dataclass(frozen=True, kw_only=True)
 class LLMPolicyConfig:
@@ -111,6 +115,9 @@ class LLMPolicyConfig:
     # newest first, listed in the prompt as found already, so that it writes about something else (0: none)
     novelty_bonus: float = 0.0  # added to a query's shaped reward: bonus x (1 - its largest word overlap
     # (Jaccard) with a query issued before its batch), so a new subject pays even before it finds
+    novelty_measure: str = "words"  # "meaning": 1 - the largest cosine similarity of its sentence embedding
+    # (the MiniLM space the local engine's dense half searches) with an earlier query's, so a paraphrase
+    # ("buy more at a lower price" after "best price to buy more") earns little though its words are new
     gamma: float = 1.0
     lam: float = 0.95
     max_grad_norm: float = 1.0
@@ -143,6 +150,9 @@ class LLMPolicyConfig:
         if self.found_in_prompt < 0 or self.novelty_bonus < 0:
             raise ValueError(f"found_in_prompt and novelty_bonus must be >= 0, got {self.found_in_prompt}, "
                              f"{self.novelty_bonus}")
+        if self.novelty_measure not in NOVELTY_MEASURES:
+            raise ValueError(f"novelty_measure must be one of {', '.join(NOVELTY_MEASURES)}, "
+                             f"got {self.novelty_measure!r}")
         if self.reward_shape not in ppo.REWARD_SHAPES or not self.reward_scale > 0:
             raise ValueError(f"reward_shape must be one of {', '.join(ppo.REWARD_SHAPES)} and reward_scale > 0, "
                              f"got {self.reward_shape!r}, {self.reward_scale}")
@@ -169,6 +179,14 @@ def word_novelty(text: str, before: list[set[str]]) -> float:
     return 1.0 - max(len(words & b) / len(words | b) for b in before)
 
 
+def meaning_novelty(vectors: np.ndarray, before: np.ndarray) -> np.ndarray:
+    """Per row of `vectors` (unit sentence embeddings, (B, D)): 1 - its largest cosine similarity with a
+    row of `before` ((M, D)), floored at 0; 1 where nothing came before."""
+    if len(before) == 0:
+        return np.ones(len(vectors))
+    return np.clip(1.0 - (vectors @ before.T).max(axis=1), 0.0, 1.0)
+
+
 @register_policy("ppo")
 class LLMQueryPolicy(PPOUpdate, VocabularyPolicy):
     """Free-text queries sampled from a causal LM that PPO trains on the query rewards."""
@@ -180,6 +198,7 @@ class LLMQueryPolicy(PPOUpdate, VocabularyPolicy):
         self.config = LLMPolicyConfig(**config)
         self.concept_index = {c: i for i, c in enumerate(self.concepts)}
         self.generation_cache: Path | None = None  # set by use_generation_cache; kept when state is loaded
+        self._embedded: dict[str, np.ndarray] = {}  # query -> sentence embedding (novelty_measure: meaning)
         self._build(warmup=True)
 
     # ------------------------------------------------------------ model
@@ -369,19 +388,40 @@ class LLMQueryPolicy(PPOUpdate, VocabularyPolicy):
         self.stats = {}  # this batch's: generation and PPO seconds, the update's losses
         prompts, responses, texts = self._sample([self.prompt()], n)
         issued = set(self.log.texts)
-        before = [set(t.lower().split()) for t in issued]  # novelty is against queries issued before this batch
-        queries, invalid, duplicate, novelty = [], [], [], []
+        novelty = self._novelty(texts, sorted(issued))  # against queries issued before this batch
+        queries, invalid, duplicate = [], [], []
         stand_ins = iter(rank_untried_first(np.zeros(len(self.concepts)), self.log.tried, n, self.rng))
         for text in texts:
             invalid.append(text is None)
             duplicate.append(text in issued)
             self.cleanup["duplicate"] = self.cleanup.get("duplicate", 0) + duplicate[-1]
             queries.append(self._query(text) if text is not None else self._stand_in(stand_ins))
-            novelty.append(0.0 if text is None else word_novelty(text, before))
             issued.add(queries[-1].text)
         self.rollout = self._score_samples(Rollout(queries, prompts, [n], responses, list(range(n)),
                                                    invalid, duplicate, novelty=novelty))
         return queries
+
+    def _novelty(self, texts: list[str | None], before: list[str]) -> list[float]:
+        """Each sample's novelty against the queries issued before (`novelty_measure`); 0 for an invalid one
+        and for all when no bonus is paid for it."""
+        if not self.config.novelty_bonus:
+            return [0.0] * len(texts)
+        if self.config.novelty_measure == "words":
+            words = [set(t.lower().split()) for t in before]
+            return [0.0 if text is None else word_novelty(text, words) for text in texts]
+        from explorer.web.text_encoder import default_encoder
+
+        encoder = default_encoder()
+        valid = [text for text in texts if text is not None]
+        new = sorted({t for t in valid + before if t not in self._embedded})
+        if new:
+            with torch_threads(self.config.compute_threads):
+                self._embedded.update(zip(new, encoder.encode(new)))
+        def embedded(ts):
+            return np.array([self._embedded[t] for t in ts], np.float32).reshape(len(ts), encoder.dim)
+
+        scores = iter(meaning_novelty(embedded(valid), embedded(before)))
+        return [0.0 if text is None else float(next(scores)) for text in texts]
 
     def _stand_in(self, concepts) -> Query:
         """A vocabulary concept issued in place of an invalid sample, so the batch keeps its size."""

@@ -39,7 +39,7 @@ class Rollout:
     logprobs: torch.Tensor | None = None  # (B, T) under the sampling policy
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
-    novelty: list[float] | None = None  # per row, ppo_llm.word_novelty (None: no bonus)
+    novelty: list[float] | None = None  # per row, LLMQueryPolicy._novelty (None: no bonus)
 
     def state_dict(self) -> dict:
         state = asdict(self)
@@ -69,7 +69,8 @@ class Rollout:
         """The rollout for the rewards of `queries`, the issued queries whose search answered (in
         issue order; a failed search is no observation): rows of other queries are dropped, invalid
         rows (scored by their penalty alone) kept, `query_index` points into `queries`, and the
-        scores PPO needs come along. None when no valid row is left."""
+        scores PPO needs come along. None when no valid row is left: every row would score the same
+        penalty, and the whitened advantages would keep nothing of it to learn from."""
         position, j = {}, 0
         for i, q in enumerate(self.queries):  # `queries` is a subsequence of the batch (then any retries)
             if j < len(queries) and queries[j] == q:

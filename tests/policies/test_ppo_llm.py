@@ -175,6 +175,38 @@ def test_the_prompt_lists_what_was_found_and_the_novelty_bonus_is_paid():
         build_policy("hybrid", concepts=CONCEPTS, seed=0, **FAST, novelty_bonus=0.5)
 
 
+def test_meaning_novelty_pays_little_for_a_paraphrase_whose_words_are_new():
+    from explorer.web.text_encoder import default_encoder
+    from policies.ppo_llm import meaning_novelty, word_novelty
+
+    unit = np.eye(3, dtype=np.float32)
+    assert meaning_novelty(unit[:2], unit[:1]).tolist() == [0.0, 1.0]  # the same direction, orthogonal
+    assert meaning_novelty(unit[:1], -unit[:1]).tolist() == [1.0]  # opposite: floored similarity
+    assert meaning_novelty(unit[:2], unit[:0]).tolist() == [1.0, 1.0]  # nothing before
+    before = "best price to buy more"
+    paraphrase, other = "buying more at a lower price", "wool winter coat"
+    assert word_novelty(paraphrase, [set(before.split())]) > 0.7  # its words are mostly new ...
+    encoder = default_encoder()
+    paid = meaning_novelty(encoder.encode([paraphrase, other]), encoder.encode([before]))
+    assert paid[0] < 0.5 < paid[1]  # ... its meaning is not
+    policy = build_policy("ppo", concepts=CONCEPTS, seed=6, **FAST, novelty_bonus=1.0, novelty_measure="meaning")
+    first = policy.propose(4)  # nothing issued before: every valid sample is new
+    assert policy.rollout.novelty == [0.0 if bad else 1.0 for bad in policy.rollout.invalid]
+    policy.update(first, [0.0] * 4)
+    policy.update([Query(before), Query("boot")], [0.2, 0.0])
+    policy.propose(4)
+    rollout = policy.rollout
+    valid = [q.text for q, bad in zip(rollout.queries, rollout.invalid) if not bad]
+    issued = sorted({q.text for q in first} | {"boot", before})
+    expected = iter(meaning_novelty(encoder.encode(valid), encoder.encode(issued)))
+    assert rollout.novelty == pytest.approx([0.0 if bad else next(expected) for bad in rollout.invalid], abs=1e-5)
+    quiet = build_policy("ppo", concepts=CONCEPTS, seed=6, **FAST, novelty_measure="meaning")
+    quiet.propose(4)
+    assert quiet.rollout.novelty == [0.0] * 4  # no bonus, nothing embedded
+    with pytest.raises(ValueError, match="novelty_measure must be one of words, meaning"):
+        LLMPolicyConfig(novelty_measure="tokens")
+
+
 def test_byte_tokenizer_and_query_validation():
     tok = ByteTokenizer()
     assert tok.decode(tok.encode("Käse boot")) == "Käse boot"
@@ -204,6 +236,11 @@ def test_a_pretrained_lms_line_is_cleaned_into_a_query_or_rejected_with_its_reas
     assert malformed_reason("hums (turn)") == "brackets or symbols"
     assert malformed_reason("hums 1.23 shoes") == "a number with a fraction"
     assert malformed_reason("turn54 shoes") == "letters glued to digits"
+    assert malformed_reason("3695. some each case 2. more") == "list numbering"  # PPO's numbered lines
+    assert clean_query("7087. more price on large price") == (None, "malformed")
+    assert clean_query("10 cm thick jeans") == ("10 cm thick jeans", "ok")  # a measure is no numbering
+    assert malformed_reason("2x07 show 11") == "mostly numbers" and clean_query("1x07") == (None, "malformed")
+    assert malformed_reason("4x5 shirt") is None and malformed_reason("85 kg boxes") is None  # half or fewer
     assert malformed_reason("xqzt blorf shoes") == "non-words" and clean_query("xqzt blorf") == (None, "malformed")
     assert malformed_reason("iphone") == "non-words"  # one word, not English
     for ok in ("running shoes", "darker wool coats", "t-shirt with stripes", "mice", "4x5 shirt"):

@@ -81,7 +81,8 @@ def test_a_bfloat16_base_halves_the_frozen_weights_and_still_trains_float32_adap
     assert {v.dtype for k, v in named.items() if "lora_" in k} == {torch.float32}
     assert all(torch.equal(v, float32[k].detach().to(torch.bfloat16)) for k, v in named.items() if "lora_" not in k)
     _, lora = base_and_adapters(policy)
-    batch = policy.propose(4)
+    batch = policy.propose(8)
+    assert not all(policy.rollout.invalid)  # an all-invalid batch gives PPO nothing to compare
     policy.update(batch, [footwear(q.text) for q in batch])
     assert policy.rollout is None and math.isfinite(policy.stats["kl_to_reference"])
     assert policy.stats["value_loss"] >= 0
