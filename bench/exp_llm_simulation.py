@@ -56,6 +56,8 @@ POLICIES = {
     "ppo-meaning-kl": ("ppo", {"reward_shape": "log", "novelty_bonus": 0.3, "novelty_measure": "meaning",
                                "found_in_prompt": 8, "kl_target": 0.3, "ppo_epochs": 2, "max_query_tokens": 12,
                                "base_dtype": "bfloat16"}),
+    # diagnostic, after the pre-registered run: the prompt alone with ppo-meaning's found-list
+    "llm-prompt-found": ("llm-prompt", {"found_in_prompt": 8}),
 }
 TARGET = "fashion-mnist"
 DEFAULT_RUNS = ROOT / "runs" / "llm-simulation"
@@ -220,7 +222,8 @@ def report(rows: list[dict], policies: list[str], seeds: list[int], rounds: int,
         lines.append(f"| {p} | {len(seeds)} | " + " | ".join(cells) + " |")
     ppos = [p for p in policies if p.startswith("ppo")]
     pairs = [(a, b) for a, b in ([(p, "llm-prompt") for p in ppos] + [(p, "ppo") for p in ppos if p != "ppo"]
-                                 + [("ppo", "random"), ("llm-prompt", "random"), ("gp-ucb", "random"),
+                                 + [("llm-prompt-found", "llm-prompt"),
+                                    ("ppo", "random"), ("llm-prompt", "random"), ("gp-ucb", "random"),
                                     ("ppo", "gp-ucb")]) if a in curves and b in curves]
     if pairs:
         lines += ["", "Paired differences in relevant results accepted so far (per seed at the last round):", "",
