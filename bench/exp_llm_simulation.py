@@ -58,6 +58,10 @@ POLICIES = {
                                "base_dtype": "bfloat16"}),
     # diagnostic, after the pre-registered run: the prompt alone with ppo-meaning's found-list
     "llm-prompt-found": ("llm-prompt", {"found_in_prompt": 8}),
+    # ppo-meaning without the found-list: pre-registered against llm-prompt on seeds 48-55 (BENCHMARKS 8)
+    "ppo-meaning-nofound": ("ppo", {"reward_shape": "log", "novelty_bonus": 0.3, "novelty_measure": "meaning",
+                                    "kl_target": 1.0, "ppo_epochs": 2, "max_query_tokens": 12,
+                                    "base_dtype": "bfloat16"}),
 }
 TARGET = "fashion-mnist"
 DEFAULT_RUNS = ROOT / "runs" / "llm-simulation"
