@@ -417,6 +417,7 @@ class LLMQueryPolicy(PPOUpdate, VocabularyPolicy):
         if new:
             with torch_threads(self.config.compute_threads):
                 self._embedded.update(zip(new, encoder.encode(new)))
+
         def embedded(ts):
             return np.array([self._embedded[t] for t in ts], np.float32).reshape(len(ts), encoder.dim)
 
