@@ -11,6 +11,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist each worker gets its share of the cores for torch's intra-op threads: two
+    workers with torch's default (every core) would run twice as many threads as cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
+_share_the_cores()
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory):
     """150 real items from each installed source, built once per test session."""
