@@ -23,16 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test server lives in tests/
 
+from bench.machine import status_kib  # noqa: E402
+
 SIDE = 4096
 N_IMAGES = 32
 MIB = 2**20
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
 def _fetch_in_child(body: bytes, budget: int, out) -> None:
@@ -44,10 +39,10 @@ def _fetch_in_child(body: bytes, budget: int, out) -> None:
     with FaultServer({f"/{i}.png": Route(body=body) for i in range(N_IMAGES)}) as srv:
         cfg = allow_origin(FetchConfig(max_bytes=len(body), respect_robots=False, decode_budget_bytes=budget,
                                        concurrency=N_IMAGES), srv.url("/"))
-        before = _status_kib("VmRSS")
+        before = status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
         results = fetch_images([srv.url(f"/{i}.png") for i in range(N_IMAGES)], cfg, progress=False)
-        peak = _status_kib("VmHWM")
+        peak = status_kib("VmHWM")
     out.send({"ok": sum(r.ok for r in results), "before_mib": before / 1024, "peak_mib": peak / 1024,
               "held_mib": (peak - before) / 1024})
 

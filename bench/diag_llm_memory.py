@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+from bench.machine import status_kib  # noqa: E402
+
+
 def rss() -> str:
-    with open(f"/proc/{os.getpid()}/status") as f:
-        now = next(line for line in f if line.startswith("VmRSS")).split()[1]
-    return f"RSS {int(now) // 1024:5d} MiB, peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024:5d} MiB"
+    return f"RSS {status_kib('VmRSS') // 1024:5d} MiB, peak {status_kib('VmHWM') // 1024:5d} MiB"
 
 
 def measure(dtype: str, rounds: int) -> list[str]:

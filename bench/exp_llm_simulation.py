@@ -39,29 +39,25 @@ sys.path.insert(0, str(ROOT))
 from bench.exp_policy_simulation import OTHER, TARGETS
 from bench.machine import write_machine, write_rows
 
-# name -> (policy, options): the grid's conditions (bench/acquisition_grid.py)
+SHAPED = {"reward_shape": "log", "novelty_bonus": 0.2, "found_in_prompt": 8, "kl_target": 1.0, "ppo_epochs": 2,
+          "max_query_tokens": 12, "base_dtype": "bfloat16"}
+MEANING = {**SHAPED, "novelty_bonus": 0.3, "novelty_measure": "meaning"}
+# name -> (policy, options): the grid's conditions (bench/acquisition_grid.py), then the PPO issue's
 POLICIES = {
     "random": ("random", {}),
     "gp-ucb": ("gp", {"acquisition": "ucb", "explore_first": 16}),
     "llm-prompt": ("llm-prompt", {}),
     "ppo": ("ppo", {}),
     # the options of issue "PPO that earns its cost" (policies/ppo_llm.py), at the <= 15 s round's settings
-    "ppo-shaped": ("ppo", {"reward_shape": "log", "novelty_bonus": 0.2, "found_in_prompt": 8, "kl_target": 1.0,
-                           "ppo_epochs": 2, "max_query_tokens": 12, "base_dtype": "bfloat16"}),
+    "ppo-shaped": ("ppo", SHAPED),
     # development (seeds 98-99): novelty by meaning instead of words, then also a tighter KL target;
     # ppo-meaning against llm-prompt is the pre-registered comparison (seeds 40-47, BENCHMARKS 8)
-    "ppo-meaning": ("ppo", {"reward_shape": "log", "novelty_bonus": 0.3, "novelty_measure": "meaning",
-                            "found_in_prompt": 8, "kl_target": 1.0, "ppo_epochs": 2, "max_query_tokens": 12,
-                            "base_dtype": "bfloat16"}),
-    "ppo-meaning-kl": ("ppo", {"reward_shape": "log", "novelty_bonus": 0.3, "novelty_measure": "meaning",
-                               "found_in_prompt": 8, "kl_target": 0.3, "ppo_epochs": 2, "max_query_tokens": 12,
-                               "base_dtype": "bfloat16"}),
+    "ppo-meaning": ("ppo", MEANING),
+    "ppo-meaning-kl": ("ppo", {**MEANING, "kl_target": 0.3}),
     # diagnostic, after the pre-registered run: the prompt alone with ppo-meaning's found-list
-    "llm-prompt-found": ("llm-prompt", {"found_in_prompt": 8}),
+    "llm-prompt-found": ("llm-prompt", {"found_in_prompt": MEANING["found_in_prompt"]}),
     # ppo-meaning without the found-list: pre-registered against llm-prompt on seeds 48-55 (BENCHMARKS 8)
-    "ppo-meaning-nofound": ("ppo", {"reward_shape": "log", "novelty_bonus": 0.3, "novelty_measure": "meaning",
-                                    "kl_target": 1.0, "ppo_epochs": 2, "max_query_tokens": 12,
-                                    "base_dtype": "bfloat16"}),
+    "ppo-meaning-nofound": ("ppo", {**MEANING, "found_in_prompt": 0}),
 }
 TARGET = "fashion-mnist"
 DEFAULT_RUNS = ROOT / "runs" / "llm-simulation"
@@ -195,14 +191,14 @@ def repeat_counts(rows: list[dict], web: SimulatedWeb) -> list[tuple[int, int]]:
     return counts
 
 
-def repeats(rows: list[dict], web: SimulatedWeb) -> list[float]:
-    """Per round of one run, the share of its results passing acceptance that the run had accepted before."""
-    return [repeated / passing if passing else float("nan") for repeated, passing in repeat_counts(rows, web)]
+def repeat_shares(counts: list[tuple[int, int]]) -> list[float]:
+    """Per round, of `repeat_counts`: the share of the results passing acceptance accepted before."""
+    return [repeated / passing if passing else float("nan") for repeated, passing in counts]
 
 
-def run_repeat_share(rows: list[dict], web: SimulatedWeb) -> float:
-    """One run's repeat share over all its rounds: results accepted before / results passing acceptance."""
-    repeated, passing = np.sum(repeat_counts(rows, web), axis=0)
+def run_repeat_share(counts: list[tuple[int, int]]) -> float:
+    """One run's repeat share over all its rounds (`repeat_counts`): accepted before / passing acceptance."""
+    repeated, passing = np.sum(counts, axis=0)
     return float(repeated / passing) if passing else float("nan")
 
 
@@ -253,12 +249,13 @@ def report(rows: list[dict], policies: list[str], seeds: list[int], rounds: int,
     def run_rows(p, s):
         return sorted((r for r in rows if r["policy"] == p and r["seed"] == s), key=lambda r: r["round"])
 
+    counts = {(p, s): repeat_counts(run_rows(p, s), web) for p in policies for s in seeds}  # one replay a run
     for title, per_round, digits in (
             ("Mean query reward (yield)", lambda p, s: [r["mean_reward"] for r in run_rows(p, s)], 3),
             ("Queries new to the run (not issued before by the same policy and seed), share",
              lambda p, s: novelty(run_rows(p, s)), 2),
             ("Of the results passing acceptance, the share the run had accepted before (so worth nothing)",
-             lambda p, s: repeats(run_rows(p, s), web), 2),
+             lambda p, s: repeat_shares(counts[p, s]), 2),
             ("Queries containing a parenthesis (a copied reward, mostly), share",
              lambda p, s: [np.mean(["(" in t for t in r["queries"].split(" | ")]) for r in run_rows(p, s)], 2)):
         lines += ["", f"{title}, by blocks of rounds:", "",
@@ -271,7 +268,7 @@ def report(rows: list[dict], policies: list[str], seeds: list[int], rounds: int,
                 mean, half, _ = mean_ci([np.nanmean(values[s][lo - 1:hi]) for s in seeds])
                 cells.append(f"{mean:.{digits}f} ± {half:.{digits}f}")
             lines.append(f"| {p} | " + " | ".join(cells) + " |")
-    shares = {p: np.array([run_repeat_share(run_rows(p, s), web) for s in seeds]) for p in policies}
+    shares = {p: np.array([run_repeat_share(counts[p, s]) for s in seeds]) for p in policies}
     lines += ["", f"Repeat share over all {rounds} rounds (results accepted before / results passing acceptance, "
               "per run), and paired differences:", "", "| policy or difference | mean | per seed |", "|---|---:|---|"]
     for p in policies:

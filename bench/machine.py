@@ -25,6 +25,14 @@ def machine_info() -> dict:
             "python": platform.python_version()}
 
 
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB: VmRSS (resident now), VmHWM (its peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
 def write_machine(out: Path, command: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "machine.json").write_text(json.dumps({**machine_info(), "command": command}, indent=1) + "\n")

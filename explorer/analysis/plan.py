@@ -45,12 +45,9 @@ def load_observations(source: str | Path | Iterable[Mapping]) -> list[dict[str, 
             with path.open(newline="") as f:
                 rows = list(csv.DictReader(f))
         elif path.suffix.lower() == ".jsonl":
-            rows = []
-            for number, line in enumerate(path.read_text().splitlines(), 1):
-                try:
-                    rows += [json.loads(line)] if line.strip() else []
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+            from explorer.run.ledger import read_metrics
+
+            rows = read_metrics(path)
         else:
             data = json.loads(path.read_text())
             rows = data["runs"] if isinstance(data, dict) else data

@@ -207,5 +207,12 @@ def open_ledger(run_dir: Path) -> RunLedger:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of a JSON-lines log (metrics.jsonl, accepted.jsonl), in order."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a JSON-lines log (metrics.jsonl, accepted.jsonl, sweep.jsonl), in order; a line that
+    is no JSON is named (ValueError "path:N: not a JSON object")."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+    return rows
