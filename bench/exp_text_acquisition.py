@@ -13,6 +13,9 @@ same target, so training FLOPs are equal; what differs is the acquired documents
     gp-dsir, gp-classifier, random-dsir, random-classifier
                  the policy with a peer data-selection method scoring the same fetched documents in
                  the reward's place (`text.scorer`: DSIR, or the n-gram classifier; not run by default)
+    NAME-ranked  any of random, gp and the peers accepting the best tenth of each round's documents by
+                 its own score (`reward.accept: top_fraction`) instead of those above the target's
+                 own 10th percentile: every arm then keeps the same number of what it downloads
 
 A seed sets the target split, the LM's initialisation and batch order, and the policy's draws.
 Reported per condition: final held-out perplexity, its paired difference from the same seed's
@@ -56,7 +59,21 @@ CONDITIONS = {
     "random-dsir": {"policy.name": "random", "policy.options": {}, "text.scorer": "dsir"},
     "random-classifier": {"policy.name": "random", "policy.options": {}, "text.scorer": "classifier"},
 }
+# "-ranked": the same with every arm accepting the same share of each round's documents, best first by
+# its own score (equal downloads and equal accepted counts: DSIR resamples a fixed number from a pool)
+RANKED = {"reward.accept": "top_fraction", "reward.accept_threshold": None, "reward.accept_top_fraction": 0.1}
+CONDITIONS.update({f"{name}-ranked": {**CONDITIONS[name], **RANKED}
+                   for name in ("random", "gp", "gp-dsir", "gp-classifier", "random-dsir", "random-classifier")})
 DEFAULT_CONDITIONS = ["target-only", "random", "gp", "oracle"]
+# (better?, than) pairs the report compares, paired by seed, whenever both ran: the policy within each
+# scorer, gp against the peers as a curator would run them (a uniform pool, the peer selecting), the
+# peers against each other, and the two acceptance rules
+PAIRS = [("gp", "random"), ("gp-ranked", "random-ranked"), ("gp-dsir-ranked", "random-dsir-ranked"),
+         ("gp-classifier-ranked", "random-classifier-ranked"),
+         ("gp", "random-dsir-ranked"), ("gp", "random-classifier-ranked"),
+         ("gp-ranked", "random-dsir-ranked"), ("gp-ranked", "random-classifier-ranked"),
+         ("random-classifier-ranked", "random-dsir-ranked"), ("random-ranked", "random-dsir-ranked"),
+         ("random-ranked", "random-classifier-ranked"), ("gp", "gp-ranked")]
 DEFAULT_RUNS = ROOT / "runs" / "bench-text-acquisition"
 
 
@@ -191,7 +208,7 @@ def summarise(run_dir: Path) -> dict:
             "seconds": sum(r.get("seconds", 0.0) for r in rows),
             # the count floor of the target's own tokens (runs since the count baselines; nan before)
             **{f"count_{n}_ppl": math.exp(rows[0][f"count_{n}_loss"]) if f"count_{n}_loss" in rows[0] else math.nan
-               for n in ("unigram", "bigram")},
+               for n in ("unigram", "bigram", "bigram_base")},
             "curve": [(r["tokens_available"] - start, r["eval_perplexity"]) for r in rows]}
 
 
@@ -212,7 +229,7 @@ def write_report(per_seed: dict[int, dict], rates: dict[int, tuple], out: Path) 
         fields = ["seed", "condition", "perplexity", "documents", "relevant", "precision", "precision_fetched",
                   "tokens_acquired",
                   "tokens_trained", "train_flops", "acquisition_flops", "seconds", "count_unigram_ppl",
-                  "count_bigram_ppl"]
+                  "count_bigram_ppl", "count_bigram_base_ppl"]
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for seed, conds in per_seed.items():
@@ -229,10 +246,14 @@ def write_report(per_seed: dict[int, dict], rates: dict[int, tuple], out: Path) 
              "| precision fetched | tokens acquired |",
              "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     summary = {"base_rate": mean_ci(base)[:2]}
-    for n in ("unigram", "bigram"):  # the floor: counts on the target's own tokens (each seed's, once)
-        floor = mean_ci(next(iter(conds.values()))[f"count_{n}_ppl"] for conds in per_seed.values())
+    # the floor: counts on the target's own tokens (each seed's, once), and on the base LM's corpus with them
+    for n, what in (("unigram", "the target's tokens"), ("bigram", "the target's tokens"),
+                    ("bigram_base", "the base's corpus and the target's tokens")):
+        floor = mean_ci(x for conds in per_seed.values()
+                        for x in [next(iter(conds.values()))[f"count_{n}_ppl"]] if math.isfinite(x))
         if floor[2]:
-            lines.append(f"| count {n} (the target's tokens) | {floor[2]} | {fmt(*floor[:2], 1)} | | | | | | | | | | |")
+            lines.append(f"| count {n.replace('_base', '')} ({what}) | {floor[2]} | {fmt(*floor[:2], 1)} "
+                         "| | | | | | | | | | |")
             summary[f"count_{n}"] = {"n": floor[2], "perplexity": floor[:2]}
     for name in names:
         mine = [s[name] for s in per_seed.values() if name in s]
@@ -278,6 +299,18 @@ def write_report(per_seed: dict[int, dict], rates: dict[int, tuple], out: Path) 
             cells.append(f"{conds['gp']['precision_fetched']:.3f} / {conds['random']['precision_fetched']:.3f} = "
                          f"{conds['gp']['precision_fetched'] / conds['random']['precision_fetched']:.1f}x")
         lines.append(f"| {seed} | {rates[seed][0]:.3f} | " + " | ".join(cells) + " |")
+    pairs = [(a, b) for a, b in PAIRS if a in names and b in names and (a, b) not in (("gp", "random"),)]
+    if pairs:
+        lines += ["", "Pairs (paired by seed; Δ log ppl = the second's log-perplexity minus the first's: positive, "
+                  "the first is better; 95% t-interval, no correction for the number of pairs):", "",
+                  "| first | second | n | Δ log ppl | per seed | tokens acquired, first / second |",
+                  "|---|---|---:|---:|---|---|"]
+        for a, b in pairs:
+            diffs, d = paired(per_seed, a, b)
+            toks = [mean_ci(s[x]["tokens_acquired"] for s in per_seed.values() if x in s)[0] for x in (a, b)]
+            lines.append(f"| {a} | {b} | {d[2]} | {fmt(d[0], d[1], 4)} | {' / '.join(f'{x:+.4f}' for x in diffs)} "
+                         f"| {toks[0]:,.0f} / {toks[1]:,.0f} |")
+            summary[f"{a} - {b}"] = {"delta_log_ppl": d[:2], "n": d[2], "per_seed": diffs.tolist()}
     first = next(iter(per_seed.values()))
     lines += ["", f"Every run trained {first[names[0]]['tokens_trained']:,} tokens "
               f"({first[names[0]]['train_flops']:.3g} training FLOPs); acquisition FLOPs (queries, fetch, MiniLM "

@@ -99,7 +99,9 @@ def value_run(cfg, run_dir: Path, source: str | None, tokens: int, engine_url: s
            "tokens_asked": tokens if source else 0, "documents": len(added), "on_topic": on_topic,
            "tokens_added": sum(map(len, added)), "perplexity": rows[-1]["eval_perplexity"],
            "log_ppl": math.log(rows[-1]["eval_perplexity"]), "tokens_trained": rows[-1]["tokens_trained"],
-           "train_flops": rows[-1]["flops"]["train"], "seconds": round(time.time() - t0, 1)}
+           "train_flops": rows[-1]["flops"]["train"], "seconds": round(time.time() - t0, 1),
+           "count_bigram_ppl": math.exp(rows[0]["count_bigram_loss"]),
+           "count_bigram_base_ppl": math.exp(rows[0].get("count_bigram_base_loss", math.nan))}
     (run_dir / "value.json").write_text(json.dumps(row, indent=1) + "\n")
     return row
 
@@ -165,7 +167,7 @@ def write_report(rows: list[dict], out: Path, command: str) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     rows = sorted(rows, key=lambda r: (r["seed"], r["condition"]))
     fields = ["seed", "condition", "source", "tokens_asked", "documents", "on_topic", "tokens_added", "perplexity",
-              "tokens_trained", "train_flops", "seconds"]
+              "tokens_trained", "train_flops", "seconds", "count_bigram_ppl", "count_bigram_base_ppl"]
     with (out / "runs.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -178,6 +180,13 @@ def write_report(rows: list[dict], out: Path, command: str) -> list[str]:
              "| condition | n | held-out ppl | Δ log ppl vs target only | per seed | documents added (on topic) "
              "| tokens added |", "|---|---:|---:|---:|---|---:|---:|"]
     summary = {}
+    for key, what in (("count_bigram_ppl", "the target's tokens"),
+                      ("count_bigram_base_ppl", "the base LM's corpus and the target's tokens")):
+        per_seed = {r["seed"]: r[key] for r in rows if math.isfinite(r.get(key, math.nan))}
+        if per_seed:
+            floor = mean_ci(per_seed.values())
+            lines.append(f"| count bigram ({what}) | {floor[2]} | {fmt(*floor[:2], 1)} | | | | |")
+            summary[key.removesuffix("_ppl")] = {"n": floor[2], "perplexity": floor[:2]}
     for name in names:
         mine = [r for r in rows if r["condition"] == name]
         ppl = mean_ci(r["perplexity"] for r in mine)

@@ -121,6 +121,7 @@ TEXT_SCORERS = ("knn", "dsir", "classifier")  # the reward, or a peer in its pla
 # L(N, D) = E + A/N^alpha + B/D^beta as fitted to Chinchilla's runs by Besiroglu et al. 2024: the
 # planner's prior until a law fitted to this agent's own runs (`explorer plan`) is given.
 TEXT_STRATEGIES = ("planner", "compute_optimal", "acquire", "train", "grow")
+TEXT_BASES = ("wordnet",)  # general-text corpora a base LM trains on (explorer/run/text.py BASE_CORPORA)
 PRIOR_LAW = {"E": 1.8172, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}
 
 
@@ -141,7 +142,17 @@ class TextConfig:
     min_chars: int = 50
     """Fetched documents shorter than this are rejected as too_small."""
     tokenizer_vocab: int = 4096
-    """SentencePiece BPE vocabulary (byte fallback), trained on the target set."""
+    """SentencePiece BPE vocabulary (byte fallback), trained on the target set (on the base's corpus
+    when `base` is set)."""
+    base: str | None = None
+    """A general-text base LM every run starts from (learners/base_lm.py), instead of a random
+    initialisation: "wordnet" (WordNet 3.0's 117,659 definitions, 4.7M tokens, not on the text web).
+    Trained once per size, recipe and seed and kept under ~/.cache/explorer/models/base-lm; the run
+    then uses the base's tokenizer. None: the LM starts from scratch with the target's tokenizer."""
+    base_steps: int = 2000
+    """The base's pretraining steps (at `batch_size` x `seq_len` tokens; lr `base_lr`, cosine to a
+    tenth after a 5% warm-up). Its FLOPs are recorded in the first metrics row, not charged."""
+    base_lr: float = 3.0e-3
     lm_size: str = "nano"
     """Starting LM size, a key of learners.lm.LM_SIZES."""
     max_lm_size: str = "small"
@@ -194,6 +205,10 @@ class TextConfig:
         if bad or self.pretrain_tokens < 0 or self.warmup_steps < 0 or self.grow_factor < 1:
             raise ValueError(f"{', '.join(bad) or 'pretrain_tokens, warmup_steps'} out of range "
                              "(sizes and budget > 0, pretrain_tokens and warmup_steps >= 0, grow_factor >= 1)")
+        if self.base is not None and self.base not in TEXT_BASES:
+            raise ValueError(f"unknown text.base {self.base!r}; valid: {', '.join(TEXT_BASES)} (or null)")
+        if self.base_steps < 1 or not self.base_lr > 0:
+            raise ValueError(f"base_steps and base_lr must be > 0, got {self.base_steps}, {self.base_lr}")
         if self.strategy not in TEXT_STRATEGIES:
             raise ValueError(f"unknown text.strategy {self.strategy!r}; valid: {', '.join(TEXT_STRATEGIES)}")
         if not self.repeat_decay > 0:

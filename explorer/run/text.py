@@ -6,7 +6,13 @@ copies of target and held-out documents are dropped, the rest is embedded (MiniL
 the reward, and accepted documents join the LM's token stream. Besides the shared files, a text
 run folder holds
 
-    tokenizer.model    the SentencePiece model, trained on the target set (replay and resume reuse it)
+    tokenizer.model    the SentencePiece model, trained on the target set, or the base LM's (`text.base`);
+                       replay and resume reuse it
+
+With `text.base` set the LM starts from a base pretrained on general text (learners/base_lm.py,
+built once and kept under ~/.cache/explorer/models/base-lm), and every size the planner grows to
+starts from that size's base: the run is domain-adaptive continued training on the target and what
+the agent acquires.
 
 and its metrics rows carry the FLOPs spent per category and the planner's decision and reason. A
 checkpoint holds the LM (with its data cursor and the accepted documents' tokens), the policy, the
@@ -41,6 +47,7 @@ from explorer.run.loop import Candidates, RunLoop, background_seed, resident_byt
 from explorer.run.ranks import Ranks, collective, map_rows
 from explorer.score.reward import BackgroundSample, near_duplicates
 from explorer.score.selectors import PeerSpace, ngram_counts, peer_space
+from explorer.web.corpus import explorer_home
 from explorer.web.text_corpus import (
     TextCorpus,
     TextCorpusSpec,
@@ -51,6 +58,7 @@ from explorer.web.text_corpus import (
     split_text_target,
     text_sha256,
 )
+from learners.base_lm import BaseLM, BaseLMSpec, ensure_base_lm
 from learners.budget import AcquisitionRound, Decision, RoutedLaw, ScalingLaw, decide, plan_with_costs
 from learners.flops import FlopLedger, ModelShape, forward_flops, training_flops
 from learners.lm import LM_SIZES, LMConfig, LMLearner, active_non_embedding_params, lm_embeddings, non_embedding_params
@@ -97,6 +105,18 @@ def size_table(max_size: str) -> dict[str, ModelShape]:
     return {n: model_shape(n) for n in list(LM_SIZES)[:list(LM_SIZES).index(max_size) + 1]}
 
 
+def base_corpus_texts(name: str) -> list[str]:
+    """The general text a base LM of `text.base` trains on."""
+    if name == "wordnet":
+        from explorer.web.vocabulary import wordnet_glosses
+        return wordnet_glosses()
+    raise ValueError(f"unknown base corpus {name!r}")
+
+
+def base_lm_home() -> Path:
+    return explorer_home() / "models" / "base-lm"
+
+
 class TextTraining:
     """What every rank of a text run holds (explorer/run/ranks.py): the token stream (the target's
     documents, then every accepted one) and the LM training on it. Its `@collective` methods run on
@@ -108,9 +128,12 @@ class TextTraining:
         self.learner: LMLearner | None = None
 
     @collective
-    def start(self, config: LMConfig) -> None:
-        """A new LM (a fresh run, a model grown or given experts mid-run, a resume at another size)."""
+    def start(self, config: LMConfig, weights: dict | None = None) -> None:
+        """A new LM (a fresh run, a model grown or given experts mid-run, a resume at another size),
+        from `weights` (a base LM's) when given, else from its seeded initialisation."""
         self.learner = LMLearner(config)
+        if weights is not None:
+            self.learner.model.load_state_dict(weights)
 
     @collective
     def add_documents(self, tokens: list[list[int]]) -> None:
@@ -166,6 +189,7 @@ class TextLoop(RunLoop):
         if hasattr(self.policy, "use_generation_cache"):  # LLM policies: a replay reads what they wrote
             self.policy.use_generation_cache(self.run_dir / "cache" / "generations")
         self.use_class_names(())  # a text target is a topic, without classes
+        self.bases: dict[str, BaseLM] = {}
         from explorer.web.text_encoder import default_encoder
         self.encoder = default_encoder()
         self.tokenizer = self._tokenizer()
@@ -226,11 +250,24 @@ class TextLoop(RunLoop):
         path = self.run_dir / "tokenizer.model"
         if path.exists():
             return TextTokenizer.load(path)
-        texts = [document_text(d) for d in self.target.train]
-        tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=self.cfg.text.tokenizer_vocab))
+        if self.cfg.text.base is not None:
+            tokenizer = self.base(self.cfg.text.lm_size).tokenizer
+        else:
+            texts = [document_text(d) for d in self.target.train]
+            tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=self.cfg.text.tokenizer_vocab))
         if self.mode is not CacheMode.REPLAY:
             tokenizer.save(path)
         return tokenizer
+
+    def base(self, size: str) -> BaseLM:
+        """The base LM of `text.base` at `size` (trained the first time any run asks for it)."""
+        if size not in self.bases:
+            tc = self.cfg.text
+            spec = BaseLMSpec(corpus=tc.base, size=size, vocab_size=tc.tokenizer_vocab, steps=tc.base_steps,
+                              lr=tc.base_lr, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=self.cfg.seed)
+            self.bases[size] = ensure_base_lm(spec, lambda: base_corpus_texts(tc.base), base_lm_home(),
+                                              progress=self.progress)
+        return self.bases[size]
 
     @property
     def steps_per_iteration(self) -> int:
@@ -255,7 +292,13 @@ class TextLoop(RunLoop):
         config = LMConfig(size=size, vocab_size=self.tokenizer.vocab_size, seq_len=tc.seq_len,
                           batch_size=tc.batch_size, lr=tc.lr, min_lr=tc.lr / 10, warmup=min(tc.warmup_steps, total),
                           total_steps=total, seed=self.cfg.seed, **self.cfg.lm.lm_kwargs(self.experts))
-        self.training.start(config)
+        weights = None
+        if tc.base is not None:
+            if config.routed:
+                raise ValueError(f"text.base {tc.base!r} starts a dense LM; a routed LM ({config.router}, "
+                                 f"{config.num_experts} experts) trains from scratch (set text.base: null)")
+            weights = self.base(size).weights()
+        self.training.start(config, weights)
 
     @property
     def learner(self) -> LMLearner:
@@ -500,15 +543,24 @@ class TextLoop(RunLoop):
         """The floor the LM is read against: a count unigram and an interpolated bigram fitted on the
         target's training tokens, as held-out nats per token on the evaluation documents
         (learners/ngram.py), beside `eval_loss`."""
-        floor = count_baselines(self.stream_documents(len(self.target.train)), self.eval_tokens,
-                                self.tokenizer.eos_id, self.tokenizer.vocab_size)
-        return {"count_unigram_loss": round(floor["unigram"], 6), "count_bigram_loss": round(floor["bigram"], 6)}
+        target = self.stream_documents(len(self.target.train))
+        floor = count_baselines(target, self.eval_tokens, self.tokenizer.eos_id, self.tokenizer.vocab_size)
+        row = {"count_unigram_loss": round(floor["unigram"], 6), "count_bigram_loss": round(floor["bigram"], 6)}
+        if self.cfg.text.base is not None:  # the counts of everything the based LM saw before the web
+            general = self.tokenizer.encode_batch(base_corpus_texts(self.cfg.text.base))
+            floor = count_baselines(general + target, self.eval_tokens, self.tokenizer.eos_id,
+                                    self.tokenizer.vocab_size)
+            row["count_bigram_base_loss"] = round(floor["bigram"], 6)
+        return row
 
     def pretrain(self) -> dict:
         """Iteration 0: the target alone, before any query; with the count baselines' losses."""
         t0 = time.time()
         row = {"iteration": 0, **self.train(math.ceil(self.cfg.text.pretrain_tokens / self.cfg.text.tokens_per_step))}
         self.pretrained = True
+        if self.cfg.text.base is not None:
+            record = self.base(self.lm_size).record
+            row.update(base=record["key"], base_flops=record["flops"], base_train_loss=record["final_train_loss"])
         return {**row, **self.evaluate(), **self.count_baselines(), **self._status(),
                 "seconds": round(time.time() - t0, 2)}
 

@@ -218,6 +218,28 @@ def english_words(wordnet_dir: Path | str | None = None) -> frozenset[str]:
     return frozenset(words)
 
 
+def wordnet_glosses(wordnet_dir: Path | str | None = None) -> list[str]:
+    """Every synset of the four parts of speech as one line of general English, its words then its
+    gloss ("dog, domestic dog, Canis familiaris: a member of the genus Canis ..."), in file order:
+    117,659 definitions, the base LM's corpus (learners/base_lm.py; not on the text web)."""
+    wordnet_dir = Path(wordnet_dir) if wordnet_dir is not None else default_wordnet_dir()
+    missing = [f"data.{pos}" for pos in POS_FILES if not (wordnet_dir / f"data.{pos}").is_file()]
+    if missing:
+        raise FileNotFoundError(f"WordNet files not found in {wordnet_dir} ({', '.join(missing)}): install them "
+                                f"with `apt-get install -y {WORDNET_PACKAGE}`, or point EXPLORER_WORDNET_DIR "
+                                "at a WordNet 3.0 dict directory")
+    lines = []
+    for pos in POS_FILES:
+        for line in _data_lines(wordnet_dir / f"data.{pos}"):
+            head, _, gloss = line.partition(" | ")
+            fields = head.split()
+            words = [w.replace("_", " ") for w in fields[4:4 + 2 * int(fields[3], 16):2]]
+            # adjectives carry their syntactic marker in the file: "beautiful(a)"
+            words = [re.sub(r"\((?:a|p|ip)\)$", "", w) for w in words]
+            lines.append(f"{', '.join(words)}: {gloss.strip()}")
+    return lines
+
+
 def is_english_word(word: str, words: frozenset[str]) -> bool:
     """Whether a lower-case word is in `words` (english_words) as it is or after one of WordNet's
     suffix rules ('sneakers', 'running', 'darker')."""

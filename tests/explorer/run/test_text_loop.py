@@ -346,3 +346,29 @@ def test_a_peer_scores_the_documents_in_the_rewards_place(text_corpus, tmp_path)
         assert all(r["above_threshold"] >= r["accepted"] for r in rows[peer][1:])
     assert first["dsir"]["query_rewards"] != first["classifier"]["query_rewards"]
     assert replay_run(tmp_path / "dsir", progress=False, log=lambda _: None) == []
+
+
+def test_a_run_with_a_base_starts_from_its_weights_and_tokenizer(text_corpus, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("EXPLORER_HOME", str(tmp_path / "home"))  # the base is built here, not in ~/.cache
+    cfg = tiny_text(text_corpus, iterations=1, text={"base": "wordnet", "base_steps": 2, "strategy": "train",
+                                                     "max_lm_size": "micro"})
+    loop = TextLoop(cfg, tmp_path / "run", engine_url="http://127.0.0.1:9", progress=False)
+    base = loop.base("nano")
+    assert base.record["tokens_trained"] == 2 * 2 * 32 and base.tokenizer.vocab_size == 512
+    assert (tmp_path / "run" / "tokenizer.model").read_bytes() == base.tokenizer.to_bytes()  # the base's
+    weights = base.weights()
+    assert all(torch.equal(v, weights[k]) for k, v in loop.learner.model.state_dict().items())
+    rows = loop.run(log=lambda _: None)
+    assert rows[0]["base"] == base.record["key"] and rows[0]["base_flops"] == base.record["flops"]
+    # the count floor of what the LM saw before the web: the base's corpus and the target
+    assert 0 < rows[0]["count_bigram_base_loss"] < rows[0]["count_unigram_loss"]
+    # a grown LM starts from the base of its own size (the same tokenizer)
+    loop._learner("micro", 3)
+    micro = loop.base("micro")
+    assert micro.tokenizer.to_bytes() == base.tokenizer.to_bytes()
+    assert all(torch.equal(v, micro.weights()[k]) for k, v in loop.learner.model.state_dict().items())
+    loop.close()
+    with pytest.raises(ValueError, match="text.base"):
+        from_dict(ExperimentConfig, {"modality": "text", "text": {"base": "shakespeare"}})
