@@ -9,14 +9,14 @@ run folder holds
     tokenizer.model    the SentencePiece model, trained on the target set, or the base LM's (`text.base`);
                        replay and resume reuse it
 
+and its metrics rows carry the FLOPs spent per category and the planner's decision and reason. A
+checkpoint holds the LM (with its data cursor and the accepted documents' tokens), the policy, the
+FLOP ledger and the loop position; iteration 0 (pretraining on the target) is checkpointed too.
+
 With `text.base` set the LM starts from a base pretrained on general text (learners/base_lm.py,
 built once and kept under ~/.cache/explorer/models/base-lm), and every size the planner grows to
 starts from that size's base: the run is domain-adaptive continued training on the target and what
 the agent acquires.
-
-and its metrics rows carry the FLOPs spent per category and the planner's decision and reason. A
-checkpoint holds the LM (with its data cursor and the accepted documents' tokens), the policy, the
-FLOP ledger and the loop position; iteration 0 (pretraining on the target) is checkpointed too.
 
 Each iteration first asks the planner (`text.strategy`; `learners.budget.plan_with_costs` by
 default) what the remaining FLOPs should buy: `acquire` runs the queries; `grow_model` restarts the
