@@ -117,6 +117,8 @@ def ensure_base_lm(spec: BaseLMSpec, texts: Callable[[], Sequence[str]], home: P
         if not (root / "base.json").exists():
             if root.exists():  # a folder without its record is not a base (renamed only when complete)
                 shutil.rmtree(root)
+            for stale in home.glob(f".{spec.key}.partial-*"):  # builds killed before their rename
+                shutil.rmtree(stale, ignore_errors=True)
             log(f"training the base LM {spec.key} (once; kept in {home})")
             _build(spec, texts(), tokenizer, root, progress)
     return BaseLM(spec, root, tokenizer, json.loads((root / "base.json").read_text()))
@@ -128,7 +130,6 @@ def _build(spec: BaseLMSpec, texts: Sequence[str], tokenizer: TextTokenizer, roo
                            "start the same config once in one process (it builds the base and keeps it), "
                            "then launch torchrun")
     partial = root.with_name(f".{root.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     t0 = time.time()
     tokens = tokenizer.encode_batch(texts)

@@ -199,16 +199,22 @@ _WORD_SUFFIX_RULES = NOUN_SUFFIX_RULES + VERB_SUFFIX_RULES + ADJECTIVE_SUFFIX_RU
 POS_FILES = ("noun", "verb", "adj", "adv")
 
 
-@functools.lru_cache(maxsize=2)
-def english_words(wordnet_dir: Path | str | None = None) -> frozenset[str]:
-    """Every word of WordNet's lemmas in all four parts of speech (the words of a compound one by
-    one), the inflected forms its exception files list, and FUNCTION_WORDS."""
+def _all_parts_of_speech(wordnet_dir: Path | str | None, kind: str) -> Path:
+    """The WordNet directory (default: default_wordnet_dir()) once its four KIND.POS files are there."""
     wordnet_dir = Path(wordnet_dir) if wordnet_dir is not None else default_wordnet_dir()
-    missing = [f"index.{pos}" for pos in POS_FILES if not (wordnet_dir / f"index.{pos}").is_file()]
+    missing = [f"{kind}.{pos}" for pos in POS_FILES if not (wordnet_dir / f"{kind}.{pos}").is_file()]
     if missing:
         raise FileNotFoundError(f"WordNet files not found in {wordnet_dir} ({', '.join(missing)}): install them "
                                 f"with `apt-get install -y {WORDNET_PACKAGE}`, or point EXPLORER_WORDNET_DIR "
                                 "at a WordNet 3.0 dict directory")
+    return wordnet_dir
+
+
+@functools.lru_cache(maxsize=2)
+def english_words(wordnet_dir: Path | str | None = None) -> frozenset[str]:
+    """Every word of WordNet's lemmas in all four parts of speech (the words of a compound one by
+    one), the inflected forms its exception files list, and FUNCTION_WORDS."""
+    wordnet_dir = _all_parts_of_speech(wordnet_dir, "index")
     words = set(FUNCTION_WORDS)
     for pos in POS_FILES:
         for line in _data_lines(wordnet_dir / f"index.{pos}"):
@@ -222,12 +228,7 @@ def wordnet_glosses(wordnet_dir: Path | str | None = None) -> list[str]:
     """Every synset of the four parts of speech as one line of general English, its words then its
     gloss ("dog, domestic dog, Canis familiaris: a member of the genus Canis ..."), in file order:
     117,659 definitions, the base LM's corpus (learners/base_lm.py; not on the text web)."""
-    wordnet_dir = Path(wordnet_dir) if wordnet_dir is not None else default_wordnet_dir()
-    missing = [f"data.{pos}" for pos in POS_FILES if not (wordnet_dir / f"data.{pos}").is_file()]
-    if missing:
-        raise FileNotFoundError(f"WordNet files not found in {wordnet_dir} ({', '.join(missing)}): install them "
-                                f"with `apt-get install -y {WORDNET_PACKAGE}`, or point EXPLORER_WORDNET_DIR "
-                                "at a WordNet 3.0 dict directory")
+    wordnet_dir = _all_parts_of_speech(wordnet_dir, "data")
     lines = []
     for pos in POS_FILES:
         for line in _data_lines(wordnet_dir / f"data.{pos}"):

@@ -43,8 +43,10 @@ def test_a_folder_without_its_record_is_rebuilt(glosses, tmp_path):
     spec = BaseLMSpec(corpus="wordnet", vocab_size=512, steps=2, seq_len=32, batch_size=2)
     (tmp_path / spec.key).mkdir(parents=True)
     (tmp_path / spec.key / "lm.pt").write_bytes(b"killed while writing")
+    (tmp_path / f".{spec.key}.partial-1").mkdir()  # a build killed before its rename
     base = ensure_base_lm(spec, lambda: glosses[:3000], tmp_path, log=lambda _: None)
     assert set(base.weights()) and (base.root / "base.json").exists()
+    assert not list(tmp_path.glob(".*partial*"))
 
 
 def test_a_spec_names_its_recipe():
