@@ -7,6 +7,8 @@ trained on general text, then trained on the target and what the agent acquires 
 base's tokenizer. `ensure_base_lm` builds such a base once per `BaseLMSpec` and keeps it on disk:
 
     HOME/CORPUS-vVOCAB.tokenizer.model    the base corpus's SentencePiece model (every size and seed)
+    HOME/CORPUS-vVOCAB.tokens.npz         the corpus encoded with it (every build, and the runs' count
+                                          bigram of the corpus, read it instead of encoding again)
     HOME/KEY/lm.pt                        {"config": LMConfig, "model": weights}
     HOME/KEY/base.json                    the spec, tokens, FLOPs, final loss and seconds; written last
 
@@ -107,6 +109,24 @@ def base_tokenizer(spec: BaseLMSpec, texts: Callable[[], Sequence[str]], home: P
         return tokenizer
 
 
+def corpus_tokens(spec: BaseLMSpec, texts: Callable[[], Sequence[str]], home: Path | str,
+                  tokenizer: TextTokenizer) -> list[np.ndarray]:
+    """The base corpus's documents as token arrays under its tokenizer, encoded once and kept."""
+    path = Path(home) / f"{spec.corpus}-v{spec.vocab_size}.tokens.npz"
+    with _Lock(path.with_suffix(".lock")):
+        if not path.exists():
+            for stale in path.parent.glob(f".{path.name}.partial-*"):  # writes killed before their rename
+                stale.unlink()
+            docs = tokenizer.encode_batch(texts())
+            tmp = path.with_name(f".{path.name}.partial-{os.getpid()}.npz")
+            np.savez(tmp, tokens=np.concatenate([np.asarray(d, dtype=np.int32) for d in docs]),
+                     lengths=np.array([len(d) for d in docs], dtype=np.int64))
+            os.replace(tmp, path)
+        with np.load(path) as data:
+            tokens, lengths = data["tokens"], data["lengths"]
+    return np.split(tokens, np.cumsum(lengths)[:-1])
+
+
 def ensure_base_lm(spec: BaseLMSpec, texts: Callable[[], Sequence[str]], home: Path | str, *,
                    progress: bool = False, log: Callable[[str], None] = print) -> BaseLM:
     """The base of `spec`, trained on `texts()` the first time any process asks for it."""
@@ -120,11 +140,12 @@ def ensure_base_lm(spec: BaseLMSpec, texts: Callable[[], Sequence[str]], home: P
             for stale in home.glob(f".{spec.key}.partial-*"):  # builds killed before their rename
                 shutil.rmtree(stale, ignore_errors=True)
             log(f"training the base LM {spec.key} (once; kept in {home})")
-            _build(spec, texts(), tokenizer, root, progress)
+            _build(spec, corpus_tokens(spec, texts, home, tokenizer), tokenizer, root, progress)
     return BaseLM(spec, root, tokenizer, json.loads((root / "base.json").read_text()))
 
 
-def _build(spec: BaseLMSpec, texts: Sequence[str], tokenizer: TextTokenizer, root: Path, progress: bool) -> None:
+def _build(spec: BaseLMSpec, tokens: list[np.ndarray], tokenizer: TextTokenizer, root: Path,
+           progress: bool) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError(f"the base LM {spec.key} is not built yet, and a torchrun rank cannot build it alone: "
                            "start the same config once in one process (it builds the base and keeps it), "
@@ -132,7 +153,6 @@ def _build(spec: BaseLMSpec, texts: Sequence[str], tokenizer: TextTokenizer, roo
     partial = root.with_name(f".{root.name}.partial-{os.getpid()}")
     partial.mkdir(parents=True)
     t0 = time.time()
-    tokens = tokenizer.encode_batch(texts)
     stream = PackedTextStream(tokens, seq_len=spec.seq_len, eos_id=tokenizer.eos_id, seed=spec.seed)
     config = LMConfig(size=spec.size, vocab_size=tokenizer.vocab_size, seq_len=spec.seq_len,
                       batch_size=spec.batch_size, lr=spec.lr, min_lr=spec.lr / 10,
@@ -142,12 +162,12 @@ def _build(spec: BaseLMSpec, texts: Sequence[str], tokenizer: TextTokenizer, roo
     learner.model.to("cpu")
     atomic_torch_save({"config": dataclasses.asdict(config), "model": learner.model.state_dict()}, partial / "lm.pt")
     tail = [x for x in losses[-max(1, spec.steps // 20):] if math.isfinite(x)]
-    n_tokens = spec.steps * spec.batch_size * spec.seq_len
+    n_tokens, n_params = spec.steps * spec.batch_size * spec.seq_len, non_embedding_params(learner.model)
+    corpus = int(sum(map(len, tokens)))
     record = {"spec": dataclasses.asdict(spec), "key": spec.key, "documents": len(tokens),
-              "corpus_tokens": int(sum(map(len, tokens))), "tokens_trained": n_tokens,
-              "passes": round(n_tokens / max(1, sum(map(len, tokens)) + len(tokens)), 3),
-              "non_embedding_params": non_embedding_params(learner.model),
-              "flops": float(training_flops(non_embedding_params(learner.model), n_tokens)),
+              "corpus_tokens": corpus, "tokens_trained": n_tokens,
+              "passes": round(n_tokens / max(1, corpus + len(tokens)), 3),
+              "non_embedding_params": n_params, "flops": float(training_flops(n_params, n_tokens)),
               "final_train_loss": round(float(np.mean(tail)), 6) if tail else None,
               "seconds": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads()}
     (partial / "base.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -121,7 +121,7 @@ TEXT_SCORERS = ("knn", "dsir", "classifier")  # the reward, or a peer in its pla
 # L(N, D) = E + A/N^alpha + B/D^beta as fitted to Chinchilla's runs by Besiroglu et al. 2024: the
 # planner's prior until a law fitted to this agent's own runs (`explorer plan`) is given.
 TEXT_STRATEGIES = ("planner", "compute_optimal", "acquire", "train", "grow")
-TEXT_BASES = ("wordnet",)  # general-text corpora a base LM trains on (explorer/run/text.py BASE_CORPORA)
+TEXT_BASES = ("wordnet",)  # general-text corpora a base LM trains on (explorer/run/text.py base_corpus_texts)
 PRIOR_LAW = {"E": 1.8172, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}
 
 

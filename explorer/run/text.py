@@ -58,7 +58,7 @@ from explorer.web.text_corpus import (
     split_text_target,
     text_sha256,
 )
-from learners.base_lm import BaseLM, BaseLMSpec, ensure_base_lm
+from learners.base_lm import BaseLM, BaseLMSpec, corpus_tokens, ensure_base_lm
 from learners.budget import AcquisitionRound, Decision, RoutedLaw, ScalingLaw, decide, plan_with_costs
 from learners.flops import FlopLedger, ModelShape, forward_flops, training_flops
 from learners.lm import LM_SIZES, LMConfig, LMLearner, active_non_embedding_params, lm_embeddings, non_embedding_params
@@ -547,7 +547,8 @@ class TextLoop(RunLoop):
         floor = count_baselines(target, self.eval_tokens, self.tokenizer.eos_id, self.tokenizer.vocab_size)
         row = {"count_unigram_loss": round(floor["unigram"], 6), "count_bigram_loss": round(floor["bigram"], 6)}
         if self.cfg.text.base is not None:  # the counts of everything the based LM saw before the web
-            general = self.tokenizer.encode_batch(base_corpus_texts(self.cfg.text.base))
+            general = corpus_tokens(self.base(self.lm_size).spec, lambda: base_corpus_texts(self.cfg.text.base),
+                                    base_lm_home(), self.tokenizer)
             floor = count_baselines(general + target, self.eval_tokens, self.tokenizer.eos_id,
                                     self.tokenizer.vocab_size)
             row["count_bigram_base_loss"] = round(floor["bigram"], 6)
