@@ -10,6 +10,8 @@ iterations of 128 training steps. What each iteration buys is chosen by `text.st
     always-acquire   query every iteration, never grow
     never-acquire    train the starting model on the target alone
     grow-only        never query; compute goes to the model: the largest size allowed (micro)
+    acquire-first-half  a fixed schedule: rounds back to back, no training between them, until half
+                     the budget is spent; then train (text.strategy acquire_first, acquire_share 0.5)
 
 at two budgets (`--budgets`): where training on the target alone is the best use of the FLOPs
 (3e12) and where the target alone overfits and acquiring pays (5e12); `--budgets 3e12 5e12 8e12`
@@ -47,7 +49,7 @@ from bench.exp_text_acquisition import read_metrics, run_all, text_bench_parser,
 from bench.machine import write_machine  # noqa: E402
 
 STRATEGIES = {"planner": "planner", "compute-optimal": "compute_optimal", "always-acquire": "acquire",
-              "never-acquire": "train", "grow-only": "grow"}
+              "never-acquire": "train", "grow-only": "grow", "acquire-first-half": "acquire_first"}
 DEFAULT_STRATEGIES = ["planner", "always-acquire", "never-acquire", "grow-only"]
 DEFAULT_RUNS = ROOT / "runs" / "bench-planner"
 # Iterations are a cap only: the budget ends every run first.
@@ -62,50 +64,73 @@ def finished(run_dir: Path) -> bool:
     return (run_dir / "done.json").exists()
 
 
-def calibration_run(config: Path, runs: Path, seed: int, budget: float, overrides: dict) -> tuple:
+def calibration_run(config: Path, runs: Path, seed: int, budget: float, overrides: dict,
+                    tokens: int = CALIBRATION_TOKENS, pretrain: int | None = None) -> tuple:
     """The run the planner's R* is fitted to: the target alone, seed `seed` (not one of the compared
-    seeds), budget `budget`, evaluated every CALIBRATION_TOKENS."""
+    seeds), budget `budget`, evaluated every `tokens` (after `pretrain` tokens: default the config's)."""
     from explorer.run.config import load_config
 
     cfg = load_config(config, {**OVERRIDES, **overrides, "seed": seed, "text.flop_budget": budget,
-                               "text.strategy": "train", "text.tokens_per_iteration": CALIBRATION_TOKENS})
+                               "text.strategy": "train", "text.tokens_per_iteration": tokens,
+                               **({} if pretrain is None else {"text.pretrain_tokens": pretrain})})
     return f"calibration: seed {seed}, budget {budget:.0e}, target alone", cfg, runs / "calibration" / f"seed-{seed}"
 
 
 def calibration_fit(run_dir: Path, seed: int, budget: float) -> dict:
-    """The planner's R*, fitted to the calibration run (`explorer plan --repeats`)."""
-    from explorer.analysis.plan import format_repeat_fit, repeat_decay_from_run
+    """The planner's R*, fitted to the calibration run (`explorer plan --repeats`). A run with a
+    validation split is read on it, and also gives the planner its overfitting point (`max_passes`)
+    and its law's level and D-term at the run's size (`calibrated_law`): the learner keeps its best
+    weights, and a pretrained start is far from the from-scratch law."""
+    from explorer.analysis.plan import calibrated_law, format_repeat_fit, repeat_decay_from_run
+    from explorer.run.config import load_config
 
     fit = repeat_decay_from_run(run_dir)
     print(format_repeat_fit(fit, run_dir), flush=True)
-    return {"seed": seed, "budget": budget, "run": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT)
-            else str(run_dir), "r_star": round(fit.r_star, 3), "points": fit.points,
-            "overfit_after_passes": round(fit.overfit_after, 2), "rmse": round(fit.rmse, 5),
-            "offset": fit.offset, "scale": fit.scale}
+    out = {"seed": seed, "budget": budget, "run": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT)
+           else str(run_dir), "r_star": round(fit.r_star, 3), "points": fit.points,
+           "overfit_after_passes": round(fit.overfit_after, 2), "rmse": round(fit.rmse, 5),
+           "offset": fit.offset, "scale": fit.scale}
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.text.validation_fraction:
+        n_params = read_metrics(run_dir)[0]["n_params"]
+        out.update(loss="validation", max_passes=round(fit.overfit_after, 3),
+                   law={k: round(v, 6) for k, v in calibrated_law(cfg.text.law, fit, n_params).items()})
+    return out
+
+
+def planner_overrides(fit: dict | None) -> dict:
+    """What the calibration sets in the planner's config."""
+    if not fit:
+        return {}
+    return {"text.repeat_decay": fit["r_star"],
+            **({"text.max_passes": fit["max_passes"], "text.law": fit["law"]} if "max_passes" in fit else {})}
 
 
 def run_cost(cfg) -> float:
-    """What orders the queue: a run's FLOP budget (the calibration, evaluated four times as often, first)."""
-    return cfg.text.flop_budget * (2.0 if cfg.text.tokens_per_iteration == CALIBRATION_TOKENS else 1.0)
+    """What orders the queue: a run's FLOP budget (the calibration, a target-alone run evaluated more often,
+    first)."""
+    return cfg.text.flop_budget * (2.0 if cfg.text.strategy == "train" and cfg.seed == CALIBRATION_SEED else 1.0)
 
 
 def mark_done(run_dir: Path, cfg, rows: list[dict], t0: float | None = None) -> None:
-    if rows and (rows[-1]["iteration"] >= cfg.iterations or rows[-1]["flops_remaining"] <
+    """Done: the iterations or the budget ran out, or the validation loss stalled (`text.patience`)."""
+    stalled = cfg.text.patience is not None and rows and rows[-1].get("val_stalled", 0) >= cfg.text.patience
+    if rows and (stalled or rows[-1]["iteration"] >= cfg.iterations or rows[-1]["flops_remaining"] <
                  6.0 * rows[-1]["n_params"] * cfg.text.tokens_per_step):
         seconds = None if t0 is None else time.time() - t0
         (run_dir / "done.json").write_text(json.dumps({"seconds": seconds}) + "\n")
 
 
 def grid_runs(config: Path, runs: Path, budgets: list[float], seeds: list[int], strategies: list[str],
-              overrides: dict, r_star: float | None = None) -> list[tuple]:
-    """The grid's (label, cfg, run_dir) not yet finished, seed by seed (`r_star`: the planner's R*)."""
+              overrides: dict, fit: dict | None = None) -> list[tuple]:
+    """The grid's (label, cfg, run_dir) not yet finished, seed by seed (`fit`: the calibration's)."""
     from explorer.run.config import load_config
 
     todo = []
     for seed in seeds:
         for budget in budgets:
             for name in strategies:
-                mine = {"text.repeat_decay": r_star} if name == "planner" and r_star is not None else {}
+                mine = planner_overrides(fit) if name == "planner" else {}
                 cfg = load_config(config, {**OVERRIDES, **overrides, "seed": seed, "text.flop_budget": budget,
                                            "text.strategy": STRATEGIES[name], **mine})
                 run_dir = runs / f"B-{budget:.0e}" / f"seed-{seed}" / name
@@ -117,8 +142,8 @@ def grid_runs(config: Path, runs: Path, budgets: list[float], seeds: list[int], 
 def run_benchmark(args, overrides: dict) -> dict | None:
     """The calibration run and the grid, `args.jobs` at a time: the fixed strategies run alongside the
     calibration, the planner's runs once its R* is known. Returns the calibration's fit (None without one)."""
-    grid = lambda strategies, r_star=None: grid_runs(args.config, args.runs, args.budgets, args.seeds,  # noqa: E731
-                                                     strategies, overrides, r_star)
+    grid = lambda strategies, fit=None: grid_runs(args.config, args.runs, args.budgets, args.seeds,  # noqa: E731
+                                                  strategies, overrides, fit)
     fixed = [name for name in args.strategies if name != "planner"]
     planner = [name for name in args.strategies if name == "planner"]
     if args.calibration_seed < 0:
@@ -126,19 +151,20 @@ def run_benchmark(args, overrides: dict) -> dict | None:
                 cost=run_cost)
         return None
     budget = args.calibration_budget
-    label, cfg, calibration_dir = calibration_run(args.config, args.runs, args.calibration_seed, budget, overrides)
+    label, cfg, calibration_dir = calibration_run(args.config, args.runs, args.calibration_seed, budget, overrides,
+                                                  args.calibration_tokens, args.calibration_pretrain)
     fit: dict = {}
 
     def done(run_dir, cfg, rows, t0):
         mark_done(run_dir, cfg, rows, t0)
         if run_dir == calibration_dir:  # R* is known: the planner's runs can start
             fit.update(calibration_fit(calibration_dir, args.calibration_seed, budget))
-            return grid(planner, fit["r_star"])
+            return grid(planner, fit)
         return []
 
     if finished(calibration_dir):
         fit.update(calibration_fit(calibration_dir, args.calibration_seed, budget))
-        todo = grid(fixed) + grid(planner, fit["r_star"])
+        todo = grid(fixed) + grid(planner, fit)
     else:
         todo = [(label, cfg, calibration_dir)] + grid(fixed)
     run_all(todo, args.runs / "engine.log", args.jobs, args.threads, done=done, cost=run_cost)
@@ -151,7 +177,10 @@ def summarise(run_dir: Path) -> dict:
     rows = read_metrics(run_dir)
     last = rows[-1]
     actions = [r["planner_action"] for r in rows[1:]]
-    return {"perplexity": last["eval_perplexity"], "log_ppl": math.log(last["eval_perplexity"]),
+    # with a validation split the run's result is its kept weights (the lowest validation loss)
+    ppl = last.get("best_eval_perplexity", last["eval_perplexity"])
+    return {"perplexity": ppl, "log_ppl": math.log(ppl), "last_perplexity": last["eval_perplexity"],
+            "best_iteration": last.get("best_iteration"),
             "iterations": len(rows) - 1, "rounds": actions.count("acquire"),
             "grew": any(a == "grow_model" for a in actions), "lm_size": last["lm_size"],
             "tokens_trained": last["tokens_trained"], "unique_tokens": last["tokens_available"],
@@ -169,7 +198,8 @@ def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path, ca
 
     out.mkdir(parents=True, exist_ok=True)
     with (out / "runs.csv").open("w", newline="") as f:
-        fields = ["budget", "seed", "strategy", "perplexity", "iterations", "rounds", "lm_size", "tokens_trained",
+        fields = ["budget", "seed", "strategy", "perplexity", "last_perplexity", "best_iteration", "iterations",
+                  "rounds", "lm_size", "tokens_trained",
                   "unique_tokens", "train_flops", "acquisition_flops", "charged_flops", "count_unigram_ppl",
                   "count_bigram_ppl"]
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -189,6 +219,13 @@ def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path, ca
                       f"{calibration['points']} evaluations from its steepest fall to its lowest held-out loss, after "
                       f"{calibration['overfit_after_passes']:g} passes over the target; rmse {calibration['rmse']:g} "
                       f"(`explorer plan --repeats {calibration['run']}`).", ""]
+        if "max_passes" in calibration:
+            law = calibration["law"]
+            lines[3:3] = [f"Read on the run's own validation split (not the held-out documents), the calibration "
+                          f"also set the planner's overfitting point, text.max_passes = {calibration['max_passes']:g} "
+                          f"passes, and its law's level and D-term at the run's size: E = {law['E']:.4g}, "
+                          f"B = {law['B']:.4g} (beta {law['beta']:g} kept). Every run keeps the weights of its "
+                          "lowest validation loss; the held-out perplexity reported is theirs.", ""]
     summary: dict = {"calibration": calibration} if calibration else {}
     decisions = ["# Decisions of the planner (first seed of each budget)", ""]
     for budget, seeds in results.items():
@@ -241,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-budget", type=float, default=CALIBRATION_BUDGET,
                         help="the calibration run's FLOP budget (default %(default).0e: the target alone "
                              "overfits well before it ends, so the fit sees the curve's lowest point)")
+    parser.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS,
+                        help="tokens trained between the calibration run's evaluations (default %(default)s)")
+    parser.add_argument("--calibration-pretrain", type=int, default=None,
+                        help="the calibration run's tokens before its first evaluation (default: the config's "
+                             "text.pretrain_tokens); smaller where the target alone overfits within a few passes")
     args = parser.parse_args(argv)
     if args.calibration_seed in args.seeds:
         parser.error("--calibration-seed must not be one of the compared --seeds")

@@ -307,6 +307,7 @@ class Decision:
     d_target: float  # tokens to train on next
     reason: str
     experts: int | None = None  # add_experts: experts per routed layer of the restarted model
+    rounds: int | None = None  # plan_with_costs: the acquisition rounds its plan runs from now (this one included)
 
     def __post_init__(self):
         if self.action not in ACTIONS:
@@ -505,6 +506,7 @@ def plan_with_costs(law: ScalingLaw, budget_flops: float, *, unique_tokens: floa
                     current_params: float, acquisition: AcquisitionRound | None, rounds_left: int,
                     first_round_extra: float = 0.0, max_train_tokens: float = math.inf,
                     size_table: dict[str, ModelShape] | None = None, r_star: float = REPEAT_DECAY,
+                    max_passes: float | None = None, deferred_tokens: float = 0.0,
                     routed: RoutedLaw | None = None, experts: int = 1,
                     expert_options: tuple[int, ...] = ()) -> Decision:
     """What to do with `budget_flops`, choosing the plan of least predicted final loss.
@@ -518,7 +520,12 @@ def plan_with_costs(law: ScalingLaw, budget_flops: float, *, unique_tokens: floa
     `max_train_tokens` caps the tokens still trained whatever the budget (a run's last iteration). With no
     estimate of a round (`acquisition` None) the answer is `acquire`; callers that can bound a round
     pass an optimistic one instead (the loop: every result accepted). The law is the planner's prior
-    or a fit (`explorer plan`); k is at most `rounds_left` (one round per iteration).
+    or a fit (`explorer plan`); k is at most `rounds_left` (one round per iteration). With `max_passes`
+    (the run's overfitting point) tokens trained beyond `max_passes` passes over the unique tokens
+    count nothing: a learner that keeps its best weights gains nothing from them, so past that point
+    only new tokens (or a larger model) can lower the loss. `deferred_tokens`: rounds run back to back
+    (`text.rounds_first`), each round but the last takes an iteration that trains nothing, so
+    `max_train_tokens` shrinks by this many tokens per such round.
 
     With a `routed` law, more experts are one more way to grow: each E' of `expert_options` above the
     current `experts` is a plan that restarts the model at the same active size (the same FLOPs per
@@ -545,7 +552,9 @@ def plan_with_costs(law: ScalingLaw, budget_flops: float, *, unique_tokens: floa
         plans += [(f"{e} experts", float(current_params), 0.0, e) for e in sorted(expert_options) if e > experts]
     best = None
     for name, n, done, e in plans:
-        tokens = done + np.minimum(left / (6.0 * n), max_train_tokens)
+        tokens = done + np.minimum(left / (6.0 * n), max_train_tokens - np.maximum(k - 1, 0) * deferred_tokens)
+        if max_passes is not None:
+            tokens = np.minimum(tokens, max_passes * unique)
         loss = law.loss(n, effective_tokens(unique, tokens, r_star))
         if routed is not None:
             loss = loss * routed.factor(n, e)
@@ -559,18 +568,19 @@ def plan_with_costs(law: ScalingLaw, budget_flops: float, *, unique_tokens: floa
     bound = "" if rnd.measured else " at most (no round measured yet)"
     costs = (f"a round costs {_sci(rnd.flops)} FLOPs{extra} for {_sci(rnd.tokens)} new tokens{bound}; "
              f"predicted final loss: train only {stay[0]:.4f}, "
-             f"{stay[2]} round(s) then train {stay[1]:.4f}")
+             f"{stay[2]} round(s) then train {stay[1]:.4f}"
+             + (f" (training counted up to {max_passes:.3g} passes over the unique tokens)" if max_passes else ""))
     if e != experts:
         gain = 1.0 - float(routed.factor(n, e) / routed.factor(n, experts))
-        return Decision(action="add_experts", n_target=n, d_target=tokens, experts=e,
+        return Decision(action="add_experts", n_target=n, d_target=tokens, experts=e, rounds=rounds,
                         reason=f"{costs}, restart with {e} experts per routed layer (now {experts}; the same "
                                f"{_sci(n)} active params, the routed law's loss x{1 - gain:.4f}) with {rounds} "
                                f"round(s) {loss:.4f} (best)")
     if name != "current":
-        return Decision(action="grow_model", n_target=n, d_target=tokens,
+        return Decision(action="grow_model", n_target=n, d_target=tokens, rounds=rounds,
                         reason=f"{costs}, grow to {name} ({_sci(n)} params) with {rounds} round(s) {loss:.4f} (best)")
     if rounds > 0:
-        return Decision(action="acquire", n_target=n, d_target=tokens,
+        return Decision(action="acquire", n_target=n, d_target=tokens, rounds=rounds,
                         reason=f"{costs} (best): acquire; {_sci(unique_tokens)} unique tokens now")
-    return Decision(action="train", n_target=n, d_target=tokens,
+    return Decision(action="train", n_target=n, d_target=tokens, rounds=0,
                     reason=f"{costs}: another round does not pay for its FLOPs; train")

@@ -141,7 +141,9 @@ def format_plan(plan: Plan) -> str:
 def repeat_decay_from_run(run_dir: str | Path) -> RepeatFit:
     """R* for `text.repeat_decay`, fitted to a text run (`metrics.jsonl`, `config.yaml`) that only
     trained: one LM size, no acquisition, so every evaluation after the first pass saw repeats.
-    Its law's beta shapes the curve (`learners.budget.fit_repeat_decay`)."""
+    Its law's beta shapes the curve (`learners.budget.fit_repeat_decay`). A run with a validation
+    split (`text.validation_fraction`) is read on its own validation loss, not the held-out one; the
+    fit's `overfit_after` is then `text.max_passes`."""
     from explorer.run.config import load_config
 
     run_dir = Path(run_dir)
@@ -156,11 +158,21 @@ def repeat_decay_from_run(run_dir: str | Path) -> RepeatFit:
         raise ValueError(f"{run_dir}: its text grew ({min(unique)} -> {max(unique)} tokens) or its LM changed size "
                          f"({', '.join(sorted(sizes))}); fit R* to a run on the target alone (text.strategy: train)")
     beta = load_config(run_dir / "config.yaml").text.law["beta"]
+    loss = "val_loss" if all("val_loss" in r for r in rows) else "eval_loss"
     return fit_repeat_decay(float(unique.pop()), [r["tokens_trained"] for r in rows],
-                            [r["eval_loss"] for r in rows], beta=beta)
+                            [r[loss] for r in rows], beta=beta)
+
+
+def calibrated_law(law: dict[str, float], fit: RepeatFit, n_params: float) -> dict[str, float]:
+    """`law` with its level and D-term set to a calibration run's curve at that run's size: at
+    `n_params` it predicts fit.offset + fit.scale·D'^(-beta) (the run's own curve); A and alpha, which
+    only matter for other sizes, are kept. For a learner whose start the law was not fitted to (a
+    pretrained base: the from-scratch law's level and scale are far off)."""
+    return {**law, "E": fit.offset - law["A"] / n_params ** law["alpha"], "B": fit.scale}
 
 
 def format_repeat_fit(fit: RepeatFit, run_dir: str | Path) -> str:
-    return (f"R* = {fit.r_star:.3g} (text.repeat_decay) from {run_dir}: held-out loss = "
-            f"{fit.offset:.4g} + {fit.scale:.4g}·D'^(-beta) over {fit.points} evaluations, its steepest fall to its lowest "
-            f"(after {fit.overfit_after:.1f} passes over the target; later ones overfit), rmse {fit.rmse:.4f}")
+    return (f"R* = {fit.r_star:.3g} (text.repeat_decay) from {run_dir}: its loss (validation where it has one, "
+            f"else held-out) = {fit.offset:.4g} + {fit.scale:.4g}·D'^(-beta) over {fit.points} evaluations, its "
+            f"steepest fall to its lowest (after {fit.overfit_after:.1f} passes over the target; later ones "
+            f"overfit), rmse {fit.rmse:.4f}")

@@ -120,7 +120,7 @@ REWARD_ENCODERS = ("minilm", "lm")
 TEXT_SCORERS = ("knn", "dsir", "classifier")  # the reward, or a peer in its place (explorer/score/selectors.py)
 # L(N, D) = E + A/N^alpha + B/D^beta as fitted to Chinchilla's runs by Besiroglu et al. 2024: the
 # planner's prior until a law fitted to this agent's own runs (`explorer plan`) is given.
-TEXT_STRATEGIES = ("planner", "compute_optimal", "acquire", "train", "grow")
+TEXT_STRATEGIES = ("planner", "compute_optimal", "acquire", "train", "grow", "acquire_first")
 TEXT_BASES = ("wordnet",)  # general-text corpora a base LM trains on (explorer/run/text.py base_corpus_texts)
 PRIOR_LAW = {"E": 1.8172, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}
 
@@ -139,6 +139,16 @@ class TextConfig:
     """Leads per topic in the default text web (None: all 10k); ignored when `corpus` is set."""
     eval_documents: int | None = 200
     """Held-out documents scored for perplexity each evaluation (None: all)."""
+    validation_fraction: float = 0.0
+    """Share of the target's documents the agent holds out from its own training to judge its LM
+    (seeded; never trained on, never acquired, near-copies dropped like held-out ones). > 0: every
+    evaluation also scores them (`val_loss`), the weights of the lowest validation loss are kept (in
+    the checkpoint, and as lm-best.pt when the run ends) and their held-out perplexity is reported
+    beside the last model's (`best_eval_perplexity`). 0: the whole target trains, nothing is kept."""
+    patience: int | None = None
+    """With `validation_fraction`: stop the run once the validation loss has not fallen for this many
+    evaluations and the plan is to train (not to acquire: new documents can lower it again). None:
+    run to the budget or `iterations`."""
     min_chars: int = 50
     """Fetched documents shorter than this are rejected as too_small."""
     tokenizer_vocab: int = 4096
@@ -185,13 +195,26 @@ class TextConfig:
     compute-optimal D exceeds the tokens at hand, grow while N is far below its optimum
     (`learners.budget.decide`, costs ignored). Fixed strategies to test them against: "acquire"
     (always query, never grow), "train" (never query, never grow: the target-only control), "grow"
-    (never query; grow the LM to `max_lm_size` at once)."""
+    (never query; grow the LM to `max_lm_size` at once), "acquire_first" (a fixed schedule: rounds back
+    to back, without training between them, until `acquire_share` of the budget is spent, then train)."""
+    acquire_share: float = 0.5
+    """Strategy acquire_first: the share of `flop_budget` spent (pretraining included) before it stops
+    acquiring and trains."""
     law: dict[str, float] = field(default_factory=lambda: dict(PRIOR_LAW))
     """Scaling law the planner decides with (E, A, B, alpha, beta)."""
     repeat_decay: float = REPEAT_DECAY
     """R* of the planner's repeated-token discount (learners.budget.effective_tokens). The default is
     the large-scale fit; `explorer plan --repeats RUN_DIR` fits it to a run that trained on the
     target alone (at small scale repeats lose their worth much sooner)."""
+    max_passes: float | None = None
+    """The planner's overfitting point: passes over the unique tokens after which more training is
+    worth nothing (with `validation_fraction` the kept weights stop changing there; without, the loss
+    rises). None: training always helps, less and less (`repeat_decay` alone). `explorer plan
+    --repeats RUN_DIR` measures it on a run that trained on the target alone."""
+    rounds_first: bool = False
+    """The planner runs the acquisition rounds it plans back to back, training once they are done,
+    instead of training an iteration after each round; only where the reward does not read the LM
+    (`reward_encoder` minilm or a peer `scorer`)."""
 
     def __post_init__(self):
         if not 0 < self.holdout_fraction < 1 or not 0 < self.target_fraction <= 1:
@@ -211,6 +234,17 @@ class TextConfig:
             raise ValueError(f"base_steps and base_lr must be > 0, got {self.base_steps}, {self.base_lr}")
         if self.strategy not in TEXT_STRATEGIES:
             raise ValueError(f"unknown text.strategy {self.strategy!r}; valid: {', '.join(TEXT_STRATEGIES)}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.patience is not None and (self.patience < 1 or not self.validation_fraction):
+            raise ValueError(f"patience must be >= 1 and needs validation_fraction > 0, got {self.patience}")
+        if self.max_passes is not None and not self.max_passes > 0:
+            raise ValueError(f"max_passes must be > 0 (or null), got {self.max_passes}")
+        if self.rounds_first and self.reward_encoder == "lm" and self.scorer == "knn":
+            raise ValueError("rounds_first needs a reward that does not read the LM (reward_encoder: minilm or a "
+                             "peer scorer): under reward_encoder lm the rounds need the training between them")
+        if not 0 < self.acquire_share < 1:
+            raise ValueError(f"acquire_share must be in (0, 1), got {self.acquire_share}")
         if not self.repeat_decay > 0:
             raise ValueError(f"repeat_decay must be > 0, got {self.repeat_decay}")
         if set(self.law) != set(PRIOR_LAW):

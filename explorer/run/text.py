@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,7 @@ from explorer.web.corpus import explorer_home
 from explorer.web.text_corpus import (
     TextCorpus,
     TextCorpusSpec,
+    TextTarget,
     build_text_corpus,
     default_text_corpus_dir,
     document_key,
@@ -156,6 +157,20 @@ class TextTraining:
         self.learner.data = self.stream  # one cursor: the learner's and the loop's
 
 
+def split_validation(target: TextTarget, fraction: float, seed: int) -> tuple[TextTarget, list[dict]]:
+    """(the target without its validation documents, the validation documents): a seeded `fraction`
+    of the target's documents (at least one when `fraction` > 0) that the agent does not train on."""
+    if not fraction:
+        return target, []
+    order = np.random.default_rng([seed, 2]).permutation(len(target.train))
+    n = max(1, int(round(fraction * len(target.train))))
+    if n >= len(target.train):
+        raise ValueError(f"validation_fraction {fraction} leaves none of the target's {len(target.train)} documents "
+                         "to train on")
+    held, kept = sorted(order[:n].tolist()), sorted(order[n:].tolist())
+    return replace(target, train=[target.train[i] for i in kept]), [target.train[i] for i in held]
+
+
 class TextLoop(RunLoop):
     """Acquires documents for a target topic and trains the LM on them (see the module docstring)."""
 
@@ -181,6 +196,7 @@ class TextLoop(RunLoop):
         self.corpus = open_text_corpus(cfg, progress)
         self.target = split_text_target(self.corpus.documents(), tc.topic, holdout_fraction=tc.holdout_fraction,
                                         target_fraction=tc.target_fraction, seed=cfg.seed)
+        self.target, self.validation = split_validation(self.target, tc.validation_fraction, cfg.seed)
         self.truth = TopicTruth(self.corpus, tc.topic)
         self.vocab = load_vocabulary(cfg, self.corpus.root, lambda: [
             f"{t} {d}" for t, d in zip(self.corpus.titles, self.corpus.descriptions)])
@@ -198,6 +214,9 @@ class TextLoop(RunLoop):
                                              self.tokenizer.eos_id, cfg.seed)
         eval_docs = self.target.holdout[:tc.eval_documents]
         self.eval_tokens = self.tokenizer.encode_batch([document_text(d) for d in eval_docs])
+        self.val_tokens = self.tokenizer.encode_batch([document_text(d) for d in self.validation])
+        self.best: dict | None = None  # the lowest validation loss so far: where, its scores, its weights
+        self._last_eval: dict | None = None  # an iteration that trained nothing reports these again
         self.lm_size = tc.lm_size
         self.experts = cfg.lm.experts  # add_experts changes it
         self._learner(self.lm_size, self._schedule_steps(self.lm_size, grown=False))
@@ -240,8 +259,9 @@ class TextLoop(RunLoop):
         """Exact copies (text sha256) of target and held-out documents are never acquired; MiniLM
         near-copies of held-out documents are dropped too (decontamination of the perplexity set)."""
         self.target_sha = {text_sha256(t) for t in train_texts}
-        self.holdout_sha = {text_sha256(document_text(d)) for d in self.target.holdout}
-        self.holdout_sig = self._corpus_embeddings(self.target.holdout)  # (H, 384) MiniLM
+        unseen = self.target.holdout + self.validation  # the agent's validation documents are held out too
+        self.holdout_sha = {text_sha256(document_text(d)) for d in unseen}
+        self.holdout_sig = self._corpus_embeddings(unseen)  # (H, 384) MiniLM
         self.accepted_sha: set[str] = set()
         self.accepted_sig = np.zeros((0, self.holdout_sig.shape[1]), np.float32)
 
@@ -409,9 +429,20 @@ class TextLoop(RunLoop):
                                    first_round_extra=0.0 if self.background_fetched else self._background_cost(),
                                    rounds_left=iterations_left, size_table=self.sizes,
                                    max_train_tokens=iterations_left * tc.tokens_per_iteration,
-                                   r_star=tc.repeat_decay, **self._expert_plans())
+                                   r_star=tc.repeat_decay, max_passes=tc.max_passes,
+                                   deferred_tokens=tc.tokens_per_iteration if tc.rounds_first else 0.0,
+                                   **self._expert_plans())
         if tc.strategy == "compute_optimal":
             return decide(self.law, budget, tokens, params, grow_factor=tc.grow_factor, size_table=self.sizes)
+        if tc.strategy == "acquire_first":
+            spent = tc.flop_budget - budget
+            if spent < tc.acquire_share * tc.flop_budget:
+                return Decision(action="acquire", n_target=params, d_target=tokens,
+                                reason=f"fixed strategy acquire_first: {spent:.3g} of {tc.flop_budget:.3g} FLOPs "
+                                       f"spent, below its share {tc.acquire_share:g}: another round, no training")
+            return Decision(action="train", n_target=params, d_target=tokens,
+                            reason=f"fixed strategy acquire_first: its share {tc.acquire_share:g} of the budget is "
+                                   "spent: train")
         if tc.strategy == "grow":  # compute goes to the model: the largest size allowed, never a query
             name, shape = list(self.sizes.items())[-1]
             if shape.non_embedding_params > params:
@@ -526,10 +557,47 @@ class TextLoop(RunLoop):
         return {"train_loss": round(float(np.mean(losses)), 6) if losses else None}
 
     def evaluate(self) -> dict:
-        """Held-out perplexity on the target topic (documents never trained on)."""
+        """Held-out perplexity on the target topic (documents never trained on); with a validation
+        split its loss too, and the weights of the lowest so far are kept (`best`)."""
         ppl = self.learner.evaluate_perplexity(self.eval_tokens, eos_id=self.tokenizer.eos_id)
         self.flops.add("eval", forward_flops(self.n_params, sum(len(t) + 1 for t in self.eval_tokens)))
-        return {"eval_perplexity": round(ppl, 4), "eval_loss": round(math.log(ppl), 6)}
+        row = {"eval_perplexity": round(ppl, 4), "eval_loss": round(math.log(ppl), 6)}
+        if self.val_tokens:
+            val = math.log(self.learner.evaluate_perplexity(self.val_tokens, eos_id=self.tokenizer.eos_id))
+            self.flops.add("eval", forward_flops(self.n_params, sum(len(t) + 1 for t in self.val_tokens)))
+            row["val_loss"] = round(val, 6)
+            if self.best is None or val < self.best["val_loss"]:
+                weights = {k: v.detach().cpu().clone() for k, v in self.learner.model.state_dict().items()}
+                self.best = {"iteration": self.iteration, "val_loss": val, "eval_perplexity": row["eval_perplexity"],
+                             "lm_size": self.lm_size, "experts": self.experts, "model": weights, "since": 0}
+            else:
+                self.best["since"] += 1
+            row.update(best_iteration=self.best["iteration"], best_val_loss=round(self.best["val_loss"], 6),
+                       best_eval_perplexity=self.best["eval_perplexity"], val_stalled=self.best["since"])
+        self._last_eval = row
+        return row
+
+    def stalled(self) -> int:
+        """Evaluations since the lowest validation loss (0 without a validation split)."""
+        return 0 if self.best is None else self.best["since"]
+
+    def save_best(self) -> Path | None:
+        """lm-best.pt: the weights of the lowest validation loss, with where they were and their scores."""
+        if self.best is None or self.mode is CacheMode.REPLAY:
+            return None
+        path = self.run_dir / "lm-best.pt"
+        partial = path.with_name(path.name + ".partial")
+        torch.save({**{k: v for k, v in self.best.items() if k != "since"}, "config": asdict(self.learner.config)},
+                   partial)
+        partial.replace(path)
+        return path
+
+    def run(self, until: int | float | None = None, log=print) -> list[dict]:
+        rows = super().run(until, log)
+        if self.save_best():
+            log(f"kept the weights of iteration {self.best['iteration']} (validation loss {self.best['val_loss']:.4f}, "
+                f"held-out perplexity {self.best['eval_perplexity']:.1f}): {self.run_dir / 'lm-best.pt'}")
+        return rows
 
     def _status(self) -> dict:
         return {"lm_size": self.lm_size, "experts": self.experts, "n_params": self.n_params,
@@ -583,10 +651,15 @@ class TextLoop(RunLoop):
             row.update(self.acquire())
             if not row["all_searches_failed"]:  # a round the engine never answered is no evidence of what one adds
                 self.rounds.append((self._acquisition_flops() - spent, self.stream.num_tokens - tokens))
+        steps = self.affordable_steps()
+        tc = self.cfg.text
+        if decision.action == "acquire" and (tc.strategy == "acquire_first" or tc.rounds_first and
+                                             (decision.rounds or 0) > 1):
+            steps, row["deferred_training"] = 0, True  # more rounds to come: train once they are done
         with self.timed("train"):
-            row.update(self.train(self.affordable_steps()))
+            row.update(self.train(steps))
         with self.timed("eval"):
-            row.update(self.evaluate())
+            row.update(self.evaluate() if steps or self._last_eval is None else self._last_eval)
         row.update(self._status())
         row.update(rss_bytes=resident_bytes(), stage_seconds=self.take_stage_seconds(), **disk)
         row["seconds"] = round(time.time() - t0, 2)
@@ -602,7 +675,8 @@ class TextLoop(RunLoop):
                 "accepted_sha": sorted(self.accepted_sha), "accepted_sig": torch.from_numpy(self.accepted_sig),
                 "background": self.background_sample.state_dict(), "background_fetched": self.background_fetched,
                 "web_sample": list(self.web_sample),
-                "rounds": torch.tensor(self.rounds, dtype=torch.float64)}
+                "rounds": torch.tensor(self.rounds, dtype=torch.float64), "best": self.best,
+                "last_eval": self._last_eval}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration, self.pretrained = int(state["iteration"]), bool(state["pretrained"])
@@ -622,6 +696,7 @@ class TextLoop(RunLoop):
             self.background_sample.load_state_dict(state["background"])
         self.background_fetched = bool(state.get("background_fetched", "background" in state))
         self.web_sample = list(state.get("web_sample", self.background_sample.items))
+        self.best, self._last_eval = state.get("best"), state.get("last_eval")
 
     # -- the run plane's hooks ---------------------------------------------------------------------
     def needs_start(self) -> bool:
@@ -633,6 +708,11 @@ class TextLoop(RunLoop):
     def finished_early(self) -> str | None:
         if self.affordable_steps() == 0:
             return f"FLOP budget {self.cfg.text.flop_budget:.3g} spent after iteration {self.iteration}"
+        patience = self.cfg.text.patience
+        if patience and self.stalled() >= patience and self.plan().action == "train":
+            return (f"stopped after iteration {self.iteration}: the validation loss has not fallen in {self.stalled()} "
+                    f"evaluation(s) (text.patience {patience}) and the plan is to train; the best weights are those of "
+                    f"iteration {self.best['iteration']}")
         return None
 
     def summary(self, row: dict) -> str:

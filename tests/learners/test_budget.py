@@ -225,6 +225,20 @@ def test_a_small_r_star_turns_training_on_repeats_into_acquiring():
     assert plan_with_costs(PRIOR, 2.6e12, **args, r_star=6.0).action == "train"  # too small a budget still
 
 
+def test_past_its_overfitting_point_training_is_worth_nothing_so_the_plan_acquires():
+    """With `max_passes` (a learner that keeps its best weights: training beyond that many passes over
+    the unique tokens changes nothing) a run already past it can only gain from new tokens, so it
+    acquires where plain repeats (R* = 15.4: every pass still worth a little) would train, and says
+    how many rounds its plan runs."""
+    args = {"unique_tokens": 4.0e4, "trained_tokens": 2.0e5, "current_params": 1.0e6, "rounds_left": 40,
+            "acquisition": AcquisitionRound(flops=5.0e11, tokens=2.0e3)}
+    plain = plan_with_costs(PRIOR, 3.0e12, **args)
+    assert plain.action == "train" and plain.rounds == 0
+    capped = plan_with_costs(PRIOR, 3.0e12, **args, max_passes=3.0)
+    assert capped.action == "acquire" and capped.rounds > 1 and "up to 3 passes" in capped.reason
+    assert plan_with_costs(PRIOR, 3.0e12, **args, max_passes=100.0).action == "train"  # never reached: as before
+
+
 def test_repeat_decay_from_run_reads_a_target_only_run_and_refuses_others(tmp_path):
     from explorer.run.config import PRIOR_LAW
 

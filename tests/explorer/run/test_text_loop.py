@@ -372,3 +372,65 @@ def test_a_run_with_a_base_starts_from_its_weights_and_tokenizer(text_corpus, tm
     loop.close()
     with pytest.raises(ValueError, match="text.base"):
         from_dict(ExperimentConfig, {"modality": "text", "text": {"base": "shakespeare"}})
+
+
+def test_a_validation_split_keeps_the_weights_of_its_lowest_loss_and_stops_when_it_stalls(text_corpus, tmp_path):
+    """The agent holds out part of its target: never trained on, never acquired. Each evaluation scores
+    it; the weights of the lowest validation loss are kept (checkpoint, lm-best.pt) and reported with
+    their held-out perplexity; with patience 1 a train-only run stops at the first evaluation that
+    does not improve (at lr 1e-2 this tiny target overfits by its third iteration)."""
+    import torch
+
+    cfg = tiny_text(text_corpus, iterations=8, text={"strategy": "train", "validation_fraction": 0.3, "patience": 1,
+                                                     "lr": 1e-2})
+    with local_engine_for(cfg) as url:
+        loop = TextLoop(cfg, tmp_path, engine_url=url, progress=False)
+        held = {text_sha256(document_text(d)) for d in loop.validation}
+        assert held and not held & {text_sha256(document_text(d)) for d in loop.target.train}
+        assert held <= loop.holdout_sha  # a fetched copy would be dropped like a held-out one
+        assert len(loop.stream_documents(len(loop.target.train))) == len(loop.target.train)
+        rows = loop.run(log=lambda _: None)
+        loop.close()
+    assert len(rows) < 9 and rows[-1]["val_stalled"] == 1  # stopped by patience, before the iterations ran out
+    best = min(rows, key=lambda r: r["val_loss"])
+    assert rows[-1]["best_iteration"] == best["iteration"] < rows[-1]["iteration"]
+    assert rows[-1]["best_eval_perplexity"] == best["eval_perplexity"] != rows[-1]["eval_perplexity"]
+    assert load_latest_checkpoint(tmp_path).state["best"]["iteration"] == best["iteration"]
+    kept = torch.load(tmp_path / "lm-best.pt", weights_only=True)
+    with local_engine_for(cfg) as url:  # the kept weights score what was logged for them
+        resumed = TextLoop(cfg, tmp_path, engine_url=url, progress=False, resume=True)
+        assert resumed.best["iteration"] == best["iteration"] and resumed.finished_early().startswith("stopped")
+        resumed.learner.model.load_state_dict(kept["model"])
+        assert resumed.evaluate()["val_loss"] == pytest.approx(best["val_loss"], abs=1e-5)
+        resumed.close()
+
+
+def test_a_planner_that_runs_its_rounds_first_trains_once_they_are_done(text_corpus, tmp_path):
+    """text.rounds_first: while more rounds are planned an iteration acquires and trains nothing; the
+    last planned round trains. Past its overfitting point (max_passes 2) the planner keeps acquiring."""
+    cfg = tiny_text(text_corpus, iterations=4, text={"strategy": "planner", "pretrain_tokens": 4096,
+                                                     "tokens_per_iteration": 4096, "max_passes": 2.0,
+                                                     "rounds_first": True})
+    rows = run_experiment(cfg, tmp_path, progress=False, log=lambda _: None)
+    assert [r["planner_action"] for r in rows[1:]] == ["acquire"] * 4
+    deferred = [r for r in rows[1:] if r.get("deferred_training")]
+    assert deferred and all(r["planner"]["rounds"] > 1 and r["train_loss"] is None for r in deferred)
+    assert all(r["learner_step"] == rows[0]["learner_step"] for r in deferred)
+    assert rows[-1]["planner"]["rounds"] == 1 and rows[-1]["learner_step"] > rows[0]["learner_step"]
+    with pytest.raises(ValueError, match="rounds_first needs a reward that does not read the LM"):
+        tiny_text(text_corpus, text={"rounds_first": True, "reward_encoder": "lm"})
+
+
+def test_the_acquire_first_schedule_queries_until_its_share_is_spent_then_trains(text_corpus, tmp_path):
+    """The fixed schedule the planner is compared with: rounds back to back (no training between them)
+    while less than `acquire_share` of the budget is spent, then training only."""
+    cfg = tiny_text(text_corpus, iterations=4, text={"strategy": "acquire_first", "acquire_share": 0.5,
+                                                     "flop_budget": 1.6e11})
+    rows = run_experiment(cfg, tmp_path, progress=False, log=lambda _: None)
+    actions = [r["planner_action"] for r in rows[1:]]
+    switch = actions.index("train")
+    assert switch >= 1 and set(actions[:switch]) == {"acquire"} and set(actions[switch:]) == {"train"}
+    assert all(r.get("deferred_training") and r["learner_step"] == rows[0]["learner_step"] for r in rows[1:switch + 1])
+    spent = [cfg.text.flop_budget - r["flops_remaining"] for r in rows]
+    assert spent[switch - 1] < 0.8e11 <= spent[switch]  # the round that crossed half the budget was the last
+    assert rows[-1]["learner_step"] > rows[0]["learner_step"]
