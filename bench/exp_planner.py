@@ -212,7 +212,8 @@ def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path, ca
              "Mean ± 95% t-interval over seeds. Δ log ppl = the fixed strategy's log-perplexity minus the "
              "planner's, same seed: positive means the planner is better.", "",
              "| budget (FLOPs) | strategy | n | held-out ppl | Δ log ppl (planner better) | rounds | final size "
-             "| tokens trained | unique tokens |", "|---:|---|---:|---:|---:|---:|---|---:|---:|"]
+             "| tokens trained | unique tokens | passes | acquisition share of the FLOPs |",
+             "|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     if calibration:
         lines[2:2] = [f"The planner's R* = {calibration['r_star']:g} (text.repeat_decay) was fitted to its own run on the "
                       f"target alone, seed {calibration['seed']} (not compared), budget {calibration['budget']:.0e}: "
@@ -234,7 +235,7 @@ def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path, ca
             floor = mean_ci(next(iter(s.values()))[f"count_{n}_ppl"] for s in seeds.values())
             if floor[2]:
                 lines.append(f"| {budget:.1e} | count {n} (the target's tokens) | {floor[2]} | {fmt(*floor[:2], 1)} "
-                             "| | | | | |")
+                             "| | | | | | | |")
         for name in names:
             mine = {seed: s[name] for seed, s in seeds.items() if name in s}
             ppl = mean_ci(m["perplexity"] for m in mine.values())
@@ -248,10 +249,13 @@ def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path, ca
                                                                  "per_seed": diffs.tolist()}
             summary.setdefault(f"{budget:.0e}", {}).setdefault(name, {})["perplexity"] = ppl[:2]
             sizes = sorted({m["lm_size"] for m in mine.values()})
+            passes = [m["tokens_trained"] / m["unique_tokens"] for m in mine.values()]
+            share = [m["acquisition_flops"] / m["charged_flops"] for m in mine.values()]  # of the FLOPs charged
             lines.append(f"| {budget:.1e} | {name} | {len(mine)} | {fmt(*ppl[:2], 1)} | {cell} "
                          f"| {fmt(*mean_ci(m['rounds'] for m in mine.values())[:2], 1)} | {', '.join(sizes)} "
                          f"| {fmt(*mean_ci(m['tokens_trained'] for m in mine.values())[:2], 0)} "
-                         f"| {fmt(*mean_ci(m['unique_tokens'] for m in mine.values())[:2], 0)} |")
+                         f"| {fmt(*mean_ci(m['unique_tokens'] for m in mine.values())[:2], 0)} "
+                         f"| {fmt(*mean_ci(passes)[:2], 2)} | {fmt(*mean_ci(share)[:2], 2)} |")
         first = next(iter(seeds))
         if "planner" in seeds[first]:
             p = seeds[first]["planner"]
