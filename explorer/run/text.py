@@ -23,6 +23,11 @@ default) what the remaining FLOPs should buy: `acquire` runs the queries; `grow_
 LM at a larger table size on the same documents; `train` only trains. A run stops after
 `iterations` or once `text.flop_budget` is spent; the last iteration trains only the steps the budget
 still pays for. Evaluation FLOPs are logged but not charged to the budget.
+
+With `text.validation_fraction` the agent holds part of its target out of training and judges its LM
+on it at every evaluation: the weights of the lowest validation loss are kept (checkpoint state,
+lm-best.pt at the end) with their held-out perplexity (`best_eval_perplexity`), and `text.patience`
+ends a run whose validation loss stalls while the plan is to train.
 """
 
 from __future__ import annotations
@@ -256,8 +261,9 @@ class TextLoop(RunLoop):
 
     # -- parts ------------------------------------------------------------------------------
     def _known_documents(self, train_texts: list[str]) -> None:
-        """Exact copies (text sha256) of target and held-out documents are never acquired; MiniLM
-        near-copies of held-out documents are dropped too (decontamination of the perplexity set)."""
+        """Exact copies (text sha256) of target, held-out and validation documents are never acquired;
+        MiniLM near-copies of held-out and validation documents are dropped too (decontamination of the
+        sets the LM is judged on)."""
         self.target_sha = {text_sha256(t) for t in train_texts}
         unseen = self.target.holdout + self.validation  # the agent's validation documents are held out too
         self.holdout_sha = {text_sha256(document_text(d)) for d in unseen}
