@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from policies.ppo_llm import PPO_EARLIER_DEFAULTS  # noqa: E402
+
 # name -> (policy, options); gp-ucb has the science and demo configs' options, gp-softmax changes
 # only the acquisition (both: a quarter of every batch uniform, GPConfig.explore_share)
 CONDITIONS = {
@@ -38,7 +40,10 @@ CONDITIONS = {
     "oracle": ("oracle", {}),
     "knn-retrieval": ("knn-retrieval", {}),  # the target's images as queries to the engine's image index
     "llm-prompt": ("llm-prompt", {}),  # Gemma 3 270M from the prompt alone: the ablation of PPO
-    "ppo": ("ppo", {}),  # the same LM and prompt, LoRA adapters tuned with PPO
+    # the same LM and prompt, LoRA adapters tuned with PPO, at the options the grid measured it with
+    # (policies.ppo_llm.PPO_EARLIER_DEFAULTS); the policy's defaults since are ppo-meaning-nofound's
+    "ppo": ("ppo", PPO_EARLIER_DEFAULTS),
+    "ppo-meaning-nofound": ("ppo", {}),  # BENCHMARKS 8's simulated configuration, now `ppo` with no options
     "hybrid": ("hybrid", {}),
     "hybrid-prompt": ("hybrid", {"ppo_updates": 0}),  # the same GP + Gemma rewrites, never updated
     "ppo-tiny": ("ppo", {"model": "tiny"}),  # the byte-level LM trained from scratch (before Gemma)

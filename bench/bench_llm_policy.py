@@ -10,6 +10,12 @@ fresh process per policy, so each peak RSS is that policy's alone; torch threads
     python bench/bench_llm_policy.py                     # ppo, llm-prompt, hybrid; 16 queries, 3 rounds
     python bench/bench_llm_policy.py --policies ppo --rounds 5
     python bench/bench_llm_policy.py --policies ppo --option ppo_epochs=2 --option ppo_minibatch=16
+    python bench/bench_llm_policy.py --earlier-defaults  # ppo as measured before its defaults changed
+
+`ppo` runs at its defaults (policies.ppo_llm.PPO_DEFAULTS: 2 epochs, 12-token queries, bf16 base,
+novelty by meaning); the rows of BENCHMARKS.md 8 whose options read "-" and predate them were
+measured at the earlier ones (PPO_EARLIER_DEFAULTS: 4 epochs, 24 tokens, float32), which
+`--earlier-defaults` restores.
 Outputs bench/results/llm_policy/: report.md, results.csv/json, machine.json.
 """
 
@@ -36,7 +42,8 @@ def toy_reward(text: str) -> float:
     return sum(w in WORDS for w in words) / max(1, len(words))
 
 
-def measure(name: str, batch: int, rounds: int, threads: int, vocabulary: int, extra: dict | None = None) -> dict:
+def measure(name: str, batch: int, rounds: int, threads: int, vocabulary: int, extra: dict | None = None,
+            earlier: bool = False) -> dict:
     """One policy in this process: load, then `rounds` rounds; seconds and peak RSS."""
     import torch
 
@@ -48,7 +55,11 @@ def measure(name: str, batch: int, rounds: int, threads: int, vocabulary: int, e
 
     nouns = query_nouns(cached_wordnet(), max_words=2, exclude_proper=True)
     concepts = sorted(np.random.default_rng(0).choice(nouns, size=min(vocabulary, len(nouns)), replace=False).tolist())
-    options = {"target_description": "product photos of clothes, shoes and bags on a plain background", **(extra or {})}
+    pinned = {}
+    if earlier and name == "ppo":
+        from policies.ppo_llm import PPO_EARLIER_DEFAULTS as pinned
+    options = {"target_description": "product photos of clothes, shoes and bags on a plain background", **pinned,
+               **(extra or {})}
     if name == "hybrid":
         from explorer.web.text_encoder import default_encoder
         options["embeddings"] = default_encoder().encode(concepts)
@@ -69,7 +80,8 @@ def measure(name: str, batch: int, rounds: int, threads: int, vocabulary: int, e
                           "kl": policy.stats.get("kl_to_reference"), "queries": [q.text for q in queries]})
     later = per_round[1:] or per_round
     mean = lambda key: sum(r[key] for r in later) / len(later)  # noqa: E731
-    return {"policy": name, "options": " ".join(f"{k}={v}" for k, v in (extra or {}).items()) or "-",
+    shown = " ".join(f"{k}={v}" for k, v in (extra or {}).items()) or "-"
+    return {"policy": name, "options": f"earlier defaults, {shown}" if pinned else shown,
             "batch": batch, "rounds": rounds, "threads": threads, "load_s": round(load, 2),
             "propose_s": round(mean("propose_s"), 2), "generate_s": round(mean("generate_s"), 2),
             "generate_per_query_s": round(mean("generate_s") / batch, 3), "update_s": round(mean("update_s"), 2),
@@ -90,13 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a policy option (LLMPolicyConfig field) for every policy measured, e.g. --option "
                              "ppo_epochs=2 --option ppo_minibatch=16 (repeatable)")
+    parser.add_argument("--earlier-defaults", action="store_true",
+                        help="ppo at its defaults before BENCHMARKS 8's configuration became them (--option wins)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child process: measure one policy
     args = parser.parse_args(argv)
     from explorer.run.config import parse_overrides
 
     extra = parse_overrides(args.option)  # KEY=VALUE, values read as YAML scalars
     if args.one:
-        print(json.dumps(measure(args.one, args.batch, args.rounds, args.threads, args.vocabulary, extra)))
+        print(json.dumps(measure(args.one, args.batch, args.rounds, args.threads, args.vocabulary, extra,
+                                 args.earlier_defaults)))
         return 0
     from bench.machine import finish_report, write_rows
 
@@ -105,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name} ==", flush=True)
         out = subprocess.run([sys.executable, __file__, "--one", name, "--batch", str(args.batch), "--rounds",
                               str(args.rounds), "--threads", str(args.threads), "--vocabulary", str(args.vocabulary),
-                              *[f"--option={pair}" for pair in args.option]],
+                              *[f"--option={pair}" for pair in args.option],
+                              *(["--earlier-defaults"] if args.earlier_defaults else [])],
                              capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1], indent=1), flush=True)

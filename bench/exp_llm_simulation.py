@@ -38,16 +38,17 @@ sys.path.insert(0, str(ROOT))
 
 from bench.exp_policy_simulation import OTHER, TARGETS
 from bench.machine import write_machine, write_rows
+from policies.ppo_llm import PPO_EARLIER_DEFAULTS
 
-SHAPED = {"reward_shape": "log", "novelty_bonus": 0.2, "found_in_prompt": 8, "kl_target": 1.0, "ppo_epochs": 2,
-          "max_query_tokens": 12, "base_dtype": "bfloat16"}
+SHAPED = {"reward_shape": "log", "novelty_bonus": 0.2, "novelty_measure": "words", "found_in_prompt": 8,
+          "kl_target": 1.0, "ppo_epochs": 2, "max_query_tokens": 12, "base_dtype": "bfloat16"}
 MEANING = {**SHAPED, "novelty_bonus": 0.3, "novelty_measure": "meaning"}
 # name -> (policy, options): the grid's conditions (bench/acquisition_grid.py), then the PPO issue's
 POLICIES = {
     "random": ("random", {}),
     "gp-ucb": ("gp", {"acquisition": "ucb", "explore_first": 16}),
     "llm-prompt": ("llm-prompt", {}),
-    "ppo": ("ppo", {}),
+    "ppo": ("ppo", PPO_EARLIER_DEFAULTS),  # `ppo` as first measured (its defaults are now ppo-meaning-nofound's)
     # the options of issue "PPO that earns its cost" (policies/ppo_llm.py), at the <= 15 s round's settings
     "ppo-shaped": ("ppo", SHAPED),
     # development (seeds 98-99): novelty by meaning instead of words, then also a tighter KL target;

@@ -29,6 +29,8 @@ class HybridPolicy(LLMQueryPolicy):
     GP options go in `gp` (a dict of policies.gp.GPConfig fields); the rest configure the LM.
     """
 
+    defaults: dict = {}  # LLMPolicyConfig's own: ppo's reward and novelty options do not apply here
+
     def __init__(self, concepts: Sequence[str], seed: int = 0, embeddings: np.ndarray | None = None,
                  text_encoder: Callable[[list[str]], np.ndarray] | None = None, gp: dict | None = None,
                  **config):

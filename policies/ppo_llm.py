@@ -78,6 +78,15 @@ from policies.ppo_update import PPOUpdate, Rollout
 from policies.random_policy import VocabularyPolicy, rank_untried_first
 
 NOVELTY_MEASURES = ("words", "meaning")
+# The `ppo` policy's defaults with a pretrained LM: the configuration measured against the prompt alone
+# (BENCHMARKS.md 8, `ppo-meaning-nofound`: a log-shaped yield, a novelty bonus by meaning, an adaptive KL
+# target of 1 nat per query, 2 PPO epochs, 12-token queries, bf16 base weights; no found-list). Options
+# given win. The tiny byte LM and the llm-prompt and hybrid policies keep LLMPolicyConfig's defaults.
+PPO_DEFAULTS = {"reward_shape": "log", "novelty_bonus": 0.3, "novelty_measure": "meaning", "kl_target": 1.0,
+                "ppo_epochs": 2, "max_query_tokens": 12, "base_dtype": "bfloat16"}
+# What `ppo` with no options was before: the commands behind numbers measured then pin these.
+PPO_EARLIER_DEFAULTS = {"reward_shape": "raw", "novelty_bonus": 0.0, "novelty_measure": "words",
+                        "kl_target": None, "ppo_epochs": 4, "max_query_tokens": 24, "base_dtype": "float32"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,14 +201,21 @@ class LLMQueryPolicy(PPOUpdate, VocabularyPolicy):
     """Free-text queries sampled from a causal LM that PPO trains on the query rewards."""
 
     config_class = LLMPolicyConfig
+    defaults = PPO_DEFAULTS  # for a pretrained LM, under the options given
 
     def __init__(self, concepts: Sequence[str], seed: int = 0, **config):
         super().__init__(concepts, seed)
-        self.config = LLMPolicyConfig(**config)
+        self.config = LLMPolicyConfig(**self.with_defaults(config))
         self.concept_index = {c: i for i, c in enumerate(self.concepts)}
         self.generation_cache: Path | None = None  # set by use_generation_cache; kept when state is loaded
         self._embedded: dict[str, np.ndarray] = {}  # query -> sentence embedding (novelty_measure: meaning)
         self._build(warmup=True)
+
+    @classmethod
+    def with_defaults(cls, config: dict) -> dict:
+        """The options this policy runs with: `defaults` under those given, for a pretrained LM only."""
+        pretrained = config.get("model_path") is not None or config.get("model", LLMPolicyConfig.model) != "tiny"
+        return {**(cls.defaults if pretrained else {}), **config}
 
     # ------------------------------------------------------------ model
     def _build(self, warmup: bool) -> None:
@@ -488,6 +504,8 @@ class LLMQueryPolicy(PPOUpdate, VocabularyPolicy):
 class PromptOnlyPolicy(LLMQueryPolicy):
     """The ablation of PPO: the same LM and prompt (past queries with their rewards), no updates.
     What it finds is what a pretrained LM writes from the prompt alone; `ppo` minus it is PPO's part."""
+
+    defaults: dict = {}  # LLMPolicyConfig's own (24-token queries, float32 base), as measured
 
     def __init__(self, concepts: Sequence[str], seed: int = 0, **config):
         if config.get("ppo_updates"):

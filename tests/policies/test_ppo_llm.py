@@ -482,3 +482,27 @@ def test_an_update_without_the_failed_searches_trains_on_the_answered_queries_on
     assert "ppo_seconds" in policy.stats and policy.log.texts == [batch[i].text for i in answered]
     after = [p for p in policy.model.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(weights, after))  # PPO stepped on the subset
+
+
+def test_ppo_defaults_are_the_measured_configuration_and_earlier_commands_pin_theirs():
+    """`ppo` with no options is BENCHMARKS 8's ppo-meaning-nofound for a pretrained LM; the tiny LM,
+    llm-prompt and hybrid keep the config's defaults; options given win; and the commands behind the
+    numbers measured before (the simulation's and the loop grid's `ppo`, ppo-shaped) still build the
+    configuration they ran."""
+    from bench.acquisition_grid import CONDITIONS
+    from bench.exp_llm_simulation import POLICIES as SIMULATED
+    from policies.hybrid import HybridPolicy
+    from policies.ppo_llm import LLMQueryPolicy, PromptOnlyPolicy
+
+    def built(options):
+        return LLMPolicyConfig(**LLMQueryPolicy.with_defaults(options))
+
+    measured = LLMPolicyConfig(**SIMULATED["ppo-meaning-nofound"][1])
+    assert built({}) == measured == built(CONDITIONS["ppo-meaning-nofound"][1])
+    assert built({"model": "tiny"}) == LLMPolicyConfig(model="tiny")
+    assert PromptOnlyPolicy.with_defaults({}) == {} and HybridPolicy.with_defaults({}) == {}
+    assert built({"ppo_epochs": 4}).ppo_epochs == 4 and built({"ppo_epochs": 4}).kl_target == 1.0
+    earlier = LLMPolicyConfig()  # what `ppo` with no options built before its defaults changed
+    assert built(SIMULATED["ppo"][1]) == earlier == built(CONDITIONS["ppo"][1])
+    assert built(SIMULATED["ppo-shaped"][1]) == LLMPolicyConfig(**SIMULATED["ppo-shaped"][1])
+    assert built(SIMULATED["ppo-shaped"][1]).novelty_measure == "words"

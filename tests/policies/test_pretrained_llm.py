@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 CONCEPTS = ["boot", "sandal", "sneaker", "dress", "shirt", "coat", "volcano", "tax law", "piano", "river"]
 OPTIONS = {"target_description": "product photos of clothes and shoes", "max_query_tokens": 8,
-           "ppo_epochs": 2, "learning_rate": 1e-3, "threads": 2}
+           "ppo_epochs": 2, "learning_rate": 1e-3, "threads": 2, "base_dtype": "float32"}
 
 
 def footwear(text: str) -> float:
@@ -60,6 +60,13 @@ def test_state_holds_the_adapters_not_the_model_and_resumes_exactly(policy):
     assert [q.text for q in resumed.propose(4)] == [q.text for q in policy.propose(4)]
 
 
+def test_ppo_runs_with_its_defaults_under_the_options_given(policy):
+    """`ppo` with a pretrained LM: BENCHMARKS 8's measured configuration fills what the options leave."""
+    cfg = policy.config
+    assert (cfg.reward_shape, cfg.novelty_measure, cfg.novelty_bonus, cfg.kl_target) == ("log", "meaning", 0.3, 1.0)
+    assert (cfg.max_query_tokens, cfg.ppo_epochs, cfg.base_dtype) == (8, 2, "float32")  # given: theirs
+
+
 def test_llm_prompt_is_the_same_lm_without_updates():
     ablation = build_policy("llm-prompt", concepts=CONCEPTS, seed=0, **OPTIONS)
     _, lora = base_and_adapters(ablation)
@@ -67,6 +74,7 @@ def test_llm_prompt_is_the_same_lm_without_updates():
     ablation.update(batch, [footwear(q.text) for q in batch])
     assert "ppo_seconds" not in ablation.stats and "good" not in ablation.prompt()
     assert ablation.prompt().startswith("Web search queries that find product photos of clothes and shoes")
+    assert (ablation.config.reward_shape, ablation.config.novelty_bonus) == ("raw", 0.0)  # no ppo defaults
     assert all(torch.equal(v, dict(ablation.model.lm.named_parameters())[k]) for k, v in lora.items())
 
 
