@@ -82,7 +82,7 @@ def test_a_bfloat16_base_halves_the_frozen_weights_and_still_trains_float32_adap
     from policies.llm_models import GEMMA, models_home
 
     float32 = dict(policy.model.lm.named_parameters())
-    policy = build_policy("ppo", concepts=CONCEPTS, seed=1, **OPTIONS, base_dtype="bfloat16")
+    policy = build_policy("ppo", concepts=CONCEPTS, seed=1, **{**OPTIONS, "base_dtype": "bfloat16"})
     assert (models_home() / f"{GEMMA}-bfloat16" / "model.safetensors").exists()  # read from its bf16 copy
     named = dict(policy.model.lm.named_parameters())
     assert {v.dtype for k, v in named.items() if "lora_" not in k} == {torch.bfloat16}
