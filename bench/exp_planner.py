@@ -24,8 +24,17 @@ held-out target perplexity per strategy and budget with 95% t-intervals, the pai
 the planner from each fixed strategy, and every decision the planner took with its reason
 (decisions.md).
 
+From a pretrained start (`configs/text-base-planner.yaml`, BENCHMARKS.md 7c) every run also holds
+out part of its target and keeps the weights of its lowest validation loss (the perplexity
+reported is theirs); the calibration run is read on that validation split and also sets the
+planner's overfitting point (`text.max_passes`) and its law's level at the run's size.
+
     python bench/exp_planner.py                        # 2 budgets x 4 strategies x 3 seeds: ~25 min
     python bench/exp_planner.py --budgets 4e12 --seeds 0 --strategies planner never-acquire
+    python bench/exp_planner.py --config configs/text-base-planner.yaml --seeds 20 21 22 23 24 \
+        --budgets 3e12 8e12 --strategies planner always-acquire never-acquire acquire-first-half \
+        --calibration-tokens 8192 --calibration-pretrain 8192 \
+        --set text.tokens_per_iteration=65536 --set iterations=100   # 7c: ~20 min (16e12 too: ~50)
 Outputs bench/results/planner/: report.md, decisions.md, runs.csv, summary.json, machine.json.
 Runs (resumable; a finished run is skipped) in runs/bench-planner/B-BUDGET/seed-S/STRATEGY/ and
 runs/bench-planner/calibration/seed-S/.
