@@ -115,10 +115,10 @@ def planner_overrides(fit: dict | None) -> dict:
             **({"text.max_passes": fit["max_passes"], "text.law": fit["law"]} if "max_passes" in fit else {})}
 
 
-def run_cost(cfg) -> float:
+def run_cost(cfg, calibration_seed: int = CALIBRATION_SEED) -> float:
     """What orders the queue: a run's FLOP budget (the calibration, a target-alone run evaluated more often,
     first)."""
-    return cfg.text.flop_budget * (2.0 if cfg.text.strategy == "train" and cfg.seed == CALIBRATION_SEED else 1.0)
+    return cfg.text.flop_budget * (2.0 if cfg.text.strategy == "train" and cfg.seed == calibration_seed else 1.0)
 
 
 def mark_done(run_dir: Path, cfg, rows: list[dict], t0: float | None = None) -> None:
@@ -176,7 +176,8 @@ def run_benchmark(args, overrides: dict) -> dict | None:
         todo = grid(fixed) + grid(planner, fit)
     else:
         todo = [(label, cfg, calibration_dir)] + grid(fixed)
-    run_all(todo, args.runs / "engine.log", args.jobs, args.threads, done=done, cost=run_cost)
+    run_all(todo, args.runs / "engine.log", args.jobs, args.threads, done=done,
+            cost=lambda cfg: run_cost(cfg, args.calibration_seed))
     return fit
 
 

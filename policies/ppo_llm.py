@@ -214,8 +214,7 @@ class LLMQueryPolicy(PPOUpdate, VocabularyPolicy):
     @classmethod
     def with_defaults(cls, config: dict) -> dict:
         """The options this policy runs with: `defaults` under those given, for a pretrained LM only."""
-        pretrained = config.get("model_path") is not None or config.get("model", LLMPolicyConfig.model) != "tiny"
-        return {**(cls.defaults if pretrained else {}), **config}
+        return {**cls.defaults, **config} if LLMPolicyConfig(**config).pretrained else dict(config)
 
     # ------------------------------------------------------------ model
     def _build(self, warmup: bool) -> None:

@@ -66,6 +66,7 @@ from explorer.web.text_corpus import (
 )
 from learners.base_lm import BaseLM, BaseLMSpec, corpus_tokens, ensure_base_lm
 from learners.budget import AcquisitionRound, Decision, RoutedLaw, ScalingLaw, decide, plan_with_costs
+from learners.checkpoint import atomic_torch_save
 from learners.flops import FlopLedger, ModelShape, forward_flops, training_flops
 from learners.lm import LM_SIZES, LMConfig, LMLearner, active_non_embedding_params, lm_embeddings, non_embedding_params
 from learners.ngram import count_baselines
@@ -575,7 +576,7 @@ class TextLoop(RunLoop):
             if self.best is None or val < self.best["val_loss"]:
                 weights = {k: v.detach().cpu().clone() for k, v in self.learner.model.state_dict().items()}
                 self.best = {"iteration": self.iteration, "val_loss": val, "eval_perplexity": row["eval_perplexity"],
-                             "lm_size": self.lm_size, "experts": self.experts, "model": weights, "since": 0}
+                             "config": asdict(self.learner.config), "model": weights, "since": 0}
             else:
                 self.best["since"] += 1
             row.update(best_iteration=self.best["iteration"], best_val_loss=round(self.best["val_loss"], 6),
@@ -592,10 +593,7 @@ class TextLoop(RunLoop):
         if self.best is None or self.mode is CacheMode.REPLAY:
             return None
         path = self.run_dir / "lm-best.pt"
-        partial = path.with_name(path.name + ".partial")
-        torch.save({**{k: v for k, v in self.best.items() if k != "since"}, "config": asdict(self.learner.config)},
-                   partial)
-        partial.replace(path)
+        atomic_torch_save({k: v for k, v in self.best.items() if k != "since"}, path)
         return path
 
     def run(self, until: int | float | None = None, log=print) -> list[dict]:
