@@ -8,6 +8,7 @@ are the same on every rank, and the result does not depend on how many ranks sha
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -28,6 +29,22 @@ def distributed_setup(device: torch.device) -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def leave_process_group() -> None:
+    """Leave the process group, every rank together, once nothing holds it: DistributedDataParallel
+    modules no longer referenced are collected first, so the group's worker threads are joined here
+    and not in the interpreter's teardown, where a rank once aborted ("terminate called without an
+    active exception") after a finished run; the barrier keeps a rank from leaving while another
+    still waits on it. A rank already gone does not stop the others leaving."""
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    try:
+        dist.barrier()
+    except Exception:  # a rank is gone already: leave anyway
+        pass
+    dist.destroy_process_group()
 
 
 def rank_slice(batch: int, rank: int, world_size: int) -> slice:

@@ -30,7 +30,6 @@ that died, and the run folder resumes from its last checkpoint like after any cr
 from __future__ import annotations
 
 import functools
-import gc
 import signal
 import sys
 
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from learners.distributed import default_device, distributed_setup
+from learners.distributed import default_device, distributed_setup, leave_process_group
 
 CLOSE = "__close__"
 NEW = "__new__"
@@ -139,17 +138,10 @@ class Ranks:
     def shutdown(self) -> None:
         """Leave the process group (every rank, at the end of the run), together: a rank that left while
         another still received the last broadcast would abort it. The replica (its model under DDP,
-        which holds the group) is let go first, so the group's worker threads are joined here and not
-        in the interpreter's teardown: a rank torn down holding them once aborted ("terminate called
-        without an active exception") after a finished run."""
+        which holds the group) is let go first (`leave_process_group`)."""
         if self.distributed and dist.is_initialized():
             self.replica = None
-            gc.collect()
-            try:
-                dist.barrier()
-            except Exception:  # a rank is gone already: leave anyway
-                pass
-            dist.destroy_process_group()
+            leave_process_group()
 
     def ignore_stop_signals(self) -> dict:
         """A following rank stops when rank 0 does: SIGTERM / SIGINT are noted, not obeyed (rank 0 got

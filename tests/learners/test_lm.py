@@ -176,10 +176,11 @@ def test_config_validation(bad, message):
 LM_DDP_WORKER = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     sys.path.insert(0, sys.argv[2])
+    from learners.distributed import leave_process_group
     from tests.learners.test_lm import ddp_case
     params, losses = ddp_case()
     torch.save({"params": params, "losses": losses}, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
-    dist.destroy_process_group()
+    leave_process_group()
 """)
 
 

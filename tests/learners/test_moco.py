@@ -151,10 +151,11 @@ def test_lars_and_small_stem_train(images):
 DDP_WORKER = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
     sys.path.insert(0, sys.argv[3])
+    from learners.distributed import leave_process_group
     from tests.learners.test_moco import ddp_case
     params, losses = ddp_case(json.loads(sys.argv[2]))
     torch.save({"params": params, "losses": losses}, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
-    dist.destroy_process_group()
+    leave_process_group()
 """)
 
 
