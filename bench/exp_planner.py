@@ -189,8 +189,11 @@ def summarise(run_dir: Path) -> dict:
     actions = [r["planner_action"] for r in rows[1:]]
     # with a validation split the run's result is its kept weights (the lowest validation loss)
     ppl = last.get("best_eval_perplexity", last["eval_perplexity"])
+    kept = next((r for r in rows if r["iteration"] == last.get("best_iteration")), last)
     return {"perplexity": ppl, "log_ppl": math.log(ppl), "last_perplexity": last["eval_perplexity"],
             "best_iteration": last.get("best_iteration"),
+            # passes over the unique tokens when the kept weights were taken (where the run stopped improving)
+            "kept_passes": kept["tokens_trained"] / kept["tokens_available"],
             "iterations": len(rows) - 1, "rounds": actions.count("acquire"),
             "grew": any(a == "grow_model" for a in actions), "lm_size": last["lm_size"],
             "tokens_trained": last["tokens_trained"], "unique_tokens": last["tokens_available"],
@@ -209,9 +212,8 @@ def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path, ca
     out.mkdir(parents=True, exist_ok=True)
     with (out / "runs.csv").open("w", newline="") as f:
         fields = ["budget", "seed", "strategy", "perplexity", "last_perplexity", "best_iteration", "iterations",
-                  "rounds", "lm_size", "tokens_trained",
-                  "unique_tokens", "train_flops", "acquisition_flops", "charged_flops", "count_unigram_ppl",
-                  "count_bigram_ppl"]
+                  "rounds", "lm_size", "tokens_trained", "unique_tokens", "kept_passes", "train_flops",
+                  "acquisition_flops", "charged_flops", "count_unigram_ppl", "count_bigram_ppl"]
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for budget, seeds in results.items():
@@ -222,8 +224,9 @@ def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path, ca
              "Mean ± 95% t-interval over seeds. Δ log ppl = the fixed strategy's log-perplexity minus the "
              "planner's, same seed: positive means the planner is better.", "",
              "| budget (FLOPs) | strategy | n | held-out ppl | Δ log ppl (planner better) | rounds | final size "
-             "| tokens trained | unique tokens | passes | acquisition share of the FLOPs |",
-             "|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+             "| tokens trained | unique tokens | passes | passes at the kept weights "
+             "| acquisition share of the FLOPs |",
+             "|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     if calibration:
         lines[2:2] = [f"The planner's R* = {calibration['r_star']:g} (text.repeat_decay) was fitted to its own run on the "
                       f"target alone, seed {calibration['seed']} (not compared), budget {calibration['budget']:.0e}: "
@@ -245,7 +248,7 @@ def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path, ca
             floor = mean_ci(next(iter(s.values()))[f"count_{n}_ppl"] for s in seeds.values())
             if floor[2]:
                 lines.append(f"| {budget:.1e} | count {n} (the target's tokens) | {floor[2]} | {fmt(*floor[:2], 1)} "
-                             "| | | | | | | |")
+                             "| | | | | | | | |")
         for name in names:
             mine = {seed: s[name] for seed, s in seeds.items() if name in s}
             ppl = mean_ci(m["perplexity"] for m in mine.values())
@@ -260,12 +263,14 @@ def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path, ca
             summary.setdefault(f"{budget:.0e}", {}).setdefault(name, {})["perplexity"] = ppl[:2]
             sizes = sorted({m["lm_size"] for m in mine.values()})
             passes = [m["tokens_trained"] / m["unique_tokens"] for m in mine.values()]
+            kept = [m["kept_passes"] for m in mine.values()]
             share = [m["acquisition_flops"] / m["charged_flops"] for m in mine.values()]  # of the FLOPs charged
             lines.append(f"| {budget:.1e} | {name} | {len(mine)} | {fmt(*ppl[:2], 1)} | {cell} "
                          f"| {fmt(*mean_ci(m['rounds'] for m in mine.values())[:2], 1)} | {', '.join(sizes)} "
                          f"| {fmt(*mean_ci(m['tokens_trained'] for m in mine.values())[:2], 0)} "
                          f"| {fmt(*mean_ci(m['unique_tokens'] for m in mine.values())[:2], 0)} "
-                         f"| {fmt(*mean_ci(passes)[:2], 2)} | {fmt(*mean_ci(share)[:2], 2)} |")
+                         f"| {fmt(*mean_ci(passes)[:2], 2)} | {fmt(*mean_ci(kept)[:2], 2)} "
+                         f"| {fmt(*mean_ci(share)[:2], 2)} |")
         first = next(iter(seeds))
         if "planner" in seeds[first]:
             p = seeds[first]["planner"]
