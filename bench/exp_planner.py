@@ -12,6 +12,8 @@ iterations of 128 training steps. What each iteration buys is chosen by `text.st
     grow-only        never query; compute goes to the model: the largest size allowed (micro)
     acquire-first-half  a fixed schedule: rounds back to back, no training between them, until half
                      the budget is spent; then train (text.strategy acquire_first, acquire_share 0.5)
+    planner-fixed-point  with --calibration-added-tokens: the planner whose overfitting point stays
+                     where the target alone put it (the planner's then moves with the unique tokens)
 
 at two budgets (`--budgets`): where training on the target alone is the best use of the FLOPs
 (3e12) and where the target alone overfits and acquiring pays (5e12); `--budgets 3e12 5e12 8e12`
@@ -27,7 +29,11 @@ the planner from each fixed strategy, and every decision the planner took with i
 From a pretrained start (`configs/text-base-planner.yaml`, BENCHMARKS.md 7c) every run also holds
 out part of its target and keeps the weights of its lowest validation loss (the perplexity
 reported is theirs); the calibration run is read on that validation split and also sets the
-planner's overfitting point (`text.max_passes`) and its law's level at the run's size.
+planner's overfitting point (`text.max_passes`) and its law's level at the run's size. With
+`--calibration-added-tokens T` a second calibration run trains on the target with T tokens of web
+documents its reward accepts (drawn uniformly from the web, no hidden label), evaluated at the same
+spacing in passes, and the overfitting point moves with the unique tokens as the two runs say
+(`text.max_passes_exponent`, BENCHMARKS.md 7d).
 
     python bench/exp_planner.py                        # 2 budgets x 4 strategies x 3 seeds: ~25 min
     python bench/exp_planner.py --budgets 4e12 --seeds 0 --strategies planner never-acquire
@@ -57,8 +63,10 @@ sys.path.insert(0, str(ROOT))
 from bench.exp_text_acquisition import read_metrics, run_all, text_bench_parser, text_bench_setup  # noqa: E402
 from bench.machine import write_machine  # noqa: E402
 
-STRATEGIES = {"planner": "planner", "compute-optimal": "compute_optimal", "always-acquire": "acquire",
-              "never-acquire": "train", "grow-only": "grow", "acquire-first-half": "acquire_first"}
+STRATEGIES = {"planner": "planner", "planner-fixed-point": "planner", "compute-optimal": "compute_optimal",
+              "always-acquire": "acquire", "never-acquire": "train", "grow-only": "grow",
+              "acquire-first-half": "acquire_first"}
+PLANNERS = ("planner", "planner-fixed-point")  # start once the calibration is read
 DEFAULT_STRATEGIES = ["planner", "always-acquire", "never-acquire", "grow-only"]
 DEFAULT_RUNS = ROOT / "runs" / "bench-planner"
 # Iterations are a cap only: the budget ends every run first.
@@ -85,12 +93,54 @@ def calibration_run(config: Path, runs: Path, seed: int, budget: float, override
     return f"calibration: seed {seed}, budget {budget:.0e}, target alone", cfg, runs / "calibration" / f"seed-{seed}"
 
 
-def calibration_fit(run_dir: Path, seed: int, budget: float) -> dict:
+def added_calibration(config: Path, runs: Path, seed: int, budget: float, overrides: dict, tokens: int,
+                      added: int, pretrain: int | None, jobs: int, threads: int) -> Path:
+    """The second calibration run: as `calibration_run`'s, with `added` tokens of web documents in its
+    stream from the start, drawn uniformly and kept where the run's reward accepts them
+    (exp_text_value's accepted source: no hidden label), so its overfitting point is read on a
+    larger set like the one acquisition makes. It is evaluated at the first run's spacing in passes
+    (every `tokens`·U2/U1 tokens: patience then spans the same passes), so the first runs before it."""
+    from bench.exp_text_value import value_run
+    from explorer.analysis.plan import run_unique_tokens
+    from explorer.run.config import load_config
+    from explorer.run.experiment import local_engine_for
+
+    label, cfg, first = calibration_run(config, runs, seed, budget, overrides, tokens, pretrain)
+    run_dir = first.with_name(f"{first.name}-accepted-{added}")
+    if finished(run_dir):
+        return run_dir
+    if not finished(first):
+        run_all([(label, cfg, first)], runs / "engine.log", jobs, threads, done=mark_done)
+    unique = run_unique_tokens(first)
+    step = cfg.text.tokens_per_step
+    scale = lambda n: max(step, round(n * (unique + added) / unique / step) * step)  # noqa: E731
+    cfg = load_config(config, {**OVERRIDES, **overrides, "seed": seed, "text.flop_budget": budget, "text.strategy":
+                               "train", "text.tokens_per_iteration": scale(tokens),
+                               "text.pretrain_tokens": scale(cfg.text.pretrain_tokens)})
+    print(f"== calibration: seed {seed}, budget {budget:.0e}, the target with {added} tokens of web documents "
+          f"its reward accepts, evaluated every {scale(tokens)} tokens ==", flush=True)
+    t0 = time.time()
+    with local_engine_for(cfg, progress=True, error_log=runs / "engine.log") as url:
+        value_run(cfg, run_dir, "accepted", added, url)
+    mark_done(run_dir, cfg, read_metrics(run_dir), t0)
+    return run_dir
+
+
+def calibration_fit(run_dir: Path, seed: int, budget: float, added_dir: Path | None = None) -> dict:
     """The planner's R*, fitted to the calibration run (`explorer plan --repeats`). A run with a
     validation split is read on it, and also gives the planner its overfitting point (`max_passes`)
     and its law's level and D-term at the run's size (`calibrated_law`): the learner keeps its best
-    weights, and a pretrained start is far from the from-scratch law."""
-    from explorer.analysis.plan import calibrated_law, format_repeat_fit, repeat_decay_from_run
+    weights, and a pretrained start is far from the from-scratch law. With `added_dir` (the run
+    with web documents added) the overfitting point also moves with the unique tokens: the exponent
+    of the two runs' (`text.max_passes_exponent`), for the planner (not its fixed-point twin)."""
+    from explorer.analysis.plan import (
+        calibrated_law,
+        format_overfit_exponent,
+        format_repeat_fit,
+        overfit_exponent,
+        repeat_decay_from_run,
+        run_unique_tokens,
+    )
     from explorer.run.config import load_config
 
     fit = repeat_decay_from_run(run_dir)
@@ -104,15 +154,26 @@ def calibration_fit(run_dir: Path, seed: int, budget: float) -> dict:
         n_params = read_metrics(run_dir)[0]["n_params"]
         out.update(loss="validation", max_passes=round(fit.overfit_after, 3),
                    law={k: round(v, 6) for k, v in calibrated_law(cfg.text.law, fit, n_params).items()})
+        if added_dir is not None:
+            print(format_overfit_exponent([run_dir, added_dir]), flush=True)
+            points = [(run_unique_tokens(r), repeat_decay_from_run(r).overfit_after) for r in (run_dir, added_dir)]
+            out.update(max_passes_at=points[0][0], max_passes_exponent=round(overfit_exponent(points), 4),
+                       added={"run": str(added_dir.relative_to(ROOT)) if added_dir.is_relative_to(ROOT)
+                                else str(added_dir), "unique_tokens": points[1][0],
+                                "overfit_after_passes": round(points[1][1], 2)})
     return out
 
 
-def planner_overrides(fit: dict | None) -> dict:
-    """What the calibration sets in the planner's config."""
+def planner_overrides(fit: dict | None, moving: bool = True) -> dict:
+    """What the calibration sets in the planner's config (`moving` False: not the overfitting point's
+    exponent, for the planner-fixed-point twin)."""
     if not fit:
         return {}
+    moves = moving and "max_passes_exponent" in fit
     return {"text.repeat_decay": fit["r_star"],
-            **({"text.max_passes": fit["max_passes"], "text.law": fit["law"]} if "max_passes" in fit else {})}
+            **({"text.max_passes": fit["max_passes"], "text.law": fit["law"]} if "max_passes" in fit else {}),
+            **({"text.max_passes_exponent": fit["max_passes_exponent"], "text.max_passes_at": fit["max_passes_at"]}
+               if moves else {})}
 
 
 def run_cost(cfg, calibration_seed: int = CALIBRATION_SEED) -> float:
@@ -139,7 +200,7 @@ def grid_runs(config: Path, runs: Path, budgets: list[float], seeds: list[int], 
     for seed in seeds:
         for budget in budgets:
             for name in strategies:
-                mine = planner_overrides(fit) if name == "planner" else {}
+                mine = planner_overrides(fit, moving=name == "planner") if name in PLANNERS else {}
                 cfg = load_config(config, {**OVERRIDES, **overrides, "seed": seed, "text.flop_budget": budget,
                                            "text.strategy": STRATEGIES[name], **mine})
                 run_dir = runs / f"B-{budget:.0e}" / f"seed-{seed}" / name
@@ -153,8 +214,8 @@ def run_benchmark(args, overrides: dict) -> dict | None:
     calibration, the planner's runs once its R* is known. Returns the calibration's fit (None without one)."""
     grid = lambda strategies, fit=None: grid_runs(args.config, args.runs, args.budgets, args.seeds,  # noqa: E731
                                                   strategies, overrides, fit)
-    fixed = [name for name in args.strategies if name != "planner"]
-    planner = [name for name in args.strategies if name == "planner"]
+    fixed = [name for name in args.strategies if name not in PLANNERS]
+    planner = [name for name in args.strategies if name in PLANNERS]
     if args.calibration_seed < 0:
         run_all(grid(args.strategies), args.runs / "engine.log", args.jobs, args.threads, done=mark_done,
                 cost=run_cost)
@@ -162,17 +223,20 @@ def run_benchmark(args, overrides: dict) -> dict | None:
     budget = args.calibration_budget
     label, cfg, calibration_dir = calibration_run(args.config, args.runs, args.calibration_seed, budget, overrides,
                                                   args.calibration_tokens, args.calibration_pretrain)
+    added_dir = added_calibration(args.config, args.runs, args.calibration_seed, budget, overrides,
+                                  args.calibration_tokens, args.calibration_added_tokens, args.calibration_pretrain,
+                                  args.jobs, args.threads) if args.calibration_added_tokens else None
     fit: dict = {}
 
     def done(run_dir, cfg, rows, t0):
         mark_done(run_dir, cfg, rows, t0)
         if run_dir == calibration_dir:  # R* is known: the planner's runs can start
-            fit.update(calibration_fit(calibration_dir, args.calibration_seed, budget))
+            fit.update(calibration_fit(calibration_dir, args.calibration_seed, budget, added_dir))
             return grid(planner, fit)
         return []
 
     if finished(calibration_dir):
-        fit.update(calibration_fit(calibration_dir, args.calibration_seed, budget))
+        fit.update(calibration_fit(calibration_dir, args.calibration_seed, budget, added_dir))
         todo = grid(fixed) + grid(planner, fit)
     else:
         todo = [(label, cfg, calibration_dir)] + grid(fixed)
@@ -240,6 +304,15 @@ def write_report(results: dict[float, dict[int, dict[str, dict]]], out: Path, ca
                           f"passes, and its law's level and D-term at the run's size: E = {law['E']:.4g}, "
                           f"B = {law['B']:.4g} (beta {law['beta']:g} kept). Every run keeps the weights of its "
                           "lowest validation loss; the held-out perplexity reported is theirs.", ""]
+        if "added" in calibration:
+            second = calibration["added"]
+            lines[4:4] = [f"A second calibration run, the target with web documents its reward accepts added "
+                          f"({second['unique_tokens']:.0f} unique tokens against {calibration['max_passes_at']:.0f}), "
+                          f"had its lowest validation loss after {second['overfit_after_passes']:g} passes: the "
+                          f"planner's overfitting point moves with the unique tokens U as {calibration['max_passes']:g}"
+                          f"·(U / {calibration['max_passes_at']:.0f})^{calibration['max_passes_exponent']:g} "
+                          "(text.max_passes_exponent); planner-fixed-point is the same planner without it "
+                          f"(`explorer plan --repeats {calibration['run']} {second['run']}`).", ""]
     summary: dict = {"calibration": calibration} if calibration else {}
     decisions = ["# Decisions of the planner (first seed of each budget)", ""]
     for budget, seeds in results.items():
@@ -302,7 +375,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-pretrain", type=int, default=None,
                         help="the calibration run's tokens before its first evaluation (default: the config's "
                              "text.pretrain_tokens); smaller where the target alone overfits within a few passes")
+    parser.add_argument("--calibration-added-tokens", type=int, default=0, metavar="T",
+                        help="a second calibration run with T tokens of web documents added to the target (drawn "
+                             "uniformly, kept where the run's reward accepts them): the planner's overfitting "
+                             "point then moves with the unique tokens "
+                             "(text.max_passes_exponent, fitted to the two runs); 'planner-fixed-point' is the "
+                             "planner without it (default 0: one calibration, a fixed point)")
     args = parser.parse_args(argv)
+    if "planner-fixed-point" in args.strategies and not args.calibration_added_tokens:
+        parser.error("planner-fixed-point differs from planner only with --calibration-added-tokens")
+    if args.calibration_added_tokens < 0 or args.calibration_added_tokens and args.calibration_seed < 0:
+        parser.error("--calibration-added-tokens needs a calibration seed and T >= 0")
     if args.calibration_seed in args.seeds:
         parser.error("--calibration-seed must not be one of the compared --seeds")
     overrides = text_bench_setup(args)

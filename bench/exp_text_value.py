@@ -11,6 +11,8 @@ near-copies of held-out ones, as the loop drops them), until they hold the given
     oracle T       documents of the target's topic (the hidden truth: the topic label)
     uniform T      documents drawn uniformly from that web (the topic's share: its base rate)
     off-topic T    documents of the other topics
+    accepted T     documents drawn uniformly that the run's own reward accepts (what the agent would
+                   keep of a uniform sample; no hidden label; not run by default)
 
 A seed sets the split, the LM's initialisation and batch order, and the draw. Reported: final
 held-out perplexity, each condition's paired difference from the same seed's target-only run in
@@ -41,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.machine import finish_report  # noqa: E402
 
-SOURCES = ("oracle", "uniform", "off-topic")
+SOURCES = ("oracle", "uniform", "off-topic", "accepted")
+DEFAULT_SOURCES = SOURCES[:3]
 DEFAULT_RUNS = ROOT / "runs" / "bench-text-value"
 
 
@@ -68,8 +71,10 @@ def draw_documents(loop, source: str, tokens: int, seed: int) -> tuple[list[list
     """Token lists of documents of `source`, in a seeded order, until they hold `tokens` tokens."""
     texts, on_topic = web_documents(loop)
     pool = {"oracle": np.flatnonzero(on_topic), "off-topic": np.flatnonzero(~on_topic),
-            "uniform": np.arange(len(texts))}[source]
+            "uniform": np.arange(len(texts)), "accepted": np.arange(len(texts))}[source]
     order = np.random.default_rng([seed, 7, SOURCES.index(source)]).permutation(pool)
+    if source == "accepted":
+        order = order[accepted_by_reward(loop, [texts[i] for i in order])]
     drawn, total = [], 0
     for i in order:
         if total >= tokens:
@@ -80,6 +85,17 @@ def draw_documents(loop, source: str, tokens: int, seed: int) -> tuple[list[list
     if total < tokens:
         raise ValueError(f"the web holds only {total} tokens of {source} documents, fewer than {tokens}")
     return drawn, int(on_topic[order[:len(drawn)]].sum())
+
+
+def accepted_by_reward(loop, texts: list[str], chunk: int = 256) -> np.ndarray:
+    """Which of `texts` the run's reward would accept (its MiniLM kNN reward against the target and
+    its accept rule, as a round of `chunk` results) -> bool mask."""
+    loop.refresh_reference()
+    masks = []
+    for start in range(0, len(texts), chunk):
+        rewards = loop.space.rewards(loop.encoder.encode(texts[start:start + chunk]))
+        masks.append(loop.cfg.reward.accept_mask(rewards, loop.space.calibration))
+    return np.concatenate(masks) if masks else np.zeros(0, bool)
 
 
 def value_run(cfg, run_dir: Path, source: str | None, tokens: int, engine_url: str) -> dict:
@@ -223,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "text_value")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES))
+    parser.add_argument("--sources", nargs="+", choices=SOURCES, default=list(DEFAULT_SOURCES))
     parser.add_argument("--tokens", type=int, nargs="+", default=[30_000],
                         help="tokens of added documents per condition (the text grid's gp acquired 14k-45k)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each in its own process")

@@ -197,6 +197,7 @@ def _report(args) -> int:
 
 def _plan(args) -> int:
     from explorer.analysis.plan import (
+        format_overfit_exponent,
         format_plan,
         format_repeat_fit,
         load_observations,
@@ -206,7 +207,10 @@ def _plan(args) -> int:
     )
 
     if args.repeats is not None:
-        print(format_repeat_fit(repeat_decay_from_run(args.repeats), args.repeats))
+        for run in args.repeats:
+            print(format_repeat_fit(repeat_decay_from_run(run), run))
+        if len(args.repeats) > 1:
+            print(format_overfit_exponent(args.repeats))
         return 0
     missing = [f"--{name}" for name in ("budget", "runs", "tokens") if getattr(args, name) is None]
     if missing:
@@ -404,9 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--experts", type=int, default=1, help="experts per routed layer of the current model (1: dense)")
     pl.add_argument("--expert-options", type=int, nargs="+", default=None, metavar="E",
                     help="expert counts the model may restart with (with --routed-law), e.g. 4 16 64")
-    pl.add_argument("--repeats", type=Path, default=None, metavar="RUN_DIR",
+    pl.add_argument("--repeats", type=Path, nargs="+", default=None, metavar="RUN_DIR",
                     help="instead: fit R*, how fast repeated tokens lose their worth (text.repeat_decay), to "
-                         "a text run that trained on its target alone (text.strategy: train), evaluated often")
+                         "a text run that trained on its target alone (text.strategy: train), evaluated often; "
+                         "given runs on sets of different sizes (the target, the target with web documents "
+                         "added), also how the overfitting point moves with the unique tokens "
+                         "(text.max_passes_exponent)")
     pl.set_defaults(func=_plan)
 
     sw = sub.add_parser("sweep", formatter_class=fmt, help="isoFLOP sweep of the LM (GPU if any), then fit L(N, D)",

@@ -502,11 +502,22 @@ class AcquisitionRound:
             raise ValueError(f"an acquisition round needs flops >= 0 and tokens >= 0, got {self}")
 
 
+def overfit_passes(max_passes: float, unique, exponent: float = 0.0, at: float | None = None):
+    """Passes over `unique` tokens after which training gains nothing: `max_passes`, measured on `at`
+    unique tokens, scaled by (unique / at)^exponent (exponent 0: the same at every size)."""
+    if not exponent:
+        return max_passes
+    if not (at and at > 0):
+        raise ValueError("a moving overfitting point needs the unique tokens it was measured at (passes_at > 0)")
+    return max_passes * (np.asarray(unique, dtype=float) / at) ** exponent
+
+
 def plan_with_costs(law: ScalingLaw, budget_flops: float, *, unique_tokens: float, trained_tokens: float,
                     current_params: float, acquisition: AcquisitionRound | None, rounds_left: int,
                     first_round_extra: float = 0.0, max_train_tokens: float = math.inf,
                     size_table: dict[str, ModelShape] | None = None, r_star: float = REPEAT_DECAY,
-                    max_passes: float | None = None, deferred_tokens: float = 0.0,
+                    max_passes: float | None = None, passes_exponent: float = 0.0,
+                    passes_at: float | None = None, deferred_tokens: float = 0.0,
                     routed: RoutedLaw | None = None, experts: int = 1,
                     expert_options: tuple[int, ...] = ()) -> Decision:
     """What to do with `budget_flops`, choosing the plan of least predicted final loss.
@@ -523,7 +534,9 @@ def plan_with_costs(law: ScalingLaw, budget_flops: float, *, unique_tokens: floa
     or a fit (`explorer plan`); k is at most `rounds_left` (one round per iteration). With `max_passes`
     (the run's overfitting point) tokens trained beyond `max_passes` passes over the unique tokens
     count nothing: a learner that keeps its best weights gains nothing from them, so past that point
-    only new tokens (or a larger model) can lower the loss. `deferred_tokens`: rounds run back to back
+    only new tokens (or a larger model) can lower the loss; with `passes_exponent` the point moves
+    with the unique tokens U, `max_passes`·(U / `passes_at`)^exponent (`overfit_passes`: a model
+    overfits a larger, more varied set later). `deferred_tokens`: rounds run back to back
     (`text.rounds_first`), each round but the last takes an iteration that trains nothing, so
     `max_train_tokens` shrinks by this many tokens per such round.
 
@@ -554,7 +567,7 @@ def plan_with_costs(law: ScalingLaw, budget_flops: float, *, unique_tokens: floa
     for name, n, done, e in plans:
         tokens = done + np.minimum(left / (6.0 * n), max_train_tokens - np.maximum(k - 1, 0) * deferred_tokens)
         if max_passes is not None:
-            tokens = np.minimum(tokens, max_passes * unique)
+            tokens = np.minimum(tokens, overfit_passes(max_passes, unique, passes_exponent, passes_at) * unique)
         loss = law.loss(n, effective_tokens(unique, tokens, r_star))
         if routed is not None:
             loss = loss * routed.factor(n, e)
@@ -569,7 +582,9 @@ def plan_with_costs(law: ScalingLaw, budget_flops: float, *, unique_tokens: floa
     costs = (f"a round costs {_sci(rnd.flops)} FLOPs{extra} for {_sci(rnd.tokens)} new tokens{bound}; "
              f"predicted final loss: train only {stay[0]:.4f}, "
              f"{stay[2]} round(s) then train {stay[1]:.4f}"
-             + (f" (training counted up to {max_passes:.3g} passes over the unique tokens)" if max_passes else ""))
+             + (f" (training counted up to {max_passes:.3g} passes over the unique tokens"
+                + (f" at {_sci(passes_at)}, x(U/{_sci(passes_at)})^{passes_exponent:.3g} beyond" if passes_exponent
+                   else "") + ")" if max_passes else ""))
     if e != experts:
         gain = 1.0 - float(routed.factor(n, e) / routed.factor(n, experts))
         return Decision(action="add_experts", n_target=n, d_target=tokens, experts=e, rounds=rounds,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,12 +164,41 @@ def repeat_decay_from_run(run_dir: str | Path) -> RepeatFit:
                             [r[loss] for r in rows], beta=beta)
 
 
+def run_unique_tokens(run_dir: str | Path) -> float:
+    """The unique tokens a run that only trained held (`tokens_available` of its metrics)."""
+    rows = (json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip())
+    return float(next(rows)["tokens_available"])
+
+
+def overfit_exponent(points: list[tuple[float, float]]) -> float:
+    """How a model's overfitting point moves with its unique tokens: the slope of log(passes at the
+    lowest validation loss) over log(unique tokens), least squares over `points` (unique, passes)
+    of runs of one size on sets of different sizes (`text.max_passes_exponent`)."""
+    unique, passes = np.log(np.array(points, dtype=float)).T
+    if len(points) < 2 or np.ptp(unique) < math.log(1.5):
+        raise ValueError("the overfitting point's exponent needs runs on at least two sets of unique tokens, the "
+                         f"largest at least 1.5x the smallest; got {[round(u) for u, _ in points]}")
+    return float(np.polyfit(unique, passes, 1)[0])
+
+
 def calibrated_law(law: dict[str, float], fit: RepeatFit, n_params: float) -> dict[str, float]:
     """`law` with its level and D-term set to a calibration run's curve at that run's size: at
     `n_params` it predicts fit.offset + fit.scale·D'^(-beta) (the run's own curve); A and alpha, which
     only matter for other sizes, are kept. For a learner whose start the law was not fitted to (a
     pretrained base: the from-scratch law's level and scale are far off)."""
     return {**law, "E": fit.offset - law["A"] / n_params ** law["alpha"], "B": fit.scale}
+
+
+def format_overfit_exponent(runs: list[str | Path]) -> str:
+    """The overfitting point of each run (that only trained) and how it moves with the unique tokens."""
+    points = [(run_unique_tokens(r), repeat_decay_from_run(r).overfit_after) for r in runs]
+    lines = [f"{r}: lowest loss after {p:.2f} passes over {u:.0f} unique tokens" for r, (u, p) in zip(runs, points)]
+    exponent = overfit_exponent(points)
+    smallest = min(points)
+    lines.append(f"overfitting point = {smallest[1]:.3g}·(U / {smallest[0]:.0f})^{exponent:.3g} passes "
+                 f"(text.max_passes {smallest[1]:.3g}, text.max_passes_at {smallest[0]:.0f}, "
+                 f"text.max_passes_exponent {exponent:.3g})")
+    return "\n".join(lines)
 
 
 def format_repeat_fit(fit: RepeatFit, run_dir: str | Path) -> str:

@@ -9,6 +9,7 @@ Each run folder gets the fully resolved config (`config.yaml`), so the folder al
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -211,6 +212,12 @@ class TextConfig:
     worth nothing (with `validation_fraction` the kept weights stop changing there; without, the loss
     rises). None: training always helps, less and less (`repeat_decay` alone). `explorer plan
     --repeats RUN_DIR` measures it on a run that trained on the target alone."""
+    max_passes_exponent: float = 0.0
+    """How the overfitting point moves with the unique tokens U: `max_passes`·(U /
+    `max_passes_at`)^exponent (0: the same number of passes at every U). `explorer plan --repeats`
+    given two runs of different U (the target alone, the target with web documents added) fits it."""
+    max_passes_at: float | None = None
+    """The unique tokens `max_passes` was measured on (needed with a `max_passes_exponent`)."""
     rounds_first: bool = False
     """The planner runs the acquisition rounds it plans back to back, training once they are done,
     instead of training an iteration after each round; only where the reward does not read the LM
@@ -240,6 +247,10 @@ class TextConfig:
             raise ValueError(f"patience must be >= 1 and needs validation_fraction > 0, got {self.patience}")
         if self.max_passes is not None and not self.max_passes > 0:
             raise ValueError(f"max_passes must be > 0 (or null), got {self.max_passes}")
+        if self.max_passes_exponent and (self.max_passes is None or not (self.max_passes_at or 0) > 0
+                                         or not math.isfinite(self.max_passes_exponent)):
+            raise ValueError("max_passes_exponent needs max_passes and max_passes_at > 0 (the unique tokens it was "
+                             f"measured on), and a finite value; got {self.max_passes_exponent}")
         if self.rounds_first and self.reward_encoder == "lm" and self.scorer == "knn":
             raise ValueError("rounds_first needs a reward that does not read the LM (reward_encoder: minilm or a "
                              "peer scorer): under reward_encoder lm the rounds need the training between them")

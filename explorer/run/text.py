@@ -437,6 +437,7 @@ class TextLoop(RunLoop):
                                    rounds_left=iterations_left, size_table=self.sizes,
                                    max_train_tokens=iterations_left * tc.tokens_per_iteration,
                                    r_star=tc.repeat_decay, max_passes=tc.max_passes,
+                                   passes_exponent=tc.max_passes_exponent, passes_at=tc.max_passes_at,
                                    deferred_tokens=tc.tokens_per_iteration if tc.rounds_first else 0.0,
                                    **self._expert_plans())
         if tc.strategy == "compute_optimal":

@@ -16,6 +16,7 @@ from learners.budget import (
     fit_repeat_decay,
     fit_scaling_law,
     isoflop_fit,
+    overfit_passes,
     plan_with_costs,
 )
 from learners.flops import (
@@ -237,6 +238,45 @@ def test_past_its_overfitting_point_training_is_worth_nothing_so_the_plan_acquir
     capped = plan_with_costs(PRIOR, 3.0e12, **args, max_passes=3.0)
     assert capped.action == "acquire" and capped.rounds > 1 and "up to 3 passes" in capped.reason
     assert plan_with_costs(PRIOR, 3.0e12, **args, max_passes=100.0).action == "train"  # never reached: as before
+
+
+def test_an_overfitting_point_that_moves_with_the_unique_tokens_buys_fewer_rounds():
+    """Measured on 4e4 tokens, 3 passes; with an exponent the point lies further out on the larger
+    sets that rounds make, so more of the budget's training counts there and the plan buys fewer
+    rounds than the fixed point's; at the tokens it was measured on the two agree."""
+    args = {"unique_tokens": 4.0e4, "trained_tokens": 2.0e5, "current_params": 1.0e6, "rounds_left": 60,
+            "acquisition": AcquisitionRound(flops=2.0e11, tokens=3.0e3), "max_passes": 3.0}
+    fixed = plan_with_costs(PRIOR, 8.0e12, **args)
+    moving = plan_with_costs(PRIOR, 8.0e12, **args, passes_exponent=0.5, passes_at=4.0e4)
+    assert fixed.action == moving.action == "acquire" and 0 < moving.rounds < fixed.rounds
+    assert moving.d_target > fixed.d_target and "^0.5 beyond" in moving.reason
+    assert overfit_passes(3.0, np.array([4.0e4, 1.6e5]), 0.5, 4.0e4) == pytest.approx([3.0, 6.0])
+    assert overfit_passes(3.0, 1.6e5) == 3.0
+    with pytest.raises(ValueError, match="passes_at"):
+        plan_with_costs(PRIOR, 8.0e12, **args, passes_exponent=0.5)
+
+
+def test_overfit_exponent_is_the_slope_of_log_passes_over_log_unique_tokens(tmp_path):
+    from explorer.analysis.plan import format_overfit_exponent, overfit_exponent
+
+    assert overfit_exponent([(3.0e4, 3.0), (1.2e5, 6.0)]) == pytest.approx(0.5)
+    assert overfit_exponent([(1.2e5, 3.0), (3.0e4, 3.0), (6.0e4, 3.0)]) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="two sets"):
+        overfit_exponent([(3.0e4, 3.0), (3.5e4, 4.0)])
+    runs = []
+    for unique, overfit in ((3.0e4, 12.0), (1.2e5, 24.0)):  # curves that rise after 12 and 24 passes
+        run = tmp_path / f"u{unique:.0f}"
+        run.mkdir()
+        (run / "config.yaml").write_text("modality: text\n")
+        trained = unique * np.arange(1, 61) / 2.0
+        loss = 2.5 + 200.0 * effective_tokens(unique, trained, 4.0) ** -0.3658
+        loss = loss + 0.02 * np.maximum(trained / unique - overfit, 0.0)
+        rows = [{"iteration": i, "tokens_available": unique, "lm_size": "nano", "tokens_trained": float(t),
+                 "eval_loss": float(v)} for i, (t, v) in enumerate(zip(trained, loss))]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(run)
+    text = format_overfit_exponent(runs)
+    assert "text.max_passes 12, text.max_passes_at 30000, text.max_passes_exponent 0.5)" in text
 
 
 def test_repeat_decay_from_run_reads_a_target_only_run_and_refuses_others(tmp_path):

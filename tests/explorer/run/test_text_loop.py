@@ -407,18 +407,23 @@ def test_a_validation_split_keeps_the_weights_of_its_lowest_loss_and_stops_when_
 
 def test_a_planner_that_runs_its_rounds_first_trains_once_they_are_done(text_corpus, tmp_path):
     """text.rounds_first: while more rounds are planned an iteration acquires and trains nothing; the
-    last planned round trains. Past its overfitting point (max_passes 2) the planner keeps acquiring."""
+    last planned round trains. Past its overfitting point (max_passes 2, moving a little with the
+    unique tokens: 2.04 at 3x the 4096 tokens it was measured on) the planner keeps acquiring."""
     cfg = tiny_text(text_corpus, iterations=4, text={"strategy": "planner", "pretrain_tokens": 4096,
                                                      "tokens_per_iteration": 4096, "max_passes": 2.0,
+                                                     "max_passes_exponent": 0.02, "max_passes_at": 4096,
                                                      "rounds_first": True})
     rows = run_experiment(cfg, tmp_path, progress=False, log=lambda _: None)
     assert [r["planner_action"] for r in rows[1:]] == ["acquire"] * 4
+    assert all("x(U/4.1e+03)^0.02 beyond" in r["planner"]["reason"] for r in rows[1:])
     deferred = [r for r in rows[1:] if r.get("deferred_training")]
     assert deferred and all(r["planner"]["rounds"] > 1 and r["train_loss"] is None for r in deferred)
     assert all(r["learner_step"] == rows[0]["learner_step"] for r in deferred)
     assert rows[-1]["planner"]["rounds"] == 1 and rows[-1]["learner_step"] > rows[0]["learner_step"]
     with pytest.raises(ValueError, match="rounds_first needs a reward that does not read the LM"):
         tiny_text(text_corpus, text={"rounds_first": True, "reward_encoder": "lm"})
+    with pytest.raises(ValueError, match="max_passes_exponent needs max_passes and max_passes_at"):
+        tiny_text(text_corpus, text={"max_passes": 2.0, "max_passes_exponent": 0.5})
 
 
 def test_the_acquire_first_schedule_queries_until_its_share_is_spent_then_trains(text_corpus, tmp_path):
