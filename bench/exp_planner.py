@@ -138,8 +138,8 @@ def calibration_fit(run_dir: Path, seed: int, budget: float, added_dir: Path | N
         format_overfit_exponent,
         format_repeat_fit,
         overfit_exponent,
+        overfit_points,
         repeat_decay_from_run,
-        run_unique_tokens,
     )
     from explorer.run.config import load_config
 
@@ -155,8 +155,8 @@ def calibration_fit(run_dir: Path, seed: int, budget: float, added_dir: Path | N
         out.update(loss="validation", max_passes=round(fit.overfit_after, 3),
                    law={k: round(v, 6) for k, v in calibrated_law(cfg.text.law, fit, n_params).items()})
         if added_dir is not None:
-            print(format_overfit_exponent([run_dir, added_dir]), flush=True)
-            points = [(run_unique_tokens(r), repeat_decay_from_run(r).overfit_after) for r in (run_dir, added_dir)]
+            points = overfit_points([run_dir, added_dir])
+            print(format_overfit_exponent([run_dir, added_dir], points), flush=True)
             out.update(max_passes_at=points[0][0], max_passes_exponent=round(overfit_exponent(points), 4),
                        added={"run": str(added_dir.relative_to(ROOT)) if added_dir.is_relative_to(ROOT)
                                 else str(added_dir), "unique_tokens": points[1][0],

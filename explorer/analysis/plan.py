@@ -189,9 +189,14 @@ def calibrated_law(law: dict[str, float], fit: RepeatFit, n_params: float) -> di
     return {**law, "E": fit.offset - law["A"] / n_params ** law["alpha"], "B": fit.scale}
 
 
-def format_overfit_exponent(runs: list[str | Path]) -> str:
+def overfit_points(runs: list[str | Path]) -> list[tuple[float, float]]:
+    """(unique tokens, passes at the lowest validation loss) of each run that only trained."""
+    return [(run_unique_tokens(r), repeat_decay_from_run(r).overfit_after) for r in runs]
+
+
+def format_overfit_exponent(runs: list[str | Path], points: list[tuple[float, float]] | None = None) -> str:
     """The overfitting point of each run (that only trained) and how it moves with the unique tokens."""
-    points = [(run_unique_tokens(r), repeat_decay_from_run(r).overfit_after) for r in runs]
+    points = points or overfit_points(runs)
     lines = [f"{r}: lowest loss after {p:.2f} passes over {u:.0f} unique tokens" for r, (u, p) in zip(runs, points)]
     exponent = overfit_exponent(points)
     smallest = min(points)

@@ -256,7 +256,7 @@ def test_an_overfitting_point_that_moves_with_the_unique_tokens_buys_fewer_round
         plan_with_costs(PRIOR, 8.0e12, **args, passes_exponent=0.5)
 
 
-def test_overfit_exponent_is_the_slope_of_log_passes_over_log_unique_tokens(tmp_path):
+def test_overfit_exponent_is_the_slope_of_log_passes_over_log_unique_tokens(tmp_path, capsys):
     from explorer.analysis.plan import format_overfit_exponent, overfit_exponent
 
     assert overfit_exponent([(3.0e4, 3.0), (1.2e5, 6.0)]) == pytest.approx(0.5)
@@ -277,6 +277,11 @@ def test_overfit_exponent_is_the_slope_of_log_passes_over_log_unique_tokens(tmp_
         runs.append(run)
     text = format_overfit_exponent(runs)
     assert "text.max_passes 12, text.max_passes_at 30000, text.max_passes_exponent 0.5)" in text
+    from explorer.cli import main  # explorer plan --repeats RUN RUN: each run's R*, then the exponent
+
+    assert main(["plan", "--repeats", *map(str, runs)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("R* = ") == 2 and text in printed
 
 
 def test_repeat_decay_from_run_reads_a_target_only_run_and_refuses_others(tmp_path):
