@@ -102,7 +102,6 @@ def added_calibration(config: Path, runs: Path, seed: int, budget: float, overri
     (every `tokens`·U2/U1 tokens: patience then spans the same passes), so the first runs before it."""
     from bench.exp_text_value import value_run
     from explorer.analysis.plan import run_unique_tokens
-    from explorer.run.config import load_config
     from explorer.run.experiment import local_engine_for
 
     label, cfg, first = calibration_run(config, runs, seed, budget, overrides, tokens, pretrain)
@@ -114,9 +113,7 @@ def added_calibration(config: Path, runs: Path, seed: int, budget: float, overri
     unique = run_unique_tokens(first)
     step = cfg.text.tokens_per_step
     scale = lambda n: max(step, round(n * (unique + added) / unique / step) * step)  # noqa: E731
-    cfg = load_config(config, {**OVERRIDES, **overrides, "seed": seed, "text.flop_budget": budget, "text.strategy":
-                               "train", "text.tokens_per_iteration": scale(tokens),
-                               "text.pretrain_tokens": scale(cfg.text.pretrain_tokens)})
+    _, cfg, _ = calibration_run(config, runs, seed, budget, overrides, scale(tokens), scale(cfg.text.pretrain_tokens))
     print(f"== calibration: seed {seed}, budget {budget:.0e}, the target with {added} tokens of web documents "
           f"its reward accepts, evaluated every {scale(tokens)} tokens ==", flush=True)
     t0 = time.time()

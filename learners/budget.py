@@ -563,11 +563,12 @@ def plan_with_costs(law: ScalingLaw, budget_flops: float, *, unique_tokens: floa
               if s.non_embedding_params > current_params]
     if routed is not None:
         plans += [(f"{e} experts", float(current_params), 0.0, e) for e in sorted(expert_options) if e > experts]
+    # tokens worth training after k rounds: past the overfitting point none (the same for every plan)
+    worth = math.inf if max_passes is None else overfit_passes(max_passes, unique, passes_exponent, passes_at) * unique
     best = None
     for name, n, done, e in plans:
         tokens = done + np.minimum(left / (6.0 * n), max_train_tokens - np.maximum(k - 1, 0) * deferred_tokens)
-        if max_passes is not None:
-            tokens = np.minimum(tokens, overfit_passes(max_passes, unique, passes_exponent, passes_at) * unique)
+        tokens = np.minimum(tokens, worth)
         loss = law.loss(n, effective_tokens(unique, tokens, r_star))
         if routed is not None:
             loss = loss * routed.factor(n, e)
